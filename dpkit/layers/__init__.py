@@ -1,0 +1,56 @@
+"""Built-in layer plugins, one module per layer family, and the reshapes they share.
+
+Every sampler sees ``B*K`` rows (an example's K augmented copies adjacent) and sums over an example's copies and
+positions; these helpers turn that into one reshape, so that K never needs a branch. Sizes are spelt out rather
+than inferred with ``-1`` so that an empty batch (B = 0) reshapes too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from opt_einsum import contract
+from torch import Tensor
+
+
+def fold(x: Tensor, K: int) -> Tensor:
+    """``[B*K, *positions, d]`` → ``[B, K*positions, d]``: an example's copies and positions become one axis."""
+    if x.shape[0] % K:
+        raise ValueError(f"{x.shape[0]} rows is not a multiple of augmentation_multiplicity K={K}")
+    return x.reshape(x.shape[0] // K, K * math.prod(x.shape[1:-1]), x.shape[-1])
+
+
+def examples(x: Tensor, K: int) -> Tensor:
+    """``[B*K, ...]`` → ``[B, K, ...]``: group each example's K adjacent copies."""
+    if x.shape[0] % K:
+        raise ValueError(f"{x.shape[0]} rows is not a multiple of augmentation_multiplicity K={K}")
+    return x.reshape(x.shape[0] // K, K, *x.shape[1:])
+
+
+def sum_examples(x: Tensor, K: int, keep: int) -> Tensor:
+    """``[B*K, *positions, *kept]`` → ``[B, *kept]``: sum each example's copies and positions.
+
+    ``keep`` is the number of trailing dimensions kept (a parameter's shape, e.g. LayerNorm's normalized shape).
+    """
+    kept = x.shape[x.dim() - keep :]
+    return fold(x.reshape(*x.shape[: x.dim() - keep], math.prod(kept)), K).sum(1).reshape(-1, *kept)
+
+
+def upcast(x: Tensor) -> Tensor:
+    """``x`` in at least float32: norms of bf16/fp16 gradients are accumulated without losing them to rounding."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+    """Squared Frobenius norms of ``Σ_t g_t a_tᵀ`` for each row: ``[N, T, d]``, ``[N, T, p]`` → ``[N]``.
+
+    The gradient of a linear map over T positions. Two ways to its norm, picked from the shapes alone so the
+    choice costs nothing per step: the ghost norm ``Σ_{t,s} (g_t·g_s)(a_t·a_s)`` (~N·T²·(p+d) flops, two T×T
+    Gram matrices) or the instantiated gradient (~N·T·p·d flops, one p×d matrix). Computed in at least float32,
+    so that bf16/fp16 activations do not lose the norm to rounding.
+    """
+    a, g = upcast(a), upcast(g)
+    T, d, p = a.shape[1], a.shape[2], g.shape[2]
+    if T * (p + d) < p * d:
+        return (contract("nti,nsi->nts", a, a) * contract("nto,nso->nts", g, g)).sum((1, 2)).clamp_min(0)
+    return contract("nto,nti->noi", g, a).square().sum((1, 2))

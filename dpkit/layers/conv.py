@@ -1,0 +1,96 @@
+"""Per-example gradients and gradient norms for ``torch.nn.Conv1d``, ``Conv2d`` and ``Conv3d``.
+
+A convolution is a Linear applied to every receptive field (patch) of its padded input, one Linear per group.
+So the input is unfolded into patches ``[N, C·∏k, L]`` (L output positions) and the Linear math applies, with
+an example's K copies and L positions folded into one axis. One unfold serves 1-, 2- and 3-d convolutions:
+``Tensor.unfold`` once per spatial dimension, then a stride-``dilation`` slice of each window. Padding is done
+here as the module does it (``F.pad`` with its ``padding_mode``; ``"same"`` puts the odd extra element on the
+right), so the patches match the forward exactly for every mode, stride, dilation and group count.
+
+The sampler reads ``activations[0]`` (the input, batched ``[N, C, *spatial]``) only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from opt_einsum import contract
+from torch import Tensor, nn
+
+from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
+from dpkit.layers import examples, upcast, weight_sq_norms
+
+Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+
+def _pad(layer: Conv) -> list[int]:
+    """The module's padding in ``F.pad`` order (last dimension first, left then right)."""
+    if layer.padding == "valid":
+        pairs = [(0, 0)] * len(layer.kernel_size)
+    elif layer.padding == "same":
+        totals = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
+        pairs = [(t // 2, t - t // 2) for t in totals]
+    else:
+        pairs = [(p, p) for p in layer.padding]
+    return [side for pair in reversed(pairs) for side in pair]
+
+
+def patches(layer: Conv, x: Tensor) -> Tensor:
+    """``[N, C, *spatial]`` → ``[N, C·∏k, L]``: each receptive field a column, in the weight's (c, k…) order."""
+    nd = len(layer.kernel_size)
+    if x.dim() != nd + 2:
+        raise ValueError(
+            f"{layer!r} got an input of shape {list(x.shape)}; per-example gradients need a batch dim"
+        )
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    x = F.pad(x, _pad(layer), mode=mode)
+    for i, (k, s, d) in enumerate(zip(layer.kernel_size, layer.stride, layer.dilation)):
+        x = x.unfold(2 + i, d * (k - 1) + 1, s)  # dim 2+i becomes the window count, the window goes last
+    x = x[(..., *(slice(None, None, d) for d in layer.dilation))]  # [N, C, *L, *k]
+    x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))  # [N, C, *k, *L]
+    return x.reshape(x.shape[0], math.prod(x.shape[1 : 2 + nd]), math.prod(x.shape[2 + nd :]))
+
+
+def _grouped(layer: Conv, activations: list[Tensor], backprops: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """Patches ``[B, K, G, C/G·∏k, L]`` and output gradients ``[B, K, G, O/G, L]``."""
+    G = layer.groups
+    a = examples(patches(layer, activations[0]), K)
+    B, _, CK, L = a.shape
+    g = backprops.reshape(B, K, G, layer.out_channels // G, L)
+    return a.reshape(B, K, G, CK // G, L), g
+
+
+def grad_sampler(layer: Conv, activations: list[Tensor], backprops: Tensor, K: int = 1) -> dict[nn.Parameter, Tensor]:
+    """Per-example gradients: weight ``[B, O, C/G, *k]``, bias ``[B, O]``."""
+    a, g = _grouped(layer, activations, backprops, K)
+    out = {}
+    if layer.weight.requires_grad:
+        out[layer.weight] = contract("bkgol,bkgil->bgoi", g, a).reshape(g.shape[0], *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = g.sum((1, 4)).reshape(g.shape[0], layer.out_channels)
+    return out
+
+
+def norm_sampler(layer: Conv, activations: list[Tensor], backprops: Tensor, K: int = 1) -> dict[nn.Parameter, Tensor]:
+    """Per-example gradient norms ``[B]``: per group, ghost or instantiated (whichever is cheaper), in float32."""
+    a, g = _grouped(layer, activations, backprops, K)
+    B, K, G, _, L = g.shape
+    out = {}
+    if layer.weight.requires_grad:
+        # one Linear per (example, group) over the K·L positions; the squared norms add over groups
+        a2 = a.permute(0, 2, 1, 4, 3).reshape(B * G, K * L, a.shape[3])
+        g2 = g.permute(0, 2, 1, 4, 3).reshape(B * G, K * L, g.shape[3])
+        out[layer.weight] = weight_sq_norms(a2, g2).reshape(B, G).sum(1).sqrt()
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = upcast(g).sum((1, 4)).reshape(B, layer.out_channels).norm(dim=1)
+    return out
+
+
+@hookimpl
+def dpkit_grad_samplers() -> dict[type[nn.Module], GradSampler]:
+    return {nn.Conv1d: grad_sampler, nn.Conv2d: grad_sampler, nn.Conv3d: grad_sampler}
+
+
+@hookimpl
+def dpkit_norm_samplers() -> dict[type[nn.Module], NormSampler]:
+    return {nn.Conv1d: norm_sampler, nn.Conv2d: norm_sampler, nn.Conv3d: norm_sampler}

@@ -1,0 +1,77 @@
+"""Per-example gradients and gradient norms for LayerNorm, GroupNorm, InstanceNorm1d/2d/3d and RMSNorm.
+
+Each of these normalises within an example (unlike BatchNorm), then applies an elementwise affine map
+``y = x̂ · weight + bias``. So an example's gradient is ``Σ x̂ · g`` for the weight and ``Σ g`` for the bias,
+summed over its positions and K copies. ``x̂`` is recomputed from the input with the layer's own functional
+form minus the affine part, which reproduces the forward's statistics (and eps) exactly. The parameters are
+small, so the norm sampler instantiates the gradient (in float32) and takes its norm.
+
+Reads ``activations[0]`` (the input) only. InstanceNorm needs batched input; in eval mode with
+``track_running_stats`` it normalises with the running statistics, as the forward does.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
+from dpkit.layers import sum_examples, upcast
+
+_INSTANCE_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
+Norm = nn.LayerNorm | nn.GroupNorm | nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d | nn.RMSNorm
+
+
+def _normalized(layer: Norm, x: Tensor) -> Tensor:
+    """``x̂``: the input normalised as the layer's forward does it, before the affine map."""
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+    if isinstance(layer, nn.RMSNorm):
+        return F.rms_norm(x, layer.normalized_shape, eps=layer.eps)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, eps=layer.eps)
+    if x.dim() != _INSTANCE_DIMS[type(layer)]:
+        raise ValueError(
+            f"{layer!r} got an unbatched input of shape {list(x.shape)}; per-example gradients need a batch dim"
+        )
+    use_input_stats = layer.training or not layer.track_running_stats
+    stats = (None, None) if use_input_stats else (layer.running_mean, layer.running_var)
+    return F.instance_norm(x, *stats, use_input_stats=use_input_stats, eps=layer.eps)
+
+
+def _grads(layer: Norm, x: Tensor, g: Tensor, K: int, cast=lambda t: t) -> dict[nn.Parameter, Tensor]:
+    x_hat, g = cast(_normalized(layer, x)), cast(g)  # x̂ in the forward's dtype: RMSNorm's default eps depends on it
+    if isinstance(layer, (nn.LayerNorm, nn.RMSNorm)):
+        keep = len(layer.normalized_shape)  # the parameters cover the trailing normalized_shape
+    else:
+        keep, x_hat, g = 1, x_hat.movedim(1, -1), g.movedim(1, -1)  # one parameter per channel (dim 1)
+    out = {}
+    if layer.weight is not None and layer.weight.requires_grad:
+        out[layer.weight] = sum_examples(x_hat * g, K, keep)
+    bias = getattr(layer, "bias", None)  # RMSNorm has none; LayerNorm(bias=False) holds None
+    if bias is not None and bias.requires_grad:
+        out[bias] = sum_examples(g, K, keep)
+    return out
+
+
+def grad_sampler(layer: Norm, activations: list[Tensor], backprops: Tensor, K: int = 1) -> dict[nn.Parameter, Tensor]:
+    """Per-example gradients, ``[B, *param.shape]`` for the weight and the bias."""
+    return _grads(layer, activations[0], backprops, K)
+
+
+def norm_sampler(layer: Norm, activations: list[Tensor], backprops: Tensor, K: int = 1) -> dict[nn.Parameter, Tensor]:
+    """Per-example gradient norms ``[B]``, from the (small) gradients computed in float32."""
+    grads = _grads(layer, activations[0], backprops, K, cast=upcast)
+    return {p: grad.flatten(1).norm(dim=1) for p, grad in grads.items()}
+
+
+_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
+
+
+@hookimpl
+def dpkit_grad_samplers() -> dict[type[nn.Module], GradSampler]:
+    return dict.fromkeys(_LAYERS, grad_sampler)
+
+
+@hookimpl
+def dpkit_norm_samplers() -> dict[type[nn.Module], NormSampler]:
+    return dict.fromkeys(_LAYERS, norm_sampler)
