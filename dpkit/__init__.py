@@ -1,0 +1,30 @@
+"""dpkit: differentially private training for PyTorch.
+
+``dpkit.make_private(...)`` attaches DP-SGD to a model and optimizer; layer
+support, clippers, noise and accountants are pluggy plugins.
+"""
+from __future__ import annotations
+
+from dpkit.criterion import DPCriterion
+from dpkit.data import DPDataLoader, Multiplicity, PoissonBatchSampler
+from dpkit.engine import BatchMemoryManager, PrivateTraining, make_private, make_private_with_epsilon
+from dpkit.errors import (DPKitError, PluginError, PrivacyUsageError, UnsupportedEventError,
+                          UnsupportedLayerError, UnsupportedModuleError)
+from dpkit.fix import fix
+from dpkit.hookspecs import hookimpl
+from dpkit.registry import register_grad_sampler, register_norm_sampler
+
+__all__ = [
+    "BatchMemoryManager", "DPCriterion", "DPDataLoader", "DPKitError", "Multiplicity", "PluginError",
+    "PoissonBatchSampler", "PrivacyUsageError", "PrivateTraining", "UnsupportedEventError",
+    "UnsupportedLayerError", "UnsupportedModuleError", "fix", "get_epsilon", "get_noise_multiplier",
+    "hookimpl", "make_private", "make_private_with_epsilon", "register_grad_sampler", "register_norm_sampler",
+]
+
+
+def __getattr__(name: str):
+    if name in ("get_epsilon", "get_noise_multiplier"):
+        from dpkit import accounting
+
+        return getattr(accounting, name)
+    raise AttributeError(f"module 'dpkit' has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""Data for DP training: Poisson-sampled batches, K augmented copies, physical micro-batches."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+
+class PoissonBatchSampler(Sampler[list[int]]):
+    """Each example joins each batch independently with probability ``sample_rate``.
+
+    Batch sizes vary and may be 0; one epoch is ``round(1/sample_rate)`` batches.
+    The generator's state is the sampler's state (``state_dict``), so a resumed run
+    draws the same batches.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None,
+                 generator: torch.Generator | None = None):
+        if num_samples <= 0:
+            raise ValueError(f"num_samples must be > 0, got {num_samples}")
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.num_samples = num_samples
+        self.sample_rate = sample_rate
+        self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(
+            int(torch.empty((), dtype=torch.int64).random_().item()))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            yield mask.nonzero().flatten().tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class Multiplicity(Dataset):
+    """K augmented copies of each example (De et al. 2022): item i is K transforms of ``dataset[i]``.
+
+    Pair with :func:`collate_copies` (``DPDataLoader`` does so itself) so that a batch of B
+    examples becomes ``B*K`` rows with each example's copies adjacent, the layout
+    ``augmentation_multiplicity=K`` expects.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable[[Any], Any], K: int):
+        if not (isinstance(K, int) and K >= 1):
+            raise ValueError(f"K must be an int >= 1, got {K!r}")
+        self.dataset, self.transform, self.K = dataset, transform, K
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, *rest = self.dataset[i]
+        copies = torch.stack([torch.as_tensor(self.transform(x)) for _ in range(self.K)])
+        return (copies, *[torch.as_tensor(r).expand(self.K, *torch.as_tensor(r).shape) for r in rest])
+
+
+def collate_copies(collate: Callable = default_collate) -> Callable:
+    """A collate function that turns ``[B, K, ...]`` leaves into ``[B*K, ...]`` rows."""
+    if getattr(collate, "flattens_copies", False):
+        return collate
+
+    def collate_fn(batch):
+        return pytree.tree_map(lambda t: t.flatten(0, 1) if isinstance(t, torch.Tensor) else t, collate(batch))
+
+    collate_fn.flattens_copies = True
+    return collate_fn
+
+
+class _EmptySafeCollate:
+    """Collates an empty batch into correctly shaped empty tensors (one example collated, then sliced)."""
+
+    def __init__(self, dataset: Dataset, collate: Callable):
+        self.dataset, self.collate = dataset, collate
+
+    def __call__(self, batch):
+        if len(batch) == 0:
+            one = self.collate([self.dataset[0]])
+            return pytree.tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, one)
+        return self.collate(batch)
+
+
+class DPDataLoader(DataLoader):
+    """A DataLoader over the same dataset with Poisson-sampled batches of expected size ``q·N``."""
+
+    def __init__(self, dataset: Dataset, sample_rate: float, *, collate_fn: Callable | None = None,
+                 generator: torch.Generator | None = None, steps: int | None = None, **kwargs):
+        collate = collate_fn or default_collate
+        if isinstance(dataset, Multiplicity):
+            collate = collate_copies(collate)
+        self.sample_rate = sample_rate
+        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps=steps, generator=generator)
+        super().__init__(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(dataset, collate), **kwargs)
+
+    @classmethod
+    def from_data_loader(cls, loader: DataLoader, generator: torch.Generator | None = None) -> DPDataLoader:
+        """The Poisson twin of ``loader``: same dataset, workers and collate, q = batch_size / N."""
+        n = len(loader.dataset)
+        batch_size = loader.batch_size or (n / max(len(loader), 1))
+        return cls(loader.dataset, min(1.0, batch_size / n), collate_fn=loader.collate_fn, generator=generator,
+                   num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                   worker_init_fn=loader.worker_init_fn, timeout=loader.timeout,
+                   prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
+                   persistent_workers=loader.persistent_workers)
+
+
+def split_batch(batch, max_rows: int) -> list:
+    """Split a batch (any pytree of tensors with rows along dim 0) into micro-batches of at most ``max_rows``."""
+    leaves, spec = pytree.tree_flatten(batch)
+    rows = next((t.shape[0] for t in leaves if isinstance(t, torch.Tensor)), 0)
+    if rows == 0:
+        return [batch]
+    out = []
+    for start in range(0, rows, max_rows):
+        piece = [t[start:start + max_rows] if isinstance(t, torch.Tensor) else t for t in leaves]
+        out.append(pytree.tree_unflatten(piece, spec))
+    return out

@@ -1,0 +1,318 @@
+"""``make_private``: attach DP-SGD to a model and optimizer without wrapping either.
+
+The controller resolves every layer once (``plan.py``), hooks the model to
+capture what per-example gradients need (``modes/_capture.py``), and hooks the
+optimizer's ``step`` so that each step uses the clipped, noised gradient
+(``optimizer.py``). ``detach()`` leaves the model and optimizer as they were.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+from torch.utils.data import DataLoader
+
+from dpkit import registry
+from dpkit.criterion import DPCriterion
+from dpkit.data import DPDataLoader, PoissonBatchSampler, split_batch
+from dpkit.errors import PrivacyUsageError
+from dpkit.events import ClipEvent, ComposedEvent, Ledger, NoOpEvent
+from dpkit.modes._capture import Capturer
+from dpkit.optimizer import StepAccumulator, all_reduce, privatize
+from dpkit.plan import MODES, build_plan
+
+
+def _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, mode) -> None:
+    # Explicit checks: attrs validators can be switched off process-wide, these cannot.
+    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
+    if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
+    if not (isinstance(K, int) and K >= 1):
+        raise ValueError(f"augmentation_multiplicity must be an int >= 1, got {K!r}")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+    if mode not in MODES:
+        raise ValueError(f"grad_sample_mode must be one of {MODES}, got {mode!r}")
+
+
+class PrivateTraining:
+    """The controller ``make_private`` returns; unpacks to ``(module, optimizer, data_loader[, criterion])``."""
+
+    def __init__(self, *, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader | None,
+                 noise_multiplier: float, max_grad_norm: float, grad_sample_mode: str = "auto",
+                 clipping: str = "flat", clipping_kwargs: dict | None = None, noise: str = "gaussian",
+                 accountant: str = "prv", augmentation_multiplicity: int = 1, poisson_sampling: bool = True,
+                 loss_reduction: str = "mean", batch_first: bool = True, criterion: nn.Module | None = None,
+                 secure_mode: bool = False, noise_seed: int | None = None, sample_rate: float | None = None):
+        K = augmentation_multiplicity
+        _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, grad_sample_mode)
+        self.module, self.optimizer = module, optimizer
+        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
+        self.mode, self.K, self.loss_reduction = grad_sample_mode, K, loss_reduction
+        self.accountant = accountant
+        registry.lookup("dpkit_accountants", accountant, "accountant")
+        self.clipper = registry.lookup("dpkit_clippers", clipping, "clipping").value(
+            max_grad_norm=max_grad_norm, **(clipping_kwargs or {}))
+        self.noise = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(
+            seed=noise_seed, secure_mode=secure_mode)
+        self.data_loader, self.sample_rate, self.expected_batch_size = self._make_loader(
+            data_loader, poisson_sampling, sample_rate)
+        self.poisson_sampling = poisson_sampling
+        self.criterion = DPCriterion(criterion, loss_reduction, batch_first) if criterion is not None else None
+        if noise_multiplier == 0:
+            warnings.warn("noise_multiplier=0: gradients are clipped but not noised, so training is NOT "
+                          "differentially private (epsilon is infinite). Use it only to test or debug.",
+                          stacklevel=3)
+        self.plan = build_plan(module, grad_sample_mode)
+        self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
+        self._check_optimizer()
+        self.ledger = Ledger()
+        self.steps = 0
+        self._unbounded_steps = 0
+        self._skip_step = False
+        self.accumulator = StepAccumulator(self.params, self.clipper, K)
+        self.capturer = Capturer(self.plan, K=K, batch_first=batch_first, rescale=loss_reduction == "mean",
+                                 on_backward_end=self._on_backward_end)
+        self._optimizer_hooks: list = []
+        self.attached = False
+        self.attach()
+
+    # -- construction ------------------------------------------------------------------
+    def _make_loader(self, loader, poisson: bool, sample_rate: float | None):
+        if loader is None:
+            if sample_rate is None:
+                raise ValueError("give data_loader=, or sample_rate= for a loop that samples its own batches")
+            return None, float(sample_rate), None
+        n = len(loader.dataset)
+        if poisson:
+            if not isinstance(loader, DPDataLoader):
+                loader = DPDataLoader.from_data_loader(loader)
+            return loader, loader.sample_rate, loader.sample_rate * n
+        batch_size = loader.batch_size or n / max(len(loader), 1)
+        warnings.warn("poisson_sampling=False: batches are not Poisson-sampled, but the privacy accounting "
+                      "assumes they are (as every DP-SGD library does); the reported epsilon is not a proven "
+                      "bound for shuffled fixed-size batches.", stacklevel=4)
+        return loader, min(1.0, batch_size / n), None
+
+    def _check_optimizer(self) -> None:
+        model_params = {id(p) for p in self.module.parameters()}
+        foreign = [i for g in self.optimizer.param_groups for i, p in enumerate(g["params"])
+                   if id(p) not in model_params]
+        if foreign:
+            raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's; "
+                             "build it from model.parameters() so every updated parameter is privatized.")
+
+    # -- control -----------------------------------------------------------------------
+    def attach(self) -> None:
+        if self.attached:
+            return
+        self.capturer.attach()
+        self._optimizer_hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
+                                 self.optimizer.register_step_post_hook(self._post_step)]
+        self.attached = True
+
+    def enable(self) -> None:
+        """Resume private training after :meth:`disable`."""
+        self.capturer.enabled = True
+
+    def disable(self) -> None:
+        """Pause: forward, backward and step run as without dpkit (NOT private, not counted)."""
+        self.capturer.enabled = False
+        self._clear()
+
+    @property
+    def enabled(self) -> bool:
+        return self.capturer.enabled
+
+    def detach(self) -> None:
+        """Remove every hook; the model and optimizer are as before ``make_private``."""
+        self.capturer.detach()
+        for handle in self._optimizer_hooks:
+            handle.remove()
+        self._optimizer_hooks = []
+        self._clear()
+        self.attached = False
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.module
+        yield self.optimizer
+        yield self.data_loader
+        if self.criterion is not None:
+            yield self.criterion
+
+    def __repr__(self) -> str:
+        return (f"PrivateTraining(mode={self.mode!r}, noise_multiplier={self.noise_multiplier}, "
+                f"max_grad_norm={self.max_grad_norm}, sample_rate={self.sample_rate:.4g}, steps={self.steps}, "
+                f"layers={len(self.plan)})")
+
+    # -- the step ----------------------------------------------------------------------
+    def _on_backward_end(self, grad_samples: dict, rows: int) -> None:
+        crit_rows = self.criterion.rows if self.criterion is not None else None
+        if crit_rows is not None and crit_rows != rows:
+            raise PrivacyUsageError(f"the loss has {crit_rows} rows but the model's layers saw {rows}; "
+                                    "compute the loss on the same batch the model saw.")
+        before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
+        norms, factors, per_example = self.accumulator.add_backward(grad_samples, rows)
+        for p, g in per_example.items():
+            p.grad_sample = g
+        if before is not None:
+            self._notify(norms, factors, per_example, before)
+
+    def _observed(self) -> bool:
+        return bool(registry.plugin_manager().hook.dpkit_on_clip.get_hookimpls())
+
+    def _notify(self, norms, factors, per_example, before) -> None:
+        names = {p: n for row in self.plan for n, p in row.params.items()}
+        clipped = {}
+        for i, p in enumerate(self.params):
+            if p in per_example:
+                f = factors[i] if factors.dim() == 2 else factors
+                clipped[names[p]] = per_example[p] * f.reshape(-1, *[1] * (per_example[p].dim() - 1))
+        sums = {names[p]: s - before.get(p, 0) for p, s in self.accumulator.sums.items()}
+        event = ClipEvent(step=self.steps, norms=norms, factors=factors, max_grad_norm=self.max_grad_norm,
+                          clipped_sum=sums, grad_samples={names[p]: g for p, g in per_example.items()},
+                          clipped_grad_samples=clipped)
+        registry.plugin_manager().hook.dpkit_on_clip(event=event)
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if not self.enabled:
+            return
+        if self._skip_step:
+            for p in self.params:
+                p.grad = None  # a virtual step: keep accumulating, update nothing
+            return
+        if self.accumulator.backward_passes == 0:
+            raise PrivacyUsageError(
+                "optimizer.step() was called without a backward() since the last step. Call loss.backward() "
+                "first, also for an empty Poisson batch (dpkit gives it the right shape and counts it).")
+        sums = self.accumulator.sums
+        all_reduce(sums)
+        noisy = privatize(sums, self.params, self.noise, self.noise_multiplier * self.clipper.sensitivity())
+        denominator = (self.expected_batch_size if self.expected_batch_size is not None
+                       else max(self.accumulator.examples, 1)) if self.loss_reduction == "mean" else 1
+        for p in self.params:
+            p.grad = (noisy[p] / denominator).to(p.dtype)
+        self._record_step()
+
+    def _record_step(self) -> None:
+        if self.noise_multiplier == 0:
+            self._unbounded_steps += 1
+        else:
+            event = self.noise.dp_event(self.noise_multiplier, self.sample_rate)
+            extra = self.clipper.dp_event(self.sample_rate)
+            self.ledger.record(event if isinstance(extra, NoOpEvent) else ComposedEvent((event, extra)))
+        self.clipper.end_step(self.noise)
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if not self.enabled or self._skip_step:
+            return
+        self.steps += 1
+        self._clear()
+
+    def _clear(self) -> None:
+        self.accumulator.reset()
+        self.capturer.reset()
+        for p in self.params:
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+    # -- privacy -----------------------------------------------------------------------
+    def epsilon(self, delta: float, accountant: str | None = None) -> float:
+        """ε spent so far at ``delta``, by ``accountant`` (default: the one chosen at make_private)."""
+        if self._unbounded_steps:
+            return math.inf
+        from dpkit.accounting import epsilon_of_ledger
+
+        return epsilon_of_ledger(self.ledger, delta, accountant or self.accountant)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to report the same ε and draw the same noise and batches."""
+        state = {"ledger": self.ledger.state_dict(), "steps": self.steps, "unbounded_steps": self._unbounded_steps,
+                 "noise": self.noise.state_dict(), "clipper": self.clipper.state_dict(),
+                 "optimizer": self.optimizer.state_dict()}
+        sampler = getattr(self.data_loader, "batch_sampler", None)
+        if isinstance(sampler, PoissonBatchSampler):
+            state["sampler"] = sampler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.ledger.load_state_dict(state["ledger"])
+        self.steps, self._unbounded_steps = state["steps"], state["unbounded_steps"]
+        self.noise.load_state_dict(state["noise"])
+        self.clipper.load_state_dict(state["clipper"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if "sampler" in state:
+            self.data_loader.batch_sampler.load_state_dict(state["sampler"])
+
+
+class BatchMemoryManager:
+    """Split each (Poisson) batch into physical micro-batches of at most ``max_physical_batch_size`` examples.
+
+    ``optimizer.step()`` after a micro-batch other than a batch's last is a virtual
+    step: the clipped sums accumulate and nothing is updated or counted.
+    """
+
+    def __init__(self, private: PrivateTraining, max_physical_batch_size: int):
+        if not (isinstance(max_physical_batch_size, int) and max_physical_batch_size >= 1):
+            raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
+        if private.data_loader is None:
+            raise ValueError("BatchMemoryManager needs make_private(data_loader=...)")
+        self.private, self.max_rows = private, max_physical_batch_size * private.K
+
+    def __enter__(self) -> BatchMemoryManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.private._skip_step = False
+
+    def __len__(self) -> int:
+        return len(self.private.data_loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for batch in self.private.data_loader:
+                pieces = split_batch(batch, self.max_rows)
+                for i, piece in enumerate(pieces):
+                    self.private._skip_step = i < len(pieces) - 1
+                    yield piece
+        finally:
+            self.private._skip_step = False
+
+
+def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader | None = None,
+                 noise_multiplier: float | None = None, max_grad_norm: float,
+                 target_epsilon: float | None = None, target_delta: float | None = None,
+                 epochs: float | None = None, steps: int | None = None, **kwargs) -> PrivateTraining:
+    """Make ``module``'s training with ``optimizer`` differentially private (see DESIGN.md)."""
+    if noise_multiplier is None:
+        if target_epsilon is None:
+            raise ValueError("give noise_multiplier=, or target_epsilon= with target_delta= and epochs= (or steps=)")
+        return make_private_with_epsilon(module=module, optimizer=optimizer, data_loader=data_loader,
+                                         max_grad_norm=max_grad_norm, target_epsilon=target_epsilon,
+                                         target_delta=target_delta, epochs=epochs, steps=steps, **kwargs)
+    if target_epsilon is not None:
+        raise ValueError("give either noise_multiplier= or target_epsilon=, not both")
+    return PrivateTraining(module=module, optimizer=optimizer, data_loader=data_loader,
+                           noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, **kwargs)
+
+
+def make_private_with_epsilon(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader | None = None,
+                              max_grad_norm: float, target_epsilon: float, target_delta: float | None,
+                              epochs: float | None = None, steps: int | None = None, **kwargs) -> PrivateTraining:
+    """``make_private`` with the smallest noise multiplier whose ε after ``epochs`` (or ``steps``) ≤ target."""
+    from dpkit.accounting import get_noise_multiplier
+
+    if target_delta is None:
+        raise ValueError("target_delta= is required with target_epsilon= (e.g. 1e-5, below 1/N)")
+    private = PrivateTraining(module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=1.0,
+                              max_grad_norm=max_grad_norm, **kwargs)
+    private.noise_multiplier = get_noise_multiplier(
+        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=private.sample_rate,
+        epochs=epochs, steps=steps, accountant=private.accountant)
+    return private

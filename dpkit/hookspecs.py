@@ -1,0 +1,193 @@
+"""Hook specifications: every extension point of dpkit.
+
+Each spec returns a *table*; the registry merges the tables of all plugins,
+oldest first, so the newest registration of a key wins (built-ins, then
+installed packages, then user decorators). Plugins are plain modules of
+``@dpkit.hookimpl`` functions.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pluggy
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+    from dpkit.events import ClipEvent, DpEvent
+
+hookspec = pluggy.HookspecMarker("dpkit")
+hookimpl = pluggy.HookimplMarker("dpkit")
+
+
+class GradSampler(Protocol):
+    """Per-example gradients of one layer call.
+
+    ``activations`` are the layer's inputs (positional order of ``forward``) and
+    ``backprops`` the gradient of the per-example-summed loss with respect to the
+    output, both with ``B*K`` rows, an example's K copies adjacent. Returns, for
+    each trainable parameter, a ``[B, *param.shape]`` tensor summed over the K
+    copies and over positions; the engine divides by K.
+    """
+
+    def __call__(
+        self, layer: nn.Module, activations: list[Tensor], backprops: Tensor, K: int = 1
+    ) -> dict[nn.Parameter, Tensor]: ...
+
+
+class NormSampler(Protocol):
+    """Per-example gradient norms: same arguments as :class:`GradSampler`, values ``[B]``.
+
+    The norm is that of the K-summed gradient (the engine divides by K).
+    """
+
+    def __call__(
+        self, layer: nn.Module, activations: list[Tensor], backprops: Tensor, K: int = 1
+    ) -> dict[nn.Parameter, Tensor]: ...
+
+
+class Clipper(Protocol):
+    """Turns per-example norms into clip factors; may spend privacy (adaptive)."""
+
+    max_grad_norm: float
+
+    def factors(self, norms: Tensor) -> Tensor:
+        """``norms`` is ``[B]`` (flat) or ``[L, B]`` (per layer); returns factors of the same shape."""
+
+    def sensitivity(self) -> float:
+        """The L2 bound of one example's clipped contribution: the noise std is σ times this."""
+
+    def dp_event(self) -> DpEvent:
+        """The privacy this clipper spends per step (``NoOpEvent`` unless it learns from data)."""
+
+
+class NoiseMechanism(Protocol):
+    """Privatizes the clipped sum; owns its random generator."""
+
+    def add(self, clipped_sum: Tensor, *, std: float) -> Tensor: ...
+
+    def dp_event(self, noise_multiplier: float, sample_rate: float) -> DpEvent: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Accountant(Protocol):
+    """Composes privacy events and answers ``epsilon(delta)``; never under-reports."""
+
+    def supports(self, event: DpEvent) -> bool: ...
+
+    def compose(self, event: DpEvent, count: int = 1) -> Accountant: ...
+
+    def epsilon(self, delta: float) -> float: ...
+
+
+ClipperFactory = Callable[..., Clipper]
+NoiseFactory = Callable[..., NoiseMechanism]
+AccountantFactory = Callable[[], Accountant]
+
+
+@hookspec
+def dpkit_grad_samplers() -> Mapping[type[nn.Module], GradSampler]:
+    """Per-example gradient functions, keyed by exact layer type.
+
+    Called once, when the registry table is built. Used by ``hooks`` mode and,
+    for layers without a norm sampler, by ``ghost``, ``bk`` and ``auto``.
+
+    Example::
+
+        @dpkit.hookimpl
+        def dpkit_grad_samplers():
+            return {MyLayer: my_grad_sampler}
+
+    .. warning:: Sum over an example's K adjacent copies and over its positions;
+       the engine divides by K. Keys match exact types: a subclass is not covered.
+    """
+
+
+@hookspec
+def dpkit_norm_samplers() -> Mapping[type[nn.Module], NormSampler]:
+    """Per-example gradient-norm functions (ghost norms), keyed by exact layer type.
+
+    Called once, when the registry table is built. Used by ``ghost``, ``bk`` and
+    ``auto`` to clip without materialising per-example gradients.
+
+    Example::
+
+        @dpkit.hookimpl
+        def dpkit_norm_samplers():
+            return {MyLayer: my_norm_sampler}
+    """
+
+
+@hookspec
+def dpkit_clippers() -> Mapping[str, ClipperFactory]:
+    """Clipping strategies by the name users pass as ``clipping=``.
+
+    A factory is called as ``factory(max_grad_norm=C, **clipping_kwargs)`` once
+    per ``make_private`` and returns a :class:`Clipper`.
+
+    Example::
+
+        @dpkit.hookimpl
+        def dpkit_clippers():
+            return {"flat": FlatClipper}
+    """
+
+
+@hookspec
+def dpkit_noise_mechanisms() -> Mapping[str, NoiseFactory]:
+    """Noise mechanisms by the name users pass as ``noise=``.
+
+    A factory is called as ``factory(generator=..., secure_mode=...)`` once per
+    ``make_private`` and returns a :class:`NoiseMechanism`.
+
+    Example::
+
+        @dpkit.hookimpl
+        def dpkit_noise_mechanisms():
+            return {"gaussian": GaussianNoise}
+    """
+
+
+@hookspec
+def dpkit_accountants() -> Mapping[str, AccountantFactory]:
+    """Privacy accountants by the name users pass as ``accountant=``.
+
+    A factory takes no arguments and returns a fresh :class:`Accountant`; dpkit
+    replays the privacy ledger into it whenever epsilon is asked for.
+
+    Example::
+
+        @dpkit.hookimpl
+        def dpkit_accountants():
+            return {"rdp": RDPAccountant}
+    """
+
+
+@hookspec
+def dpkit_on_clip(event: ClipEvent) -> None:
+    """Observe one step's clipping: per-example norms, clip factors, the gradient before and after.
+
+    Called once per optimizer step, after clipping and before noise, only when
+    some plugin implements it (nobody pays for the statistics otherwise).
+    Return values are ignored.
+
+    Example::
+
+        @dpkit.hookimpl
+        def dpkit_on_clip(event):
+            print(event.norms.max(), event.factors.mean())
+    """
+
+
+SPEC_NAMES = (
+    "dpkit_grad_samplers",
+    "dpkit_norm_samplers",
+    "dpkit_clippers",
+    "dpkit_noise_mechanisms",
+    "dpkit_accountants",
+    "dpkit_on_clip",
+)

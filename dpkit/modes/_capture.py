@@ -1,0 +1,235 @@
+"""Capture each planned unit's inputs and output gradients on the real forward and backward.
+
+A forward hook records a unit call's inputs and registers a tensor hook on each
+output that requires grad. Tensor hooks (not module backward hooks) survive
+in-place ops after the layer, such as ``ReLU(inplace=True)``, and give one record
+per call, so a module called twice (shared weights) yields two records. When a
+call's output gradients have all arrived its per-example gradients are computed
+at once and its tensors freed; at the end of the backward pass (an autograd
+callback) the engine is handed the results.
+"""
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from functools import partial
+
+import attrs
+import torch
+from torch import Tensor, nn
+from torch.autograd import Variable
+from torch.utils import _pytree as pytree
+
+from dpkit.errors import PrivacyUsageError
+from dpkit.modes import functorch as fn_mode
+from dpkit.plan import LayerPlan
+
+
+def _detach(x):
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+@attrs.define(eq=False)
+class Capture:
+    """One call of one planned unit, from forward to the arrival of its output gradients."""
+
+    row: LayerPlan
+    args: list
+    kwargs: dict
+    rows: int
+    grads: list[Tensor | None]
+    pending: set[int]
+    done: bool = False
+
+
+def forward_arguments(module: nn.Module) -> list[tuple[str, object]]:
+    """``forward``'s parameters after ``self`` with their defaults, up to any ``*args``/``**kwargs``."""
+    out = []
+    for param in inspect.signature(module.forward).parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            break
+        out.append((param.name, None if param.default is param.empty else param.default))
+    return out
+
+
+class Capturer:
+    """Owns the hooks of one attached model and the records of the backward pass in flight."""
+
+    def __init__(self, rows: list[LayerPlan], *, K: int, batch_first: bool, rescale: bool,
+                 on_backward_end: Callable[[dict[nn.Parameter, Tensor], int], None]):
+        self.plan = rows
+        self.K = K
+        self.batch_first = batch_first
+        self.rescale = rescale  # loss_reduction="mean": multiply output grads by the row count
+        self.on_backward_end = on_backward_end
+        self.enabled = True
+        self._computing = False  # recomputation (torch.func units) must not be captured again
+        self.captures: list[Capture] = []
+        self.grad_samples: dict[nn.Parameter, Tensor] = {}
+        self.batch_rows: int | None = None
+        self.used_params: set[nn.Parameter] = set()
+        self._queued = False
+        self._handles: list = []
+        self._signatures = {id(r): forward_arguments(r.module) for r in rows if r.uses_activations}
+
+    # -- attach / detach -------------------------------------------------------------
+    def attach(self) -> None:
+        for row in self.plan:
+            if row.mode == "ew":
+                self._handles.append(row.module.register_forward_pre_hook(partial(self._expand, row)))
+            self._handles.append(
+                row.module.register_forward_hook(partial(self._on_forward, row), with_kwargs=True)
+            )
+        for p in {p for row in self.plan for p in row.params.values()}:
+            self._handles.append(p.register_hook(partial(self._on_param_grad, p)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget records of forward passes that no backward pass used (called after each step)."""
+        self.captures.clear()
+        self.grad_samples.clear()
+        self.used_params.clear()
+        self.batch_rows = None
+
+    # -- forward ---------------------------------------------------------------------
+    def _active(self) -> bool:
+        return self.enabled and not self._computing and torch.is_grad_enabled()
+
+    def _expand(self, row: LayerPlan, module: nn.Module, args) -> None:
+        if not self._active():
+            return
+        from torch.nn.utils._expanded_weights import ExpandedWeight
+
+        rows = _rows_at(args[0], 0 if self.batch_first else 1) if args else 0
+        for name, p in row.local_params.items():
+            module._parameters[name] = ExpandedWeight(p, rows, "sum")
+
+    def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output) -> None:
+        if row.mode == "ew":
+            for name, p in row.local_params.items():
+                module._parameters[name] = p
+        if not self._active():
+            return
+        leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+        wanted = {i for i, t in enumerate(leaves) if t.requires_grad}
+        if not wanted:
+            return
+        args = [pytree.tree_map(_detach, a) for a in args]
+        kwargs = {k: pytree.tree_map(_detach, v) for k, v in kwargs.items()}
+        if row.uses_activations:
+            args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
+            kwargs = {}
+        out_dim = fn_mode.output_batch_dims(module, self.batch_first, len(leaves))[0]
+        cap = Capture(row, args, kwargs, _rows_at(leaves[0], out_dim), [None] * len(leaves), wanted)
+        self.captures.append(cap)
+        for i in wanted:
+            leaves[i].register_hook(partial(self._on_output_grad, cap, i))
+
+    # -- backward --------------------------------------------------------------------
+    def _on_param_grad(self, p: nn.Parameter, grad: Tensor) -> None:
+        if self.enabled and not self._computing:
+            self.used_params.add(p)
+            self._queue_end()
+
+    def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> None:
+        if not self.enabled or self._computing:
+            return
+        if cap.done:
+            raise PrivacyUsageError(
+                f"backward() ran a second time through one forward pass of {cap.row.name!r} "
+                f"({cap.row.type_name}). Each backward() must follow its own forward pass: run the "
+                "forward again, or sum the losses and call backward() once."
+            )
+        cap.grads[index] = grad
+        cap.pending.discard(index)
+        self._queue_end()
+        if not cap.pending:
+            self._process(cap)
+
+    def _queue_end(self) -> None:
+        if not self._queued:
+            self._queued = True
+            Variable._execution_engine.queue_callback(self._backward_end)
+
+    def _process(self, cap: Capture) -> None:
+        cap.done = True
+        if self.batch_rows is None:
+            self.batch_rows = cap.rows
+        elif cap.rows != self.batch_rows:
+            raise PrivacyUsageError(
+                f"{cap.row.name!r} ({cap.row.type_name}) saw {cap.rows} rows in this backward pass, "
+                f"other layers saw {self.batch_rows}. Every layer must see the batch along dim "
+                f"{0 if self.batch_first else 1} (batch_first={self.batch_first}); per-example gradients "
+                "are undefined otherwise."
+            )
+        if cap.rows % self.K:
+            raise PrivacyUsageError(
+                f"{cap.row.name!r} saw {cap.rows} rows, not a multiple of augmentation_multiplicity "
+                f"K={self.K}. Feed the K augmented copies of each example as adjacent rows "
+                "(dpkit.data.Multiplicity does this)."
+            )
+        if cap.row.mode != "ew":
+            scale = cap.rows if self.rescale else 1
+            grads = [g * scale if (g is not None and scale != 1) else g for g in cap.grads]
+            self._computing = True
+            try:
+                computed = cap.row.compute(cap.args, cap.kwargs, grads, cap.rows, self.K, self.batch_first)
+            finally:
+                self._computing = False
+            for p, gs in computed.items():
+                self._add(p, gs)
+        cap.args, cap.kwargs, cap.grads = [], {}, []
+
+    def _add(self, p: nn.Parameter, grad_sample: Tensor) -> None:
+        if p in self.grad_samples:
+            self.grad_samples[p] = self.grad_samples[p] + grad_sample
+        else:
+            self.grad_samples[p] = grad_sample
+
+    def _backward_end(self) -> None:
+        self._queued = False
+        for cap in self.captures:
+            if not cap.done and any(g is not None for g in cap.grads):
+                self._process(cap)  # a multi-output call some of whose outputs got no gradient
+        self.captures = [c for c in self.captures if not c.done]
+        self._collect_expanded_weights()
+        covered = set(self.grad_samples)
+        missing = [p for p in self.used_params if p not in covered]
+        if missing:
+            names = [row.param_name(p) for p in missing for row in self.plan if row.param_name(p)]
+            raise PrivacyUsageError(
+                f"parameter(s) {sorted(set(names))} received gradients from a use that dpkit's layer "
+                "hooks did not see (the parameter was used outside its module's forward, e.g. "
+                "x @ layer.weight). Call the module itself, or use grad_sample_mode='functorch'."
+            )
+        grad_samples, rows = self.grad_samples, self.batch_rows
+        self.grad_samples, self.batch_rows, self.used_params = {}, None, set()
+        if rows is not None:
+            self.on_backward_end(grad_samples, rows)
+
+    def _collect_expanded_weights(self) -> None:
+        for row in self.plan:
+            if row.mode != "ew":
+                continue
+            for p in row.local_params.values():
+                gs = getattr(p, "grad_sample", None)
+                if gs is None:
+                    continue
+                del p.grad_sample
+                rows = gs.shape[0]
+                scale = rows if self.rescale else 1
+                self._add(p, (gs * scale).reshape(rows // self.K, self.K, *p.shape).sum(1))
+                self.used_params.discard(p)
+                if self.batch_rows is None:
+                    self.batch_rows = rows
+
+
+def _rows_at(x: Tensor | None, dim: int) -> int:
+    if x is None or x.dim() == 0:
+        return 0
+    return x.shape[dim] if x.dim() > dim else x.shape[0]

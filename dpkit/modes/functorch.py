@@ -1,0 +1,117 @@
+"""Per-example gradients of any module with ``torch.func``: ``vmap`` over examples of a ``vjp``.
+
+Serves two modes: ``functorch`` (the whole model is one unit) and the per-layer
+fallback of ``auto`` (a layer no plugin covers, e.g. ``nn.LSTM`` or
+``nn.MultiheadAttention``). The unit's forward is recomputed once per example
+(its K copies together), from the inputs and output gradients captured on the
+real pass, so no plugin is needed. The recomputation cannot replay random
+draws, so units with active dropout are refused at attach (see ``plan.py``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils import _pytree as pytree
+
+
+def batch_dims(unit: nn.Module, batch_first: bool) -> tuple[int, dict[str, int]]:
+    """The batch dimension of the unit's positional tensor inputs, and overrides by argument name."""
+    if isinstance(unit, nn.RNNBase):
+        return (0 if unit.batch_first else 1), {"hx": 1}
+    if isinstance(unit, nn.MultiheadAttention):
+        return (0 if unit.batch_first else 1), {"key_padding_mask": 0}
+    return (0 if batch_first else 1), {}
+
+
+def output_batch_dims(unit: nn.Module, batch_first: bool, n_leaves: int) -> list[int]:
+    """The batch dimension of each tensor leaf of the unit's output."""
+    if isinstance(unit, nn.RNNBase):  # output, then h_n (and c_n), whose batch dim is 1
+        return [0 if unit.batch_first else 1] + [1] * (n_leaves - 1)
+    if isinstance(unit, nn.MultiheadAttention):  # attn_output, then attn_weights [B, T, S]
+        return [0 if unit.batch_first else 1] + [0] * (n_leaves - 1)
+    return [0 if batch_first else 1] * n_leaves
+
+
+def fill_defaults(unit: nn.Module, args: list, rows: int) -> list:
+    """Make implicit batched state explicit: vmap cannot write a batched value into an unbatched zero state."""
+    if isinstance(unit, nn.RNNBase) and (len(args) < 2 or args[1] is None):
+        x = args[0]
+        dirs = 2 if unit.bidirectional else 1
+        hidden = unit.proj_size if getattr(unit, "proj_size", 0) else unit.hidden_size
+        h0 = x.new_zeros(unit.num_layers * dirs, rows, hidden)
+        if isinstance(unit, nn.LSTM):
+            h0 = (h0, x.new_zeros(unit.num_layers * dirs, rows, unit.hidden_size))
+        args = [args[0], h0, *args[2:]]
+    return args
+
+
+def _split(x, dim: int | None, rows: int, K: int):
+    """[.., B*K, ..] at ``dim`` → [.., B, K, ..] so that vmap over ``dim`` sees one example's K rows."""
+    if dim is None or not isinstance(x, Tensor) or x.dim() <= dim or x.shape[dim] != rows:
+        return x, None
+    return x.unflatten(dim, (rows // K, K)), dim
+
+
+def per_example_grads(
+    unit: nn.Module,
+    params: dict[str, nn.Parameter],
+    args: Sequence,
+    kwargs: dict,
+    out_grads: Sequence[Tensor | None],
+    rows: int,
+    K: int,
+    batch_first: bool = True,
+) -> dict[nn.Parameter, Tensor]:
+    """``[B, *p.shape]`` gradients of Σ(output·out_grads) for each example (its K rows summed).
+
+    ``args``/``kwargs`` are the unit's captured inputs, ``out_grads`` the gradients of the
+    tensor leaves of its output (``None`` where a leaf got none), all with ``rows`` = B*K rows.
+    """
+    names = list(params)
+    if not names:
+        return {}
+    if rows == 0:
+        return {p: p.new_zeros((0, *p.shape)) for p in params.values()}
+    arg_dim, named_dims = batch_dims(unit, batch_first)
+    args = fill_defaults(unit, list(args), rows)
+    split_args, arg_dims = [], []
+    for i, a in enumerate(args):
+        dim = named_dims.get("hx", arg_dim) if (i == 1 and isinstance(unit, nn.RNNBase)) else arg_dim
+        pieces = [_split(t, dim, rows, K) for t in pytree.tree_leaves(a)]
+        spec = pytree.tree_structure(a)
+        split_args.append(pytree.tree_unflatten([p[0] for p in pieces], spec))
+        arg_dims.append(pytree.tree_unflatten([p[1] for p in pieces], spec))
+    split_kwargs, kwarg_dims = {}, {}
+    for key, value in kwargs.items():
+        split_kwargs[key], kwarg_dims[key] = _split(value, named_dims.get(key, arg_dim), rows, K)
+    out_dims = output_batch_dims(unit, batch_first, len(out_grads))
+    grads, grad_dims = [], []
+    for g, d in zip(out_grads, out_dims):
+        g, d = _split(g, d, rows, K) if g is not None else (None, None)
+        grads.append(g)
+        grad_dims.append(d)
+
+    def one_example(flat_params, ex_args, ex_kwargs, ex_grads):
+        def forward(*ps):
+            out = functional_call(unit, dict(zip(names, ps)), tuple(ex_args), ex_kwargs)
+            leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
+            return tuple(leaf for leaf, g in zip(leaves, ex_grads) if g is not None)
+
+        _, pullback = vjp(forward, *flat_params)
+        return pullback(tuple(g for g in ex_grads if g is not None))
+
+    flat = tuple(params[n].detach() for n in names)
+    batched = vmap(
+        one_example,
+        in_dims=(None, arg_dims, kwarg_dims, grad_dims),
+        randomness="error",
+    )(flat, split_args, split_kwargs, grads)
+    return {params[n]: g for n, g in zip(names, batched)}
+
+
+def trainable_params(unit: nn.Module, recurse: bool = True) -> dict[str, nn.Parameter]:
+    """The unit's trainable parameters by name, each once (tied parameters under their first name)."""
+    return {n: p for n, p in unit.named_parameters(recurse=recurse) if p.requires_grad}
+

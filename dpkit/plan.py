@@ -1,0 +1,132 @@
+"""Model → one row per unit that owns trainable parameters: which mode, which sampler, from which plugin.
+
+Made once, at attach; nothing is looked up per step. A layer resolves by its
+exact type (a subclass may change ``forward``); the MRO is walked only to write
+the error message.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+from torch import Tensor, nn
+
+from dpkit import registry
+from dpkit.errors import UnsupportedLayerError, UnsupportedModuleError
+from dpkit.modes import functorch as fn_mode
+
+MODES = ("hooks", "ghost", "bk", "functorch", "ew", "auto")
+FALLBACK = "dpkit.modes.functorch"
+# Layer types PyTorch's ExpandedWeights can differentiate per example.
+EW_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
+            nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+MIXING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+@attrs.frozen(eq=False)
+class LayerPlan:
+    """One unit of the model: a layer with a sampler, or a subtree handled by ``torch.func``."""
+
+    name: str
+    module: nn.Module
+    mode: str  # "hooks" | "functorch" | "ew"
+    provider: str
+    params: dict[str, nn.Parameter]  # full dotted names
+    local_params: dict[str, nn.Parameter]  # attribute names on ``module`` (own parameters)
+    sampler: Callable | None = None
+
+    @property
+    def type_name(self) -> str:
+        t = type(self.module)
+        return f"{t.__module__}.{t.__qualname__}"
+
+    @property
+    def uses_activations(self) -> bool:
+        return self.sampler is not None
+
+    def param_name(self, p: nn.Parameter) -> str | None:
+        return next((n for n, q in self.params.items() if q is p), None)
+
+    def compute(self, args: list, kwargs: dict, grads: list, rows: int, K: int, batch_first: bool
+                ) -> dict[nn.Parameter, Tensor]:
+        """Per-example gradients ``[B, *p.shape]`` (summed over K copies) of one captured call."""
+        if self.sampler is None:
+            params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
+            return fn_mode.per_example_grads(self.module, params, args, kwargs, grads, rows, K, batch_first)
+        backprops = grads[0]
+        if not batch_first:
+            args = [a.movedim(1, 0) if isinstance(a, Tensor) and a.dim() > 1 else a for a in args]
+            backprops = backprops.movedim(1, 0)
+        out = self.sampler(self.module, args, backprops, K)
+        own = set(self.local_params.values())
+        return {p: g for p, g in out.items() if p in own}
+
+
+def check_module(model: nn.Module) -> None:
+    """Refuse layers that mix examples (BatchNorm): per-example gradients would be meaningless."""
+    bad = [f"  {name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
+           if isinstance(m, MIXING) and m.training]
+    if bad:
+        raise UnsupportedModuleError(
+            "these layers mix examples within a batch, so one example's gradient depends on the others "
+            "and cannot be clipped per example:\n" + "\n".join(bad)
+            + "\nReplace them with dpkit.fix(model) (BatchNorm → GroupNorm), or freeze them in eval mode."
+        )
+
+
+def build_plan(model: nn.Module, mode: str) -> list[LayerPlan]:
+    """The plan of ``model`` in ``mode``; every uncovered layer is reported in one error."""
+    if mode not in MODES:
+        raise ValueError(f"grad_sample_mode={mode!r} is not one of {MODES}")
+    check_module(model)
+    if mode == "functorch":
+        params = fn_mode.trainable_params(model)
+        return [LayerPlan("<root>", model, "functorch", FALLBACK, params, {})] if params else []
+    if mode in ("ghost", "bk"):
+        raise UnsupportedLayerError(
+            f"grad_sample_mode={mode!r} is not available in this version of dpkit; use 'auto', "
+            "'hooks', 'functorch' or 'ew'."
+        )
+    samplers = registry.table("dpkit_grad_samplers")
+    rows: list[LayerPlan] = []
+    missing: list[str] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        local = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        full = {f"{prefix}{n}": p for n, p in local.items()}
+        entry = samplers.get(type(module))
+        if local and mode == "ew" and isinstance(module, EW_TYPES) and type(module) in EW_TYPES:
+            rows.append(LayerPlan(prefix[:-1], module, "ew", "torch.nn.utils._expanded_weights", full, local))
+        elif local and mode != "ew" and entry is not None:
+            rows.append(LayerPlan(prefix[:-1], module, "hooks", entry.provider, full, local, entry.value))
+        elif local and mode == "auto":
+            subtree = {f"{prefix}{n}": p for n, p in module.named_parameters() if p.requires_grad}
+            rows.append(LayerPlan(prefix[:-1], module, "functorch", FALLBACK, subtree, local))
+            return  # the subtree is recomputed as one unit
+        elif local:
+            missing.append(_missing_message(prefix[:-1], module, mode, samplers))
+        for name, child in module.named_children():
+            visit(f"{prefix}{name}.", child)
+
+    visit("", model)
+    if missing:
+        raise UnsupportedLayerError(
+            f"grad_sample_mode={mode!r} cannot compute per-example gradients for:\n" + "\n".join(missing)
+        )
+    return rows
+
+
+def _missing_message(name: str, module: nn.Module, mode: str, samplers: dict) -> str:
+    t = type(module)
+    where = f"  {name or '<root>'} ({t.__module__}.{t.__qualname__})"
+    if mode == "ew":
+        return f"{where}: ExpandedWeights does not support it; use 'auto' or 'hooks'."
+    base = next((b for b in t.__mro__[1:] if b in samplers), None)
+    hint = ""
+    if base is not None:
+        hint = (f" Its base class {base.__qualname__} has one ({samplers[base].provider}); if "
+                f"{t.__qualname__}.forward computes the same function, register it: "
+                f"dpkit.register_grad_sampler({t.__qualname__})(<the {base.__qualname__} sampler>).")
+    return (f"{where} has no grad sampler.{hint} Register one with @dpkit.register_grad_sampler"
+            f"({t.__qualname__}), install a plugin that provides it, or use grad_sample_mode='auto' "
+            "(torch.func fallback for this layer) or 'functorch'.")

@@ -1,0 +1,221 @@
+"""The plugin registry: one lazy pluggy manager, tables with provenance, user decorators.
+
+Order of registration, oldest first: built-in plugins (``BUILTIN_PLUGINS``),
+installed packages (entry-point group ``dpkit``), then user decorators. Tables
+merge in that order, so the newest registration of a key wins.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+import types
+from collections.abc import Callable, Mapping
+from importlib import metadata
+
+import attrs
+import pluggy
+from torch import nn
+
+from dpkit import hookspecs
+from dpkit.errors import PluginError
+from dpkit.hookspecs import hookimpl
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "dpkit.layers.linear",
+    "dpkit.layers.conv",
+    "dpkit.layers.embedding",
+    "dpkit.layers.normalization",
+    "dpkit.clipping.flat",
+    "dpkit.clipping.per_layer",
+    "dpkit.noise.gaussian",
+    "dpkit.accountants.rdp",
+    "dpkit.accountants.prv",
+    "dpkit.accountants.gdp",
+)
+
+_SAMPLER_HOOKS = ("dpkit_grad_samplers", "dpkit_norm_samplers")
+_FACTORY_HOOKS = ("dpkit_clippers", "dpkit_noise_mechanisms", "dpkit_accountants")
+
+
+@attrs.frozen
+class Entry:
+    """A table value and the plugin that provided it."""
+
+    value: Callable
+    provider: str
+
+
+@functools.cache
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, built on first use (nothing loads at import)."""
+    pm = pluggy.PluginManager("dpkit")
+    pm.add_hookspecs(hookspecs)
+    for name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(name), name=name)
+    _load_entry_points(pm)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise PluginError(f"{err}. dpkit hooks are: {', '.join(hookspecs.SPEC_NAMES)}.") from err
+    if os.environ.get("DPKIT_TRACE_PLUGINS"):
+        pm.trace.root.setwriter(print)
+        pm.enable_tracing()
+    return pm
+
+
+def reset() -> None:
+    """Forget the manager; the next use rebuilds it (tests, notebooks)."""
+    plugin_manager.cache_clear()
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    if os.environ.get("DPKIT_DISABLE_PLUGIN_AUTOLOAD"):
+        return
+    only = os.environ.get("DPKIT_LOAD_PLUGINS")
+    allowed = None if only is None else {s.strip() for s in only.split(",") if s.strip()}
+    for ep in metadata.entry_points(group="dpkit"):
+        dist = getattr(ep, "dist", None)
+        dist_label = f"{dist.name} {dist.version}" if dist is not None else "unknown distribution"
+        if allowed is not None and ep.name not in allowed and (dist is None or dist.name not in allowed):
+            continue
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as err:
+            raise PluginError(
+                f"dpkit plugin {ep.name!r} ({dist_label}, {ep.value}) failed to import: {err!r}. "
+                "Fix or uninstall it, or set DPKIT_DISABLE_PLUGIN_AUTOLOAD=1 to run without installed plugins."
+            ) from err
+        try:
+            pm.register(plugin, name=ep.name)
+        except pluggy.PluginValidationError as err:
+            raise PluginError(f"dpkit plugin {ep.name!r} ({dist_label}) is invalid: {err}") from err
+
+
+def table(hook_name: str) -> dict[object, Entry]:
+    """The merged table of one hook, each value with its provider; newest registration wins."""
+    if hook_name not in _SAMPLER_HOOKS + _FACTORY_HOOKS:
+        raise ValueError(f"{hook_name!r} is not a table hook; choose one of {_SAMPLER_HOOKS + _FACTORY_HOOKS}")
+    out: dict[object, Entry] = {}
+    # get_hookimpls() is stored oldest first; updating in that order lets the newest win.
+    for impl in getattr(plugin_manager().hook, hook_name).get_hookimpls():
+        provided = impl.function()
+        _validate(hook_name, provided, impl.plugin_name)
+        out.update({key: Entry(value, impl.plugin_name) for key, value in provided.items()})
+    return out
+
+
+def _validate(hook_name: str, provided: object, plugin: str) -> None:
+    where = f"plugin {plugin!r} returned from {hook_name}"
+    if not isinstance(provided, Mapping):
+        raise PluginError(f"{where} a {type(provided).__name__}; it must return a dict")
+    for key, value in provided.items():
+        if hook_name in _SAMPLER_HOOKS:
+            if not (isinstance(key, type) and issubclass(key, nn.Module)):
+                raise PluginError(f"{where} key {key!r} (a {type(key).__name__}); keys must be nn.Module subclasses")
+            check_sampler_signature(value, f"{where} the sampler for {key.__name__}")
+        else:
+            if not isinstance(key, str):
+                raise PluginError(f"{where} key {key!r} (a {type(key).__name__}); keys must be names (str)")
+            if not callable(value):
+                raise PluginError(f"{where} {key!r}: {value!r}, which is not callable")
+
+
+def check_sampler_signature(fn: object, what: str) -> None:
+    """Raise unless ``fn`` can be called as ``fn(layer, activations, backprops, K=1)``."""
+    if not callable(fn):
+        raise PluginError(f"{what} is {fn!r}, which is not callable")
+    try:
+        inspect.signature(fn).bind(None, None, None, K=1)
+    except TypeError as err:
+        raise PluginError(
+            f"{what}, {getattr(fn, '__qualname__', fn)!r}, has signature {inspect.signature(fn)}; "
+            f"samplers must accept (layer, activations, backprops, K=1): {err}"
+        ) from None
+    except ValueError:  # builtins without a signature: accept
+        pass
+
+
+def register_plugin(plugin: object, name: str | None = None) -> str:
+    """Register a plugin object (a module or instance of ``@hookimpl`` functions) as the newest."""
+    pm = plugin_manager()
+    if name is not None and pm.get_plugin(name) is not None:
+        pm.unregister(name=name)
+    try:
+        return pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as err:
+        raise PluginError(str(err)) from err
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin by name (undoes a decorator, or blocks nothing if absent)."""
+    pm = plugin_manager()
+    if pm.get_plugin(name) is not None:
+        pm.unregister(name=name)
+
+
+def _register_table(hook_name: str, provided: Mapping, name: str) -> None:
+    _validate(hook_name, provided, name)
+    plugin = types.ModuleType(name)
+
+    def impl():
+        return provided
+
+    setattr(plugin, hook_name, hookimpl(specname=hook_name)(impl))
+    register_plugin(plugin, name=name)  # a re-run notebook cell replaces its earlier registration
+
+
+def _sampler_decorator(hook_name: str, layer_types: tuple[type[nn.Module], ...]):
+    if not layer_types:
+        raise TypeError(f"register_{hook_name[6:-1]}(LayerType, ...) needs at least one layer type")
+
+    def decorator(fn):
+        key = "-".join(t.__qualname__ for t in layer_types)
+        name = f"user:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}[{hook_name[6:]}:{key}]"
+        _register_table(hook_name, {t: fn for t in layer_types}, name)
+        return fn
+
+    return decorator
+
+
+def register_grad_sampler(*layer_types: type[nn.Module]):
+    """Decorator: ``fn`` computes per-example gradients for these exact layer types (newest wins)."""
+    return _sampler_decorator("dpkit_grad_samplers", layer_types)
+
+
+def register_norm_sampler(*layer_types: type[nn.Module]):
+    """Decorator: ``fn`` computes per-example gradient norms for these exact layer types (newest wins)."""
+    return _sampler_decorator("dpkit_norm_samplers", layer_types)
+
+
+def lookup(hook_name: str, name: str, what: str) -> Entry:
+    """One named factory (clipper, noise, accountant), or an error listing the names there are."""
+    entries = table(hook_name)
+    if name not in entries:
+        raise PluginError(
+            f"{what}={name!r} is not provided by any plugin; installed: {sorted(entries)}. "
+            "Install the plugin that provides it, or pick one of these."
+        )
+    return entries[name]
+
+
+def plugin_version(plugin_name: str) -> str:
+    """The version of the distribution behind a plugin, or dpkit's for built-ins."""
+    pm = plugin_manager()
+    for plugin, dist in pm.list_plugin_distinfo():
+        if pm.get_name(plugin) == plugin_name:
+            return f"{dist.project_name} {dist.version}"
+    if plugin_name.startswith("dpkit."):
+        return f"dpkit {metadata.version('dpkit')}" if _installed("dpkit") else "dpkit (source)"
+    return "user code" if plugin_name.startswith("user:") else "?"
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
