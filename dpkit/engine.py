@@ -18,13 +18,14 @@ from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from dpkit import registry
-from dpkit.criterion import DPCriterion
+from dpkit.criterion import DPCriterion, DPLoss
 from dpkit.data import DPDataLoader, PoissonBatchSampler, split_batch
 from dpkit.errors import PrivacyUsageError
 from dpkit.events import ClipEvent, ComposedEvent, Ledger, NoOpEvent
 from dpkit.modes._capture import Capturer
 from dpkit.optimizer import StepAccumulator, all_reduce, privatize
-from dpkit.plan import MODES, build_plan
+from dpkit.modes import bk
+from dpkit.plan import MODES, NORM_MODES, build_plan
 
 
 def _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, mode) -> None:
@@ -65,6 +66,11 @@ class PrivateTraining:
             data_loader, poisson_sampling, sample_rate)
         self.poisson_sampling = poisson_sampling
         self.criterion = DPCriterion(criterion, loss_reduction, batch_first) if criterion is not None else None
+        if self.criterion is not None:
+            self.criterion.backward_fn = self.backward
+        if grad_sample_mode == "ghost" and getattr(self.clipper, "per_layer", False):
+            raise ValueError(f"clipping={clipping!r} clips each parameter on its own, which ghost's single "
+                             "reweighted backward pass cannot do; use grad_sample_mode='bk' or 'hooks'.")
         if noise_multiplier == 0:
             warnings.warn("noise_multiplier=0: gradients are clipped but not noised, so training is NOT "
                           "differentially private (epsilon is infinite). Use it only to test or debug.",
@@ -77,7 +83,11 @@ class PrivateTraining:
         self._unbounded_steps = 0
         self._skip_step = False
         self.accumulator = StepAccumulator(self.params, self.clipper, K)
-        self.capturer = Capturer(self.plan, K=K, batch_first=batch_first, rescale=loss_reduction == "mean",
+        self.norm_mode = grad_sample_mode in NORM_MODES
+        self._ghost_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._in_ghost_backward = False
+        self.capturer = Capturer(module, self.plan, K=K, batch_first=batch_first, rescale=loss_reduction == "mean",
+                                 keep_records=self.norm_mode, keep_outputs=grad_sample_mode == "ghost",
                                  on_backward_end=self._on_backward_end)
         self._optimizer_hooks: list = []
         self.attached = False
@@ -152,32 +162,88 @@ class PrivateTraining:
                 f"layers={len(self.plan)})")
 
     # -- the step ----------------------------------------------------------------------
-    def _on_backward_end(self, grad_samples: dict, rows: int) -> None:
+    def _on_backward_end(self, result, rows: int) -> None:
         crit_rows = self.criterion.rows if self.criterion is not None else None
         if crit_rows is not None and crit_rows != rows:
             raise PrivacyUsageError(f"the loss has {crit_rows} rows but the model's layers saw {rows}; "
                                     "compute the loss on the same batch the model saw.")
+        if self.norm_mode:
+            self._clip_records(result, rows)
+            return
         before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
-        norms, factors, per_example = self.accumulator.add_backward(grad_samples, rows)
+        norms, factors, per_example = self.accumulator.add_backward(result, rows)
         for p, g in per_example.items():
             p.grad_sample = g
         if before is not None:
             self._notify(norms, factors, per_example, before)
+
+    def _clip_records(self, records, rows: int) -> None:
+        batch = rows // self.K
+        norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
+        clipper_norms, factors = self.accumulator.clip_factors(norms)
+        if self.mode == "ghost":
+            if not self._in_ghost_backward:
+                raise PrivacyUsageError(
+                    "grad_sample_mode='ghost' reweights per-example losses in a second backward pass, so the loss "
+                    "must come from private.criterion (make_private(criterion=...)); call loss.backward() on it.")
+            self._ghost_factors = (clipper_norms, factors)
+            return
+        sums = bk.record_sums(records, self.params, factors, self.K, materialised, self.capturer)
+        before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
+        self.accumulator.add(sums, batch)
+        if before is not None:
+            self._notify(clipper_norms, factors, None, before)
+
+    def backward(self, loss: DPLoss) -> None:
+        """``loss.backward()`` of a loss from ``private.criterion``: one pass, or ghost's two."""
+        if self.mode != "ghost" or not self.enabled:
+            loss.value.backward()
+            return
+        outputs = self.capturer.live_outputs()
+        if outputs == []:
+            raise PrivacyUsageError("this loss does not depend on a forward pass of the model since the last "
+                                    "backward(); run the model on the batch first.")
+        self._in_ghost_backward, self._ghost_factors = True, None
+        try:  # the norm pass: differentiating to the layer outputs skips every parameter gradient
+            torch.autograd.grad(loss.value, outputs or self.params, retain_graph=True, allow_unused=True)
+        finally:
+            self._in_ghost_backward = False
+        if self._ghost_factors is None:  # no layer received a gradient: nothing of the model is in this loss
+            raise PrivacyUsageError("no layer of the model received a gradient from this loss.")
+        (norms, factors), rows = self._ghost_factors, loss.per_row.shape[0]
+        weights = (factors / self.K).repeat_interleave(self.K).to(loss.per_row.dtype)
+        stash = {p: p.grad for p in self.params}
+        for p in self.params:
+            p.grad = None
+        self.capturer.enabled = False
+        try:
+            (loss.per_row * weights).sum().backward()
+        finally:
+            self.capturer.enabled = True
+        sums = {p: p.grad for p in self.params if p.grad is not None}
+        for p in self.params:
+            p.grad = stash[p]
+        before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
+        self.accumulator.add(sums, rows // self.K)
+        if before is not None:
+            self._notify(norms, factors, None, before)
 
     def _observed(self) -> bool:
         return bool(registry.plugin_manager().hook.dpkit_on_clip.get_hookimpls())
 
     def _notify(self, norms, factors, per_example, before) -> None:
         names = {p: n for row in self.plan for n, p in row.params.items()}
-        clipped = {}
-        for i, p in enumerate(self.params):
-            if p in per_example:
-                f = factors[i] if factors.dim() == 2 else factors
-                clipped[names[p]] = per_example[p] * f.reshape(-1, *[1] * (per_example[p].dim() - 1))
         sums = {names[p]: s - before.get(p, 0) for p, s in self.accumulator.sums.items()}
+        grads = clipped = None
+        if per_example is not None:
+            grads, clipped = {}, {}
+            for i, p in enumerate(self.params):
+                if p in per_example:
+                    f = factors[i] if factors.dim() == 2 else factors
+                    grads[names[p]] = per_example[p]
+                    clipped[names[p]] = per_example[p] * f.reshape(-1, *[1] * (per_example[p].dim() - 1))
         event = ClipEvent(step=self.steps, norms=norms, factors=factors, max_grad_norm=self.max_grad_norm,
-                          clipped_sum=sums, grad_samples={names[p]: g for p, g in per_example.items()},
-                          clipped_grad_samples=clipped)
+                          clipped_sum=sums, grad_samples=grads, clipped_grad_samples=clipped)
         registry.plugin_manager().hook.dpkit_on_clip(event=event)
 
     def _pre_step(self, optimizer, args, kwargs) -> None:

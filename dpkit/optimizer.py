@@ -18,13 +18,15 @@ from dpkit.hookspecs import Clipper, NoiseMechanism
 
 def per_example_norms(grad_samples: dict[nn.Parameter, Tensor], params: Sequence[nn.Parameter], batch: int
                       ) -> Tensor:
-    """``[P, B]`` float32 L2 norms of each parameter's per-example gradient (0 where a parameter got none)."""
-    device = next((g.device for g in grad_samples.values()), None)
-    norms = torch.zeros(len(params), batch, device=device)
+    """``[P, B]`` L2 norms (at least float32) of each parameter's per-example gradient (0 where a parameter got none)."""
+    first = next(iter(grad_samples.values()), None)
+    device = first.device if first is not None else None
+    dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32
+    norms = torch.zeros(len(params), batch, device=device, dtype=dtype)
     for i, p in enumerate(params):
         g = grad_samples.get(p)
         if g is not None:
-            norms[i] = g.reshape(batch, -1).float().norm(dim=1)
+            norms[i] = g.reshape(batch, -1 if batch else 0).to(dtype).norm(dim=1)
     return norms
 
 
@@ -70,26 +72,32 @@ class StepAccumulator:
         self.examples = 0
         self.backward_passes = 0
 
+    def clip_factors(self, norms: Tensor) -> tuple[Tensor, Tensor]:
+        """``[P, B]`` per-parameter norms → the clipper's norms (``[B]`` flat, or as given) and its factors."""
+        clipper_norms = norms if getattr(self.clipper, "per_layer", False) else flat_norms(norms)
+        factors = self.clipper.factors(clipper_norms)
+        self.clipper.observe(clipper_norms)
+        return clipper_norms, factors
+
+    def add(self, sums: dict[nn.Parameter, Tensor], batch: int) -> None:
+        """Add one backward pass's clipped sum over ``batch`` examples."""
+        for p, s in sums.items():
+            self.sums[p] = self.sums[p] + s if p in self.sums else s
+        self.examples += batch
+        self.backward_passes += 1
+
     def add_backward(self, grad_samples: dict[nn.Parameter, Tensor], rows: int
                      ) -> tuple[Tensor, Tensor, dict[nn.Parameter, Tensor]]:
         """Clip one backward pass's per-example gradients (K-summed) into the running sum.
 
-        Returns the norms, the factors and the per-example gradients (K-averaged).
+        Returns the clipper's norms, the factors and the per-example gradients (K-averaged).
         """
         batch = rows // self.K
         if self.K != 1:
             grad_samples = {p: g / self.K for p, g in grad_samples.items()}
-        norms = per_example_norms(grad_samples, self.params, batch)
-        clipper_norms = norms if getattr(self.clipper, "per_layer", False) else flat_norms(norms)
-        factors = self.clipper.factors(clipper_norms)
-        observe = getattr(self.clipper, "observe", None)
-        if observe is not None:
-            observe(clipper_norms)
-        for p, s in clipped_sum(grad_samples, self.params, factors).items():
-            self.sums[p] = self.sums[p] + s if p in self.sums else s
-        self.examples += batch
-        self.backward_passes += 1
-        return clipper_norms, factors, grad_samples
+        norms, factors = self.clip_factors(per_example_norms(grad_samples, self.params, batch))
+        self.add(clipped_sum(grad_samples, self.params, factors), batch)
+        return norms, factors, grad_samples
 
     def reset(self) -> None:
         self.sums = {}

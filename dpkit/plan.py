@@ -16,6 +16,7 @@ from dpkit.errors import UnsupportedLayerError, UnsupportedModuleError
 from dpkit.modes import functorch as fn_mode
 
 MODES = ("hooks", "ghost", "bk", "functorch", "ew", "auto")
+NORM_MODES = ("ghost", "bk", "auto")  # clip from per-example norms, without keeping per-example gradients
 FALLBACK = "dpkit.modes.functorch"
 # Layer types PyTorch's ExpandedWeights can differentiate per example.
 EW_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNorm, nn.GroupNorm,
@@ -29,11 +30,13 @@ class LayerPlan:
 
     name: str
     module: nn.Module
-    mode: str  # "hooks" | "functorch" | "ew"
+    mode: str  # "hooks" | "functorch" | "ew" | "ghost" | "bk"
     provider: str
     params: dict[str, nn.Parameter]  # full dotted names
     local_params: dict[str, nn.Parameter]  # attribute names on ``module`` (own parameters)
     sampler: Callable | None = None
+    norm_sampler: Callable | None = None
+    norm_provider: str | None = None
 
     @property
     def type_name(self) -> str:
@@ -42,7 +45,7 @@ class LayerPlan:
 
     @property
     def uses_activations(self) -> bool:
-        return self.sampler is not None
+        return self.sampler is not None or self.norm_sampler is not None
 
     def param_name(self, p: nn.Parameter) -> str | None:
         return next((n for n, q in self.params.items() if q is p), None)
@@ -50,14 +53,18 @@ class LayerPlan:
     def compute(self, args: list, kwargs: dict, grads: list, rows: int, K: int, batch_first: bool
                 ) -> dict[nn.Parameter, Tensor]:
         """Per-example gradients ``[B, *p.shape]`` (summed over K copies) of one captured call."""
-        if self.sampler is None:
+        if not self.uses_activations:
             params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
             return fn_mode.per_example_grads(self.module, params, args, kwargs, grads, rows, K, batch_first)
-        backprops = grads[0]
+        return self.call(self.sampler, args, grads[0], K, batch_first)
+
+    def call(self, sampler: Callable, args: list, backprops: Tensor, K: int, batch_first: bool
+             ) -> dict[nn.Parameter, Tensor]:
+        """Call a sampler of this layer in the batch-first layout samplers expect; keep own parameters."""
         if not batch_first:
             args = [a.movedim(1, 0) if isinstance(a, Tensor) and a.dim() > 1 else a for a in args]
             backprops = backprops.movedim(1, 0)
-        out = self.sampler(self.module, args, backprops, K)
+        out = sampler(self.module, args, backprops, K)
         own = set(self.local_params.values())
         return {p: g for p, g in out.items() if p in own}
 
@@ -82,26 +89,28 @@ def build_plan(model: nn.Module, mode: str) -> list[LayerPlan]:
     if mode == "functorch":
         params = fn_mode.trainable_params(model)
         return [LayerPlan("<root>", model, "functorch", FALLBACK, params, {})] if params else []
-    if mode in ("ghost", "bk"):
-        raise UnsupportedLayerError(
-            f"grad_sample_mode={mode!r} is not available in this version of dpkit; use 'auto', "
-            "'hooks', 'functorch' or 'ew'."
-        )
     samplers = registry.table("dpkit_grad_samplers")
+    norms = registry.table("dpkit_norm_samplers") if mode in NORM_MODES else {}
     rows: list[LayerPlan] = []
     missing: list[str] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
         local = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         full = {f"{prefix}{n}": p for n, p in local.items()}
-        entry = samplers.get(type(module))
-        if local and mode == "ew" and isinstance(module, EW_TYPES) and type(module) in EW_TYPES:
-            rows.append(LayerPlan(prefix[:-1], module, "ew", "torch.nn.utils._expanded_weights", full, local))
-        elif local and mode != "ew" and entry is not None:
-            rows.append(LayerPlan(prefix[:-1], module, "hooks", entry.provider, full, local, entry.value))
+        entry, norm = samplers.get(type(module)), norms.get(type(module))
+        name = prefix[:-1]
+        if local and mode == "ew" and type(module) in EW_TYPES:
+            rows.append(LayerPlan(name, module, "ew", "torch.nn.utils._expanded_weights", full, local))
+        elif local and mode == "hooks" and entry is not None:
+            rows.append(LayerPlan(name, module, "hooks", entry.provider, full, local, entry.value))
+        elif local and mode in NORM_MODES and (entry is not None or norm is not None):
+            rows.append(LayerPlan(name, module, "bk" if mode == "auto" else mode,
+                                  entry.provider if entry else norm.provider, full, local,
+                                  entry.value if entry else None, norm.value if norm else None,
+                                  norm.provider if norm else None))
         elif local and mode == "auto":
             subtree = {f"{prefix}{n}": p for n, p in module.named_parameters() if p.requires_grad}
-            rows.append(LayerPlan(prefix[:-1], module, "functorch", FALLBACK, subtree, local))
+            rows.append(LayerPlan(name, module, "functorch", FALLBACK, subtree, local))
             return  # the subtree is recomputed as one unit
         elif local:
             missing.append(_missing_message(prefix[:-1], module, mode, samplers))
@@ -121,12 +130,13 @@ def _missing_message(name: str, module: nn.Module, mode: str, samplers: dict) ->
     where = f"  {name or '<root>'} ({t.__module__}.{t.__qualname__})"
     if mode == "ew":
         return f"{where}: ExpandedWeights does not support it; use 'auto' or 'hooks'."
+    kind = "grad or norm sampler" if mode in NORM_MODES else "grad sampler"
     base = next((b for b in t.__mro__[1:] if b in samplers), None)
     hint = ""
     if base is not None:
         hint = (f" Its base class {base.__qualname__} has one ({samplers[base].provider}); if "
                 f"{t.__qualname__}.forward computes the same function, register it: "
                 f"dpkit.register_grad_sampler({t.__qualname__})(<the {base.__qualname__} sampler>).")
-    return (f"{where} has no grad sampler.{hint} Register one with @dpkit.register_grad_sampler"
+    return (f"{where} has no {kind}.{hint} Register one with @dpkit.register_grad_sampler"
             f"({t.__qualname__}), install a plugin that provides it, or use grad_sample_mode='auto' "
             "(torch.func fallback for this layer) or 'functorch'.")

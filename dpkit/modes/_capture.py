@@ -3,15 +3,23 @@
 A forward hook records a unit call's inputs and registers a tensor hook on each
 output that requires grad. Tensor hooks (not module backward hooks) survive
 in-place ops after the layer, such as ``ReLU(inplace=True)``, and give one record
-per call, so a module called twice (shared weights) yields two records. When a
-call's output gradients have all arrived its per-example gradients are computed
-at once and its tensors freed; at the end of the backward pass (an autograd
-callback) the engine is handed the results.
+per call, so a module called twice (shared weights) yields two records. In
+``hooks``/``functorch`` a call's per-example gradients are computed as soon as
+its output gradients arrive and its tensors are freed; in the norm modes
+(``ghost``, ``bk``, ``auto``) the records are kept until the end of the backward
+pass, when the engine needs every layer's norms before any clipping. The end of
+a backward pass is an autograd callback.
+
+A layer whose output has a batch dimension of 1 while the model's batch is
+larger (a position embedding looked up as ``[1, T]`` and broadcast) has its
+output expanded to the batch, so that each example's share of the gradient stays
+apart.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import attrs
@@ -39,6 +47,8 @@ class Capture:
     rows: int
     grads: list[Tensor | None]
     pending: set[int]
+    outputs: list[Tensor] = attrs.field(factory=list)  # kept in ghost mode for the norm pass
+    versions: list[int] = attrs.field(factory=list)
     done: bool = False
 
 
@@ -52,21 +62,39 @@ def forward_arguments(module: nn.Module) -> list[tuple[str, object]]:
     return out
 
 
+def _rows_at(x: Tensor | None, dim: int) -> int:
+    if x is None or x.dim() == 0:
+        return 0
+    return x.shape[dim] if x.dim() > dim else x.shape[0]
+
+
+def _expand_batch(x, dim: int, rows: int):
+    if isinstance(x, Tensor) and x.dim() > dim and x.shape[dim] == 1:
+        return x.expand(*x.shape[:dim], rows, *x.shape[dim + 1:])
+    return x
+
+
 class Capturer:
     """Owns the hooks of one attached model and the records of the backward pass in flight."""
 
-    def __init__(self, rows: list[LayerPlan], *, K: int, batch_first: bool, rescale: bool,
-                 on_backward_end: Callable[[dict[nn.Parameter, Tensor], int], None]):
+    def __init__(self, model: nn.Module, rows: list[LayerPlan], *, K: int, batch_first: bool, rescale: bool,
+                 keep_records: bool, keep_outputs: bool, on_backward_end: Callable[..., None]):
+        self.model = model
         self.plan = rows
         self.K = K
         self.batch_first = batch_first
+        self.bdim = 0 if batch_first else 1
         self.rescale = rescale  # loss_reduction="mean": multiply output grads by the row count
+        self.keep_records = keep_records
+        self.keep_outputs = keep_outputs
         self.on_backward_end = on_backward_end
         self.enabled = True
         self._computing = False  # recomputation (torch.func units) must not be captured again
         self.captures: list[Capture] = []
+        self.completed: list[Capture] = []
         self.grad_samples: dict[nn.Parameter, Tensor] = {}
         self.batch_rows: int | None = None
+        self.batch_hint: int | None = None
         self.used_params: set[nn.Parameter] = set()
         self._queued = False
         self._handles: list = []
@@ -74,6 +102,7 @@ class Capturer:
 
     # -- attach / detach -------------------------------------------------------------
     def attach(self) -> None:
+        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
         for row in self.plan:
             if row.mode == "ew":
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._expand, row)))
@@ -92,6 +121,7 @@ class Capturer:
     def reset(self) -> None:
         """Forget records of forward passes that no backward pass used (called after each step)."""
         self.captures.clear()
+        self.completed.clear()
         self.grad_samples.clear()
         self.used_params.clear()
         self.batch_rows = None
@@ -100,35 +130,66 @@ class Capturer:
     def _active(self) -> bool:
         return self.enabled and not self._computing and torch.is_grad_enabled()
 
+    def _on_model_call(self, model: nn.Module, args, kwargs) -> None:
+        if self._active():
+            first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
+            self.batch_hint = _rows_at(first, self.bdim) if first is not None else None
+
     def _expand(self, row: LayerPlan, module: nn.Module, args) -> None:
         if not self._active():
             return
         from torch.nn.utils._expanded_weights import ExpandedWeight
 
-        rows = _rows_at(args[0], 0 if self.batch_first else 1) if args else 0
+        rows = _rows_at(args[0], self.bdim) if args else 0
+        if rows == 0:
+            return  # ExpandedWeights refuses an empty batch; it contributes nothing anyway
         for name, p in row.local_params.items():
+            if hasattr(p, "grad_sample"):  # the last backward's, shown to the user; ExpandedWeights would add to it
+                del p.grad_sample
             module._parameters[name] = ExpandedWeight(p, rows, "sum")
 
-    def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output) -> None:
+    def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output):
         if row.mode == "ew":
             for name, p in row.local_params.items():
                 module._parameters[name] = p
         if not self._active():
-            return
+            return None
         leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
         wanted = {i for i, t in enumerate(leaves) if t.requires_grad}
         if not wanted:
-            return
+            return None
         args = [pytree.tree_map(_detach, a) for a in args]
         kwargs = {k: pytree.tree_map(_detach, v) for k, v in kwargs.items()}
         if row.uses_activations:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
             kwargs = {}
         out_dim = fn_mode.output_batch_dims(module, self.batch_first, len(leaves))[0]
-        cap = Capture(row, args, kwargs, _rows_at(leaves[0], out_dim), [None] * len(leaves), wanted)
+        rows = _rows_at(leaves[0], out_dim)
+        hint, expanded = self.batch_hint, False
+        if isinstance(output, Tensor) and rows == 1 and hint is not None and hint > 1 and row.mode != "ew":
+            # Broadcast lookup: give every example its own copy so its gradient stays its own.
+            output = leaves[0] = _expand_batch(output, out_dim, hint)
+            args = [_expand_batch(a, self.bdim, hint) for a in args]
+            rows, expanded = hint, True
+        cap = Capture(row, args, kwargs, rows, [None] * len(leaves), wanted)
+        if self.keep_outputs:
+            cap.outputs = [leaves[i] for i in sorted(wanted)]
+            cap.versions = [t._version for t in cap.outputs]
         self.captures.append(cap)
         for i in wanted:
             leaves[i].register_hook(partial(self._on_output_grad, cap, i))
+        return output if expanded else None
+
+    def live_outputs(self) -> list[Tensor] | None:
+        """Outputs of the calls whose gradients have not arrived yet (ghost's norm pass differentiates to them).
+
+        ``None`` if one was modified in place after the layer (``ReLU(inplace=True)``): differentiating to
+        it would stop at the in-place op, above the layer, so the norm pass must go down to the parameters.
+        """
+        live = [cap for cap in self.captures if not cap.done]
+        if any(t._version != v for cap in live for t, v in zip(cap.outputs, cap.versions)):
+            return None
+        return [t for cap in live for t in cap.outputs]
 
     # -- backward --------------------------------------------------------------------
     def _on_param_grad(self, p: nn.Parameter, grad: Tensor) -> None:
@@ -158,14 +219,14 @@ class Capturer:
 
     def _process(self, cap: Capture) -> None:
         cap.done = True
+        cap.outputs, cap.versions = [], []
         if self.batch_rows is None:
             self.batch_rows = cap.rows
         elif cap.rows != self.batch_rows:
             raise PrivacyUsageError(
                 f"{cap.row.name!r} ({cap.row.type_name}) saw {cap.rows} rows in this backward pass, "
                 f"other layers saw {self.batch_rows}. Every layer must see the batch along dim "
-                f"{0 if self.batch_first else 1} (batch_first={self.batch_first}); per-example gradients "
-                "are undefined otherwise."
+                f"{self.bdim} (batch_first={self.batch_first}); per-example gradients are undefined otherwise."
             )
         if cap.rows % self.K:
             raise PrivacyUsageError(
@@ -173,23 +234,34 @@ class Capturer:
                 f"K={self.K}. Feed the K augmented copies of each example as adjacent rows "
                 "(dpkit.data.Multiplicity does this)."
             )
-        if cap.row.mode != "ew":
-            scale = cap.rows if self.rescale else 1
-            grads = [g * scale if (g is not None and scale != 1) else g for g in cap.grads]
-            self._computing = True
-            try:
-                computed = cap.row.compute(cap.args, cap.kwargs, grads, cap.rows, self.K, self.batch_first)
-            finally:
-                self._computing = False
-            for p, gs in computed.items():
-                self._add(p, gs)
+        if cap.row.mode == "ew":
+            return
+        scale = cap.rows if self.rescale else 1
+        if scale != 1:
+            cap.grads = [g * scale if g is not None else None for g in cap.grads]
+        if self.keep_records:
+            self.completed.append(cap)
+            return
+        for p, gs in self.compute(cap).items():
+            self._add(p, gs)
         cap.args, cap.kwargs, cap.grads = [], {}, []
 
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Switch capture off while units are recomputed (their hooks would fire again)."""
+        self._computing = True
+        try:
+            yield
+        finally:
+            self._computing = False
+
+    def compute(self, cap: Capture) -> dict[nn.Parameter, Tensor]:
+        """Per-example gradients ``[B, *p.shape]`` (K-summed) of one call."""
+        with self.quiet():
+            return cap.row.compute(cap.args, cap.kwargs, cap.grads, cap.rows, self.K, self.batch_first)
+
     def _add(self, p: nn.Parameter, grad_sample: Tensor) -> None:
-        if p in self.grad_samples:
-            self.grad_samples[p] = self.grad_samples[p] + grad_sample
-        else:
-            self.grad_samples[p] = grad_sample
+        self.grad_samples[p] = self.grad_samples[p] + grad_sample if p in self.grad_samples else grad_sample
 
     def _backward_end(self) -> None:
         self._queued = False
@@ -198,19 +270,20 @@ class Capturer:
                 self._process(cap)  # a multi-output call some of whose outputs got no gradient
         self.captures = [c for c in self.captures if not c.done]
         self._collect_expanded_weights()
-        covered = set(self.grad_samples)
-        missing = [p for p in self.used_params if p not in covered]
+        covered = set(self.grad_samples) | {p for c in self.completed for p in c.row.params.values()}
+        missing = [p for p in self.used_params if p not in covered] if self.batch_rows else []
         if missing:
-            names = [row.param_name(p) for p in missing for row in self.plan if row.param_name(p)]
+            names = {n for row in self.plan for n, q in row.params.items() if any(q is p for p in missing)}
             raise PrivacyUsageError(
-                f"parameter(s) {sorted(set(names))} received gradients from a use that dpkit's layer "
-                "hooks did not see (the parameter was used outside its module's forward, e.g. "
-                "x @ layer.weight). Call the module itself, or use grad_sample_mode='functorch'."
+                f"parameter(s) {sorted(names)} received gradients from a use that dpkit's layer hooks did "
+                "not see (the parameter was used outside its module's forward, e.g. x @ layer.weight). "
+                "Call the module itself, or use grad_sample_mode='functorch'."
             )
-        grad_samples, rows = self.grad_samples, self.batch_rows
-        self.grad_samples, self.batch_rows, self.used_params = {}, None, set()
+        rows = self.batch_rows
+        result = self.completed if self.keep_records else self.grad_samples
+        self.grad_samples, self.completed, self.batch_rows, self.used_params = {}, [], None, set()
         if rows is not None:
-            self.on_backward_end(grad_samples, rows)
+            self.on_backward_end(result, rows)
 
     def _collect_expanded_weights(self) -> None:
         for row in self.plan:
@@ -221,15 +294,11 @@ class Capturer:
                 if gs is None:
                     continue
                 del p.grad_sample
+                if isinstance(row.module, nn.Embedding) and row.module.padding_idx is not None:
+                    gs[:, row.module.padding_idx] = 0  # ExpandedWeights ignores padding_idx; its gradient is 0
                 rows = gs.shape[0]
                 scale = rows if self.rescale else 1
                 self._add(p, (gs * scale).reshape(rows // self.K, self.K, *p.shape).sum(1))
                 self.used_params.discard(p)
                 if self.batch_rows is None:
                     self.batch_rows = rows
-
-
-def _rows_at(x: Tensor | None, dim: int) -> int:
-    if x is None or x.dim() == 0:
-        return 0
-    return x.shape[dim] if x.dim() > dim else x.shape[0]

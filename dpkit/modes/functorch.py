@@ -11,9 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import warnings
+
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
+
+from dpkit.errors import PrivacyUsageError
 
 
 def batch_dims(unit: nn.Module, batch_first: bool) -> tuple[int, dict[str, int]]:
@@ -103,13 +108,36 @@ def per_example_grads(
         return pullback(tuple(g for g in ex_grads if g is not None))
 
     flat = tuple(params[n].detach() for n in names)
-    batched = vmap(
-        one_example,
-        in_dims=(None, arg_dims, kwarg_dims, grad_dims),
-        randomness="error",
-    )(flat, split_args, split_kwargs, grads)
-    return {params[n]: g for n, g in zip(names, batched)}
+    if type(unit) not in _UNBATCHABLE:
+        try:
+            batched = vmap(one_example, in_dims=(None, arg_dims, kwarg_dims, grad_dims), randomness="error")(
+                flat, split_args, split_kwargs, grads)
+            return {params[n]: g for n, g in zip(names, batched)}
+        except (RuntimeError, ValueError) as err:
+            if "randomness" in str(err):
+                raise PrivacyUsageError(
+                    f"{type(unit).__name__} draws random numbers in training mode (dropout); recomputing it per "
+                    "example cannot replay the draws, so its per-example gradients would be wrong. Set its "
+                    "dropout to 0, register a sampler for it, or use grad_sample_mode='hooks'."
+                ) from err
+            _UNBATCHABLE.add(type(unit))
+            warnings.warn(f"torch.func.vmap cannot batch {type(unit).__name__} ({str(err).splitlines()[0][:200]}); "
+                          "dpkit computes its per-example gradients with a loop over examples instead: exact, "
+                          "but slower. Registering a sampler for it makes it fast.", stacklevel=2)
+    batch = rows // K
+    per_example = [one_example(flat, *_select((split_args, split_kwargs, grads), (arg_dims, kwarg_dims, grad_dims), b))
+                   for b in range(batch)]
+    return {params[n]: torch.stack([g[i] for g in per_example]) for i, n in enumerate(names)}
 
+
+_UNBATCHABLE: set[type] = set()  # unit types vmap failed on: loop over examples, warn once
+
+
+def _select(values, dims, b: int):
+    """Example ``b`` of every value with a batch dim (as vmap would pass it)."""
+    def pick(value, dim):
+        return value.select(dim, b) if dim is not None else value
+    return pytree.tree_map(pick, values, dims, is_leaf=lambda x: x is None or isinstance(x, Tensor))
 
 def trainable_params(unit: nn.Module, recurse: bool = True) -> dict[str, nn.Parameter]:
     """The unit's trainable parameters by name, each once (tied parameters under their first name)."""
