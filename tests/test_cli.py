@@ -1,0 +1,333 @@
+"""The ``dpkit`` command: plugins listing, model check, epsilon and noise, their output and exit codes."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import dpkit
+from dpkit import cli, plan, registry
+
+MODELS = '''
+from torch import nn
+
+def mlp():
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+
+def recurrent():
+    return nn.Sequential(nn.Embedding(10, 4), nn.LSTM(4, 4, batch_first=True))
+
+def batchnorm():
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+
+def tied():
+    emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    return nn.Sequential(emb, head)
+
+def broken():
+    raise RuntimeError("no GPU here")
+
+def not_a_model():
+    return 42
+
+instance = nn.Linear(3, 3)
+'''
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch):
+    """A registry with the built-ins only, rebuilt for each test; one thread for the tensor work."""
+    monkeypatch.setenv("DPKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    registry.reset()
+    yield
+    registry.reset()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch) -> Path:
+    """A user module ``dpkit_cli_models`` in the current folder (as a user would run ``dpkit check``)."""
+    path = tmp_path / "dpkit_cli_models.py"
+    path.write_text(MODELS)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # load_model may prepend the cwd
+    monkeypatch.delitem(sys.modules, "dpkit_cli_models", raising=False)
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys, *argv: str) -> tuple[int, dict]:
+    code, out, err = run(capsys, *argv, "--json")
+    return code, json.loads(out)
+
+
+class MyLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def my_sampler(layer, activations, backprops, K=1):
+    return {}
+
+
+# -- dpkit plugins ------------------------------------------------------------------------------
+def test_plugins_lists_every_builtin_with_what_it_provides(capsys):
+    code, out, _ = run(capsys, "plugins")
+    assert code == 0
+    for name in registry.BUILTIN_PLUGINS:
+        assert name in out
+    assert "dpkit_grad_samplers: torch.nn.Linear" in out
+    assert "dpkit_clippers: flat" in out
+    assert "Layer types each grad_sample_mode covers" in out
+
+
+def test_plugins_json_records_override_and_provider(capsys):
+    dpkit.register_grad_sampler(nn.Linear)(my_sampler)
+    code, report = run_json(capsys, "plugins")
+    assert code == 0
+    by_name = {p["name"]: p for p in report["plugins"]}
+    builtin = by_name["dpkit.layers.linear"]
+    assert builtin["kind"] == "built-in" and builtin["version"].startswith("dpkit")
+    user = next(p for p in report["plugins"] if p["kind"] == "user")
+    assert user["version"] == "user code"
+    assert user["provides"]["dpkit_grad_samplers"] == [{"key": "torch.nn.Linear", "overridden_by": None}]
+    assert builtin["provides"]["dpkit_grad_samplers"] == [{"key": "torch.nn.Linear", "overridden_by": user["name"]}]
+    assert builtin["provides"]["dpkit_norm_samplers"][0]["overridden_by"] is None
+    assert report["plugins"][-1]["name"] == user["name"]  # listed in registration order: newest last
+
+
+def test_plugins_mode_coverage_follows_the_contract(capsys):
+    label = f"{__name__}.MyLayer"
+    dpkit.register_norm_sampler(MyLayer)(my_sampler)
+    _, report = run_json(capsys, "plugins")
+    modes = report["modes"]
+    assert label not in modes["hooks"] and label in modes["ghost"] and label in modes["bk"]
+    assert modes["ew"] == sorted(cli.type_label(t) for t in plan.EW_TYPES)
+    assert "every layer" in modes["functorch"][0] and "every layer" in modes["auto"][0]
+
+    registry.reset()
+    dpkit.register_grad_sampler(MyLayer)(my_sampler)
+    _, report = run_json(capsys, "plugins")
+    assert label in report["modes"]["hooks"]
+    assert f"{label} (grad sampler only)" in report["modes"]["ghost"]
+    assert "torch.nn.Linear" in report["modes"]["ghost"]  # built-in norm sampler
+
+
+class FakeDist:
+    def __init__(self, name: str, version: str):
+        self.name, self.version = name, version
+
+
+class FakeEntryPoint:
+    def __init__(self, name: str, module: types.ModuleType | Exception, dist: FakeDist):
+        self.name, self.value, self.group, self.dist, self._module = name, f"{name}_mod", "dpkit", dist, module
+
+    def load(self):
+        if isinstance(self._module, Exception):
+            raise self._module
+        return self._module
+
+
+def fake_entry_points(monkeypatch, *eps: FakeEntryPoint) -> None:
+    monkeypatch.delenv("DPKIT_DISABLE_PLUGIN_AUTOLOAD")
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: list(eps) if group == "dpkit" else [])
+    registry.reset()
+
+
+def test_plugins_shows_an_installed_plugins_distribution(capsys, monkeypatch):
+    plugin = types.ModuleType("fake_plugin")
+    plugin.dpkit_grad_samplers = dpkit.hookimpl(lambda: {MyLayer: my_sampler})
+    fake_entry_points(monkeypatch, FakeEntryPoint("fake", plugin, FakeDist("dpkit-fake", "1.2.3")))
+    code, report = run_json(capsys, "plugins")
+    entry = next(p for p in report["plugins"] if p["name"] == "fake")
+    assert code == 0 and entry["kind"] == "installed" and entry["version"] == "dpkit-fake 1.2.3"
+    assert entry["provides"]["dpkit_grad_samplers"][0]["key"] == f"{__name__}.MyLayer"
+
+
+def test_plugins_exits_4_naming_a_plugin_that_fails_to_import(capsys, monkeypatch):
+    fake_entry_points(monkeypatch, FakeEntryPoint("broken", ImportError("no module x"), FakeDist("dpkit-b", "0.1")))
+    code, out, err = run(capsys, "plugins")
+    assert code == cli.EXIT_PLUGIN and out == ""
+    assert "'broken'" in err and "dpkit-b 0.1" in err and "DPKIT_DISABLE_PLUGIN_AUTOLOAD=1" in err
+
+
+# -- dpkit check --------------------------------------------------------------------------------
+def test_check_covered_model_reports_plugins_and_memory(capsys, models):
+    code, report = run_json(capsys, "check", "dpkit_cli_models:mlp", "-B", "16")
+    assert code == 0
+    assert all(m["ok"] for m in report["modes"].values())
+    first = report["layers"][0]
+    assert (first["name"], first["type"], first["params"]) == ("0", "torch.nn.Linear", 40)
+    assert first["modes"]["hooks"] == {"via": "grad sampler (dpkit.layers.linear)", "bytes": 16 * 40 * 4,
+                                       "note": "per-example gradients"}
+    assert first["modes"]["ew"]["via"] == "ExpandedWeights"
+    assert first["modes"]["functorch"]["via"] == "torch.func (whole model)"
+    assert first["modes"]["ghost"]["via"] == "norm sampler (dpkit.layers.linear)"
+    assert first["modes"]["ghost"]["bytes"] < first["modes"]["hooks"]["bytes"]
+    assert report["modes"]["hooks"]["bytes"] == 16 * (40 + 18) * 4
+
+
+def test_check_text_names_refused_layers_with_the_fix(capsys, models):
+    code, out, _ = run(capsys, "check", "dpkit_cli_models:recurrent")
+    assert code == 0  # auto and functorch can train it
+    assert "1  (torch.nn.LSTM, 160 parameters)" in out
+    assert "torch.func fallback" in out
+    assert "hooks: UnsupportedLayerError" in out and "(torch.nn.modules.rnn.LSTM) has no grad sampler" in out
+    assert "grad_sample_mode='auto'" in out
+
+
+def test_check_exit_1_when_a_named_mode_refuses(capsys, models):
+    assert run(capsys, "check", "dpkit_cli_models:recurrent", "--mode", "auto")[0] == 0
+    code, report = run_json(capsys, "check", "dpkit_cli_models:recurrent", "--mode", "auto", "--mode", "hooks")
+    assert code == 1 and list(report["modes"]) == ["auto", "hooks"]
+    lstm = report["layers"][1]["modes"]
+    assert lstm["hooks"]["via"] == "refused (see below)" and lstm["auto"]["via"] == "torch.func fallback"
+    assert report["layers"][0]["modes"]["hooks"]["via"] == "- (the mode refuses other layers)"
+
+
+def test_check_exit_1_when_no_mode_can_train(capsys, models):
+    code, out, _ = run(capsys, "check", "dpkit_cli_models:batchnorm")
+    assert code == 1
+    assert "UnsupportedModuleError" in out and "dpkit.fix(model)" in out
+
+
+def test_check_counts_tied_weights_once(capsys, models):
+    _, report = run_json(capsys, "check", f"{models}:tied", "--mode", "hooks", "-B", "2")
+    assert [L["params"] for L in report["layers"]] == [40, 0]
+    assert report["modes"]["hooks"]["bytes"] == 2 * 40 * 4
+
+
+def test_check_accepts_a_file_path_and_a_model_instance(capsys, models, monkeypatch):
+    monkeypatch.chdir(models.parent.parent)
+    code, report = run_json(capsys, "check", f"{models}:instance", "--mode", "hooks")
+    assert code == 0 and report["layers"][0]["type"] == "torch.nn.Linear"
+
+
+@pytest.mark.parametrize("spec, code, message", [
+    ("dpkit_cli_models", 2, "is not MODULE:FACTORY"),
+    ("no_such_module_xyz:make", 3, "could not import 'no_such_module_xyz': ModuleNotFoundError"),
+    ("dpkit_cli_models:missing", 3, "has no attribute 'missing'"),
+    ("dpkit_cli_models:broken", 3, "raised RuntimeError: no GPU here"),
+    ("dpkit_cli_models:not_a_model", 3, "returned a int, not a torch.nn.Module"),
+    ("./nowhere.py:make", 3, "no such file"),
+])
+def test_check_user_code_errors(capsys, models, spec, code, message):
+    got, out, err = run(capsys, "check", spec)
+    assert got == code and out == ""
+    assert err.startswith("dpkit check: error: ") and message in err
+
+
+# -- dpkit epsilon / dpkit noise ----------------------------------------------------------------
+@pytest.fixture
+def fake_accounting(monkeypatch):
+    """A stand-in ``dpkit.accounting`` that records what the command asked."""
+    calls: list[tuple[str, dict]] = []
+    fake = types.ModuleType("dpkit.accounting")
+
+    def get_epsilon(**kwargs):
+        calls.append(("get_epsilon", kwargs))
+        if kwargs["steps"] == 13:
+            raise ValueError("no analysis for 13 steps")
+        return 1.25
+
+    def get_noise_multiplier(**kwargs):
+        calls.append(("get_noise_multiplier", kwargs))
+        return 0.875
+
+    fake.get_epsilon, fake.get_noise_multiplier = get_epsilon, get_noise_multiplier
+    monkeypatch.setitem(sys.modules, "dpkit.accounting", fake)
+    monkeypatch.setattr(dpkit, "accounting", fake, raising=False)
+    return calls
+
+
+def test_epsilon_passes_its_arguments(capsys, fake_accounting):
+    code, out, _ = run(capsys, "epsilon", "--sigma", "1.1", "-q", "0.01", "--steps", "1000", "--delta", "1e-5")
+    assert code == 0
+    assert fake_accounting == [("get_epsilon", {"accountant": "prv", "noise_multiplier": 1.1, "sample_rate": 0.01,
+                                                "steps": 1000, "delta": 1e-5})]
+    assert out.startswith("epsilon = 1.25 at delta = 1e-05") and "accountant prv" in out
+
+
+def test_noise_with_epochs_or_steps(capsys, fake_accounting):
+    code, report = run_json(capsys, "noise", "--epsilon", "3", "--delta", "1e-5", "-q", "0.004", "--epochs", "2.5",
+                            "--accountant", "rdp")
+    assert code == 0 and report["noise_multiplier"] == 0.875
+    assert fake_accounting[-1] == ("get_noise_multiplier", {"target_epsilon": 3.0, "target_delta": 1e-5,
+                                                            "sample_rate": 0.004, "accountant": "rdp",
+                                                            "epochs": 2.5})
+    run(capsys, "noise", "--epsilon", "3", "--delta", "1e-5", "-q", "0.004", "--steps", "50")
+    assert fake_accounting[-1][1]["steps"] == 50 and "epochs" not in fake_accounting[-1][1]
+
+
+def test_accounting_errors_exit_1(capsys, fake_accounting):
+    code, out, err = run(capsys, "epsilon", "--sigma", "1", "-q", "0.5", "--steps", "13", "--delta", "1e-5")
+    assert code == 1 and out == ""
+    assert "get_epsilon could not answer: no analysis for 13 steps" in err
+
+
+def test_missing_accounting_module_exits_1(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dpkit.accounting", None)  # import raises ImportError
+    monkeypatch.delattr(dpkit, "accounting", raising=False)
+    code, _, err = run(capsys, "epsilon", "--sigma", "1", "-q", "0.5", "--steps", "3", "--delta", "1e-5")
+    assert code == 1 and "dpkit.accounting is not available" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["epsilon", "--sigma", "1", "-q", "1.5", "--steps", "3", "--delta", "1e-5"], "1.5 is outside (0, 1]"),
+    (["epsilon", "--sigma", "0", "-q", "0.1", "--steps", "3", "--delta", "1e-5"], "0 is outside (0, inf)"),
+    (["epsilon", "--sigma", "1", "-q", "0.1", "--steps", "0", "--delta", "1e-5"], "0 is outside [1, inf)"),
+    (["epsilon", "--sigma", "1", "-q", "0.1", "--steps", "2.5", "--delta", "1e-5"], "'2.5' is not an integer"),
+    (["epsilon", "--sigma", "1", "-q", "0.1", "--steps", "3", "--delta", "1"], "1 is outside (0, 1)"),
+    (["noise", "--epsilon", "1", "--delta", "1e-5", "-q", "0.1"], "one of the arguments --steps/-T --epochs"),
+    (["noise", "--epsilon", "1", "--delta", "1e-5", "-q", "0.1", "--steps", "3", "--epochs", "1"], "not allowed"),
+    (["check", "x:y", "--mode", "fast"], "invalid choice: 'fast'"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_arguments_exit_2(capsys, fake_accounting, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert fake_accounting == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("dpkit.accounting") is None, reason="dpkit.accounting not written yet")
+def test_noise_then_epsilon_round_trip(capsys):
+    """The real accountant: the noise found for a target spends at most that target, and not much less."""
+    _, found = run_json(capsys, "noise", "--epsilon", "2", "--delta", "1e-5", "-q", "0.01", "--steps", "300",
+                        "--accountant", "rdp")
+    sigma = str(found["noise_multiplier"])
+    _, spent = run_json(capsys, "epsilon", "--sigma", sigma, "-q", "0.01", "--steps", "300", "--delta", "1e-5",
+                        "--accountant", "rdp")
+    assert 1.9 <= spent["epsilon"] <= 2.0 + 1e-9
+
+
+def test_console_script_and_python_m(tmp_path):
+    """Both entry points run the same main; neither needs a model or an accountant to list plugins."""
+    script = Path(sys.executable).with_name("dpkit")
+    env = {"PATH": str(script.parent), "DPKIT_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1"}
+    listed = subprocess.run([str(script), "plugins"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "dpkit.layers.linear" in listed.stdout
+    version = subprocess.run([sys.executable, "-m", "dpkit", "--version"], capture_output=True, text=True, env=env)
+    assert version.returncode == 0 and version.stdout.startswith("dpkit ")
+    usage = subprocess.run([sys.executable, "-m", "dpkit", "check"], capture_output=True, text=True, env=env)
+    assert usage.returncode == 2 and "MODULE:FACTORY" in usage.stderr
