@@ -134,9 +134,9 @@ def _missing_message(name: str, module: nn.Module, mode: str, samplers: dict) ->
     base = next((b for b in t.__mro__[1:] if b in samplers), None)
     hint = ""
     if base is not None:
-        hint = (f" Its base class {base.__qualname__} has one ({samplers[base].provider}); if "
-                f"{t.__qualname__}.forward computes the same function, register it: "
-                f"dpkit.register_grad_sampler({t.__qualname__})(<the {base.__qualname__} sampler>).")
+        hint = (f" Its base class {base.__name__} has one ({samplers[base].provider}); if "
+                f"{t.__name__}.forward computes the same function, register it: "
+                f"dpkit.register_grad_sampler({t.__name__})(<the {base.__name__} sampler>).")
     return (f"{where} has no {kind}.{hint} Register one with @dpkit.register_grad_sampler"
-            f"({t.__qualname__}), install a plugin that provides it, or use grad_sample_mode='auto' "
+            f"({t.__name__}), install a plugin that provides it, or use grad_sample_mode='auto' "
             "(torch.func fallback for this layer) or 'functorch'.")

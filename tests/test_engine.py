@@ -1,0 +1,323 @@
+"""The controller's contract: no wrapper, clean detach, refusals that name the culprit, the step's bookkeeping."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dpkit
+from dpkit.errors import PrivacyUsageError, UnsupportedLayerError, UnsupportedModuleError
+
+
+def net():
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+
+
+def loader(n=32, batch=8):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)),
+                      batch_size=batch)
+
+
+def private(model=None, mode="hooks", **kw):
+    model = model or net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw.setdefault("noise_multiplier", 1.0)
+    kw.setdefault("data_loader", loader())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dpkit.make_private(module=model, optimizer=opt, max_grad_norm=1.0, grad_sample_mode=mode,
+                                  criterion=nn.CrossEntropyLoss(), **kw)
+
+
+def train_step(p, x, y):
+    p.optimizer.zero_grad()
+    p.criterion(p.module(x), y).backward()
+    p.optimizer.step()
+
+
+def test_model_is_not_wrapped_and_unpacks():
+    model = net()
+    keys = list(model.state_dict())
+    p = private(model)
+    m, opt, data, crit = p
+    assert m is model and type(m) is nn.Sequential and list(m.state_dict()) == keys
+    assert opt is p.optimizer and type(opt) is torch.optim.SGD
+    assert isinstance(data, dpkit.DPDataLoader) and crit is p.criterion
+
+
+def test_unpacks_to_three_without_criterion():
+    model = net()
+    p = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           data_loader=loader(), noise_multiplier=1.0, max_grad_norm=1.0)
+    assert len(list(p)) == 3
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost", "bk", "auto"])
+def test_detach_leaves_no_hook(mode):
+    model = net()
+    p = private(model, mode)
+    x, y = next(iter(loader()))
+    train_step(p, x, y)
+    p.detach()
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks
+    for param in model.parameters():
+        assert not param._backward_hooks and not hasattr(param, "grad_sample")
+    assert not p.optimizer._optimizer_step_pre_hooks and not p.optimizer._optimizer_step_post_hooks
+    before = [q.detach().clone() for q in model.parameters()]
+    p.optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()  # a plain step works again, nothing intercepts it
+    p.optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_grad_sample_lives_between_backward_and_step():
+    p = private()
+    x, y = next(iter(loader()))
+    p.criterion(p.module(x), y).backward()
+    for q in p.module.parameters():
+        assert q.grad_sample.shape == (8, *q.shape)
+    p.optimizer.step()
+    assert not any(hasattr(q, "grad_sample") for q in p.module.parameters())
+
+
+def test_batchnorm_is_refused_with_its_name_and_the_fix():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    with pytest.raises(UnsupportedModuleError, match=r"(?s)1 \(BatchNorm2d\).*dpkit\.fix"):
+        private(model)
+    dpkit.fix(model)
+    assert isinstance(model[1], nn.GroupNorm) and model[1].num_groups == 4
+
+
+def test_uncovered_layers_are_listed_together():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(Scale(), nn.Linear(4, 4), nn.Sequential(Scale()), nn.LSTM(4, 4))
+    with pytest.raises(UnsupportedLayerError) as err:
+        private(model, "hooks")
+    text = str(err.value)
+    for name in ("  0 (", "  2.0 (", "  3 (torch.nn.modules.rnn.LSTM)"):
+        assert name in text
+    assert "register_grad_sampler(Scale)" in text and "'auto'" in text
+
+
+def test_explicit_modes_refuse_what_they_cannot_cover():
+    model = nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4))
+    with pytest.raises(UnsupportedLayerError, match=r"1 \(torch.nn.modules.normalization.RMSNorm\).*ExpandedWeights"):
+        private(model, "ew")
+
+
+def test_user_sampler_makes_a_custom_layer_trainable(fresh_registry):
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return x * self.s
+
+    @dpkit.register_grad_sampler(Scale)
+    def scale_grads(layer, activations, backprops, K=1):
+        per_row = activations[0] * backprops
+        return {layer.s: per_row.reshape(-1, K, 4).sum(1)}
+
+    model = nn.Sequential(Scale(), nn.Linear(4, 3))
+    p = private(model, "hooks")
+    assert p.plan[0].provider.startswith("user:")
+    x, y = next(iter(loader()))
+    p.disable()
+    expected = torch.stack([torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]),
+                                                model[0].s)[0] for i in range(8)])
+    p.enable()
+    p.criterion(p.module(x), y).backward()
+    torch.testing.assert_close(model[0].s.grad_sample, expected)
+
+
+def test_step_without_backward_is_refused():
+    p = private()
+    with pytest.raises(PrivacyUsageError, match="without a backward"):
+        p.optimizer.step()
+
+
+def test_rows_not_divisible_by_K_are_refused():
+    p = private(augmentation_multiplicity=3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(PrivacyUsageError, match="not a multiple of augmentation_multiplicity K=3"):
+        p.criterion(p.module(x), y).backward()
+
+
+def test_loss_of_another_batch_is_refused():
+    p = private()
+    x, y = next(iter(loader()))
+    with pytest.raises(PrivacyUsageError, match="the loss has 6 rows but the model's layers saw 8"):
+        p.criterion(p.module(x)[:6], y[:6]).backward()
+
+
+def test_second_backward_through_one_forward_is_refused():
+    p = private()
+    x, y = next(iter(loader()))
+    loss = p.criterion(p.module(x), y)
+    loss.value.backward(retain_graph=True)
+    with pytest.raises(PrivacyUsageError, match="second time"):
+        loss.value.backward()
+
+
+def test_parameter_used_outside_its_module_is_refused():
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.other = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return x @ self.fc.weight.t() + self.other(x)
+
+    p = private(Sneaky(), "hooks")
+    x, y = next(iter(loader()))
+    with pytest.raises(PrivacyUsageError, match=r"\['fc.weight'\].*outside its module"):
+        p.criterion(p.module(x), y).backward()
+
+
+def test_dropout_inside_a_recomputed_unit_is_refused():
+    model = nn.Sequential(nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True))
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True)
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0].mean(1)[:, :3]
+
+    del model
+    p = private(Wrap(), "auto")
+    with pytest.raises(PrivacyUsageError, match="dropout"):
+        p.criterion(p.module(torch.randn(8, 2, 4)), torch.randint(0, 3, (8,))).backward()
+
+
+def test_ghost_needs_the_wrapped_criterion():
+    p = private(mode="ghost")
+    x, y = next(iter(loader()))
+    with pytest.raises(PrivacyUsageError, match="private.criterion"):
+        nn.functional.cross_entropy(p.module(x), y).backward()
+
+
+def test_zero_noise_warns():
+    model = net()
+    with pytest.warns(UserWarning, match="NOT differentially private"):
+        dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           data_loader=loader(), noise_multiplier=0.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"noise_multiplier": -1.0}, "noise_multiplier must be a finite number >= 0"),
+    ({"max_grad_norm": 0.0}, "max_grad_norm must be a finite number > 0"),
+    ({"augmentation_multiplicity": 0}, "augmentation_multiplicity must be an int >= 1"),
+    ({"loss_reduction": "avg"}, "loss_reduction must be 'mean' or 'sum'"),
+    ({"grad_sample_mode": "fast"}, "grad_sample_mode must be one of"),
+    ({"clipping": "nope"}, "clipping='nope' is not provided by any plugin"),
+])
+def test_bad_arguments_name_themselves(kwargs, match):
+    model = net()
+    args = dict(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader(),
+                noise_multiplier=1.0, max_grad_norm=1.0) | kwargs
+    with pytest.raises((ValueError, dpkit.DPKitError), match=match):
+        dpkit.make_private(**args)
+
+
+def test_optimizer_with_foreign_parameters_is_refused():
+    model = net()
+    opt = torch.optim.SGD(list(model.parameters()) + [nn.Parameter(torch.ones(2))], lr=0.1)
+    with pytest.raises(ValueError, match="not the model's"):
+        dpkit.make_private(module=model, optimizer=opt, data_loader=loader(), noise_multiplier=1.0,
+                           max_grad_norm=1.0)
+
+
+def test_poisson_loader_varies_batches_counts_empty_ones_and_steps_them():
+    data = dpkit.DPDataLoader(loader(n=40).dataset, sample_rate=0.05, generator=torch.Generator().manual_seed(0))
+    p = private(data_loader=data)  # q = 0.05: empty batches happen
+    assert len(p.data_loader) == 20 and p.sample_rate == pytest.approx(0.05)
+    sizes = []
+    for x, y in p.data_loader:
+        sizes.append(len(x))
+        assert x.shape[1:] == (4,) and y.dtype == torch.long
+        train_step(p, x, y)
+    assert 0 in sizes and len(set(sizes)) > 1
+    assert p.steps == 20 and p.ledger.steps == 20
+
+
+def test_noise_has_the_calibrated_std():
+    model = nn.Linear(200, 50, bias=False)
+    nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    p = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.1, noise_multiplier=1.5,
+                           max_grad_norm=2.0, loss_reduction="sum", noise_seed=3)
+    model(torch.zeros(1, 200)).sum().backward()  # zero gradient: the step is the noise alone
+    opt.step()
+    assert model.weight.std().item() == pytest.approx(1.5 * 2.0, rel=0.03)
+
+
+def test_observers_see_norms_factors_and_gradients_before_and_after(fresh_registry):
+    seen = []
+
+    class Observer:
+        @dpkit.hookimpl
+        def dpkit_on_clip(self, event):
+            seen.append(event)
+
+    fresh_registry.register_plugin(Observer(), name="observer")
+    p = private()
+    x, y = next(iter(loader()))
+    train_step(p, x, y)
+    (event,) = seen
+    assert event.norms.shape == (8,) and event.factors.shape == (8,)
+    assert torch.all(event.factors <= 1)
+    w = event.grad_samples["0.weight"]
+    torch.testing.assert_close(event.clipped_grad_samples["0.weight"], w * event.factors[:, None, None])
+    torch.testing.assert_close(event.clipped_sum["0.weight"], event.clipped_grad_samples["0.weight"].sum(0))
+
+
+def test_batch_memory_manager_takes_one_step_per_logical_batch():
+    torch.manual_seed(0)
+    model = net()
+    p = private(model, data_loader=loader(n=64, batch=32), noise_multiplier=0.0)
+    with dpkit.BatchMemoryManager(p, max_physical_batch_size=5) as batches:
+        physical = 0
+        for x, y in batches:
+            assert len(x) <= 5
+            train_step(p, x, y)
+            physical += 1
+    assert p.steps == len(p.data_loader) == 2 and physical > 2
+
+
+def test_disable_pauses_privacy_and_enable_resumes():
+    p = private()
+    x, y = next(iter(loader()))
+    p.disable()
+    p.optimizer.zero_grad()
+    nn.functional.cross_entropy(p.module(x), y).backward()
+    assert not hasattr(p.module[0].weight, "grad_sample")
+    p.optimizer.step()
+    assert p.steps == 0
+    p.enable()
+    train_step(p, x, y)
+    assert p.steps == 1
+
+
+def test_multiplicity_data_gives_adjacent_copies():
+    base = TensorDataset(torch.arange(6.0).reshape(6, 1).expand(6, 4).clone(), torch.arange(6))
+    data = dpkit.Multiplicity(base, lambda x: x + 0.1 * torch.randn_like(x), K=3)
+    dl = dpkit.DPDataLoader(data, sample_rate=1.0)
+    x, y = next(iter(dl))
+    assert x.shape == (18, 4) and y.tolist() == [i for i in range(6) for _ in range(3)]
+    assert torch.allclose(x[:3].round(), torch.zeros(3, 4))
