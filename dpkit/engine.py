@@ -88,6 +88,7 @@ class PrivateTraining:
         self._in_ghost_backward = False
         self.capturer = Capturer(module, self.plan, K=K, batch_first=batch_first, rescale=loss_reduction == "mean",
                                  keep_records=self.norm_mode, keep_outputs=grad_sample_mode == "ghost",
+                                 skip_param_grads=grad_sample_mode in ("hooks", "bk", "auto"),
                                  on_backward_end=self._on_backward_end)
         self._optimizer_hooks: list = []
         self.attached = False

@@ -78,7 +78,8 @@ class Capturer:
     """Owns the hooks of one attached model and the records of the backward pass in flight."""
 
     def __init__(self, model: nn.Module, rows: list[LayerPlan], *, K: int, batch_first: bool, rescale: bool,
-                 keep_records: bool, keep_outputs: bool, on_backward_end: Callable[..., None]):
+                 keep_records: bool, keep_outputs: bool, skip_param_grads: bool,
+                 on_backward_end: Callable[..., None]):
         self.model = model
         self.plan = rows
         self.K = K
@@ -99,6 +100,12 @@ class Capturer:
         self._queued = False
         self._handles: list = []
         self._signatures = {id(r): forward_arguments(r.module) for r in rows if r.uses_activations}
+        # Layers with samplers run on detached parameters, so autograd skips the (unclipped, unused)
+        # parameter gradients; a parameter hook that still fires then reveals a use outside its module.
+        self.detached_rows = [r for r in rows if skip_param_grads and r.uses_activations]
+        kept = {p for r in rows if r not in self.detached_rows for p in r.params.values()}
+        self.detached_params = {p for r in self.detached_rows for p in r.params.values()} - kept
+        self.attached_uses: set[nn.Parameter] = set()  # detached rows' parameters used attached in this pass
 
     # -- attach / detach -------------------------------------------------------------
     def attach(self) -> None:
@@ -106,9 +113,10 @@ class Capturer:
         for row in self.plan:
             if row.mode == "ew":
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._expand, row)))
-            self._handles.append(
-                row.module.register_forward_hook(partial(self._on_forward, row), with_kwargs=True)
-            )
+            elif row in self.detached_rows:
+                self._handles.append(row.module.register_forward_pre_hook(partial(self._detach_params, row)))
+            self._handles.append(row.module.register_forward_hook(
+                partial(self._on_forward, row), with_kwargs=True, always_call=True))
         for p in {p for row in self.plan for p in row.params.values()}:
             self._handles.append(p.register_hook(partial(self._on_param_grad, p)))
 
@@ -124,6 +132,7 @@ class Capturer:
         self.completed.clear()
         self.grad_samples.clear()
         self.used_params.clear()
+        self.attached_uses.clear()
         self.batch_rows = None
 
     # -- forward ---------------------------------------------------------------------
@@ -148,8 +157,19 @@ class Capturer:
                 del p.grad_sample
             module._parameters[name] = ExpandedWeight(p, rows, "sum")
 
+    def _detach_params(self, row: LayerPlan, module: nn.Module, args) -> None:
+        if not self._active():
+            return
+        if not any(t.requires_grad for t in pytree.tree_leaves(args) if isinstance(t, Tensor)):
+            # A first layer: with detached parameters its output would need no gradient at all.
+            self.attached_uses.update(row.local_params.values())
+            return
+        for name, p in row.local_params.items():
+            module._parameters[name] = p.detach()
+
     def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output):
-        if row.mode == "ew":
+        swapped = any(module._parameters[n] is not p for n, p in row.local_params.items())
+        if swapped:
             for name, p in row.local_params.items():
                 module._parameters[name] = p
         if not self._active():
@@ -271,7 +291,9 @@ class Capturer:
         self.captures = [c for c in self.captures if not c.done]
         self._collect_expanded_weights()
         covered = set(self.grad_samples) | {p for c in self.completed for p in c.row.params.values()}
-        missing = [p for p in self.used_params if p not in covered] if self.batch_rows else []
+        detached = self.detached_params - self.attached_uses
+        missing = [p for p in self.used_params if p in detached or p not in covered]
+        missing = missing if self.batch_rows else []
         if missing:
             names = {n for row in self.plan for n, q in row.params.items() if any(q is p for p in missing)}
             raise PrivacyUsageError(
@@ -282,6 +304,7 @@ class Capturer:
         rows = self.batch_rows
         result = self.completed if self.keep_records else self.grad_samples
         self.grad_samples, self.completed, self.batch_rows, self.used_params = {}, [], None, set()
+        self.attached_uses = set()
         if rows is not None:
             self.on_backward_end(result, rows)
 
