@@ -6,9 +6,11 @@ the error message.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import attrs
+import torch
 from torch import Tensor, nn
 
 from dpkit import registry
@@ -60,10 +62,18 @@ class LayerPlan:
 
     def call(self, sampler: Callable, args: list, backprops: Tensor, K: int, batch_first: bool
              ) -> dict[nn.Parameter, Tensor]:
-        """Call a sampler of this layer in the batch-first layout samplers expect; keep own parameters."""
+        """Call a sampler of this layer in the batch-first layout samplers expect; keep own parameters.
+
+        Under autocast a layer's inputs and output gradient can differ in dtype; both go to the wider one.
+        """
         if not batch_first:
             args = [a.movedim(1, 0) if isinstance(a, Tensor) and a.dim() > 1 else a for a in args]
             backprops = backprops.movedim(1, 0)
+        floats = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()] + [backprops]
+        if len({t.dtype for t in floats}) > 1:
+            wide = functools.reduce(torch.promote_types, (t.dtype for t in floats))
+            args = [a.to(wide) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
+            backprops = backprops.to(wide)
         out = sampler(self.module, args, backprops, K)
         own = set(self.local_params.values())
         return {p: g for p, g in out.items() if p in own}

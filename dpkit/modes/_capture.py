@@ -45,6 +45,7 @@ class Capture:
     args: list
     kwargs: dict
     rows: int
+    bdim: int  # the batch dimension of this call's output (and of its inputs, for samplers)
     grads: list[Tensor | None]
     pending: set[int]
     outputs: list[Tensor] = attrs.field(factory=list)  # kept in ghost mode for the norm pass
@@ -183,15 +184,15 @@ class Capturer:
         if row.uses_activations:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
             kwargs = {}
-        out_dim = fn_mode.output_batch_dims(module, self.batch_first, len(leaves))[0]
+        out_dim = fn_mode.output_batch_dims(module, self.batch_first, leaves)[0]
         rows = _rows_at(leaves[0], out_dim)
         hint, expanded = self.batch_hint, False
         if isinstance(output, Tensor) and rows == 1 and hint is not None and hint > 1 and row.mode != "ew":
             # Broadcast lookup: give every example its own copy so its gradient stays its own.
             output = leaves[0] = _expand_batch(output, out_dim, hint)
-            args = [_expand_batch(a, self.bdim, hint) for a in args]
+            args = [_expand_batch(a, out_dim, hint) for a in args]
             rows, expanded = hint, True
-        cap = Capture(row, args, kwargs, rows, [None] * len(leaves), wanted)
+        cap = Capture(row, args, kwargs, rows, out_dim, [None] * len(leaves), wanted)
         if self.keep_outputs:
             cap.outputs = [leaves[i] for i in sorted(wanted)]
             cap.versions = [t._version for t in cap.outputs]
@@ -246,7 +247,7 @@ class Capturer:
             raise PrivacyUsageError(
                 f"{cap.row.name!r} ({cap.row.type_name}) saw {cap.rows} rows in this backward pass, "
                 f"other layers saw {self.batch_rows}. Every layer must see the batch along dim "
-                f"{self.bdim} (batch_first={self.batch_first}); per-example gradients are undefined otherwise."
+                f"{cap.bdim} (batch_first={self.batch_first}); per-example gradients are undefined otherwise."
             )
         if cap.rows % self.K:
             raise PrivacyUsageError(
@@ -278,7 +279,8 @@ class Capturer:
     def compute(self, cap: Capture) -> dict[nn.Parameter, Tensor]:
         """Per-example gradients ``[B, *p.shape]`` (K-summed) of one call."""
         with self.quiet():
-            return cap.row.compute(cap.args, cap.kwargs, cap.grads, cap.rows, self.K, self.batch_first)
+            batch_first = self.batch_first if not cap.row.uses_activations else cap.bdim == 0
+            return cap.row.compute(cap.args, cap.kwargs, cap.grads, cap.rows, self.K, batch_first)
 
     def _add(self, p: nn.Parameter, grad_sample: Tensor) -> None:
         self.grad_samples[p] = self.grad_samples[p] + grad_sample if p in self.grad_samples else grad_sample

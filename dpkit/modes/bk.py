@@ -38,7 +38,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         shared = any(uses[p] > 1 for p in row.params.values())
         if row.norm_sampler is not None and not shared:
             with capturer.quiet():
-                got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, capturer.batch_first)
+                got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, cap.bdim == 0)
             for p, n in got.items():
                 squares[p] = squares[p] + upcast(n).square() if p in squares else upcast(n).square()
             continue
@@ -93,7 +93,7 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
 
 def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.Parameter, Tensor]:
     """Σ over rows of each row's gradient times its weight, for the layer of one record."""
-    row, bdim = cap.row, capturer.bdim
+    row, bdim = cap.row, cap.bdim
     g = cap.grads[0]
     shape = [1] * g.dim()
     shape[bdim] = -1
@@ -101,7 +101,7 @@ def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.
     with capturer.quiet():
         if row.sampler is not None:
             # All rows as the K copies of one example: the sampler returns their sum, shape [1, *p.shape].
-            return {p: s[0] for p, s in row.call(row.sampler, cap.args, g, cap.rows, capturer.batch_first).items()}
+            return {p: s[0] for p, s in row.call(row.sampler, cap.args, g, cap.rows, bdim == 0).items()}
         own = list(row.local_params.values())
         with torch.enable_grad():
             out = row.module(*cap.args)

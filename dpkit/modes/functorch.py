@@ -30,13 +30,18 @@ def batch_dims(unit: nn.Module, batch_first: bool) -> tuple[int, dict[str, int]]
     return (0 if batch_first else 1), {}
 
 
-def output_batch_dims(unit: nn.Module, batch_first: bool, n_leaves: int) -> list[int]:
-    """The batch dimension of each tensor leaf of the unit's output."""
+def output_batch_dims(unit: nn.Module, batch_first: bool, leaves: Sequence[Tensor | None]) -> list[int]:
+    """The batch dimension of each tensor leaf of the unit's output.
+
+    Sequence-first layouts (``batch_first=False``) put the batch at dim 1 of ``[T, B, ...]``
+    tensors; a 2-D output (``[B, d]``, after pooling) has it at dim 0.
+    """
+    n = len(leaves)
     if isinstance(unit, nn.RNNBase):  # output, then h_n (and c_n), whose batch dim is 1
-        return [0 if unit.batch_first else 1] + [1] * (n_leaves - 1)
+        return [0 if unit.batch_first else 1] + [1] * (n - 1)
     if isinstance(unit, nn.MultiheadAttention):  # attn_output, then attn_weights [B, T, S]
-        return [0 if unit.batch_first else 1] + [0] * (n_leaves - 1)
-    return [0 if batch_first else 1] * n_leaves
+        return [0 if unit.batch_first else 1] + [0] * (n - 1)
+    return [0 if batch_first or (t is not None and t.dim() < 3) else 1 for t in leaves]
 
 
 def fill_defaults(unit: nn.Module, args: list, rows: int) -> list:
@@ -91,7 +96,7 @@ def per_example_grads(
     split_kwargs, kwarg_dims = {}, {}
     for key, value in kwargs.items():
         split_kwargs[key], kwarg_dims[key] = _split(value, named_dims.get(key, arg_dim), rows, K)
-    out_dims = output_batch_dims(unit, batch_first, len(out_grads))
+    out_dims = output_batch_dims(unit, batch_first, out_grads)
     grads, grad_dims = [], []
     for g, d in zip(out_grads, out_dims):
         g, d = _split(g, d, rows, K) if g is not None else (None, None)
@@ -104,8 +109,9 @@ def per_example_grads(
             leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, Tensor)]
             return tuple(leaf for leaf, g in zip(leaves, ex_grads) if g is not None)
 
-        _, pullback = vjp(forward, *flat_params)
-        return pullback(tuple(g for g in ex_grads if g is not None))
+        outs, pullback = vjp(forward, *flat_params)
+        # Under autocast the real pass may have produced gradients in another dtype than the recomputation.
+        return pullback(tuple(g.to(o.dtype) for g, o in zip((g for g in ex_grads if g is not None), outs)))
 
     flat = tuple(params[n].detach() for n in names)
     if type(unit) not in _UNBATCHABLE:
