@@ -13,50 +13,104 @@ materialised; units without samplers (the torch.func fallback) are too.
 """
 from __future__ import annotations
 
-from collections import Counter
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
+from opt_einsum import contract
 from torch import Tensor, nn
 
-from dpkit.layers import upcast
+from dpkit.layers import fold, upcast
 from dpkit.modes._capture import Capture, Capturer
 
 
 def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], batch: int, K: int,
                  capturer: Capturer) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
     """``[P, B]`` per-parameter norms of per-example (K-averaged) gradients, and the materialised gradients."""
-    uses = Counter(p for cap in records for p in set(cap.row.params.values()))
+    users: dict[nn.Parameter, list[Capture]] = defaultdict(list)
+    for cap in records:
+        for p in set(cap.row.params.values()):
+            users[p].append(cap)
+    # A weight shared by Linear/Embedding calls (an embedding tied to the LM head): each call's own norm
+    # from its norm sampler, plus the cross terms between calls, computed from the records (ghost style).
+    crossed = {p for p, caps in users.items()
+               if len(caps) > 1 and all(c.row.norm_sampler is not None and _factorable(c, p) for c in caps)}
     squares: dict[nn.Parameter, Tensor] = {}
     materialised: dict[nn.Parameter, Tensor] = {}
 
-    def keep(p: nn.Parameter, g: Tensor) -> None:
-        materialised[p] = materialised[p] + g if p in materialised else g
+    def add(store: dict, p: nn.Parameter, t: Tensor) -> None:
+        store[p] = store[p] + t if p in store else t
 
     for cap in records:
         row = cap.row
-        shared = any(uses[p] > 1 for p in row.params.values())
-        if row.norm_sampler is not None and not shared:
+        own = set(row.params.values())
+        by_norm = {p for p in own if row.norm_sampler is not None and (len(users[p]) == 1 or p in crossed)}
+        if by_norm:
             with capturer.quiet():
                 got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, cap.bdim == 0)
-            for p, n in got.items():
-                squares[p] = squares[p] + upcast(n).square() if p in squares else upcast(n).square()
-            continue
-        grads = capturer.compute(cap)
-        for p, g in grads.items():
-            if row.sampler is None or uses[p] > 1:
-                keep(p, g)  # needed again for the clipped sum, or summed with another use first
-            else:
-                squares[p] = upcast(g.reshape(batch, -1 if batch else 0)).square().sum(1)
+            for p in by_norm & set(got):
+                add(squares, p, upcast(got[p]).square())
+        if own - by_norm:
+            for p, g in capturer.compute(cap).items():
+                if p in by_norm:
+                    continue
+                if row.sampler is None or len(users[p]) > 1:
+                    add(materialised, p, g)  # needed again for the clipped sum, or summed with another use first
+                else:
+                    squares[p] = _square_norms(g, batch)
+    for p in crossed:
+        caps = users[p]
+        for i in range(len(caps)):
+            for j in range(i + 1, len(caps)):
+                add(squares, p, 2 * _inner(_factor(caps[i], K), _factor(caps[j], K)))
     for p, g in materialised.items():
-        squares[p] = upcast(g.reshape(batch, -1 if batch else 0)).square().sum(1)
+        squares[p] = _square_norms(g, batch)
     first = next(iter(squares.values()), None)
     norms = torch.zeros(len(params), batch, device=first.device if first is not None else None,
                         dtype=first.dtype if first is not None else torch.float32)
     for i, p in enumerate(params):
         if p in squares:
-            norms[i] = squares[p].to(norms.device)
+            norms[i] = squares[p].clamp_min(0).to(norms.device)
     return norms.sqrt() / K, materialised
+
+
+def _square_norms(g: Tensor, batch: int) -> Tensor:
+    return upcast(g.reshape(batch, -1 if batch else 0)).square().sum(1)
+
+
+def _factorable(cap: Capture, p: nn.Parameter) -> bool:
+    module = cap.row.module
+    return type(module) in (nn.Linear, nn.Embedding) and p is module.weight and cap.row.uses_activations
+
+
+def _factor(cap: Capture, K: int) -> tuple[str, Tensor, Tensor]:
+    """The call's weight gradient as Σ_t left_t ⊗ right_t per example: Linear g_t ⊗ a_t, Embedding e_idx ⊗ g_t."""
+    x, g = cap.args[0], cap.grads[0]
+    if cap.bdim != 0:
+        x, g = x.movedim(1, 0), g.movedim(1, 0)
+    g = fold(g, K)
+    if isinstance(cap.row.module, nn.Embedding):
+        idx = x.reshape(g.shape[0], g.shape[1])
+        pad = cap.row.module.padding_idx
+        if pad is not None:
+            g = g * (idx != pad).unsqueeze(-1).to(g.dtype)
+        return "index", idx, g
+    return "dense", g, fold(x, K)
+
+
+def _inner(f1: tuple[str, Tensor, Tensor], f2: tuple[str, Tensor, Tensor]) -> Tensor:
+    """Per-example ⟨G₁, G₂⟩ = Σ_{t,s} ⟨left_t, left'_s⟩⟨right_t, right'_s⟩, without forming G (cost B·T·S·d)."""
+    (k1, l1, r1), (k2, l2, r2) = f1, f2
+    right = contract("btd,bsd->bts", upcast(r1), upcast(r2))
+    if k1 == k2 == "dense":
+        left = contract("bto,bso->bts", upcast(l1), upcast(l2))
+    elif k1 == k2 == "index":
+        left = (l1.unsqueeze(2) == l2.unsqueeze(1)).to(right.dtype)
+    elif k1 == "index":  # row idx_t of the dense factor: l2[b, s, idx_t]
+        left = upcast(l2).gather(2, l1.unsqueeze(1).expand(-1, l2.shape[1], -1)).transpose(1, 2)
+    else:
+        left = upcast(l1).gather(2, l2.unsqueeze(1).expand(-1, l1.shape[1], -1))
+    return (left * right).sum((1, 2))
 
 
 def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], factors: Tensor, K: int,

@@ -74,6 +74,18 @@ class Attention(nn.Module):
         return self.fc(out.mean(1))
 
 
+class SharedTwice(nn.Module):
+    """One Linear applied twice per example (a weight-shared block), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(torch.tanh(self.block(x)))).mean(1))
+
+
 def mlp():
     return nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3))
 
@@ -95,6 +107,7 @@ MODELS = {
     "mlp": (mlp, "vector", ("hooks", "functorch", "ew", "ghost", "bk", "auto")),
     "tokens": (TokenModel, "tokens", ("hooks", "functorch", "ew", "ghost", "bk", "auto")),
     "tied": (TiedLM, "lm", ("hooks", "functorch", "ghost", "bk", "auto")),
+    "shared": (SharedTwice, "seq", ("hooks", "functorch", "ghost", "bk", "auto")),
     "conv": (ConvNet, "image", ("hooks", "functorch", "ew", "ghost", "bk", "auto")),
     "lstm": (lambda: Recurrent(nn.LSTM), "seq", ("functorch", "auto")),
     "gru": (lambda: Recurrent(nn.GRU), "seq", ("auto",)),
