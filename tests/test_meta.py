@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,23 @@ def test_hook_reference_is_current():
     assert (ROOT / "docs" / "plugins.md").read_text() == rendered, (
         "docs/plugins.md is out of date with dpkit/hookspecs.py: run python docs/gen_hook_reference.py"
     )
+
+
+def test_tutorial_excerpts_are_the_example_package_verbatim():
+    """docs/writing-a-layer-plugin.md quotes plugins/dpkit-example-layer; a quote that drifts fails here."""
+    text = (ROOT / "docs" / "writing-a-layer-plugin.md").read_text()
+    excerpts = re.findall(r"<!-- from (\S+) -->\n```\w*\n(.*?)```", text, re.S)
+    assert len(excerpts) >= 6
+    for path, code in excerpts:
+        assert code in (ROOT / path).read_text(), f"the tutorial's excerpt of {path} is not in that file:\n{code}"
+
+
+@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def test_docs_relative_links_resolve(page):
+    text = (ROOT / "docs" / page).read_text()
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if not re.match(r"[a-z]+://", target):
+            assert (ROOT / "docs" / target).exists(), f"docs/{page} links to {target}, which does not exist"
 
 
 # -- built-in plugins ---------------------------------------------------------------------------

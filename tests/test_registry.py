@@ -293,11 +293,30 @@ def installed_fake_plugin(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fake_plugin")
     source, target = root / "src", root / "site"
     shutil.copytree(FIXTURE, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+    # Offline when the venv's setuptools can build a wheel by itself (>= 70.1, or with `wheel`); a bare
+    # venv's bundled setuptools cannot, and then pip fetches a build backend from the package index.
+    offline = ["--no-build-isolation", "--no-index"] if _can_build_offline() else []
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *offline,
            "--disable-pip-version-check", "--target", str(target), str(source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return target
+
+
+def _can_build_offline() -> bool:
+    from importlib import metadata
+
+    try:
+        version = tuple(int(part) for part in metadata.version("setuptools").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    if version >= (70, 1):
+        return True
+    try:
+        metadata.version("wheel")
+    except metadata.PackageNotFoundError:
+        return False
+    return version >= (64, 0)
 
 
 def run_with(site: Path, code: str, **env: str) -> subprocess.CompletedProcess:
