@@ -6,10 +6,16 @@ support, clippers, noise and accountants are pluggy plugins.
 from __future__ import annotations
 
 from dpkit.criterion import DPCriterion
-from dpkit.data import DPDataLoader, Multiplicity, PoissonBatchSampler
-from dpkit.engine import BatchMemoryManager, PrivateTraining, make_private, make_private_with_epsilon
-from dpkit.errors import (DPKitError, PluginError, PrivacyUsageError, UnsupportedEventError,
-                          UnsupportedLayerError, UnsupportedModuleError)
+from dpkit.data import BatchMemoryManager, DPDataLoader, Multiplicity, PoissonBatchSampler
+from dpkit.engine import PrivateTraining, make_private, make_private_with_epsilon
+from dpkit.errors import (
+    DPKitError,
+    PluginError,
+    PrivacyUsageError,
+    UnsupportedEventError,
+    UnsupportedLayerError,
+    UnsupportedModuleError,
+)
 from dpkit.fix import fix
 from dpkit.hookspecs import hookimpl
 from dpkit.registry import register_grad_sampler, register_norm_sampler

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+if TYPE_CHECKING:
+    from dpkit.engine import PrivateTraining
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -126,3 +129,37 @@ def split_batch(batch, max_rows: int) -> list:
         piece = [t[start:start + max_rows] if isinstance(t, torch.Tensor) else t for t in leaves]
         out.append(pytree.tree_unflatten(piece, spec))
     return out
+
+
+class BatchMemoryManager:
+    """Split each (Poisson) batch into physical micro-batches of at most ``max_physical_batch_size`` examples.
+
+    ``optimizer.step()`` after a micro-batch other than a batch's last is a virtual
+    step: the clipped sums accumulate and nothing is updated or counted.
+    """
+
+    def __init__(self, private: PrivateTraining, max_physical_batch_size: int):
+        if not (isinstance(max_physical_batch_size, int) and max_physical_batch_size >= 1):
+            raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
+        if private.data_loader is None:
+            raise ValueError("BatchMemoryManager needs make_private(data_loader=...)")
+        self.private, self.max_rows = private, max_physical_batch_size * private.K
+
+    def __enter__(self) -> BatchMemoryManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.private._skip_step = False
+
+    def __len__(self) -> int:
+        return len(self.private.data_loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            for batch in self.private.data_loader:
+                pieces = split_batch(batch, self.max_rows)
+                for i, piece in enumerate(pieces):
+                    self.private._skip_step = i < len(pieces) - 1
+                    yield piece
+        finally:
+            self.private._skip_step = False

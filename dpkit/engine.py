@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader
 
 from dpkit import registry
 from dpkit.criterion import DPCriterion, DPLoss
-from dpkit.data import DPDataLoader, PoissonBatchSampler, split_batch
+from dpkit.data import DPDataLoader, PoissonBatchSampler
 from dpkit.errors import PrivacyUsageError
 from dpkit.events import ClipEvent, ComposedEvent, Ledger, NoOpEvent
+from dpkit.modes import bk, ghost
 from dpkit.modes._capture import Capturer
 from dpkit.optimizer import StepAccumulator, all_reduce, privatize
-from dpkit.modes import bk
 from dpkit.plan import MODES, NORM_MODES, build_plan
 
 
@@ -200,32 +200,9 @@ class PrivateTraining:
         if self.mode != "ghost" or not self.enabled:
             loss.value.backward()
             return
-        outputs = self.capturer.live_outputs()
-        if outputs == []:
-            raise PrivacyUsageError("this loss does not depend on a forward pass of the model since the last "
-                                    "backward(); run the model on the batch first.")
-        self._in_ghost_backward, self._ghost_factors = True, None
-        try:  # the norm pass: differentiating to the layer outputs skips every parameter gradient
-            torch.autograd.grad(loss.value, outputs or self.params, retain_graph=True, allow_unused=True)
-        finally:
-            self._in_ghost_backward = False
-        if self._ghost_factors is None:  # no layer received a gradient: nothing of the model is in this loss
-            raise PrivacyUsageError("no layer of the model received a gradient from this loss.")
-        (norms, factors), rows = self._ghost_factors, loss.per_row.shape[0]
-        weights = (factors / self.K).repeat_interleave(self.K).to(loss.per_row.dtype)
-        stash = {p: p.grad for p in self.params}
-        for p in self.params:
-            p.grad = None
-        self.capturer.enabled = False
-        try:
-            (loss.per_row * weights).sum().backward()
-        finally:
-            self.capturer.enabled = True
-        sums = {p: p.grad for p in self.params if p.grad is not None}
-        for p in self.params:
-            p.grad = stash[p]
+        norms, factors, sums = ghost.backward(self, loss)
         before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
-        self.accumulator.add(sums, rows // self.K)
+        self.accumulator.add(sums, loss.per_row.shape[0] // self.K)
         if before is not None:
             self._notify(norms, factors, None, before)
 
@@ -298,6 +275,22 @@ class PrivateTraining:
 
         return epsilon_of_ledger(self.ledger, delta, accountant or self.accountant)
 
+    def privacy_report(self, delta: float) -> str:
+        """ε at ``delta`` from every installed accountant, side by side (approximations labelled)."""
+        lines = [f"privacy after {self.steps} steps (sample rate {self.sample_rate:.4g}, noise multiplier "
+                 f"{self.noise_multiplier:g}, delta {delta:g}):"]
+        for name in sorted(registry.table("dpkit_accountants")):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    eps = f"{self.epsilon(delta, accountant=name):.4f}"
+                except Exception as err:  # one accountant failing must not hide the others
+                    eps = f"unavailable ({err})"
+            note = "  (approximation: may under-report)" if caught else ""
+            mark = "*" if name == self.accountant else " "
+            lines.append(f" {mark} {name:<12} epsilon = {eps}{note}")
+        return "\n".join(lines)
+
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs to report the same ε and draw the same noise and batches."""
         state = {"ledger": self.ledger.state_dict(), "steps": self.steps, "unbounded_steps": self._unbounded_steps,
@@ -316,40 +309,6 @@ class PrivateTraining:
         self.optimizer.load_state_dict(state["optimizer"])
         if "sampler" in state:
             self.data_loader.batch_sampler.load_state_dict(state["sampler"])
-
-
-class BatchMemoryManager:
-    """Split each (Poisson) batch into physical micro-batches of at most ``max_physical_batch_size`` examples.
-
-    ``optimizer.step()`` after a micro-batch other than a batch's last is a virtual
-    step: the clipped sums accumulate and nothing is updated or counted.
-    """
-
-    def __init__(self, private: PrivateTraining, max_physical_batch_size: int):
-        if not (isinstance(max_physical_batch_size, int) and max_physical_batch_size >= 1):
-            raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
-        if private.data_loader is None:
-            raise ValueError("BatchMemoryManager needs make_private(data_loader=...)")
-        self.private, self.max_rows = private, max_physical_batch_size * private.K
-
-    def __enter__(self) -> BatchMemoryManager:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.private._skip_step = False
-
-    def __len__(self) -> int:
-        return len(self.private.data_loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        try:
-            for batch in self.private.data_loader:
-                pieces = split_batch(batch, self.max_rows)
-                for i, piece in enumerate(pieces):
-                    self.private._skip_step = i < len(pieces) - 1
-                    yield piece
-        finally:
-            self.private._skip_step = False
 
 
 def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader | None = None,

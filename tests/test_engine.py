@@ -260,8 +260,8 @@ def test_noise_has_the_calibrated_std():
     model = nn.Linear(200, 50, bias=False)
     nn.init.zeros_(model.weight)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    p = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.1, noise_multiplier=1.5,
-                           max_grad_norm=2.0, loss_reduction="sum", noise_seed=3)
+    dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.1, noise_multiplier=1.5,
+                       max_grad_norm=2.0, loss_reduction="sum", noise_seed=3)
     model(torch.zeros(1, 200)).sum().backward()  # zero gradient: the step is the noise alone
     opt.step()
     assert model.weight.std().item() == pytest.approx(1.5 * 2.0, rel=0.03)

@@ -9,9 +9,8 @@ draws, so units with active dropout are refused at attach (see ``plan.py``).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
 from _reference import clipped_sum, dpkit_step, per_example_grads, per_row_loss
+from torch import nn
 
 torch.set_default_dtype(torch.float64)  # exactness, not float32 rounding, is under test
 

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from _reference import dpkit_step
+from test_equivalence import MODELS, TokenModel, data
 from torch import nn
 
 import dpkit
-from _reference import dpkit_step
-from test_equivalence import MODELS, TokenModel, data
 
 ALL = ("hooks", "functorch", "ew", "ghost", "bk", "auto")
 

@@ -1,0 +1,50 @@
+"""Ghost clipping (Li et al. 2022; Bu et al. 2023): norms from one backward pass, the clipped sum from a second.
+
+The first pass differentiates the loss only down to the layer outputs, so no
+parameter gradient is formed; the records give per-example norms and clip
+factors. The second pass back-propagates Σ_i f_i ℓ_i, whose parameter gradient
+is the clipped sum itself. It needs the per-example losses, hence the loss from
+``private.criterion``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from dpkit.errors import PrivacyUsageError
+
+if TYPE_CHECKING:
+    from dpkit.criterion import DPLoss
+    from dpkit.engine import PrivateTraining
+
+
+def backward(private: PrivateTraining, loss: DPLoss) -> tuple[Tensor, Tensor, dict[nn.Parameter, Tensor]]:
+    """Both passes for one loss; returns the clipper's norms, the factors and the clipped sums."""
+    capturer = private.capturer
+    outputs = capturer.live_outputs()
+    if outputs == []:
+        raise PrivacyUsageError("this loss does not depend on a forward pass of the model since the last "
+                                "backward(); run the model on the batch first.")
+    private._in_ghost_backward, private._ghost_factors = True, None
+    try:  # the norm pass; the engine's end-of-backward callback leaves the factors in _ghost_factors
+        torch.autograd.grad(loss.value, outputs or private.params, retain_graph=True, allow_unused=True)
+    finally:
+        private._in_ghost_backward = False
+    if private._ghost_factors is None:
+        raise PrivacyUsageError("no layer of the model received a gradient from this loss.")
+    norms, factors = private._ghost_factors
+    weights = (factors / private.K).repeat_interleave(private.K).to(loss.per_row.dtype)
+    stash = {p: p.grad for p in private.params}
+    for p in private.params:
+        p.grad = None
+    capturer.enabled = False
+    try:
+        (loss.per_row * weights).sum().backward()
+    finally:
+        capturer.enabled = True
+    sums = {p: p.grad for p in private.params if p.grad is not None}
+    for p in private.params:
+        p.grad = stash[p]
+    return norms, factors, sums
