@@ -44,14 +44,16 @@ instance = nn.Linear(3, 3)
 
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch):
-    """A registry with the built-ins only, rebuilt for each test; one thread for the tensor work."""
+    """A registry with the built-ins only, rebuilt for each test; one thread, float32 parameters."""
     monkeypatch.setenv("DPKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
-    threads = torch.get_num_threads()
+    threads, dtype = torch.get_num_threads(), torch.get_default_dtype()
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float32)  # memory estimates below count 4-byte parameters
     registry.reset()
     yield
     registry.reset()
     torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
 
 
 @pytest.fixture

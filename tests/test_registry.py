@@ -16,7 +16,6 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 import dpkit
