@@ -255,9 +255,25 @@ def check_report(model: nn.Module, modes: Sequence[str], B: int) -> dict[str, An
         report_layers.append({"name": name, "type": type_label(type(module)),
                               "params": sum(p.numel() for p in params.values()), "modes": cells})
     summary = {mode: {"ok": r["ok"], "error": r["error"],
-                      "bytes": sum(L["modes"][mode]["bytes"] or 0 for L in report_layers) if r["ok"] else None}
+                      "bytes": sum(L["modes"][mode]["bytes"] or 0 for L in report_layers) if r["ok"] else None,
+                      "warnings": _recompute_warnings(r["rows"]) if r["ok"] else []}
                for mode, r in results.items()}
     return {"model": type_label(type(model)), "batch_size": B, "layers": report_layers, "modes": summary}
+
+
+def _recompute_warnings(rows: list[plan.LayerPlan]) -> list[str]:
+    """Active dropout inside a unit that torch.func recomputes: training would stop at the first backward."""
+    out = []
+    for row in rows:
+        if row.mode != "functorch":
+            continue
+        for name, sub in row.module.named_modules():
+            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0 and sub.training:
+                where = ".".join(n for n in (row.name if row.name != "<root>" else "", name) if n) or "<root>"
+                out.append(f"{where} ({type_label(type(sub))}, p={sub.p:g}) is active dropout inside a torch.func "
+                           "unit, which cannot replay its random masks: the first backward will raise. Set p=0 "
+                           "(or call .eval() on it), or use a mode whose samplers cover its layer.")
+    return out
 
 
 MEMORY_NOTES = {
@@ -287,6 +303,9 @@ def format_check(report: dict[str, Any]) -> str:
         s = report["modes"][mode]
         status = f"{_human(s['bytes']):<12} {MEMORY_NOTES[mode]}" if s["ok"] else "-"
         lines.append(f"{mode:<10} {'ok' if s['ok'] else 'refused':<8} {status}")
+    warned = [(m, w) for m, s in report["modes"].items() for w in s["warnings"]]
+    if warned:
+        lines += ["", "Warnings:"] + [f"  {mode}: {warning}" for mode, warning in warned]
     refused = [(m, s["error"]) for m, s in report["modes"].items() if not s["ok"]]
     if refused:
         lines += ["", "Refused:"]

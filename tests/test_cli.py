@@ -32,6 +32,9 @@ def tied():
     head.weight = emb.weight
     return nn.Sequential(emb, head)
 
+def dropout():
+    return nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.LSTM(4, 4), nn.Dropout(0.0))
+
 def broken():
     raise RuntimeError("no GPU here")
 
@@ -210,6 +213,16 @@ def test_check_exit_1_when_no_mode_can_train(capsys, models):
     code, out, _ = run(capsys, "check", "dpkit_cli_models:batchnorm")
     assert code == 1
     assert "UnsupportedModuleError" in out and "dpkit.fix(model)" in out
+
+
+def test_check_warns_about_dropout_that_torch_func_would_recompute(capsys, models):
+    code, report = run_json(capsys, "check", "dpkit_cli_models:dropout", "--mode", "functorch", "--mode", "hooks",
+                            "--mode", "auto")
+    assert code == 1  # hooks refuses the LSTM
+    assert report["modes"]["hooks"]["warnings"] == [] and report["modes"]["auto"]["warnings"] == []
+    [warning] = report["modes"]["functorch"]["warnings"]  # the p=0 dropout is harmless
+    assert warning.startswith("1 (torch.nn.Dropout, p=0.1) is active dropout") and "Set p=0" in warning
+    assert "Warnings:\n  functorch: 1 (torch.nn.Dropout" in run(capsys, "check", "dpkit_cli_models:dropout")[1]
 
 
 def test_check_counts_tied_weights_once(capsys, models):
