@@ -342,7 +342,11 @@ def test_console_script_and_python_m(tmp_path):
     listed = subprocess.run([str(script), "plugins"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert "dpkit.layers.linear" in listed.stdout
-    version = subprocess.run([sys.executable, "-m", "dpkit", "--version"], capture_output=True, text=True, env=env)
-    assert version.returncode == 0 and version.stdout.startswith("dpkit ")
     usage = subprocess.run([sys.executable, "-m", "dpkit", "check"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2 and "MODULE:FACTORY" in usage.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("dpkit ")
