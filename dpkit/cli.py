@@ -444,3 +444,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PluginError as err:
         print(f"dpkit {args.command}: error: a plugin failed to load: {err}", file=sys.stderr)
         return EXIT_PLUGIN
+    except BrokenPipeError:  # `dpkit plugins | head`: the reader left; say nothing more, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_NO
