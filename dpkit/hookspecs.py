@@ -141,7 +141,7 @@ def dpkit_clippers() -> Mapping[str, ClipperFactory]:
 def dpkit_noise_mechanisms() -> Mapping[str, NoiseFactory]:
     """Noise mechanisms by the name users pass as ``noise=``.
 
-    A factory is called as ``factory(generator=..., secure_mode=...)`` once per
+    A factory is called as ``factory(seed=..., secure_mode=...)`` once per
     ``make_private`` and returns a :class:`NoiseMechanism`.
 
     Example::

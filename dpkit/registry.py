@@ -47,6 +47,9 @@ class Entry:
     provider: str
 
 
+_DISTRIBUTIONS: dict[str, str] = {}  # entry-point plugin name -> "distribution version"
+
+
 @functools.cache
 def plugin_manager() -> pluggy.PluginManager:
     """The process-wide plugin manager, built on first use (nothing loads at import)."""
@@ -93,6 +96,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
             pm.register(plugin, name=ep.name)
         except pluggy.PluginValidationError as err:
             raise PluginError(f"dpkit plugin {ep.name!r} ({dist_label}) is invalid: {err}") from err
+        _DISTRIBUTIONS[ep.name] = dist_label
 
 
 def table(hook_name: str) -> dict[object, Entry]:
@@ -145,9 +149,13 @@ def register_plugin(plugin: object, name: str | None = None) -> str:
     if name is not None and pm.get_plugin(name) is not None:
         pm.unregister(name=name)
     try:
-        return pm.register(plugin, name=name)
+        registered = pm.register(plugin, name=name)
+        pm.check_pending()
     except pluggy.PluginValidationError as err:
-        raise PluginError(str(err)) from err
+        if pm.is_registered(plugin):
+            pm.unregister(plugin)
+        raise PluginError(f"{err}. dpkit hooks are: {', '.join(hookspecs.SPEC_NAMES)}.") from err
+    return registered
 
 
 def unregister_plugin(name: str) -> None:
@@ -204,10 +212,9 @@ def lookup(hook_name: str, name: str, what: str) -> Entry:
 
 def plugin_version(plugin_name: str) -> str:
     """The version of the distribution behind a plugin, or dpkit's for built-ins."""
-    pm = plugin_manager()
-    for plugin, dist in pm.list_plugin_distinfo():
-        if pm.get_name(plugin) == plugin_name:
-            return f"{dist.project_name} {dist.version}"
+    plugin_manager()
+    if plugin_name in _DISTRIBUTIONS:
+        return _DISTRIBUTIONS[plugin_name]
     if plugin_name.startswith("dpkit."):
         return f"dpkit {metadata.version('dpkit')}" if _installed("dpkit") else "dpkit (source)"
     return "user code" if plugin_name.startswith("user:") else "?"

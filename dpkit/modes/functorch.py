@@ -5,7 +5,9 @@ fallback of ``auto`` (a layer no plugin covers, e.g. ``nn.LSTM`` or
 ``nn.MultiheadAttention``). The unit's forward is recomputed once per example
 (its K copies together), from the inputs and output gradients captured on the
 real pass, so no plugin is needed. The recomputation cannot replay random
-draws, so units with active dropout are refused at attach (see ``plan.py``).
+draws, so a unit that draws them (active dropout) is refused at its first
+backward pass (vmap's ``randomness="error"``). Units vmap cannot batch (it has
+no rule for an op) fall back to a loop over examples, with a warning.
 """
 from __future__ import annotations
 
