@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test demo venv clean
+PLUGINS := plugins/dpkit-example-layer plugins/dpkit-transformers
+
+.PHONY: test test-core test-plugins demo venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +18,20 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: test-core test-plugins
+
+test-core: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+# The plugin packages install like any third-party plugin (entry points), so the tutorial cannot rot.
+$(BIN)/.plugins: $(BIN)/.installed $(wildcard plugins/*/pyproject.toml)
+	$(BIN)/pip install -q $(foreach p,$(PLUGINS),-e $(p))
+	touch $@
+
+test-plugins: $(BIN)/.plugins
+	$(BIN)/dpkit plugins | grep -q '^example_layer '
+	$(BIN)/dpkit plugins | grep -q '^transformers '
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(foreach p,$(PLUGINS),$(p)/tests)
 
 demo: venv
 	$(BIN)/python contrib/examples/digits.py
