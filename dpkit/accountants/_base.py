@@ -1,0 +1,139 @@
+"""What the built-in accountants share: one traversal of the event tree, and argument checks.
+
+Every event dpkit can count reduces to *atoms*: ``count`` runs of the sampled Gaussian
+mechanism ``PoissonSampled(q, Gaussian(sigma))`` (``q = 1``: no sampling). Gaussian
+mechanisms released together on one Poisson sample are one Gaussian: their privacy
+losses add, so ``sigma_eff ** -2`` is the sum of ``sigma_i ** -2`` (exact, not a bound).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+from dpkit.errors import UnsupportedEventError
+from dpkit.events import ComposedEvent, DpEvent, GaussianEvent, NoOpEvent, PoissonSampledEvent, SelfComposedEvent
+
+Atom = tuple[float, float]  # (sample_rate, noise_multiplier)
+
+
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is a real number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def check_delta(delta: float, name: str = "delta") -> float:
+    """``delta`` as a float in (0, 1), or a ValueError naming it."""
+    value = _real(delta)
+    if value is None or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {delta!r}")
+    return value
+
+
+def check_count(count: int, name: str = "count") -> int:
+    """``count`` as an int >= 0, or a ValueError naming it."""
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {count!r}")
+    return int(count)
+
+
+def check_sigma(sigma: float, name: str = "noise_multiplier") -> float:
+    """``sigma`` as a finite float > 0, or a ValueError naming it."""
+    value = _real(sigma)
+    if value is None or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {sigma!r}")
+    return value
+
+
+def check_rate(rate: float, name: str = "sample_rate") -> float:
+    """``rate`` as a float in [0, 1], or a ValueError naming it."""
+    value = _real(rate)
+    if value is None or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {rate!r}")
+    return value
+
+
+def _inverse_variance(event: DpEvent) -> float | DpEvent:
+    """``sum sigma_i ** -2`` of the Gaussians in ``event``, or the sub-event that is not made of Gaussians."""
+    if isinstance(event, NoOpEvent):
+        return 0.0
+    if isinstance(event, GaussianEvent):
+        return check_sigma(event.noise_multiplier, "GaussianEvent.noise_multiplier") ** -2
+    if isinstance(event, SelfComposedEvent):
+        inner = _inverse_variance(event.event)
+        return inner if isinstance(inner, DpEvent) else check_count(event.count, "SelfComposedEvent.count") * inner
+    if isinstance(event, ComposedEvent):
+        total = 0.0
+        for sub in event.events:
+            inner = _inverse_variance(sub)
+            if isinstance(inner, DpEvent):
+                return inner
+            total += inner
+        return total
+    return event
+
+
+def _joint_sigma(event: DpEvent) -> float | None | DpEvent:
+    """The one Gaussian equivalent to ``event`` run on one sample (None: no noise, no loss)."""
+    if isinstance(event, GaussianEvent):  # the common case keeps the user's float exactly
+        return check_sigma(event.noise_multiplier, "GaussianEvent.noise_multiplier")
+    inverse_variance = _inverse_variance(event)
+    if isinstance(inverse_variance, DpEvent):
+        return inverse_variance
+    return inverse_variance**-0.5 if inverse_variance else None
+
+
+class SampledGaussianAccountant:
+    """Base of the built-in accountants: ``supports`` and ``compose`` share ``_maybe_compose``.
+
+    Subclasses read ``self._atoms``: ``{(q, sigma): count}``. ``compose`` checks the
+    whole event before it counts any of it, so a refused event leaves no trace.
+    """
+
+    def __init__(self) -> None:
+        self._atoms: dict[Atom, int] = {}
+
+    def supports(self, event: DpEvent) -> bool:
+        """Whether ``compose(event)`` would succeed."""
+        return self._maybe_compose(event, 1, do_compose=False) is None
+
+    def compose(self, event: DpEvent, count: int = 1) -> SampledGaussianAccountant:
+        """Count ``event`` ``count`` times; raise ``UnsupportedEventError`` naming what cannot be counted."""
+        check_count(count)
+        unsupported = self._maybe_compose(event, count, do_compose=False)
+        if unsupported is not None:
+            raise UnsupportedEventError(
+                f"{type(self).__name__} cannot count {unsupported!r}"
+                + ("" if unsupported is event else f" (inside {event!r})")
+                + ". It counts NoOpEvent, GaussianEvent, PoissonSampledEvent of Gaussians, "
+                "and SelfComposedEvent/ComposedEvent of those."
+            )
+        self._maybe_compose(event, count, do_compose=True)
+        return self
+
+    def _maybe_compose(self, event: DpEvent, count: int, do_compose: bool) -> DpEvent | None:
+        """Walk ``event``; add its atoms if ``do_compose``. Returns the first unsupported sub-event, else None."""
+        if isinstance(event, NoOpEvent):
+            return None
+        if isinstance(event, SelfComposedEvent):
+            inner_count = check_count(event.count, "SelfComposedEvent.count")
+            return self._maybe_compose(event.event, count * inner_count, do_compose)
+        if isinstance(event, ComposedEvent):
+            for sub in event.events:
+                unsupported = self._maybe_compose(sub, count, do_compose)
+                if unsupported is not None:
+                    return unsupported
+            return None
+        if isinstance(event, GaussianEvent):
+            rate, sigma = 1.0, _joint_sigma(event)
+        elif isinstance(event, PoissonSampledEvent):
+            rate = check_rate(event.sample_rate, "PoissonSampledEvent.sample_rate")
+            sigma = _joint_sigma(event.event)
+            if isinstance(sigma, DpEvent):
+                return sigma
+        else:
+            return event
+        if do_compose and count and rate and sigma is not None:
+            self._atoms[(rate, sigma)] = self._atoms.get((rate, sigma), 0) + count
+        return None

@@ -1,0 +1,120 @@
+"""Privacy accounting without a model: epsilon of a run, and the noise for a target epsilon.
+
+Accountants are plugins (``dpkit_accountants``): ``"prv"`` (default; tight upper
+bound), ``"rdp"`` (upper bound, looser, fast) and ``"gdp"`` (CLT approximation, can
+under-report). Every argument is checked here, not only by attrs validators, so a
+process that turned validators off still gets the checks.
+"""
+from __future__ import annotations
+
+import math
+
+from scipy import optimize
+
+from dpkit import registry
+from dpkit.accountants._base import check_count, check_delta, check_rate, check_sigma
+from dpkit.events import GaussianEvent, Ledger, PoissonSampledEvent
+from dpkit.hookspecs import Accountant
+
+_SIGMA_RANGE = (2.0**-10, 2.0**30)  # where get_noise_multiplier searches
+
+
+def make_accountant(name: str = "prv") -> Accountant:
+    """A fresh accountant from the plugin that provides ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"accountant must be a name (str), got {name!r}")
+    return registry.lookup("dpkit_accountants", name, "accountant").value()
+
+
+def epsilon_of_ledger(ledger: Ledger, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of everything recorded in ``ledger``, replayed into a fresh ``accountant``."""
+    delta = check_delta(delta)
+    counter = make_accountant(accountant)
+    for event, count in ledger.entries:
+        counter.compose(event, count)
+    return float(counter.epsilon(delta))
+
+
+def get_epsilon(
+    *, accountant: str = "prv", noise_multiplier: float, sample_rate: float, steps: int, delta: float
+) -> float:
+    """Epsilon after ``steps`` DP-SGD steps with Poisson rate ``sample_rate`` and noise ``noise_multiplier``."""
+    event = PoissonSampledEvent(check_rate(sample_rate), GaussianEvent(check_sigma(noise_multiplier)))
+    counter = make_accountant(accountant).compose(event, check_count(steps, "steps"))
+    return float(counter.epsilon(check_delta(delta)))
+
+
+def _steps_of(steps: int | None, epochs: float | None, sample_rate: float) -> int:
+    if (steps is None) == (epochs is None):
+        raise ValueError(f"give exactly one of steps= and epochs=, got steps={steps!r}, epochs={epochs!r}")
+    if steps is not None:
+        if check_count(steps, "steps") == 0:
+            raise ValueError("steps must be >= 1: with no steps no noise is needed")
+        return int(steps)
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (math.isfinite(epochs) and epochs > 0):
+        raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
+    return math.ceil(epochs / sample_rate)
+
+
+def get_noise_multiplier(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int | None = None,
+    epochs: float | None = None,
+    accountant: str = "prv",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """The noise multiplier whose epsilon is at most ``target_epsilon`` and within ``epsilon_tolerance`` of it.
+
+    ``epochs`` means ``steps = ceil(epochs / sample_rate)``. Brent's method on
+    ``log(sigma)``, then bisection that keeps a feasible end, so the result never
+    exceeds the target under the same accountant.
+    """
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
+        math.isfinite(target_epsilon) and target_epsilon > 0
+    ):
+        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    delta = check_delta(target_delta, "target_delta")
+    rate = check_rate(sample_rate)
+    if rate == 0:
+        raise ValueError("sample_rate must be > 0: at sample_rate=0 no privacy is spent and any noise will do")
+    if isinstance(epsilon_tolerance, bool) or not isinstance(epsilon_tolerance, (int, float)) or not (
+        math.isfinite(epsilon_tolerance) and epsilon_tolerance > 0
+    ):
+        raise ValueError(f"epsilon_tolerance must be a finite number > 0, got {epsilon_tolerance!r}")
+    n_steps = _steps_of(steps, epochs, rate)
+    make_accountant(accountant)  # an unknown name fails here, before any search
+    cache: dict[float, float] = {}
+
+    def eps(log_sigma: float) -> float:
+        if log_sigma not in cache:
+            cache[log_sigma] = get_epsilon(
+                accountant=accountant, noise_multiplier=math.exp(log_sigma), sample_rate=rate,
+                steps=n_steps, delta=delta,
+            )
+        return cache[log_sigma]
+
+    lo, hi = 0.0, 0.0  # log sigma: eps(lo) > target >= eps(hi)
+    while eps(hi) > target_epsilon:
+        if hi + math.log(4) > math.log(_SIGMA_RANGE[1]):
+            raise ValueError(
+                f"target_epsilon={target_epsilon} is unreachable with accountant={accountant!r} at "
+                f"target_delta={target_delta}, sample_rate={sample_rate}, steps={n_steps}: even "
+                f"noise_multiplier={math.exp(hi):.3g} gives epsilon={eps(hi):.4g}. Raise target_epsilon or "
+                "target_delta (the RDP accountant has a floor from its largest order; try accountant='prv')."
+            )
+        lo, hi = hi, hi + math.log(4)
+    while eps(lo) <= target_epsilon:
+        hi, lo = lo, lo - math.log(4)
+        if lo < math.log(_SIGMA_RANGE[0]):
+            return math.exp(hi)  # even tiny noise meets the target
+    goal = target_epsilon - epsilon_tolerance / 2
+    if eps(lo) > goal > eps(hi):
+        guess = optimize.brentq(lambda s: eps(s) - goal, lo, hi, xtol=1e-6)
+        lo, hi = (guess, hi) if eps(guess) > target_epsilon else (lo, guess)
+    while target_epsilon - eps(hi) > epsilon_tolerance and hi - lo > 1e-12:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if eps(mid) > target_epsilon else (lo, mid)
+    return math.exp(hi)
