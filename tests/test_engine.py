@@ -287,17 +287,28 @@ def test_observers_see_norms_factors_and_gradients_before_and_after(fresh_regist
     torch.testing.assert_close(event.clipped_sum["0.weight"], event.clipped_grad_samples["0.weight"].sum(0))
 
 
-def test_batch_memory_manager_takes_one_step_per_logical_batch():
-    torch.manual_seed(0)
-    model = net()
-    p = private(model, data_loader=loader(n=64, batch=32), noise_multiplier=0.0)
-    with dpkit.BatchMemoryManager(p, max_physical_batch_size=5) as batches:
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost", "bk", "auto"])
+def test_batch_memory_manager_matches_whole_poisson_batches(mode):
+    """Physical micro-batches of ≤5 give the same steps as the whole Poisson batches, one step each."""
+    def run(max_physical):
+        torch.manual_seed(0)
+        model = net()
+        data = dpkit.DPDataLoader(loader(n=64).dataset, sample_rate=0.5, generator=torch.Generator().manual_seed(1))
+        p = private(model, mode, data_loader=data, noise_multiplier=0.0)
         physical = 0
-        for x, y in batches:
-            assert len(x) <= 5
-            train_step(p, x, y)
-            physical += 1
-    assert p.steps == len(p.data_loader) == 2 and physical > 2
+        with dpkit.BatchMemoryManager(p, max_physical_batch_size=max_physical) as batches:
+            for x, y in batches:
+                assert len(x) <= max_physical
+                train_step(p, x, y)
+                physical += 1
+        assert p.steps == len(p.data_loader) == 2
+        return model, physical
+
+    whole, one_each = run(64)
+    split, many = run(5)
+    assert one_each == 2 and many > 2
+    for a, b in zip(whole.parameters(), split.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_disable_pauses_privacy_and_enable_resumes():
