@@ -21,7 +21,7 @@ from dpkit import registry
 from dpkit.criterion import DPCriterion, DPLoss
 from dpkit.data import DPDataLoader, PoissonBatchSampler
 from dpkit.errors import PrivacyUsageError
-from dpkit.events import ClipEvent, ComposedEvent, Ledger, NoOpEvent
+from dpkit.events import ClipEvent, ComposedEvent, DpEvent, Ledger, NoOpEvent, PoissonSampledEvent
 from dpkit.modes import bk, ghost
 from dpkit.modes._capture import Capturer
 from dpkit.optimizer import StepAccumulator, all_reduce, privatize
@@ -40,6 +40,18 @@ def _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, mode) -> Non
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if mode not in MODES:
         raise ValueError(f"grad_sample_mode must be one of {MODES}, got {mode!r}")
+
+
+def step_event(noise: DpEvent, clipper: DpEvent) -> DpEvent:
+    """One step's privacy event. A clipper that spends privacy (adaptive's noisy count) releases on the
+    same Poisson sample as the gradient, so both mechanisms go under one sampling event: composing two
+    independently sampled events would under-count ε."""
+    if isinstance(clipper, NoOpEvent):
+        return noise
+    if (isinstance(noise, PoissonSampledEvent) and isinstance(clipper, PoissonSampledEvent)
+            and noise.sample_rate == clipper.sample_rate):
+        return PoissonSampledEvent(noise.sample_rate, ComposedEvent((noise.event, clipper.event)))
+    return ComposedEvent((noise, clipper))
 
 
 class PrivateTraining:
@@ -248,9 +260,8 @@ class PrivateTraining:
         if self.noise_multiplier == 0:
             self._unbounded_steps += 1
         else:
-            event = self.noise.dp_event(self.noise_multiplier, self.sample_rate)
-            extra = self.clipper.dp_event(self.sample_rate)
-            self.ledger.record(event if isinstance(extra, NoOpEvent) else ComposedEvent((event, extra)))
+            self.ledger.record(step_event(self.noise.dp_event(self.noise_multiplier, self.sample_rate),
+                                          self.clipper.dp_event(self.sample_rate)))
         self.clipper.end_step(self.noise)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
