@@ -332,3 +332,23 @@ def test_multiplicity_data_gives_adjacent_copies():
     x, y = next(iter(dl))
     assert x.shape == (18, 4) and y.tolist() == [i for i in range(6) for _ in range(3)]
     assert torch.allclose(x[:3].round(), torch.zeros(3, 4))
+
+
+def test_epsilon_and_report_follow_the_ledger():
+    p = private(data_loader=loader(n=40, batch=4))
+    for x, y in p.data_loader:
+        train_step(p, x, y)
+    q, steps = p.sample_rate, p.steps
+    assert p.ledger.steps == steps == 10
+    expected = dpkit.get_epsilon(accountant="prv", noise_multiplier=1.0, sample_rate=q, steps=steps, delta=1e-5)
+    assert p.epsilon(1e-5) == pytest.approx(expected, rel=1e-9)
+    assert p.epsilon(1e-5, accountant="rdp") >= p.epsilon(1e-5) * 0.999
+    report = p.privacy_report(1e-5)
+    assert "* prv" in report and "rdp" in report and "gdp" in report and "approximation" in report
+
+
+def test_zero_noise_reports_infinite_epsilon():
+    p = private(noise_multiplier=0.0)
+    x, y = next(iter(loader()))
+    train_step(p, x, y)
+    assert p.epsilon(1e-5) == float("inf")
