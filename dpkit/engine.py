@@ -177,6 +177,8 @@ class PrivateTraining:
     # -- the step ----------------------------------------------------------------------
     def _on_backward_end(self, result, rows: int) -> None:
         crit_rows = self.criterion.rows if self.criterion is not None else None
+        if crit_rows is not None:
+            self.criterion.rows = None  # checked once, against the backward pass it fed
         if crit_rows is not None and crit_rows != rows:
             raise PrivacyUsageError(f"the loss has {crit_rows} rows but the model's layers saw {rows}; "
                                     "compute the loss on the same batch the model saw.")
