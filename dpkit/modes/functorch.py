@@ -12,7 +12,7 @@ no rule for an op) fall back to a loop over examples, with a warning.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -115,10 +115,19 @@ def per_example_grads(
         return pullback(tuple(g.to(o.dtype) for g, o in zip((g for g in ex_grads if g is not None), outs)))
 
     flat = tuple(params[n].detach() for n in names)
+    # oneDNN/cuDNN recurrent kernels have no batching rule (and oneDNN's backward breaks under torch.func);
+    # the recomputation uses the native kernels, the same function.
+    with torch.backends.mkldnn.flags(enabled=False), torch.backends.cudnn.flags(enabled=False):
+        return _batched(unit, one_example, flat, names, params, (split_args, split_kwargs, grads),
+                        (arg_dims, kwarg_dims, grad_dims), rows // K)
+
+
+def _batched(unit: nn.Module, one_example: Callable, flat: tuple[Tensor, ...], names: list[str],
+             params: dict[str, nn.Parameter], values: tuple, dims: tuple, batch: int) -> dict[nn.Parameter, Tensor]:
+    """``vmap`` of ``one_example`` over the examples; a loop for unit types vmap cannot batch."""
     if type(unit) not in _UNBATCHABLE:
         try:
-            batched = vmap(one_example, in_dims=(None, arg_dims, kwarg_dims, grad_dims), randomness="error")(
-                flat, split_args, split_kwargs, grads)
+            batched = vmap(one_example, in_dims=(None, *dims), randomness="error")(flat, *values)
             return {params[n]: g for n, g in zip(names, batched)}
         except (RuntimeError, ValueError) as err:
             if "randomness" in str(err):
@@ -131,9 +140,7 @@ def per_example_grads(
             warnings.warn(f"torch.func.vmap cannot batch {type(unit).__name__} ({str(err).splitlines()[0][:200]}); "
                           "dpkit computes its per-example gradients with a loop over examples instead: exact, "
                           "but slower. Registering a sampler for it makes it fast.", stacklevel=2)
-    batch = rows // K
-    per_example = [one_example(flat, *_select((split_args, split_kwargs, grads), (arg_dims, kwarg_dims, grad_dims), b))
-                   for b in range(batch)]
+    per_example = [one_example(flat, *_select(values, dims, b)) for b in range(batch)]
     return {params[n]: torch.stack([g[i] for g in per_example]) for i, n in enumerate(names)}
 
 

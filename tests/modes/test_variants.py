@@ -131,3 +131,20 @@ def test_bf16_autocast_matches_fp32(mode):
     for a, b in zip(got, ref):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.02 * b.abs().max().item())
+
+
+def test_lstm_in_float32_at_onednn_sizes():
+    """Where CPU LSTMs run on oneDNN kernels (float32, larger sizes), auto's torch.func fallback still works."""
+    from _reference import clipped_sum, per_example_grads, per_row_loss
+    from test_equivalence import Recurrent
+
+    torch.manual_seed(5)
+    model = Recurrent(nn.LSTM)
+    model.rnn = nn.LSTM(4, 64, batch_first=True)
+    model.fc = nn.Linear(64, 3)
+    model = model.float()
+    x, y = torch.randn(16, 20, 4, dtype=torch.float32), torch.randint(0, 3, (16,))
+    expected = clipped_sum(per_example_grads(model, per_row_loss(nn.CrossEntropyLoss()), x, y, 1), 0.05)
+    got = dpkit_step(model, x, y, mode="auto", C=0.05)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-6)
