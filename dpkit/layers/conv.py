@@ -14,11 +14,10 @@ from __future__ import annotations
 import math
 
 import torch.nn.functional as F
-from opt_einsum import contract
 from torch import Tensor, nn
 
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import examples, upcast, weight_sq_norms
+from dpkit.layers import contract, examples, upcast, weight_sq_norms
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
 

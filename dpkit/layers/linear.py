@@ -8,11 +8,10 @@ The sampler reads ``activations[0]`` (the input) only.
 """
 from __future__ import annotations
 
-from opt_einsum import contract
 from torch import Tensor, nn
 
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import fold, upcast, weight_sq_norms
+from dpkit.layers import contract, fold, upcast, weight_sq_norms
 
 
 def grad_sampler(

@@ -17,10 +17,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
-from opt_einsum import contract
 from torch import Tensor, nn
 
-from dpkit.layers import fold, upcast
+from dpkit.layers import contract, fold, upcast
 from dpkit.modes._capture import Capture, Capturer
 
 
