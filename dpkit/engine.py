@@ -194,7 +194,8 @@ class PrivateTraining:
 
     def _clip_records(self, records, rows: int) -> None:
         batch = rows // self.K
-        norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
+        norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer,
+                                              choose=self.mode == "auto")
         clipper_norms, factors = self.accumulator.clip_factors(norms)
         if self.mode == "ghost":
             if not self._in_ghost_backward:

@@ -24,8 +24,13 @@ from dpkit.modes._capture import Capture, Capturer
 
 
 def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], batch: int, K: int,
-                 capturer: Capturer) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
-    """``[P, B]`` per-parameter norms of per-example (K-averaged) gradients, and the materialised gradients."""
+                 capturer: Capturer, choose: bool = False) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
+    """``[P, B]`` per-parameter norms of per-example (K-averaged) gradients, and the materialised gradients.
+
+    With ``choose`` (mode ``auto``) a layer whose per-example gradient is no larger than its record
+    (a convolution, a short sequence) has its gradients formed once and kept for the clipped sum, instead
+    of a norm sampler now and a weighted contraction later.
+    """
     users: dict[nn.Parameter, list[Capture]] = defaultdict(list)
     for cap in records:
         for p in set(cap.row.params.values()):
@@ -43,7 +48,9 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
     for cap in records:
         row = cap.row
         own = set(row.params.values())
-        by_norm = {p for p in own if row.norm_sampler is not None and (len(users[p]) == 1 or p in crossed)}
+        formed = choose and row.sampler is not None and all(len(users[p]) == 1 for p in own) and _small(cap, batch)
+        by_norm = {p for p in own if row.norm_sampler is not None and not formed
+                   and (len(users[p]) == 1 or p in crossed)}
         if by_norm:
             with capturer.quiet():
                 got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, cap.bdim == 0)
@@ -53,7 +60,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
             for p, g in capturer.compute(cap).items():
                 if p in by_norm:
                     continue
-                if row.sampler is None or len(users[p]) > 1:
+                if row.sampler is None or len(users[p]) > 1 or formed:
                     add(materialised, p, g)  # needed again for the clipped sum, or summed with another use first
                 else:
                     squares[p] = _square_norms(g, batch)
@@ -71,6 +78,13 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         if p in squares:
             norms[i] = squares[p].clamp_min(0).to(norms.device)
     return norms.sqrt() / K, materialised
+
+
+def _small(cap: Capture, batch: int) -> bool:
+    """Whether the call's per-example gradient has no more entries than its per-example record."""
+    record = sum(a.numel() for a in cap.args if isinstance(a, Tensor) and a.is_floating_point())
+    record += cap.grads[0].numel()
+    return sum(p.numel() for p in cap.row.local_params.values()) * max(batch, 1) <= record
 
 
 def _square_norms(g: Tensor, batch: int) -> Tensor:
