@@ -7,19 +7,26 @@ an example's K copies and L positions folded into one axis. One unfold serves 1-
 here as the module does it (``F.pad`` with its ``padding_mode``; ``"same"`` puts the odd extra element on the
 right), so the patches match the forward exactly for every mode, stride, dilation and group count.
 
+Forming per-example weight gradients uses the convolution's own weight-gradient kernel instead: with the
+examples as groups (``B·C`` input and ``B·O`` output channels, ``B·G`` groups) and an example's K copies as
+the kernel's batch, one call returns every example's gradient, K-summed, without the ``∏k``-times larger
+patches. Patches remain for ghost norms, chosen when the shapes make them cheaper.
+
 The sampler reads ``activations[0]`` (the input, batched ``[N, C, *spatial]``) only.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import contract, examples, upcast, weight_sq_norms
+from dpkit.layers import examples, upcast, weight_sq_norms
 
 Conv = nn.Conv1d | nn.Conv2d | nn.Conv3d
+_WEIGHT_GRAD = {1: nn.grad.conv1d_weight, 2: nn.grad.conv2d_weight, 3: nn.grad.conv3d_weight}
 
 
 def _pad(layer: Conv) -> list[int]:
@@ -50,6 +57,37 @@ def patches(layer: Conv, x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1 : 2 + nd]), math.prod(x.shape[2 + nd :]))
 
 
+def _padded(layer: Conv, x: Tensor) -> Tensor:
+    nd = len(layer.kernel_size)
+    if x.dim() != nd + 2:
+        raise ValueError(
+            f"{layer!r} got an input of shape {list(x.shape)}; per-example gradients need a batch dim"
+        )
+    return F.pad(x, _pad(layer), mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
+
+
+def weight_grads(layer: Conv, x: Tensor, g: Tensor, K: int) -> Tensor:
+    """Per-example weight gradients ``[B, *weight.shape]`` (K-summed) from the weight-gradient kernel."""
+    x = _padded(layer, x)
+    B = x.shape[0] // K
+    if B == 0:
+        return g.new_zeros((0, *layer.weight.shape))
+    x = examples(x, K).transpose(0, 1).reshape(K, B * x.shape[1], *x.shape[2:])
+    g = examples(g, K).transpose(0, 1).reshape(K, B * g.shape[1], *g.shape[2:])
+    x, g = (x, g.to(x.dtype)) if x.dtype == torch.promote_types(x.dtype, g.dtype) else (x.to(g.dtype), g)
+    w = _WEIGHT_GRAD[len(layer.kernel_size)](
+        x, (B * layer.out_channels, *layer.weight.shape[1:]), g,
+        stride=layer.stride, padding=0, dilation=layer.dilation, groups=B * layer.groups)
+    return w.reshape(B, *layer.weight.shape)
+
+
+def _ghost_cheaper(layer: Conv, backprops: Tensor, K: int) -> bool:
+    """Ghost norms cost ~(K·L)²·(p+d) per example and group, forming the gradient ~K·L·p·d (L positions)."""
+    L = K * math.prod(backprops.shape[2:])
+    p, d = layer.out_channels // layer.groups, layer.weight[0].numel()
+    return L * (p + d) < p * d
+
+
 def _grouped(layer: Conv, activations: list[Tensor], backprops: Tensor, K: int) -> tuple[Tensor, Tensor]:
     """Patches ``[B, K, G, C/G·∏k, L]`` and output gradients ``[B, K, G, O/G, L]``."""
     G = layer.groups
@@ -61,27 +99,31 @@ def _grouped(layer: Conv, activations: list[Tensor], backprops: Tensor, K: int) 
 
 def grad_sampler(layer: Conv, activations: list[Tensor], backprops: Tensor, K: int = 1) -> dict[nn.Parameter, Tensor]:
     """Per-example gradients: weight ``[B, O, C/G, *k]``, bias ``[B, O]``."""
-    a, g = _grouped(layer, activations, backprops, K)
     out = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = contract("bkgol,bkgil->bgoi", g, a).reshape(g.shape[0], *layer.weight.shape)
+        out[layer.weight] = weight_grads(layer, activations[0], backprops, K)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = g.sum((1, 4)).reshape(g.shape[0], layer.out_channels)
+        g = examples(backprops, K)
+        out[layer.bias] = g.reshape(*g.shape[:3], math.prod(g.shape[3:])).sum((1, 3))
     return out
 
 
 def norm_sampler(layer: Conv, activations: list[Tensor], backprops: Tensor, K: int = 1) -> dict[nn.Parameter, Tensor]:
     """Per-example gradient norms ``[B]``: per group, ghost or instantiated (whichever is cheaper), in float32."""
-    a, g = _grouped(layer, activations, backprops, K)
-    B, K, G, _, L = g.shape
     out = {}
-    if layer.weight.requires_grad:
+    if layer.weight.requires_grad and _ghost_cheaper(layer, backprops, K):
+        a, g = _grouped(layer, activations, backprops, K)
+        B, K, G, _, L = g.shape
         # one Linear per (example, group) over the K·L positions; the squared norms add over groups
         a2 = a.permute(0, 2, 1, 4, 3).reshape(B * G, K * L, a.shape[3])
         g2 = g.permute(0, 2, 1, 4, 3).reshape(B * G, K * L, g.shape[3])
         out[layer.weight] = weight_sq_norms(a2, g2).reshape(B, G).sum(1).sqrt()
+    elif layer.weight.requires_grad:
+        w = weight_grads(layer, upcast(activations[0]), upcast(backprops), K)
+        out[layer.weight] = w.reshape(w.shape[0], layer.weight.numel()).norm(dim=1)
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = upcast(g).sum((1, 4)).reshape(B, layer.out_channels).norm(dim=1)
+        g = upcast(examples(backprops, K))
+        out[layer.bias] = g.reshape(*g.shape[:3], math.prod(g.shape[3:])).sum((1, 3)).norm(dim=1)
     return out
 
 
