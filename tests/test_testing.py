@@ -6,26 +6,9 @@ import torch
 from torch import nn
 
 import dpkit
-from dpkit import registry
 from dpkit.errors import UnsupportedLayerError
 from dpkit.layers import fold, linear
 from dpkit.testing import check_grad_sampler, check_norm_sampler, forward_activations
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def fresh_registry(monkeypatch):
-    monkeypatch.setenv("DPKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
-    registry.reset()
-    yield
-    registry.reset()
 
 
 class Scale(nn.Module):
