@@ -49,6 +49,7 @@ class Capture:
     grads: list[Tensor | None]
     pending: set[int]
     outputs: list[Tensor] = attrs.field(factory=list)  # kept in ghost mode for the norm pass
+    squares: dict[nn.Parameter, Tensor] | None = None  # ghost: norms taken on arrival, the record freed
     versions: list[int] = attrs.field(factory=list)
     done: bool = False
 
@@ -261,11 +262,23 @@ class Capturer:
         if scale != 1:
             cap.grads = [g * scale if g is not None else None for g in cap.grads]
         if self.keep_records:
+            if self.keep_outputs and cap.row.norm_sampler is not None and not self._shared(cap):
+                # Ghost needs only norms from this pass: take them now and free the record.
+                with self.quiet():
+                    norms = cap.row.call(cap.row.norm_sampler, cap.args, cap.grads[0], self.K, cap.bdim == 0)
+                cap.squares = {p: n.to(torch.promote_types(n.dtype, torch.float32)).square() for p, n in norms.items()}
+                cap.args, cap.kwargs, cap.grads = [], {}, []
             self.completed.append(cap)
             return
         for p, gs in self.compute(cap).items():
             self._add(p, gs)
         cap.args, cap.kwargs, cap.grads = [], {}, []
+
+    def _shared(self, cap: Capture) -> bool:
+        """Whether another call of this backward pass uses one of the call's parameters (tied, or called twice)."""
+        mine = set(cap.row.params.values())
+        return any(other is not cap and not mine.isdisjoint(other.row.params.values())
+                   for other in (*self.captures, *self.completed))
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:

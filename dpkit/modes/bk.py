@@ -46,6 +46,10 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         store[p] = store[p] + t if p in store else t
 
     for cap in records:
+        if cap.squares is not None:  # taken when the gradient arrived (ghost)
+            for p, sq in cap.squares.items():
+                add(squares, p, sq)
+            continue
         row = cap.row
         own = set(row.params.values())
         formed = choose and row.sampler is not None and all(len(users[p]) == 1 for p in own) and _small(cap, batch)
