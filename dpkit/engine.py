@@ -265,7 +265,8 @@ class PrivateTraining:
         else:
             self.ledger.record(step_event(self.noise.dp_event(self.noise_multiplier, self.sample_rate),
                                           self.clipper.dp_event(self.sample_rate)))
-        self.clipper.end_step(self.noise)
+        self.clipper.end_step(self.noise, expected_batch_size=self.expected_batch_size
+                              or max(self.accumulator.examples, 1))
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled or self._skip_step:
@@ -352,7 +353,10 @@ def make_private_with_epsilon(*, module: nn.Module, optimizer: Optimizer, data_l
         raise ValueError("target_delta= is required with target_epsilon= (e.g. 1e-5, below 1/N)")
     private = PrivateTraining(module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=1.0,
                               max_grad_norm=max_grad_norm, **kwargs)
-    private.noise_multiplier = get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=private.sample_rate,
-        epochs=epochs, steps=steps, accountant=private.accountant)
+    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                 sample_rate=private.sample_rate, epochs=epochs, steps=steps,
+                                 accountant=private.accountant)
+    # A clipper that spends privacy (adaptive's noisy count) shares the budget: the gradient gets what is left.
+    split = getattr(private.clipper, "gradient_noise_multiplier", None)
+    private.noise_multiplier = split(sigma) if split is not None else sigma
     return private

@@ -48,18 +48,32 @@ class NormSampler(Protocol):
 
 
 class Clipper(Protocol):
-    """Turns per-example norms into clip factors; may spend privacy (adaptive)."""
+    """Turns per-example norms into clip factors; may learn from the data and spend privacy (adaptive).
 
+    ``dpkit.clipping.ClipperBase`` gives no-op defaults for everything but ``factors``.
+    """
+
+    per_layer: bool  # True: factors() gets [P, B] norms, one row per trainable parameter
     max_grad_norm: float
 
     def factors(self, norms: Tensor) -> Tensor:
-        """``norms`` is ``[B]`` (flat) or ``[L, B]`` (per layer); returns factors of the same shape."""
+        """``norms`` is ``[B]`` (flat) or ``[P, B]`` (per layer); returns factors of the same shape."""
 
     def sensitivity(self) -> float:
         """The L2 bound of one example's clipped contribution: the noise std is σ times this."""
 
-    def dp_event(self) -> DpEvent:
+    def dp_event(self, sample_rate: float) -> DpEvent:
         """The privacy this clipper spends per step (``NoOpEvent`` unless it learns from data)."""
+
+    def observe(self, norms: Tensor) -> None:
+        """Sees each backward pass's norms (as passed to ``factors``)."""
+
+    def end_step(self, noise: NoiseMechanism, expected_batch_size: float | None = None) -> None:
+        """Called once per optimizer step, after the noise; draws from ``noise``'s generator if it must."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class NoiseMechanism(Protocol):

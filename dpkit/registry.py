@@ -29,6 +29,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dpkit.layers.normalization",
     "dpkit.clipping.flat",
     "dpkit.clipping.per_layer",
+    "dpkit.clipping.automatic",
+    "dpkit.clipping.adaptive",
     "dpkit.noise.gaussian",
     "dpkit.accountants.rdp",
     "dpkit.accountants.prv",

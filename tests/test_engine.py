@@ -352,3 +352,19 @@ def test_zero_noise_reports_infinite_epsilon():
     x, y = next(iter(loader()))
     train_step(p, x, y)
     assert p.epsilon(1e-5) == float("inf")
+
+
+def test_target_epsilon_holds_with_a_clipper_that_spends_privacy():
+    """Adaptive clipping's noisy count shares the budget: after the calibrated epochs ε is the target."""
+    model = net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = dpkit.make_private_with_epsilon(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader(n=40, batch=8),
+            max_grad_norm=1.0, target_epsilon=3.0, target_delta=1e-5, epochs=2, clipping="adaptive",
+            clipping_kwargs={"count_noise_multiplier": 5.0}, criterion=nn.CrossEntropyLoss())
+    for _ in range(2):
+        for x, y in p.data_loader:
+            train_step(p, x, y)
+    assert p.steps == 10
+    assert 2.9 < p.epsilon(1e-5) <= 3.0 + 1e-9

@@ -23,7 +23,7 @@ class ClipperBase:
     def observe(self, norms: Tensor) -> None:
         """Sees each backward pass's per-example norms (adaptive clippers learn from them)."""
 
-    def end_step(self, noise: Any) -> None:
+    def end_step(self, noise: Any, expected_batch_size: float | None = None) -> None:
         """Called once per optimizer step, after noise (adaptive clippers update here)."""
 
     def state_dict(self) -> dict[str, Any]:

@@ -101,6 +101,10 @@ class AdaptiveClipper(ClipperBase):
     def dp_event(self, sample_rate: float) -> DpEvent:
         return PoissonSampledEvent(sample_rate, GaussianEvent(2 * self.count_noise_multiplier))
 
+    def gradient_noise_multiplier(self, total_noise_multiplier: float) -> float:
+        """The gradient's share of a budget calibrated for noise multiplier σ alone (σ_Δ of Andrew et al.)."""
+        return gradient_noise_multiplier(total_noise_multiplier, self.count_noise_multiplier)
+
     def state_dict(self) -> dict[str, Any]:
         return {"max_grad_norm": self.max_grad_norm}
 
