@@ -353,6 +353,9 @@ def make_private_with_epsilon(*, module: nn.Module, optimizer: Optimizer, data_l
         raise ValueError("target_delta= is required with target_epsilon= (e.g. 1e-5, below 1/N)")
     private = PrivateTraining(module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=1.0,
                               max_grad_norm=max_grad_norm, **kwargs)
+    if steps is None and epochs is not None and private.data_loader is not None:
+        # An epoch is as many steps as the loader yields (round(1/q) for Poisson), not 1/q.
+        steps, epochs = math.ceil(epochs * len(private.data_loader)), None
     sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                  sample_rate=private.sample_rate, epochs=epochs, steps=steps,
                                  accountant=private.accountant)

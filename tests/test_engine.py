@@ -368,3 +368,15 @@ def test_target_epsilon_holds_with_a_clipper_that_spends_privacy():
             train_step(p, x, y)
     assert p.steps == 10
     assert 2.9 < p.epsilon(1e-5) <= 3.0 + 1e-9
+
+
+def test_target_epsilon_holds_for_epochs_of_the_returned_loader():
+    """Calibrated for the steps the loader yields per epoch (round(1/q)), not 1/q: ε ends at the target."""
+    model = nn.Linear(4, 3)
+    data = DataLoader(TensorDataset(torch.randn(1437, 4), torch.randint(0, 3, (1437,))), batch_size=256)
+    p = dpkit.make_private_with_epsilon(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                        data_loader=data, max_grad_norm=1.0, target_epsilon=3.0, target_delta=1e-5,
+                                        epochs=30, criterion=nn.CrossEntropyLoss())
+    eps = dpkit.get_epsilon(accountant="prv", noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
+                            steps=30 * len(p.data_loader), delta=1e-5)
+    assert len(p.data_loader) == 6 and 2.95 < eps <= 3.0 + 1e-9
