@@ -129,14 +129,9 @@ EXAMPLES: dict[type, tuple] = {
 
 
 @pytest.fixture
-def builtin_registry(monkeypatch):
-    monkeypatch.setenv("DPKIT_DISABLE_PLUGIN_AUTOLOAD", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    registry.reset()
-    yield
-    registry.reset()
-    torch.set_num_threads(threads)
+def builtin_registry(fresh_registry):
+    """The built-ins only (the root conftest's fresh registry; one torch thread is autouse there)."""
+    return fresh_registry
 
 
 @pytest.mark.parametrize("hook, layer_type, provider",
