@@ -196,7 +196,8 @@ class PrivateTraining:
         batch = rows // self.K
         norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer,
                                               choose=self.mode == "auto")
-        clipper_norms, factors = self.accumulator.clip_factors(norms)
+        scale = rows if self.loss_reduction == "mean" else 1  # the records hold the mean loss's gradients
+        clipper_norms, factors = self.accumulator.clip_factors(norms * scale if scale != 1 else norms)
         if self.mode == "ghost":
             if not self._in_ghost_backward:
                 raise PrivacyUsageError(
@@ -204,7 +205,8 @@ class PrivateTraining:
                     "must come from private.criterion (make_private(criterion=...)); call loss.backward() on it.")
             self._ghost_factors = (clipper_norms, factors)
             return
-        sums = bk.record_sums(records, self.params, factors, self.K, materialised, self.capturer)
+        sums = bk.record_sums(records, self.params, factors * scale if scale != 1 else factors, self.K,
+                              materialised, self.capturer)
         before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
         self.accumulator.add(sums, batch)
         if before is not None:
@@ -252,11 +254,12 @@ class PrivateTraining:
                 "first, also for an empty Poisson batch (dpkit gives it the right shape and counts it).")
         sums = self.accumulator.sums
         all_reduce(sums)
-        noisy = privatize(sums, self.params, self.noise, self.noise_multiplier * self.clipper.sensitivity())
         denominator = (self.expected_batch_size if self.expected_batch_size is not None
                        else max(self.accumulator.examples, 1)) if self.loss_reduction == "mean" else 1
+        noisy = privatize(sums, self.params, self.noise, self.noise_multiplier * self.clipper.sensitivity(),
+                          denominator)
         for p in self.params:
-            p.grad = (noisy[p] / denominator).to(p.dtype)
+            p.grad = noisy[p]
         self._record_step()
 
     def _record_step(self) -> None:

@@ -77,7 +77,11 @@ class Clipper(Protocol):
 
 
 class NoiseMechanism(Protocol):
-    """Privatizes the clipped sum; owns its random generator."""
+    """Privatizes the clipped sum; owns its random generator.
+
+    ``add`` gets a flat temporary that the engine owns (all parameters of one device and dtype) and may
+    write the noise into it in place; it returns the noisy tensor.
+    """
 
     def add(self, clipped_sum: Tensor, *, std: float) -> Tensor: ...
 

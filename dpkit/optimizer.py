@@ -56,9 +56,25 @@ def all_reduce(sums: dict[nn.Parameter, Tensor]) -> None:
 
 
 def privatize(sums: dict[nn.Parameter, Tensor], params: Sequence[nn.Parameter], noise: NoiseMechanism,
-              std: float) -> dict[nn.Parameter, Tensor]:
-    """The clipped sum of every parameter plus noise; a parameter without examples gets noise alone."""
-    return {p: noise.add(sums[p] if p in sums else torch.zeros_like(p), std=std) for p in params}
+              std: float, denominator: float = 1) -> dict[nn.Parameter, Tensor]:
+    """(clipped sum + noise) / denominator for every parameter; a parameter without examples gets noise alone.
+
+    The sums of each device and dtype are noised as one flat tensor: one draw instead of one per parameter
+    (the same distribution, coordinates being independent), and the results are views of it.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+    for p in params:
+        s = sums.get(p)
+        groups.setdefault((p.device, s.dtype if s is not None else p.dtype), []).append(p)
+    out = {}
+    for (device, dtype), group in groups.items():
+        flat = torch.cat([(sums[p] if p in sums else torch.zeros_like(p, dtype=dtype)).reshape(-1) for p in group])
+        noisy = noise.add(flat, std=std)
+        if denominator != 1:
+            noisy = noisy.div_(denominator)
+        for p, view in zip(group, torch.split(noisy, [p.numel() for p in group])):
+            out[p] = view.view(p.shape).to(p.dtype)
+    return out
 
 
 class StepAccumulator:

@@ -65,6 +65,7 @@ def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     """
     a, g = upcast(a), upcast(g)
     T, d, p = a.shape[1], a.shape[2], g.shape[2]
+    # bmm reads transposed operands in place (an LM head's gradient arrives transposed from [B, V, T])
     if T * (p + d) < p * d:
-        return (contract("nti,nsi->nts", a, a) * contract("nto,nso->nts", g, g)).sum((1, 2)).clamp_min(0)
-    return contract("nto,nti->noi", g, a).square().sum((1, 2))
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)).clamp_min(0)
+    return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))

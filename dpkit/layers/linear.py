@@ -8,10 +8,11 @@ The sampler reads ``activations[0]`` (the input) only.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import contract, fold, upcast, weight_sq_norms
+from dpkit.layers import fold, upcast, weight_sq_norms
 
 
 def grad_sampler(
@@ -21,7 +22,7 @@ def grad_sampler(
     a, g = fold(activations[0], K), fold(backprops, K)
     out = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = contract("bto,bti->boi", g, a)
+        out[layer.weight] = torch.bmm(g.transpose(1, 2), a)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = g.sum(1)
     return out

@@ -87,7 +87,7 @@ class Capturer:
         self.K = K
         self.batch_first = batch_first
         self.bdim = 0 if batch_first else 1
-        self.rescale = rescale  # loss_reduction="mean": multiply output grads by the row count
+        self.rescale = rescale  # loss_reduction="mean": output grads are 1/rows of the sum's; scale them back
         self.keep_records = keep_records
         self.keep_outputs = keep_outputs
         self.on_backward_end = on_backward_end
@@ -258,10 +258,9 @@ class Capturer:
             )
         if cap.row.mode == "ew":
             return
-        scale = cap.rows if self.rescale else 1
-        if scale != 1:
-            cap.grads = [g * scale if g is not None else None for g in cap.grads]
         if self.keep_records:
+            # The norm modes apply the "mean" rescale to the norms and the clip weights (two scalars per
+            # example) instead of to every output gradient.
             if self.keep_outputs and cap.row.norm_sampler is not None and not self._shared(cap):
                 # Ghost needs only norms from this pass: take them now and free the record.
                 with self.quiet():
@@ -270,6 +269,9 @@ class Capturer:
                 cap.args, cap.kwargs, cap.grads = [], {}, []
             self.completed.append(cap)
             return
+        scale = cap.rows if self.rescale else 1
+        if scale != 1:
+            cap.grads = [g * scale if g is not None else None for g in cap.grads]
         for p, gs in self.compute(cap).items():
             self._add(p, gs)
         cap.args, cap.kwargs, cap.grads = [], {}, []

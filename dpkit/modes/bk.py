@@ -13,6 +13,7 @@ materialised; units without samplers (the torch.func fallback) are too.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -29,59 +30,73 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
 
     With ``choose`` (mode ``auto``) a layer whose per-example gradient is no larger than its record
     (a convolution, a short sequence) has its gradients formed once and kept for the clipped sum, instead
-    of a norm sampler now and a weighted contraction later.
+    of a norm sampler now and a weighted contraction later. Parameters are keyed by ``id`` on this path:
+    hashing a tensor is a Python call.
     """
-    users: dict[nn.Parameter, list[Capture]] = defaultdict(list)
+    users: dict[int, list[Capture]] = defaultdict(list)
     for cap in records:
-        for p in set(cap.row.params.values()):
-            users[p].append(cap)
+        for p in _own(cap.row):
+            users[id(p)].append(cap)
     # A weight shared by Linear/Embedding calls (an embedding tied to the LM head): each call's own norm
     # from its norm sampler, plus the cross terms between calls, computed from the records (ghost style).
-    crossed = {p for p, caps in users.items()
-               if len(caps) > 1 and all(c.row.norm_sampler is not None and _factorable(c, p) for c in caps)}
-    squares: dict[nn.Parameter, Tensor] = {}
-    materialised: dict[nn.Parameter, Tensor] = {}
+    crossed = {i for i, caps in users.items() if len(caps) > 1
+               and all(c.row.norm_sampler is not None and _factorable(c, i) for c in caps)}
+    squares: dict[int, Tensor] = {}
+    materialised: dict[int, tuple[nn.Parameter, Tensor]] = {}
 
-    def add(store: dict, p: nn.Parameter, t: Tensor) -> None:
-        store[p] = store[p] + t if p in store else t
+    def add(store: dict, key: int, t: Tensor) -> None:
+        store[key] = store[key] + t if key in store else t
 
     for cap in records:
         if cap.squares is not None:  # taken when the gradient arrived (ghost)
             for p, sq in cap.squares.items():
-                add(squares, p, sq)
+                add(squares, id(p), sq)
             continue
         row = cap.row
-        own = set(row.params.values())
-        formed = choose and row.sampler is not None and all(len(users[p]) == 1 for p in own) and _small(cap, batch)
-        by_norm = {p for p in own if row.norm_sampler is not None and not formed
-                   and (len(users[p]) == 1 or p in crossed)}
+        own = _own(row)
+        formed = (choose and row.sampler is not None and all(len(users[id(p)]) == 1 for p in own)
+                  and _small(cap, batch))
+        by_norm = set() if formed or row.norm_sampler is None else {
+            id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
         if by_norm:
             with capturer.quiet():
                 got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, cap.bdim == 0)
-            for p in by_norm & set(got):
-                add(squares, p, upcast(got[p]).square())
-        if own - by_norm:
+            for p, n in got.items():
+                if id(p) in by_norm:
+                    add(squares, id(p), upcast(n).square())
+        if len(by_norm) < len(own):
             for p, g in capturer.compute(cap).items():
-                if p in by_norm:
+                key = id(p)
+                if key in by_norm:
                     continue
-                if row.sampler is None or len(users[p]) > 1 or formed:
-                    add(materialised, p, g)  # needed again for the clipped sum, or summed with another use first
+                if row.sampler is None or len(users[key]) > 1 or formed:
+                    # needed again for the clipped sum, or summed with another use first
+                    materialised[key] = (p, materialised[key][1] + g) if key in materialised else (p, g)
                 else:
-                    squares[p] = _square_norms(g, batch)
-    for p in crossed:
-        caps = users[p]
+                    squares[key] = _square_norms(g, batch)
+    for key in crossed:
+        caps = users[key]
         for i in range(len(caps)):
             for j in range(i + 1, len(caps)):
-                add(squares, p, 2 * _inner(_factor(caps[i], K), _factor(caps[j], K)))
-    for p, g in materialised.items():
-        squares[p] = _square_norms(g, batch)
-    first = next(iter(squares.values()), None)
-    norms = torch.zeros(len(params), batch, device=first.device if first is not None else None,
-                        dtype=first.dtype if first is not None else torch.float32)
-    for i, p in enumerate(params):
-        if p in squares:
-            norms[i] = squares[p].clamp_min(0).to(norms.device)
-    return norms.sqrt() / K, materialised
+                add(squares, key, 2 * _inner(_factor(caps[i], K), _factor(caps[j], K)))
+    for key, (_, g) in materialised.items():
+        squares[key] = _square_norms(g, batch)
+    return _table(squares, params, batch) / K, {p: g for p, g in materialised.values()}
+
+
+def _own(row) -> dict[nn.Parameter, None]:
+    return dict.fromkeys(row.params.values())
+
+
+def _table(squares: dict[int, Tensor], params: Sequence[nn.Parameter], batch: int) -> Tensor:
+    """The ``[P, B]`` norm table from squared norms keyed by parameter id, in one stack (zeros where missing)."""
+    if not squares:
+        return torch.zeros(len(params), batch)
+    dtype = functools.reduce(torch.promote_types, {t.dtype for t in squares.values()})
+    device = next(iter(squares.values())).device
+    zero = torch.zeros(batch, dtype=dtype, device=device)
+    rows = [squares[id(p)].to(device, dtype) if id(p) in squares else zero for p in params]
+    return torch.stack(rows).clamp_min_(0).sqrt_()
 
 
 def _small(cap: Capture, batch: int) -> bool:
@@ -95,9 +110,9 @@ def _square_norms(g: Tensor, batch: int) -> Tensor:
     return upcast(g.reshape(batch, -1 if batch else 0)).square().sum(1)
 
 
-def _factorable(cap: Capture, p: nn.Parameter) -> bool:
+def _factorable(cap: Capture, key: int) -> bool:
     module = cap.row.module
-    return type(module) in (nn.Linear, nn.Embedding) and p is module.weight and cap.row.uses_activations
+    return type(module) in (nn.Linear, nn.Embedding) and key == id(module.weight) and cap.row.uses_activations
 
 
 def _factor(cap: Capture, K: int) -> tuple[str, Tensor, Tensor]:
@@ -132,34 +147,36 @@ def _inner(f1: tuple[str, Tensor, Tensor], f2: tuple[str, Tensor, Tensor]) -> Te
 
 def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], factors: Tensor, K: int,
                 materialised: dict[nn.Parameter, Tensor], capturer: Capturer) -> dict[nn.Parameter, Tensor]:
-    """Σ_i f_i g_i per parameter, from the records (and the materialised gradients)."""
-    index = {p: i for i, p in enumerate(params)}
+    """Σ_i f_i g_i per parameter, from the records (and the materialised gradients); ``factors`` ``[B]`` or ``[P, B]``."""
+    index = {id(p): i for i, p in enumerate(params)}
+    per_layer = factors.dim() == 2
+    weights = (factors / K).repeat_interleave(K, dim=-1)  # per row: an example's K copies share its factor
 
-    def factor(p: nn.Parameter) -> Tensor:
-        return factors[index[p]] if factors.dim() == 2 else factors
-
-    sums: dict[nn.Parameter, Tensor] = {}
+    sums: dict[int, tuple[nn.Parameter, Tensor]] = {}
 
     def add(p: nn.Parameter, s: Tensor) -> None:
-        sums[p] = sums[p] + s if p in sums else s
+        key = id(p)
+        sums[key] = (p, sums[key][1] + s) if key in sums else (p, s)
 
+    formed = {id(p) for p in materialised}
     for p, g in materialised.items():
-        add(p, torch.tensordot(factor(p).to(g.dtype), g, dims=1) / K)
+        f = factors[index[id(p)]] if per_layer else factors
+        add(p, torch.tensordot(f.to(g.dtype), g, dims=1) / K)
     for cap in records:
         if cap.rows == 0:
             continue
-        todo = [p for p in cap.row.local_params.values() if p not in materialised]
+        todo = [p for p in cap.row.local_params.values() if id(p) not in formed]
         if not todo:
             continue
         # One call per distinct factor vector: flat clipping needs one, per-layer clipping one per parameter.
-        groups = [todo] if factors.dim() == 1 else [[p] for p in todo]
+        groups = [todo] if not per_layer else [[p] for p in todo]
         for group in groups:
-            weights = (factor(group[0]) / K).repeat_interleave(K)
-            wanted = set(group)
-            for p, s in _weighted_sum(cap, weights, capturer).items():
-                if p in wanted:
+            wanted = {id(p) for p in group}
+            w = weights[index[id(group[0])]] if per_layer else weights
+            for p, s in _weighted_sum(cap, w, capturer).items():
+                if id(p) in wanted:
                     add(p, s)
-    return sums
+    return dict(sums.values())
 
 
 def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.Parameter, Tensor]:
@@ -168,7 +185,9 @@ def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.
     g = cap.grads[0]
     shape = [1] * g.dim()
     shape[bdim] = -1
-    g = g * weights.to(g.dtype).reshape(shape)
+    # Weighted into a contiguous tensor: one pass, and the sampler's reshapes are views even when the
+    # gradient arrived transposed (an LM head's from a [B, V, T] loss).
+    g = torch.mul(g, weights.to(g.dtype).reshape(shape), out=torch.empty(g.shape, dtype=g.dtype, device=g.device))
     with capturer.quiet():
         if row.sampler is not None:
             # All rows as the K copies of one example: the sampler returns their sum, shape [1, *p.shape].

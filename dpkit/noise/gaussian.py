@@ -11,6 +11,9 @@ from dpkit.events import DpEvent, GaussianEvent, PoissonSampledEvent
 from dpkit.hookspecs import hookimpl
 
 
+_CPU_CHUNK = 1 << 16  # floats drawn at a time on the CPU: 256 KiB, reused
+
+
 class GaussianNoise:
     """Draws from its own ``torch.Generator`` per device, so checkpoints can restore the stream.
 
@@ -36,15 +39,27 @@ class GaussianNoise:
         return gen
 
     def add(self, clipped_sum: Tensor, *, std: float) -> Tensor:
+        """Adds the noise in place (the engine hands over a flat temporary it owns) and returns the tensor.
+
+        Drawn in float32 whatever the sum's dtype. On the CPU the draw goes through a small reused buffer,
+        chunk by chunk: a fresh parameter-sized draw would cost more in page faults than the drawing itself.
+        """
         if std == 0:
             return clipped_sum
-        gen = self.generator(clipped_sum.device)
-        draw = torch.randn(clipped_sum.shape, generator=gen, device=clipped_sum.device, dtype=torch.float32)
-        if self.secure_mode:
-            for _ in range(3):
-                draw += torch.randn(draw.shape, generator=gen, device=draw.device)
-            draw /= 2
-        return clipped_sum + (std * draw).to(clipped_sum.dtype)
+        out = clipped_sum.view(-1) if clipped_sum.is_contiguous() else clipped_sum.reshape(-1).clone()
+        gen = self.generator(out.device)
+        chunk = _CPU_CHUNK if out.device.type == "cpu" else max(out.numel(), 1)
+        buffer = torch.empty(min(chunk, out.numel()), device=out.device, dtype=torch.float32)
+        for part in out.split(chunk):
+            draw = buffer[: part.numel()]
+            if not self.secure_mode:
+                part.add_(draw.normal_(0, std, generator=gen))
+                continue
+            total = torch.zeros_like(draw)
+            for _ in range(4):
+                total += draw.normal_(generator=gen)
+            part.add_(total.mul_(std / 2))
+        return out.view(clipped_sum.shape)
 
     def dp_event(self, noise_multiplier: float, sample_rate: float) -> DpEvent:
         return PoissonSampledEvent(sample_rate, GaussianEvent(noise_multiplier))
