@@ -11,11 +11,14 @@ Reads ``activations[0]`` (the input) only. InstanceNorm needs batched input; in 
 """
 from __future__ import annotations
 
+import functools
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import sum_examples, upcast
+from dpkit.layers import examples, sum_examples, upcast
 
 _INSTANCE_DIMS = {nn.InstanceNorm1d: 3, nn.InstanceNorm2d: 4, nn.InstanceNorm3d: 5}
 Norm = nn.LayerNorm | nn.GroupNorm | nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d | nn.RMSNorm
@@ -42,15 +45,22 @@ def _grads(layer: Norm, x: Tensor, g: Tensor, K: int, cast=lambda t: t) -> dict[
     x_hat, g = cast(_normalized(layer, x)), cast(g)  # x̂ in the forward's dtype: RMSNorm's default eps depends on it
     if isinstance(layer, (nn.LayerNorm, nn.RMSNorm)):
         keep = len(layer.normalized_shape)  # the parameters cover the trailing normalized_shape
+        reduce = functools.partial(sum_examples, K=K, keep=keep)
     else:
-        keep, x_hat, g = 1, x_hat.movedim(1, -1), g.movedim(1, -1)  # one parameter per channel (dim 1)
+        reduce = functools.partial(_sum_channels, K=K)  # one parameter per channel (dim 1)
     out = {}
     if layer.weight is not None and layer.weight.requires_grad:
-        out[layer.weight] = sum_examples(x_hat * g, K, keep)
+        out[layer.weight] = reduce(x_hat * g)
     bias = getattr(layer, "bias", None)  # RMSNorm has none; LayerNorm(bias=False) holds None
     if bias is not None and bias.requires_grad:
-        out[bias] = sum_examples(g, K, keep)
+        out[bias] = reduce(g)
     return out
+
+
+def _sum_channels(x: Tensor, K: int) -> Tensor:
+    """``[B*K, C, *spatial]`` → ``[B, C]``, summing positions in place (no channels-last copy), then copies."""
+    x = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).sum(2)
+    return examples(x, K).sum(1)
 
 
 def grad_sampler(layer: Norm, activations: list[Tensor], backprops: Tensor, K: int = 1) -> dict[nn.Parameter, Tensor]:
