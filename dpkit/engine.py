@@ -7,6 +7,7 @@ optimizer's ``step`` so that each step uses the clipped, noised gradient
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator
@@ -101,7 +102,8 @@ class PrivateTraining:
         self.capturer = Capturer(module, self.plan, K=K, batch_first=batch_first, rescale=loss_reduction == "mean",
                                  keep_records=self.norm_mode, keep_outputs=grad_sample_mode == "ghost",
                                  skip_param_grads=grad_sample_mode in ("hooks", "bk", "auto"),
-                                 on_backward_end=self._on_backward_end)
+                                 on_backward_end=self._on_backward_end,
+                                 form_on_arrival=functools.partial(bk.form_early, K=K) if grad_sample_mode == "auto" else None)
         self._optimizer_hooks: list = []
         self.attached = False
         self.attach()

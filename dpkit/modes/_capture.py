@@ -50,6 +50,7 @@ class Capture:
     pending: set[int]
     outputs: list[Tensor] = attrs.field(factory=list)  # kept in ghost mode for the norm pass
     squares: dict[nn.Parameter, Tensor] | None = None  # ghost: norms taken on arrival, the record freed
+    formed: dict[nn.Parameter, Tensor] | None = None  # auto: small per-example gradients formed on arrival
     versions: list[int] = attrs.field(factory=list)
     done: bool = False
 
@@ -81,7 +82,7 @@ class Capturer:
 
     def __init__(self, model: nn.Module, rows: list[LayerPlan], *, K: int, batch_first: bool, rescale: bool,
                  keep_records: bool, keep_outputs: bool, skip_param_grads: bool,
-                 on_backward_end: Callable[..., None]):
+                 on_backward_end: Callable[..., None], form_on_arrival: Callable[[Capture], bool] | None = None):
         self.model = model
         self.plan = rows
         self.K = K
@@ -90,6 +91,7 @@ class Capturer:
         self.rescale = rescale  # loss_reduction="mean": output grads are 1/rows of the sum's; scale them back
         self.keep_records = keep_records
         self.keep_outputs = keep_outputs
+        self.form_on_arrival = form_on_arrival  # which records to turn into per-example gradients at once
         self.on_backward_end = on_backward_end
         self.enabled = True
         self._computing = False  # recomputation (torch.func units) must not be captured again
@@ -266,6 +268,10 @@ class Capturer:
                 with self.quiet():
                     norms = cap.row.call(cap.row.norm_sampler, cap.args, cap.grads[0], self.K, cap.bdim == 0)
                 cap.squares = {p: n.to(torch.promote_types(n.dtype, torch.float32)).square() for p, n in norms.items()}
+                cap.args, cap.kwargs, cap.grads = [], {}, []
+            elif self.form_on_arrival is not None and self.form_on_arrival(cap) and not self._shared(cap):
+                # Per-example gradients no bigger than the record: form them now and free the record.
+                cap.formed = self.compute(cap)
                 cap.args, cap.kwargs, cap.grads = [], {}, []
             self.completed.append(cap)
             return

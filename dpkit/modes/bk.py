@@ -52,10 +52,14 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
             for p, sq in cap.squares.items():
                 add(squares, id(p), sq)
             continue
+        if cap.formed is not None:  # formed when the gradient arrived (auto; parameters not shared)
+            for p, g in cap.formed.items():
+                materialised[id(p)] = (p, g)
+            continue
         row = cap.row
         own = _own(row)
         formed = (choose and row.sampler is not None and all(len(users[id(p)]) == 1 for p in own)
-                  and _small(cap, batch))
+                  and small(cap, K))
         by_norm = set() if formed or row.norm_sampler is None else {
             id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
         if by_norm:
@@ -99,11 +103,21 @@ def _table(squares: dict[int, Tensor], params: Sequence[nn.Parameter], batch: in
     return torch.stack(rows).clamp_min_(0).sqrt_()
 
 
-def _small(cap: Capture, batch: int) -> bool:
-    """Whether the call's per-example gradient has no more entries than its per-example record."""
+def form_early(cap: Capture, K: int) -> bool:
+    """Whether ``auto`` forms a call's per-example gradients as soon as its output gradients arrive.
+
+    True for torch.func units (their gradients are formed anyway) and for calls whose per-example gradients
+    have no more entries than their record (a LayerNorm, a convolution, a short sequence): the record is
+    freed at once and the gradients serve the norms and the clipped sum.
+    """
+    return cap.row.sampler is None or small(cap, K)
+
+
+def small(cap: Capture, K: int) -> bool:
+    """Whether a layer call's per-example gradients have no more entries than its record."""
     record = sum(a.numel() for a in cap.args if isinstance(a, Tensor) and a.is_floating_point())
     record += cap.grads[0].numel()
-    return sum(p.numel() for p in cap.row.local_params.values()) * max(batch, 1) <= record
+    return sum(p.numel() for p in cap.row.local_params.values()) * max(cap.rows // K, 1) <= record
 
 
 def _square_norms(g: Tensor, batch: int) -> Tensor:
