@@ -178,12 +178,16 @@ class Capturer:
                 module._parameters[name] = p
         if not self._active():
             return None
-        leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
-        wanted = {i for i, t in enumerate(leaves) if t.requires_grad}
+        if isinstance(output, Tensor):  # the common case, without pytree's walk
+            leaves = [output]
+            wanted = {0} if output.requires_grad else set()
+        else:
+            leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+            wanted = {i for i, t in enumerate(leaves) if t.requires_grad}
         if not wanted:
             return None
-        args = [pytree.tree_map(_detach, a) for a in args]
-        kwargs = {k: pytree.tree_map(_detach, v) for k, v in kwargs.items()}
+        args = [a.detach() if isinstance(a, Tensor) else pytree.tree_map(_detach, a) for a in args]
+        kwargs = {k: v.detach() if isinstance(v, Tensor) else pytree.tree_map(_detach, v) for k, v in kwargs.items()}
         if row.uses_activations:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
             kwargs = {}

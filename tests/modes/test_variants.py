@@ -113,7 +113,7 @@ def test_batch_first_false(mode):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
 def test_bf16_autocast_matches_fp32(mode):
     """Norms are computed in float32 under autocast, so the clipped step stays close to the fp32 one."""
     torch.manual_seed(4)
