@@ -254,12 +254,11 @@ class PrivateTraining:
             raise PrivacyUsageError(
                 "optimizer.step() was called without a backward() since the last step. Call loss.backward() "
                 "first, also for an empty Poisson batch (dpkit gives it the right shape and counts it).")
-        sums = self.accumulator.sums
-        all_reduce(sums)
+        flats = self.accumulator.flats
+        all_reduce([flat for flat, _ in flats])
         denominator = (self.expected_batch_size if self.expected_batch_size is not None
                        else max(self.accumulator.examples, 1)) if self.loss_reduction == "mean" else 1
-        noisy = privatize(sums, self.params, self.noise, self.noise_multiplier * self.clipper.sensitivity(),
-                          denominator)
+        noisy = privatize(flats, self.noise, self.noise_multiplier * self.clipper.sensitivity(), denominator)
         for p in self.params:
             p.grad = noisy[p]
         self._record_step()

@@ -7,7 +7,7 @@ the cross-rank sum (``all_reduce``) of distributed training.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -48,43 +48,44 @@ def clipped_sum(grad_samples: dict[nn.Parameter, Tensor], params: Sequence[nn.Pa
     return out
 
 
-def all_reduce(sums: dict[nn.Parameter, Tensor]) -> None:
+def all_reduce(flats: Sequence[Tensor]) -> None:
     """Sum the clipped sums of every rank in place (no-op unless torch.distributed is running)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in sums.values():
+        for t in flats:
             dist.all_reduce(t)
 
 
-def privatize(sums: dict[nn.Parameter, Tensor], params: Sequence[nn.Parameter], noise: NoiseMechanism,
-              std: float, denominator: float = 1) -> dict[nn.Parameter, Tensor]:
-    """(clipped sum + noise) / denominator for every parameter; a parameter without examples gets noise alone.
+def privatize(flats: Sequence[tuple[Tensor, list[nn.Parameter]]], noise: NoiseMechanism, std: float,
+              denominator: float = 1) -> dict[nn.Parameter, Tensor]:
+    """(clipped sum + noise) / denominator for every parameter, in place in the accumulator's flat buffers.
 
-    The sums of each device and dtype are noised as one flat tensor: one draw instead of one per parameter
-    (the same distribution, coordinates being independent), and the results are views of it.
+    One draw per buffer (all parameters of one device and dtype) rather than one per parameter: the same
+    distribution, coordinates being independent. The results are views of the buffers, shaped as the parameters.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
-    for p in params:
-        s = sums.get(p)
-        groups.setdefault((p.device, s.dtype if s is not None else p.dtype), []).append(p)
     out = {}
-    for (device, dtype), group in groups.items():
-        flat = torch.cat([(sums[p] if p in sums else torch.zeros_like(p, dtype=dtype)).reshape(-1) for p in group])
+    for flat, group in flats:
         noisy = noise.add(flat, std=std)
         if denominator != 1:
             noisy = noisy.div_(denominator)
         for p, view in zip(group, torch.split(noisy, [p.numel() for p in group])):
-            out[p] = view.view(p.shape).to(p.dtype)
+            out[p] = view.view(p.shape)
     return out
 
 
 class StepAccumulator:
-    """Clipped sums and example counts of the backward passes since the last step."""
+    """Clipped sums and example counts of the backward passes since the last step.
+
+    The sums live in one flat buffer per device and dtype, as views shaped like the parameters: each layer's
+    sum is added in place as soon as it is formed and then freed, and the step noises the buffers in place,
+    so the sums never take more memory than the gradients of non-private training.
+    """
 
     def __init__(self, params: Sequence[nn.Parameter], clipper: Clipper, K: int):
         self.params = list(params)
         self.clipper = clipper
         self.K = K
-        self.sums: dict[nn.Parameter, Tensor] = {}
+        self.sums: dict[nn.Parameter, Tensor] = {}  # views into self.flats
+        self.flats: list[tuple[Tensor, list[nn.Parameter]]] = []
         self.examples = 0
         self.backward_passes = 0
 
@@ -95,12 +96,24 @@ class StepAccumulator:
         self.clipper.observe(clipper_norms)
         return clipper_norms, factors
 
-    def add(self, sums: dict[nn.Parameter, Tensor], batch: int) -> None:
-        """Add one backward pass's clipped sum over ``batch`` examples."""
-        for p, s in sums.items():
-            self.sums[p] = self.sums[p] + s if p in self.sums else s
+    def add(self, sums: dict[nn.Parameter, Tensor] | Iterable[tuple[nn.Parameter, Tensor]], batch: int) -> None:
+        """Add one backward pass's clipped sum over ``batch`` examples (a dict, or pairs formed one at a time)."""
+        if not self.flats:
+            self._allocate()
+        for p, s in sums.items() if isinstance(sums, dict) else sums:
+            self.sums[p].add_(s)
         self.examples += batch
         self.backward_passes += 1
+
+    def _allocate(self) -> None:
+        groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        for p in self.params:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        for (device, dtype), group in groups.items():
+            flat = torch.zeros(sum(p.numel() for p in group), device=device, dtype=dtype)
+            for p, view in zip(group, torch.split(flat, [p.numel() for p in group])):
+                self.sums[p] = view.view(p.shape)
+            self.flats.append((flat, group))
 
     def add_backward(self, grad_samples: dict[nn.Parameter, Tensor], rows: int
                      ) -> tuple[Tensor, Tensor, dict[nn.Parameter, Tensor]]:
@@ -116,6 +129,8 @@ class StepAccumulator:
         return norms, factors, grad_samples
 
     def reset(self) -> None:
+        """Forget the sums; the buffers are not reused (the last step's gradients are views of them)."""
         self.sums = {}
+        self.flats = []
         self.examples = 0
         self.backward_passes = 0

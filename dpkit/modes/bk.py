@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -160,37 +160,32 @@ def _inner(f1: tuple[str, Tensor, Tensor], f2: tuple[str, Tensor, Tensor]) -> Te
 
 
 def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], factors: Tensor, K: int,
-                materialised: dict[nn.Parameter, Tensor], capturer: Capturer) -> dict[nn.Parameter, Tensor]:
-    """Σ_i f_i g_i per parameter, from the records (and the materialised gradients); ``factors`` ``[B]`` or ``[P, B]``."""
+                materialised: dict[nn.Parameter, Tensor], capturer: Capturer) -> Iterator[tuple[nn.Parameter, Tensor]]:
+    """Σ_i f_i g_i per parameter and record, from the records and the materialised gradients.
+
+    ``factors`` is ``[B]`` or ``[P, B]``. Yields one layer's sums at a time, so that the caller can add each
+    into its accumulator and drop it before the next is formed; a tied weight's uses come separately. Empties
+    ``materialised`` as it goes.
+    """
     index = {id(p): i for i, p in enumerate(params)}
     per_layer = factors.dim() == 2
     weights = (factors / K).repeat_interleave(K, dim=-1)  # per row: an example's K copies share its factor
-
-    sums: dict[int, tuple[nn.Parameter, Tensor]] = {}
-
-    def add(p: nn.Parameter, s: Tensor) -> None:
-        key = id(p)
-        sums[key] = (p, sums[key][1] + s) if key in sums else (p, s)
-
     formed = {id(p) for p in materialised}
-    for p, g in materialised.items():
+    while materialised:  # popped, so each per-example gradient is freed once used
+        p, g = materialised.popitem()
         f = factors[index[id(p)]] if per_layer else factors
-        add(p, torch.tensordot(f.to(g.dtype), g, dims=1) / K)
+        yield p, torch.tensordot(f.to(g.dtype), g, dims=1) / K
     for cap in records:
         if cap.rows == 0:
             continue
         todo = [p for p in cap.row.local_params.values() if id(p) not in formed]
-        if not todo:
-            continue
         # One call per distinct factor vector: flat clipping needs one, per-layer clipping one per parameter.
-        groups = [todo] if not per_layer else [[p] for p in todo]
-        for group in groups:
+        for group in ([todo] if not per_layer else [[p] for p in todo]) if todo else []:
             wanted = {id(p) for p in group}
             w = weights[index[id(group[0])]] if per_layer else weights
             for p, s in _weighted_sum(cap, w, capturer).items():
                 if id(p) in wanted:
-                    add(p, s)
-    return dict(sums.values())
+                    yield p, s
 
 
 def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.Parameter, Tensor]:
