@@ -165,7 +165,7 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
 
     ``factors`` is ``[B]`` or ``[P, B]``. Yields one layer's sums at a time, so that the caller can add each
     into its accumulator and drop it before the next is formed; a tied weight's uses come separately. Empties
-    ``materialised`` as it goes.
+    ``materialised`` and frees each record as it goes.
     """
     index = {id(p): i for i, p in enumerate(params)}
     per_layer = factors.dim() == 2
@@ -186,6 +186,7 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
             for p, s in _weighted_sum(cap, w, capturer).items():
                 if id(p) in wanted:
                     yield p, s
+        cap.args, cap.kwargs, cap.grads = [], {}, []  # the record's last use: free it before the next sum
 
 
 def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.Parameter, Tensor]:
