@@ -74,10 +74,12 @@ def weight_grads(layer: Conv, x: Tensor, g: Tensor, K: int) -> Tensor:
     x = examples(x, K).transpose(0, 1).reshape(K, B * x.shape[1], *x.shape[2:])
     g = examples(g, K).transpose(0, 1).reshape(K, B * g.shape[1], *g.shape[2:])
     x, g = (x, g.to(x.dtype)) if x.dtype == torch.promote_types(x.dtype, g.dtype) else (x.to(g.dtype), g)
-    # The kernel behind torch.nn.grad.conv*_weight, given an allocated (never written) weight: the expanded
-    # stand-in those functions pass sends oneDNN down a path up to 2x slower for some shapes.
+    # The kernel behind torch.nn.grad.conv*_weight. Its weight argument gives only the shape; on the CPU an
+    # allocated (never written) one, rather than the expanded scalar those functions pass, takes oneDNN's
+    # faster path (up to 2x for some shapes). Elsewhere the expanded one costs no memory.
     nd = len(layer.kernel_size)
-    stand_in = x.new_empty((B * layer.out_channels, *layer.weight.shape[1:]))
+    shape = (B * layer.out_channels, *layer.weight.shape[1:])
+    stand_in = x.new_empty(shape) if x.device.type == "cpu" else x.new_empty(1).expand(shape)
     w = torch.ops.aten.convolution_backward(
         g, x, stand_in, None, list(layer.stride), [0] * nd, list(layer.dilation), False, [0] * nd,
         B * layer.groups, (False, True, False))[1]
