@@ -44,6 +44,28 @@ def norm_sampler(
     return out
 
 
+def weighted_sum(layer: nn.Linear, activations: list[Tensor], backprops: Tensor, weights: Tensor
+                 ) -> dict[nn.Parameter, Tensor]:
+    """``Σ_r w_r ∇_r`` over rows r (bk's clipped sum), without a per-example gradient or a weighted gradient copy.
+
+    The weight's sum is ``gᵀ·diag(w)·a`` over all rows and positions: one matrix product, with the weights on
+    whichever of ``a`` and ``g`` is narrower (an LM head's ``g`` is vocabulary-wide).
+    """
+    a, g = activations[0], backprops
+    rows = g.shape[0]
+    a = a.reshape(rows, a.numel() // max(rows * a.shape[-1], 1), a.shape[-1])
+    g = g.reshape(rows, g.numel() // max(rows * g.shape[-1], 1), g.shape[-1])
+    w = weights.to(g.dtype).reshape(rows, 1, 1)
+    out = {}
+    if layer.weight.requires_grad:
+        wa, wg = (a * w, g) if a.shape[-1] <= g.shape[-1] else (a, g * w)
+        out[layer.weight] = wg.reshape(-1, g.shape[-1]).T @ wa.reshape(-1, a.shape[-1])
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = w.reshape(1, rows) @ g.sum(1)
+        out[layer.bias] = out[layer.bias].reshape(-1)
+    return out
+
+
 @hookimpl
 def dpkit_grad_samplers() -> dict[type[nn.Module], GradSampler]:
     return {nn.Linear: grad_sampler}

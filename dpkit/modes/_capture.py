@@ -71,6 +71,18 @@ def _rows_at(x: Tensor | None, dim: int) -> int:
     return x.shape[dim] if x.dim() > dim else x.shape[0]
 
 
+def _dense(grad: Tensor) -> Tensor:
+    """A gradient that arrived strided (an LM head's, from a loss on ``[B, V, T]``) made contiguous, once.
+
+    Handed back to autograd too, so the layer's own backward and the samplers all read the one copy instead
+    of each making its own. Gradients dense in a memory format (channels-last) are left as they are.
+    """
+    if grad.is_contiguous() or (grad.dim() == 4 and grad.is_contiguous(memory_format=torch.channels_last)) or (
+            grad.dim() == 5 and grad.is_contiguous(memory_format=torch.channels_last_3d)):
+        return grad
+    return grad.contiguous()
+
+
 def _expand_batch(x, dim: int, rows: int):
     if isinstance(x, Tensor) and x.dim() > dim and x.shape[dim] == 1:
         return x.expand(*x.shape[:dim], rows, *x.shape[dim + 1:])
@@ -225,20 +237,22 @@ class Capturer:
             self.used_params.add(p)
             self._queue_end()
 
-    def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> None:
+    def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
         if not self.enabled or self._computing:
-            return
+            return None
         if cap.done:
             raise PrivacyUsageError(
                 f"backward() ran a second time through one forward pass of {cap.row.name!r} "
                 f"({cap.row.type_name}). Each backward() must follow its own forward pass: run the "
                 "forward again, or sum the losses and call backward() once."
             )
-        cap.grads[index] = grad
+        relaid = _dense(grad)
+        cap.grads[index] = relaid
         cap.pending.discard(index)
         self._queue_end()
         if not cap.pending:
             self._process(cap)
+        return relaid if relaid is not grad else None
 
     def _queue_end(self) -> None:
         if not self._queued:

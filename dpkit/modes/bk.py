@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from dpkit.layers import contract, fold, upcast
+from dpkit.layers import contract, fold, linear, upcast
 from dpkit.modes._capture import Capture, Capturer
 
 
@@ -193,6 +193,10 @@ def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.
     """Σ over rows of each row's gradient times its weight, for the layer of one record."""
     row, bdim = cap.row, cap.bdim
     g = cap.grads[0]
+    direct = _DIRECT_SUMS.get(row.sampler)
+    if direct is not None:
+        with capturer.quiet():
+            return row.call(functools.partial(_without_k, direct, weights=weights), cap.args, g, 1, bdim == 0)
     shape = [1] * g.dim()
     shape[bdim] = -1
     # Weighted into a contiguous tensor: one pass, and the sampler's reshapes are views even when the
@@ -207,3 +211,11 @@ def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.
             out = row.module(*cap.args)
             grads = torch.autograd.grad(out, own, g, allow_unused=True)
     return {p: s for p, s in zip(own, grads) if s is not None}
+
+
+def _without_k(direct, layer: nn.Module, activations: list, backprops: Tensor, K: int, *, weights: Tensor):
+    return direct(layer, activations, backprops, weights)
+
+
+# Built-in grad samplers whose layer has a direct weighted sum (used only while that sampler is registered).
+_DIRECT_SUMS = {linear.grad_sampler: linear.weighted_sum}

@@ -51,3 +51,18 @@ def test_registered(builtin_table):
     for hook, fn in [("dpkit_grad_samplers", linear.grad_sampler), ("dpkit_norm_samplers", linear.norm_sampler)]:
         entry = builtin_table(hook)[nn.Linear]
         assert (entry.value, entry.provider) == (fn, "dpkit.layers.linear")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=["2d", "3d", "4d"])
+@pytest.mark.parametrize(("d", "p"), [(5, 9), (9, 5)], ids=["weights-on-input", "weights-on-gradient"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_weighted_sum_is_the_weighted_sum_of_per_row_gradients(shape, d, p, bias):
+    torch.manual_seed(0)
+    layer = nn.Linear(d, p, bias=bias).double()
+    x, g = torch.randn(*shape[:-1], d).double(), torch.randn(*shape[:-1], p).double()
+    w = torch.rand(shape[0]).double()
+    per_row = linear.grad_sampler(layer, [x], g)
+    got = linear.weighted_sum(layer, [x], g.transpose(0, -1).contiguous().transpose(0, -1), w)  # strided too
+    assert got.keys() == per_row.keys()
+    for param, grads in per_row.items():
+        torch.testing.assert_close(got[param], torch.tensordot(w, grads, dims=1))
