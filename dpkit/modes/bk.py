@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from dpkit.layers import contract, fold, linear, upcast
+from dpkit.layers import contract, fold, upcast
 from dpkit.modes._capture import Capture, Capturer
 
 
@@ -193,7 +193,7 @@ def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.
     """Σ over rows of each row's gradient times its weight, for the layer of one record."""
     row, bdim = cap.row, cap.bdim
     g = cap.grads[0]
-    direct = _DIRECT_SUMS.get(row.sampler)
+    direct = _direct_sum(row.sampler)
     if direct is not None:
         with capturer.quiet():
             return row.call(functools.partial(_without_k, direct, weights=weights), cap.args, g, 1, bdim == 0)
@@ -217,5 +217,8 @@ def _without_k(direct, layer: nn.Module, activations: list, backprops: Tensor, K
     return direct(layer, activations, backprops, weights)
 
 
-# Built-in grad samplers whose layer has a direct weighted sum (used only while that sampler is registered).
-_DIRECT_SUMS = {linear.grad_sampler: linear.weighted_sum}
+def _direct_sum(sampler):
+    """A built-in grad sampler's direct weighted sum (used only while that sampler is the one registered)."""
+    from dpkit.layers import linear  # a plugin module: loaded with the plugin manager, not when dpkit is imported
+
+    return linear.weighted_sum if sampler is linear.grad_sampler else None
