@@ -267,6 +267,31 @@ def test_noise_has_the_calibrated_std():
     assert model.weight.std().item() == pytest.approx(1.5 * 2.0, rel=0.03)
 
 
+class MixedPrecision(nn.Module):
+    """A float64 layer feeding a float32 one: the clipped sums live in one flat buffer per dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = nn.Linear(4, 6).double(), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x.double())).float())
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
+def test_gradients_keep_each_parameters_dtype_and_noise_is_independent(mode):
+    torch.manual_seed(0)
+    model = MixedPrecision()
+    p = private(model, mode, data_loader=None, sample_rate=0.25, noise_seed=1)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    p.criterion(p.module(x), y).backward()
+    p.optimizer.step()
+    for param in model.parameters():
+        assert param.grad.dtype == param.dtype and param.grad.shape == param.shape
+    flat = torch.cat([param.grad.double().flatten() for param in model.parameters()])
+    assert len(set(flat.tolist())) == flat.numel()  # no coordinate's noise repeats another's
+
+
 def test_observers_see_norms_factors_and_gradients_before_and_after(fresh_registry):
     seen = []
 
