@@ -187,7 +187,7 @@ class PrivateTraining:
         if self.norm_mode:
             self._clip_records(result, rows)
             return
-        before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
+        before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         norms, factors, per_example = self.accumulator.add_backward(result, rows)
         for p, g in per_example.items():
             p.grad_sample = g
@@ -209,7 +209,7 @@ class PrivateTraining:
             return
         sums = bk.record_sums(records, self.params, factors * scale if scale != 1 else factors, self.K,
                               materialised, self.capturer)
-        before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
+        before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         self.accumulator.add(sums, batch)
         if before is not None:
             self._notify(clipper_norms, factors, None, before)
@@ -220,7 +220,7 @@ class PrivateTraining:
             loss.value.backward()
             return
         norms, factors, sums = ghost.backward(self, loss)
-        before = {p: s.clone() for p, s in self.accumulator.sums.items()} if self._observed() else None
+        before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         self.accumulator.add(sums, loss.per_row.shape[0] // self.K)
         if before is not None:
             self._notify(norms, factors, None, before)
@@ -230,7 +230,7 @@ class PrivateTraining:
 
     def _notify(self, norms, factors, per_example, before) -> None:
         names = {p: n for row in self.plan for n, p in row.params.items()}
-        sums = {names[p]: s - before.get(p, 0) for p, s in self.accumulator.sums.items()}
+        sums = {names[p]: s - before.get(p, 0) for p, s in self.accumulator.current().items()}
         grads = clipped = None
         if per_example is not None:
             grads, clipped = {}, {}
@@ -254,7 +254,7 @@ class PrivateTraining:
             raise PrivacyUsageError(
                 "optimizer.step() was called without a backward() since the last step. Call loss.backward() "
                 "first, also for an empty Poisson batch (dpkit gives it the right shape and counts it).")
-        flats = self.accumulator.flats
+        flats = self.accumulator.buffers()
         all_reduce([flat for flat, _ in flats])
         denominator = (self.expected_batch_size if self.expected_batch_size is not None
                        else max(self.accumulator.examples, 1)) if self.loss_reduction == "mean" else 1

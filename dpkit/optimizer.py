@@ -86,6 +86,7 @@ class StepAccumulator:
         self.K = K
         self.sums: dict[nn.Parameter, Tensor] = {}  # views into self.flats
         self.flats: list[tuple[Tensor, list[nn.Parameter]]] = []
+        self._written: set[int] = set()  # ids of the parameters whose view holds a sum (the rest is garbage)
         self.examples = 0
         self.backward_passes = 0
 
@@ -101,16 +102,32 @@ class StepAccumulator:
         if not self.flats:
             self._allocate()
         for p, s in sums.items() if isinstance(sums, dict) else sums:
-            self.sums[p].add_(s)
+            if id(p) in self._written:
+                self.sums[p].add_(s)
+            else:  # the first sum of the step is copied in: the buffer is not zeroed beforehand
+                self.sums[p].copy_(s)
+                self._written.add(id(p))
         self.examples += batch
         self.backward_passes += 1
+
+    def current(self) -> dict[nn.Parameter, Tensor]:
+        """The running sums of the parameters that have one."""
+        return {p: view for p, view in self.sums.items() if id(p) in self._written}
+
+    def buffers(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
+        """The flat buffers and their parameters, with zeros for parameters that got no sum (no examples)."""
+        for p, view in self.sums.items():
+            if id(p) not in self._written:
+                view.zero_()
+                self._written.add(id(p))
+        return self.flats
 
     def _allocate(self) -> None:
         groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
             groups.setdefault((p.device, p.dtype), []).append(p)
         for (device, dtype), group in groups.items():
-            flat = torch.zeros(sum(p.numel() for p in group), device=device, dtype=dtype)
+            flat = torch.empty(sum(p.numel() for p in group), device=device, dtype=dtype)
             for p, view in zip(group, torch.split(flat, [p.numel() for p in group])):
                 self.sums[p] = view.view(p.shape)
             self.flats.append((flat, group))
@@ -132,5 +149,6 @@ class StepAccumulator:
         """Forget the sums; the buffers are not reused (the last step's gradients are views of them)."""
         self.sums = {}
         self.flats = []
+        self._written = set()
         self.examples = 0
         self.backward_passes = 0

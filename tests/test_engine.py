@@ -292,6 +292,29 @@ def test_gradients_keep_each_parameters_dtype_and_noise_is_independent(mode):
     assert len(set(flat.tolist())) == flat.numel()  # no coordinate's noise repeats another's
 
 
+class WithUnused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto", "ghost"])
+def test_a_parameter_without_examples_gets_exactly_the_noise(mode):
+    """Its slot in the sums buffer is never written by a sum; the step must see zeros there, not old memory."""
+    torch.manual_seed(0)
+    model = WithUnused()
+    p = private(model, mode, data_loader=None, sample_rate=0.25, noise_multiplier=0.0)
+    for _ in range(3):  # later steps get buffers that may hold the earlier steps' gradients
+        p.optimizer.zero_grad()
+        p.criterion(p.module(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+        p.optimizer.step()
+        assert model.unused.weight.grad.abs().max().item() == 0.0
+        assert model.used.weight.grad.abs().max().item() > 0.0
+
+
 def test_observers_see_norms_factors_and_gradients_before_and_after(fresh_registry):
     seen = []
 
