@@ -6,8 +6,11 @@ than inferred with ``-1`` so that an empty batch (B = 0) reshapes too.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 
 import opt_einsum
 import torch
@@ -55,17 +58,51 @@ def upcast(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def weight_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+_LAST_GRAM: contextvars.ContextVar[list | None] = contextvars.ContextVar("dpkit_last_gram", default=None)
+
+
+@contextlib.contextmanager
+def reused_grams() -> Iterator[None]:
+    """Within the block, ``weight_sq_norms`` reuses the last Gram matrix it formed if the next layer reads the
+    same input (separate q, k and v projections of one hidden state; a gate and an up projection).
+
+    One matrix is kept at a time: such layers finish their backward passes one after another, and ``[N, T, T]``
+    per layer would add up at long sequences.
+    """
+    token = _LAST_GRAM.set([None, None, None])
+    try:
+        yield
+    finally:
+        _LAST_GRAM.reset(token)
+
+
+def _gram(x: Tensor, reuse: bool) -> Tensor:
+    """``x xᵀ`` per row (``[N, T, d]`` → ``[N, T, T]``) in at least float32, reused for the same memory.
+
+    The cache holds ``x`` itself, so its memory cannot be freed and handed to another tensor while cached.
+    """
+    last = _LAST_GRAM.get() if reuse else None
+    key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x.device)
+    if last is not None and last[0] == key:
+        return last[1]
+    wide = upcast(x)
+    gram = torch.bmm(wide, wide.transpose(1, 2))  # bmm reads the transposed operand in place
+    if last is not None:
+        last[:] = [key, gram, x]
+    return gram
+
+
+def weight_sq_norms(a: Tensor, g: Tensor, shared_input: bool = False) -> Tensor:
     """Squared Frobenius norms of ``Σ_t g_t a_tᵀ`` for each row: ``[N, T, d]``, ``[N, T, p]`` → ``[N]``.
 
     The gradient of a linear map over T positions. Two ways to its norm, picked from the shapes alone so the
     choice costs nothing per step: the ghost norm ``Σ_{t,s} (g_t·g_s)(a_t·a_s)`` (~N·T²·(p+d) flops, two T×T
     Gram matrices) or the instantiated gradient (~N·T·p·d flops, one p×d matrix). Computed in at least float32,
-    so that bf16/fp16 activations do not lose the norm to rounding.
+    so that bf16/fp16 activations do not lose the norm to rounding. ``shared_input``: ``a`` is a layer input that
+    other layers may read too, whose Gram matrix ``reused_grams`` may reuse.
     """
-    a, g = upcast(a), upcast(g)
     T, d, p = a.shape[1], a.shape[2], g.shape[2]
-    # bmm reads transposed operands in place (an LM head's gradient arrives transposed from [B, V, T])
     if T * (p + d) < p * d:
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)).clamp_min(0)
-    return torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+        g = upcast(g)
+        return (_gram(a, shared_input) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2)).clamp_min(0)
+    return torch.bmm(upcast(g).transpose(1, 2), upcast(a)).square().sum((1, 2))

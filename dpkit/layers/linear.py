@@ -38,7 +38,7 @@ def norm_sampler(
     g = fold(backprops, K)
     out = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = weight_sq_norms(fold(activations[0], K), g).sqrt()
+        out[layer.weight] = weight_sq_norms(fold(activations[0], K), g, shared_input=True).sqrt()
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = upcast(g).sum(1).norm(dim=1)
     return out

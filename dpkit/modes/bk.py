@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from dpkit.layers import contract, fold, upcast
+from dpkit.layers import contract, fold, reused_grams, upcast
 from dpkit.modes._capture import Capture, Capturer
 
 
@@ -47,37 +47,38 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
     def add(store: dict, key: int, t: Tensor) -> None:
         store[key] = store[key] + t if key in store else t
 
-    for cap in records:
-        if cap.squares is not None:  # taken when the gradient arrived (ghost)
-            for p, sq in cap.squares.items():
-                add(squares, id(p), sq)
-            continue
-        if cap.formed is not None:  # formed when the gradient arrived (auto; parameters not shared)
-            for p, g in cap.formed.items():
-                materialised[id(p)] = (p, g)
-            continue
-        row = cap.row
-        own = _own(row)
-        formed = (choose and row.sampler is not None and all(len(users[id(p)]) == 1 for p in own)
-                  and small(cap, K))
-        by_norm = set() if formed or row.norm_sampler is None else {
-            id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
-        if by_norm:
-            with capturer.quiet():
-                got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, cap.bdim == 0)
-            for p, n in got.items():
-                if id(p) in by_norm:
-                    add(squares, id(p), upcast(n).square())
-        if len(by_norm) < len(own):
-            for p, g in capturer.compute(cap).items():
-                key = id(p)
-                if key in by_norm:
-                    continue
-                if row.sampler is None or len(users[key]) > 1 or formed:
-                    # needed again for the clipped sum, or summed with another use first
-                    materialised[key] = (p, materialised[key][1] + g) if key in materialised else (p, g)
-                else:
-                    squares[key] = _square_norms(g, batch)
+    with reused_grams():  # q, k and v projections of one input share its Gram matrix
+        for cap in records:
+            if cap.squares is not None:  # taken when the gradient arrived (ghost)
+                for p, sq in cap.squares.items():
+                    add(squares, id(p), sq)
+                continue
+            if cap.formed is not None:  # formed when the gradient arrived (auto; parameters not shared)
+                for p, g in cap.formed.items():
+                    materialised[id(p)] = (p, g)
+                continue
+            row = cap.row
+            own = _own(row)
+            formed = (choose and row.sampler is not None and all(len(users[id(p)]) == 1 for p in own)
+                      and small(cap, K))
+            by_norm = set() if formed or row.norm_sampler is None else {
+                id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
+            if by_norm:
+                with capturer.quiet():
+                    got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, cap.bdim == 0)
+                for p, n in got.items():
+                    if id(p) in by_norm:
+                        add(squares, id(p), upcast(n).square())
+            if len(by_norm) < len(own):
+                for p, g in capturer.compute(cap).items():
+                    key = id(p)
+                    if key in by_norm:
+                        continue
+                    if row.sampler is None or len(users[key]) > 1 or formed:
+                        # needed again for the clipped sum, or summed with another use first
+                        materialised[key] = (p, materialised[key][1] + g) if key in materialised else (p, g)
+                    else:
+                        squares[key] = _square_norms(g, batch)
     for key in crossed:
         caps = users[key]
         for i in range(len(caps)):
