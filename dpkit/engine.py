@@ -99,11 +99,12 @@ class PrivateTraining:
         self.norm_mode = grad_sample_mode in NORM_MODES
         self._ghost_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._in_ghost_backward = False
+        early = functools.partial(bk.form_early, K=K) if grad_sample_mode == "auto" else None
         self.capturer = Capturer(module, self.plan, K=K, batch_first=batch_first, rescale=loss_reduction == "mean",
                                  keep_records=self.norm_mode, keep_outputs=grad_sample_mode == "ghost",
                                  skip_param_grads=grad_sample_mode in ("hooks", "bk", "auto"),
                                  on_backward_end=self._on_backward_end,
-                                 form_on_arrival=functools.partial(bk.form_early, K=K) if grad_sample_mode == "auto" else None)
+                                 form_on_arrival=early)
         self._optimizer_hooks: list = []
         self.attached = False
         self.attach()

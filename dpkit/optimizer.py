@@ -18,7 +18,7 @@ from dpkit.hookspecs import Clipper, NoiseMechanism
 
 def per_example_norms(grad_samples: dict[nn.Parameter, Tensor], params: Sequence[nn.Parameter], batch: int
                       ) -> Tensor:
-    """``[P, B]`` L2 norms (at least float32) of each parameter's per-example gradient (0 where a parameter got none)."""
+    """``[P, B]`` L2 norms (at least float32) of each parameter's per-example gradient (0 for a parameter without)."""
     first = next(iter(grad_samples.values()), None)
     device = first.device if first is not None else None
     dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32

@@ -10,7 +10,6 @@ from torch import Tensor
 from dpkit.events import DpEvent, GaussianEvent, PoissonSampledEvent
 from dpkit.hookspecs import hookimpl
 
-
 _CPU_CHUNK = 1 << 16  # floats drawn at a time on the CPU: 256 KiB, reused
 
 

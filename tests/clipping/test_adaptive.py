@@ -5,10 +5,19 @@ import math
 
 import pytest
 import torch
+from _clip_reference import (
+    assert_updates_close,
+    flat_norms,
+    make_batch,
+    make_model,
+    make_private,
+    per_example_grads,
+    private_update,
+    reference_update,
+    step,
+)
 
 import dpkit
-from _clip_reference import (assert_updates_close, flat_norms, make_batch, make_model, make_private,
-                             per_example_grads, private_update, reference_update, step)
 from dpkit.clipping.adaptive import AdaptiveClipper, gradient_noise_multiplier
 from dpkit.errors import PrivacyUsageError
 from dpkit.events import ComposedEvent, DpEvent, GaussianEvent, PoissonSampledEvent, SelfComposedEvent

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _clip_reference import assert_updates_close, make_batch, per_example_grads, private_update, reference_update
 
-from _clip_reference import (assert_updates_close, make_batch, per_example_grads, private_update,
-                             reference_update)
 from dpkit.clipping.automatic import AutomaticClipper
 from dpkit.plan import MODES
 

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _clip_reference import (
+    assert_updates_close,
+    flat_norms,
+    make_batch,
+    per_example_grads,
+    private_update,
+    reference_update,
+)
 
-from _clip_reference import (assert_updates_close, flat_norms, make_batch, per_example_grads, private_update,
-                             reference_update)
 from dpkit.plan import MODES  # every mode the engine offers: a new mode is covered here at once
 
 

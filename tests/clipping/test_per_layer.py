@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from _clip_reference import assert_updates_close, make_batch, per_example_grads, private_update, reference_update
+
 from dpkit.plan import MODES
 
 PER_LAYER_MODES = [m for m in MODES if m != "ghost"]  # ghost's single reweighted pass cannot clip per parameter

@@ -7,7 +7,6 @@ from _reference import clipped_sum, dpkit_step, per_example_grads, per_row_loss
 from torch import nn
 
 
-
 class TokenModel(nn.Module):
     """Embedding → LayerNorm → per-token Linear → per-token logits (a loss per token)."""
 
