@@ -113,16 +113,19 @@ def test_batch_first_false(mode):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["conv", "tied"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
-def test_bf16_autocast_matches_fp32(mode):
+def test_autocast_matches_fp32(mode, dtype, name):
     """Norms are computed in float32 under autocast, so the clipped step stays close to the fp32 one."""
     torch.manual_seed(4)
-    model = MODELS["conv"][0]().float()
-    x, y = data("image", 6)
-    x = x.float()
+    make, kind, _ = MODELS[name]
+    model = make().float()
+    x, y = data(kind, 6)
+    x = x.float() if x.is_floating_point() else x
 
     def run(p, autocast):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
             out = p.module(x)
         p.criterion(out.float(), y).backward()
 
