@@ -61,8 +61,7 @@ def weighted_sum(layer: nn.Linear, activations: list[Tensor], backprops: Tensor,
         wa, wg = (a * w, g) if a.shape[-1] <= g.shape[-1] else (a, g * w)
         out[layer.weight] = wg.reshape(-1, g.shape[-1]).T @ wa.reshape(-1, a.shape[-1])
     if layer.bias is not None and layer.bias.requires_grad:
-        out[layer.bias] = w.reshape(1, rows) @ g.sum(1)
-        out[layer.bias] = out[layer.bias].reshape(-1)
+        out[layer.bias] = w.reshape(rows) @ g.sum(1)
     return out
 
 

@@ -58,7 +58,7 @@ def _grads(layer: Norm, x: Tensor, g: Tensor, K: int, cast=lambda t: t) -> dict[
 
 
 def _sum_channels(x: Tensor, K: int) -> Tensor:
-    """``[B*K, C, *spatial]`` → ``[B, C]``, summing positions in place (no channels-last copy), then copies."""
+    """``[B*K, C, *spatial]`` → ``[B, C]``: positions summed where they lie (no channels-last copy), then K copies."""
     x = x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:])).sum(2)
     return examples(x, K).sum(1)
 

@@ -17,6 +17,7 @@ apart.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
@@ -122,6 +123,9 @@ class Capturer:
         kept = {p for r in rows if r not in self.detached_rows for p in r.params.values()}
         self.detached_params = {p for r in self.detached_rows for p in r.params.values()} - kept
         self.attached_uses: set[nn.Parameter] = set()  # detached rows' parameters used attached in this pass
+        owners = collections.Counter(id(p) for r in rows for p in dict.fromkeys(r.params.values()))
+        self._tied_rows = {id(r) for r in rows if any(owners[id(p)] > 1 for p in r.params.values())}
+        self._calls: collections.Counter | None = None  # calls per unit in the backward pass in flight
 
     # -- attach / detach -------------------------------------------------------------
     def attach(self) -> None:
@@ -149,7 +153,7 @@ class Capturer:
         self.grad_samples.clear()
         self.used_params.clear()
         self.attached_uses.clear()
-        self.batch_rows = None
+        self.batch_rows, self._calls = None, None
 
     # -- forward ---------------------------------------------------------------------
     def _active(self) -> bool:
@@ -301,10 +305,14 @@ class Capturer:
         cap.args, cap.kwargs, cap.grads = [], {}, []
 
     def _shared(self, cap: Capture) -> bool:
-        """Whether another call of this backward pass uses one of the call's parameters (tied, or called twice)."""
-        mine = set(cap.row.params.values())
-        return any(other is not cap and not mine.isdisjoint(other.row.params.values())
-                   for other in (*self.captures, *self.completed))
+        """Whether another call of this backward pass may use one of the call's parameters.
+
+        True for a unit with a parameter of another unit (tied), whether or not that one ran, and for a unit
+        called twice; counted once per pass, so deciding costs O(1) per record rather than a scan of them all.
+        """
+        if self._calls is None:  # no forward runs during a backward pass: the captures are all there
+            self._calls = collections.Counter(id(c.row) for c in (*self.captures, *self.completed))
+        return id(cap.row) in self._tied_rows or self._calls[id(cap.row)] > 1
 
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
@@ -345,7 +353,7 @@ class Capturer:
         rows = self.batch_rows
         result = self.completed if self.keep_records else self.grad_samples
         self.grad_samples, self.completed, self.batch_rows, self.used_params = {}, [], None, set()
-        self.attached_uses = set()
+        self.attached_uses, self._calls = set(), None
         if rows is not None:
             self.on_backward_end(result, rows)
 
