@@ -188,6 +188,25 @@ def test_parameter_used_outside_its_module_is_refused():
         p.criterion(p.module(x), y).backward()
 
 
+class InPlaceResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.block, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.tanh(self.first(x))
+        x += self.block(x)  # changes the block's input after the block read it
+        return self.out(x)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
+def test_input_changed_in_place_after_a_layer_read_it_is_refused(mode):
+    """With detached parameters autograd saves no layer input, so it cannot notice; dpkit must."""
+    p = private(InPlaceResidual(), mode, data_loader=None, sample_rate=0.25)
+    with pytest.raises(PrivacyUsageError, match=r"'block'.*modified in place.*x = x \+ layer\(x\)"):
+        p.criterion(p.module(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
+
+
 def test_dropout_inside_a_recomputed_unit_is_refused():
     model = nn.Sequential(nn.MultiheadAttention(4, 2, dropout=0.5, batch_first=True))
 

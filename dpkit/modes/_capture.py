@@ -53,6 +53,7 @@ class Capture:
     squares: dict[nn.Parameter, Tensor] | None = None  # ghost: norms taken on arrival, the record freed
     formed: dict[nn.Parameter, Tensor] | None = None  # auto: small per-example gradients formed on arrival
     versions: list[int] = attrs.field(factory=list)
+    input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
     done: bool = False
 
 
@@ -216,6 +217,8 @@ class Capturer:
             args = [_expand_batch(a, out_dim, hint) for a in args]
             rows, expanded = hint, True
         cap = Capture(row, args, kwargs, rows, out_dim, [None] * len(leaves), wanted)
+        if row.uses_activations:
+            cap.input_versions = [a._version if isinstance(a, Tensor) else None for a in args]
         if self.keep_outputs:
             cap.outputs = [leaves[i] for i in sorted(wanted)]
             cap.versions = [t._version for t in cap.outputs]
@@ -266,6 +269,13 @@ class Capturer:
     def _process(self, cap: Capture) -> None:
         cap.done = True
         cap.outputs, cap.versions = [], []
+        if any(v is not None and a._version != v for a, v in zip(cap.args, cap.input_versions)):
+            # Autograd would catch this only if it had saved the input, and with detached parameters it has not.
+            raise PrivacyUsageError(
+                f"an input of {cap.row.name!r} ({cap.row.type_name}) was modified in place after the layer read "
+                "it (e.g. `x += layer(x)`), so its per-example gradients would be computed from the changed "
+                "values. Use an out-of-place operation there (`x = x + layer(x)`)."
+            )
         if self.batch_rows is None:
             self.batch_rows = cap.rows
         elif cap.rows != self.batch_rows:
