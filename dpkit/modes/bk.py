@@ -10,6 +10,11 @@ a single example, so no per-example gradient is formed.
 Exactness cases: a parameter used by several calls (tied or shared weights) needs
 the norm of the *sum* of its contributions, so its per-example gradients are
 materialised; units without samplers (the torch.func fallback) are too.
+
+Memory: the sums are handed out one layer at a time and each record is freed once
+its sum is formed, so the records shrink while the accumulator fills. The
+built-in Linear forms its sum directly (``linear.weighted_sum``), weighting the
+narrower of input and gradient instead of copying the gradient.
 """
 from __future__ import annotations
 
@@ -181,7 +186,8 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
             continue
         todo = [p for p in cap.row.local_params.values() if id(p) not in formed]
         # One call per distinct factor vector: flat clipping needs one, per-layer clipping one per parameter.
-        for group in ([todo] if not per_layer else [[p] for p in todo]) if todo else []:
+        groups = [[p] for p in todo] if per_layer else [todo] if todo else []
+        for group in groups:
             wanted = {id(p) for p in group}
             w = weights[index[id(group[0])]] if per_layer else weights
             for p, s in _weighted_sum(cap, w, capturer).items():
@@ -200,8 +206,7 @@ def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.
             return row.call(functools.partial(_without_k, direct, weights=weights), cap.args, g, 1, bdim == 0)
     shape = [1] * g.dim()
     shape[bdim] = -1
-    # Weighted into a contiguous tensor: one pass, and the sampler's reshapes are views even when the
-    # gradient arrived transposed (an LM head's from a [B, V, T] loss).
+    # Weighted into a fresh contiguous tensor in one pass, so that the sampler's reshapes are views.
     g = torch.mul(g, weights.to(g.dtype).reshape(shape), out=torch.empty(g.shape, dtype=g.dtype, device=g.device))
     with capturer.quiet():
         if row.sampler is not None:
