@@ -84,7 +84,7 @@ class StepAccumulator:
         self.params = list(params)
         self.clipper = clipper
         self.K = K
-        self.sums: dict[nn.Parameter, Tensor] = {}  # views into self.flats
+        self._views: dict[nn.Parameter, Tensor] = {}  # per parameter, a view into self.flats
         self.flats: list[tuple[Tensor, list[nn.Parameter]]] = []
         self._written: set[int] = set()  # ids of the parameters whose view holds a sum (the rest is garbage)
         self.examples = 0
@@ -103,20 +103,20 @@ class StepAccumulator:
             self._allocate()
         for p, s in sums.items() if isinstance(sums, dict) else sums:
             if id(p) in self._written:
-                self.sums[p].add_(s)
+                self._views[p].add_(s)
             else:  # the first sum of the step is copied in: the buffer is not zeroed beforehand
-                self.sums[p].copy_(s)
+                self._views[p].copy_(s)
                 self._written.add(id(p))
         self.examples += batch
         self.backward_passes += 1
 
     def current(self) -> dict[nn.Parameter, Tensor]:
         """The running sums of the parameters that have one."""
-        return {p: view for p, view in self.sums.items() if id(p) in self._written}
+        return {p: view for p, view in self._views.items() if id(p) in self._written}
 
     def buffers(self) -> list[tuple[Tensor, list[nn.Parameter]]]:
         """The flat buffers and their parameters, with zeros for parameters that got no sum (no examples)."""
-        for p, view in self.sums.items():
+        for p, view in self._views.items():
             if id(p) not in self._written:
                 view.zero_()
                 self._written.add(id(p))
@@ -129,7 +129,7 @@ class StepAccumulator:
         for (device, dtype), group in groups.items():
             flat = torch.empty(sum(p.numel() for p in group), device=device, dtype=dtype)
             for p, view in zip(group, torch.split(flat, [p.numel() for p in group])):
-                self.sums[p] = view.view(p.shape)
+                self._views[p] = view.view(p.shape)
             self.flats.append((flat, group))
 
     def add_backward(self, grad_samples: dict[nn.Parameter, Tensor], rows: int
@@ -147,7 +147,7 @@ class StepAccumulator:
 
     def reset(self) -> None:
         """Forget the sums; the buffers are not reused (the last step's gradients are views of them)."""
-        self.sums = {}
+        self._views = {}
         self.flats = []
         self._written = set()
         self.examples = 0
