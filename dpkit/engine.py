@@ -197,10 +197,9 @@ class PrivateTraining:
 
     def _clip_records(self, records, rows: int) -> None:
         batch = rows // self.K
-        norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer,
-                                              choose=self.mode == "auto")
+        norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
         scale = rows if self.loss_reduction == "mean" else 1  # the records hold the mean loss's gradients
-        clipper_norms, factors = self.accumulator.clip_factors(norms * scale if scale != 1 else norms)
+        clipper_norms, factors = self.accumulator.clip_factors(norms * scale)
         if self.mode == "ghost":
             if not self._in_ghost_backward:
                 raise PrivacyUsageError(
@@ -208,8 +207,7 @@ class PrivateTraining:
                     "must come from private.criterion (make_private(criterion=...)); call loss.backward() on it.")
             self._ghost_factors = (clipper_norms, factors)
             return
-        sums = bk.record_sums(records, self.params, factors * scale if scale != 1 else factors, self.K,
-                              materialised, self.capturer)
+        sums = bk.record_sums(records, self.params, factors * scale, self.K, materialised, self.capturer)
         before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         self.accumulator.add(sums, batch)
         if before is not None:

@@ -55,6 +55,11 @@ def all_reduce(flats: Sequence[Tensor]) -> None:
             dist.all_reduce(t)
 
 
+def _shaped(flat: Tensor, params: Sequence[nn.Parameter]) -> list[Tensor]:
+    """Consecutive views of a flat buffer, shaped as ``params``."""
+    return [view.view(p.shape) for p, view in zip(params, torch.split(flat, [p.numel() for p in params]))]
+
+
 def privatize(flats: Sequence[tuple[Tensor, list[nn.Parameter]]], noise: NoiseMechanism, std: float,
               denominator: float = 1) -> dict[nn.Parameter, Tensor]:
     """(clipped sum + noise) / denominator for every parameter, in place in the accumulator's flat buffers.
@@ -67,8 +72,7 @@ def privatize(flats: Sequence[tuple[Tensor, list[nn.Parameter]]], noise: NoiseMe
         noisy = noise.add(flat, std=std)
         if denominator != 1:
             noisy = noisy.div_(denominator)
-        for p, view in zip(group, torch.split(noisy, [p.numel() for p in group])):
-            out[p] = view.view(p.shape)
+        out.update(zip(group, _shaped(noisy, group)))
     return out
 
 
@@ -128,8 +132,7 @@ class StepAccumulator:
             groups.setdefault((p.device, p.dtype), []).append(p)
         for (device, dtype), group in groups.items():
             flat = torch.empty(sum(p.numel() for p in group), device=device, dtype=dtype)
-            for p, view in zip(group, torch.split(flat, [p.numel() for p in group])):
-                self._views[p] = view.view(p.shape)
+            self._views.update(zip(group, _shaped(flat, group)))
             self.flats.append((flat, group))
 
     def add_backward(self, grad_samples: dict[nn.Parameter, Tensor], rows: int

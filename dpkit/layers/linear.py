@@ -51,10 +51,8 @@ def weighted_sum(layer: nn.Linear, activations: list[Tensor], backprops: Tensor,
     The weight's sum is ``gᵀ·diag(w)·a`` over all rows and positions: one matrix product, with the weights on
     whichever of ``a`` and ``g`` is narrower (an LM head's ``g`` is vocabulary-wide).
     """
-    a, g = activations[0], backprops
+    a, g = fold(activations[0], 1), fold(backprops, 1)  # [rows, positions, in], [rows, positions, out]
     rows = g.shape[0]
-    a = a.reshape(rows, a.numel() // max(rows * a.shape[-1], 1), a.shape[-1])
-    g = g.reshape(rows, g.numel() // max(rows * g.shape[-1], 1), g.shape[-1])
     w = weights.to(g.dtype).reshape(rows, 1, 1)
     out = {}
     if layer.weight.requires_grad:

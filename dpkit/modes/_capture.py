@@ -56,6 +56,10 @@ class Capture:
     input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
     done: bool = False
 
+    def release(self) -> None:
+        """Drop the recorded tensors: what the record was kept for has been computed from them."""
+        self.args, self.kwargs, self.grads = [], {}, []
+
 
 def forward_arguments(module: nn.Module) -> list[tuple[str, object]]:
     """``forward``'s parameters after ``self`` with their defaults, up to any ``*args``/``**kwargs``."""
@@ -217,8 +221,7 @@ class Capturer:
             args = [_expand_batch(a, out_dim, hint) for a in args]
             rows, expanded = hint, True
         cap = Capture(row, args, kwargs, rows, out_dim, [None] * len(leaves), wanted)
-        if row.uses_activations:
-            cap.input_versions = [a._version if isinstance(a, Tensor) else None for a in args]
+        cap.input_versions = [a._version if isinstance(a, Tensor) else None for a in args]
         if self.keep_outputs:
             cap.outputs = [leaves[i] for i in sorted(wanted)]
             cap.versions = [t._version for t in cap.outputs]
@@ -300,11 +303,11 @@ class Capturer:
                 with self.quiet():
                     norms = cap.row.call(cap.row.norm_sampler, cap.args, cap.grads[0], self.K, cap.bdim == 0)
                 cap.squares = {p: n.to(torch.promote_types(n.dtype, torch.float32)).square() for p, n in norms.items()}
-                cap.args, cap.kwargs, cap.grads = [], {}, []
+                cap.release()
             elif self.form_on_arrival is not None and self.form_on_arrival(cap) and not self._shared(cap):
                 # Per-example gradients no bigger than the record: form them now and free the record.
                 cap.formed = self.compute(cap)
-                cap.args, cap.kwargs, cap.grads = [], {}, []
+                cap.release()
             self.completed.append(cap)
             return
         scale = cap.rows if self.rescale else 1
@@ -312,7 +315,7 @@ class Capturer:
             cap.grads = [g * scale if g is not None else None for g in cap.grads]
         for p, gs in self.compute(cap).items():
             self._add(p, gs)
-        cap.args, cap.kwargs, cap.grads = [], {}, []
+        cap.release()
 
     def _shared(self, cap: Capture) -> bool:
         """Whether another call of this backward pass may use one of the call's parameters.

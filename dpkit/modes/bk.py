@@ -30,13 +30,11 @@ from dpkit.modes._capture import Capture, Capturer
 
 
 def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], batch: int, K: int,
-                 capturer: Capturer, choose: bool = False) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
+                 capturer: Capturer) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
     """``[P, B]`` per-parameter norms of per-example (K-averaged) gradients, and the materialised gradients.
 
-    With ``choose`` (mode ``auto``) a layer whose per-example gradient is no larger than its record
-    (a convolution, a short sequence) has its gradients formed once and kept for the clipped sum, instead
-    of a norm sampler now and a weighted contraction later. Parameters are keyed by ``id`` on this path:
-    hashing a tensor is a Python call.
+    Records ``auto`` formed on arrival (``form_early``) bring their gradients, which serve the clipped sum
+    too. Parameters are keyed by ``id`` on this path: hashing a tensor is a Python call.
     """
     users: dict[int, list[Capture]] = defaultdict(list)
     for cap in records:
@@ -64,9 +62,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
                 continue
             row = cap.row
             own = _own(row)
-            formed = (choose and row.sampler is not None and all(len(users[id(p)]) == 1 for p in own)
-                      and small(cap, K))
-            by_norm = set() if formed or row.norm_sampler is None else {
+            by_norm = set() if row.norm_sampler is None else {
                 id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
             if by_norm:
                 with capturer.quiet():
@@ -79,7 +75,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
                     key = id(p)
                     if key in by_norm:
                         continue
-                    if row.sampler is None or len(users[key]) > 1 or formed:
+                    if row.sampler is None or len(users[key]) > 1:
                         # needed again for the clipped sum, or summed with another use first
                         materialised[key] = (p, materialised[key][1] + g) if key in materialised else (p, g)
                     else:
@@ -116,11 +112,8 @@ def form_early(cap: Capture, K: int) -> bool:
     have no more entries than their record (a LayerNorm, a convolution, a short sequence): the record is
     freed at once and the gradients serve the norms and the clipped sum.
     """
-    return cap.row.sampler is None or small(cap, K)
-
-
-def small(cap: Capture, K: int) -> bool:
-    """Whether a layer call's per-example gradients have no more entries than its record."""
+    if cap.row.sampler is None:
+        return True
     record = sum(a.numel() for a in cap.args if isinstance(a, Tensor) and a.is_floating_point())
     record += cap.grads[0].numel()
     return sum(p.numel() for p in cap.row.local_params.values()) * max(cap.rows // K, 1) <= record
@@ -193,7 +186,7 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
             for p, s in _weighted_sum(cap, w, capturer).items():
                 if id(p) in wanted:
                     yield p, s
-        cap.args, cap.kwargs, cap.grads = [], {}, []  # the record's last use: free it before the next sum
+        cap.release()  # the record's last use: free it before the next sum
 
 
 def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.Parameter, Tensor]:

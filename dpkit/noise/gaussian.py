@@ -45,7 +45,7 @@ class GaussianNoise:
         """
         if std == 0:
             return clipped_sum
-        out = clipped_sum.view(-1) if clipped_sum.is_contiguous() else clipped_sum.reshape(-1).clone()
+        out = clipped_sum.contiguous().view(-1)  # in place when contiguous, as the engine's buffers are
         gen = self.generator(out.device)
         chunk = _CPU_CHUNK if out.device.type == "cpu" else max(out.numel(), 1)
         buffer = torch.empty(min(chunk, out.numel()), device=out.device, dtype=torch.float32)
