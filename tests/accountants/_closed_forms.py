@@ -23,6 +23,9 @@ def sampled_gaussian_delta(q: float, sigma: float, eps: float, direction: str = 
     def mix_sf(x):
         return (1 - q) * special.ndtr(-x / s) + q * special.ndtr(-(x - 1) / s)
 
+    def mix_cdf(x):  # not 1 - mix_sf(x): exp(eps) would magnify its cancellation far above a small delta
+        return (1 - q) * special.ndtr(x / s) + q * special.ndtr((x - 1) / s)
+
     remove = 0.0
     if math.expm1(eps) > -q:
         x = s * s * math.log1p(math.expm1(eps) / q) + 0.5
@@ -31,7 +34,7 @@ def sampled_gaussian_delta(q: float, sigma: float, eps: float, direction: str = 
     ratio = (math.exp(-eps) - 1 + q) / q
     if ratio > 0:
         x = s * s * math.log(ratio) + 0.5
-        add = special.ndtr(x / s) - math.exp(eps) * (1 - mix_sf(x))
+        add = special.ndtr(x / s) - math.exp(eps) * mix_cdf(x)
     return {"remove": remove, "add": add, "both": max(remove, add, 0.0)}[direction]
 
 
