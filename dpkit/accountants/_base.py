@@ -17,10 +17,33 @@ Atom = tuple[float, float]  # (sample_rate, noise_multiplier)
 
 
 def _real(value: object) -> float | None:
-    """``value`` as a float if it is a real number (not a bool), else None."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """``value`` as a float if it is a real number (not a bool), else None.
+
+    Numbers come as Python and numpy scalars, and as one-element tensors or arrays (``torch.tensor(1.0)``,
+    ``np.float32(1.0)``, a value read back from a config); each is a number, and is accepted as one.
+    """
+    if isinstance(value, (bool, str, bytes)):
         return None
+    if not isinstance(value, numbers.Real):
+        shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+        if shape is None or len(shape) != 0 or getattr(value, "requires_grad", False) or str(dtype) in (
+                "bool", "torch.bool") or getattr(dtype, "is_complex", False) or "complex" in str(dtype):
+            return None
+        try:
+            value = value.item()
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            return None
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return None
     return float(value)
+
+
+def real(value: object, name: str) -> float:
+    """``value`` as a float (see ``_real``), or a TypeError naming the argument."""
+    out = _real(value)
+    if out is None:
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    return out
 
 
 def check_delta(delta: float, name: str = "delta") -> float:
