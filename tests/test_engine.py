@@ -184,7 +184,7 @@ def test_parameter_used_outside_its_module_is_refused():
 
     p = private(Sneaky(), "hooks")
     x, y = next(iter(loader()))
-    with pytest.raises(PrivacyUsageError, match=r"\['fc.weight'\].*outside its module"):
+    with pytest.raises(PrivacyUsageError, match=r"\['fc.weight'\].*outside their module"):
         p.criterion(p.module(x), y).backward()
 
 

@@ -89,6 +89,15 @@ def _dense(grad: Tensor) -> Tensor:
     return grad.contiguous()
 
 
+def _slots(row: LayerPlan) -> list[tuple[nn.Module, str, nn.Parameter]]:
+    """Where the unit's forward reads each planned parameter: (module, attribute, parameter), every tied slot."""
+    if row.uses_activations or row.mode == "ew":
+        return [(row.module, n, p) for n, p in row.local_params.items()]
+    planned = {id(p) for p in row.params.values()}
+    return [(m, n, p) for m in row.module.modules() for n, p in m._parameters.items()
+            if p is not None and id(p) in planned]
+
+
 def _expand_batch(x, dim: int, rows: int):
     if isinstance(x, Tensor) and x.dim() > dim and x.shape[dim] == 1:
         return x.expand(*x.shape[:dim], rows, *x.shape[dim + 1:])
@@ -122,12 +131,12 @@ class Capturer:
         self._queued = False
         self._handles: list = []
         self._signatures = {id(r): forward_arguments(r.module) for r in rows if r.uses_activations}
-        # Layers with samplers run on detached parameters, so autograd skips the (unclipped, unused)
-        # parameter gradients; a parameter hook that still fires then reveals a use outside its module.
-        self.detached_rows = [r for r in rows if skip_param_grads and r.uses_activations]
-        kept = {p for r in rows if r not in self.detached_rows for p in r.params.values()}
-        self.detached_params = {p for r in self.detached_rows for p in r.params.values()} - kept
-        self.attached_uses: set[nn.Parameter] = set()  # detached rows' parameters used attached in this pass
+        # Every unit runs on stand-ins of its parameters (``_stand_in``), so that a planned parameter itself
+        # receives a gradient only from a use outside its unit (``x @ layer.weight``): its hook then refuses.
+        self._slots = {id(r): _slots(r) for r in rows}
+        self.grad_stand_ins = not skip_param_grads  # ghost: the reweighted pass differentiates to the stand-ins
+        self.stand_ins: list[tuple[nn.Parameter, Tensor]] = []  # the stand-ins that require grad, in ghost
+        self.on_refusal: Callable[[], None] = lambda: None
         owners = collections.Counter(id(p) for r in rows for p in dict.fromkeys(r.params.values()))
         self._tied_rows = {id(r) for r in rows if any(owners[id(p)] > 1 for p in r.params.values())}
         self._calls: collections.Counter | None = None  # calls per unit in the backward pass in flight
@@ -138,8 +147,8 @@ class Capturer:
         for row in self.plan:
             if row.mode == "ew":
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._expand, row)))
-            elif row in self.detached_rows:
-                self._handles.append(row.module.register_forward_pre_hook(partial(self._detach_params, row)))
+            else:
+                self._handles.append(row.module.register_forward_pre_hook(partial(self._stand_in, row)))
             self._handles.append(row.module.register_forward_hook(
                 partial(self._on_forward, row), with_kwargs=True, always_call=True))
         for p in {p for row in self.plan for p in row.params.values()}:
@@ -157,7 +166,7 @@ class Capturer:
         self.completed.clear()
         self.grad_samples.clear()
         self.used_params.clear()
-        self.attached_uses.clear()
+        self.stand_ins.clear()
         self.batch_rows, self._calls = None, None
 
     # -- forward ---------------------------------------------------------------------
@@ -169,34 +178,45 @@ class Capturer:
             first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
             self.batch_hint = _rows_at(first, self.bdim) if first is not None else None
 
-    def _expand(self, row: LayerPlan, module: nn.Module, args) -> None:
+    def _expand(self, row: LayerPlan, module: nn.Module, args) -> None:  # restored in _on_forward
         if not self._active():
             return
         from torch.nn.utils._expanded_weights import ExpandedWeight
 
         rows = _rows_at(args[0], self.bdim) if args else 0
-        if rows == 0:
-            return  # ExpandedWeights refuses an empty batch; it contributes nothing anyway
+        if rows == 0:  # ExpandedWeights refuses an empty batch; it contributes nothing anyway
+            self._stand_in(row, module, args)
+            return
         for name, p in row.local_params.items():
             if hasattr(p, "grad_sample"):  # the last backward's, shown to the user; ExpandedWeights would add to it
                 del p.grad_sample
             module._parameters[name] = ExpandedWeight(p, rows, "sum")
 
-    def _detach_params(self, row: LayerPlan, module: nn.Module, args) -> None:
+    def _stand_in(self, row: LayerPlan, module: nn.Module, args) -> None:
+        """Run the unit on detached stand-ins of its parameters (restored by ``_on_forward``).
+
+        A stand-in requires grad only where something must: the reweighted pass of ghost, and a first unit,
+        whose output would otherwise need no gradient at all. Elsewhere autograd then skips the (unclipped,
+        unused) parameter gradients.
+        """
         if not self._active():
             return
-        if not any(t.requires_grad for t in pytree.tree_leaves(args) if isinstance(t, Tensor)):
-            # A first layer: with detached parameters its output would need no gradient at all.
-            self.attached_uses.update(row.local_params.values())
-            return
-        for name, p in row.local_params.items():
-            module._parameters[name] = p.detach()
+        grad = self.grad_stand_ins or not any(
+            t.requires_grad for t in pytree.tree_leaves(args) if isinstance(t, Tensor))
+        made: dict[int, Tensor] = {}
+        for owner, name, p in self._slots[id(row)]:
+            if id(p) not in made:
+                made[id(p)] = p.detach().requires_grad_(grad) if p.requires_grad else p
+                if grad and self.grad_stand_ins and p.requires_grad:
+                    self.stand_ins.append((p, made[id(p)]))
+            owner._parameters[name] = made[id(p)]
+
+    def _restore(self, row: LayerPlan) -> None:
+        for owner, name, p in self._slots.get(id(row), ()):
+            owner._parameters[name] = p
 
     def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output):
-        swapped = any(module._parameters[n] is not p for n, p in row.local_params.items())
-        if swapped:
-            for name, p in row.local_params.items():
-                module._parameters[name] = p
+        self._restore(row)
         if not self._active():
             return None
         if isinstance(output, Tensor):  # the common case, without pytree's walk
@@ -247,9 +267,22 @@ class Capturer:
             self.used_params.add(p)
             self._queue_end()
 
+    def _refuse(self) -> None:
+        """A backward pass was refused: forget it whole, and let the engine refuse the step until it is discarded."""
+        self.reset()
+        self._queued = False
+        self.on_refusal()
+
     def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
         if not self.enabled or self._computing:
             return None
+        try:
+            return self._take_output_grad(cap, index, grad)
+        except Exception:
+            self._refuse()
+            raise
+
+    def _take_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
         if cap.done:
             raise PrivacyUsageError(
                 f"backward() ran a second time through one forward pass of {cap.row.name!r} "
@@ -347,26 +380,30 @@ class Capturer:
 
     def _backward_end(self) -> None:
         self._queued = False
+        try:
+            self._end_pass()
+        except Exception:
+            self._refuse()
+            raise
+
+    def _end_pass(self) -> None:
         for cap in self.captures:
             if not cap.done and any(g is not None for g in cap.grads):
                 self._process(cap)  # a multi-output call some of whose outputs got no gradient
         self.captures = [c for c in self.captures if not c.done]
         self._collect_expanded_weights()
-        covered = set(self.grad_samples) | {p for c in self.completed for p in c.row.params.values()}
-        detached = self.detached_params - self.attached_uses
-        missing = [p for p in self.used_params if p in detached or p not in covered]
-        missing = missing if self.batch_rows else []
-        if missing:
-            names = {n for row in self.plan for n, q in row.params.items() if any(q is p for p in missing)}
+        if self.used_params:  # units run on stand-ins: the parameter itself was used outside its unit
+            names = {n for row in self.plan for n, q in row.params.items() if q in self.used_params}
             raise PrivacyUsageError(
-                f"parameter(s) {sorted(names)} received gradients from a use that dpkit's layer hooks did "
-                "not see (the parameter was used outside its module's forward, e.g. x @ layer.weight). "
-                "Call the module itself, or use grad_sample_mode='functorch'."
+                f"parameter(s) {sorted(names)} received gradients from a use outside their module's forward "
+                "(e.g. F.linear(h, emb.weight) or x @ layer.weight), which dpkit cannot clip per example, so "
+                "this backward pass is refused. Call the module itself (tie weights by sharing the Parameter "
+                "between modules), or use grad_sample_mode='functorch' if the use is inside the model's forward."
             )
         rows = self.batch_rows
         result = self.completed if self.keep_records else self.grad_samples
         self.grad_samples, self.completed, self.batch_rows, self.used_params = {}, [], None, set()
-        self.attached_uses, self._calls = set(), None
+        self._calls = None
         if rows is not None:
             self.on_backward_end(result, rows)
 
@@ -384,6 +421,5 @@ class Capturer:
                 rows = gs.shape[0]
                 scale = rows if self.rescale else 1
                 self._add(p, (gs * scale).reshape(rows // self.K, self.K, *p.shape).sum(1))
-                self.used_params.discard(p)
                 if self.batch_rows is None:
                     self.batch_rows = rows

@@ -28,8 +28,11 @@ def backward(private: PrivateTraining, loss: DPLoss) -> tuple[Tensor, Tensor, di
         raise PrivacyUsageError("this loss does not depend on a forward pass of the model since the last "
                                 "backward(); run the model on the batch first.")
     private._in_ghost_backward, private._ghost_factors = True, None
+    # The planned parameters themselves get a gradient only from a use outside their module (modules run on
+    # stand-ins): asking for it here makes the capture refuse such a use in this pass, before any clipping.
+    targets = (outputs if outputs is not None else [t for _, t in capturer.stand_ins]) + list(private.params)
     try:  # the norm pass; the engine's end-of-backward callback leaves the factors in _ghost_factors
-        torch.autograd.grad(loss.value, outputs or private.params, retain_graph=True, allow_unused=True)
+        torch.autograd.grad(loss.value, targets, retain_graph=True, allow_unused=True)
     finally:
         private._in_ghost_backward = False
     if private._ghost_factors is None:
@@ -44,7 +47,15 @@ def backward(private: PrivateTraining, loss: DPLoss) -> tuple[Tensor, Tensor, di
         (loss.per_row * weights).sum().backward()
     finally:
         capturer.enabled = True
-    sums = {p: p.grad for p in private.params if p.grad is not None}
-    for p in private.params:
-        p.grad = stash[p]
+        leaked = [p for p in private.params if p.grad is not None]
+        for p in private.params:
+            p.grad = stash[p]
+    if leaked:
+        raise PrivacyUsageError(f"{len(leaked)} parameter(s) received gradients from a use outside their module's "
+                                "forward, which dpkit cannot clip per example; call the module itself.")
+    sums: dict[nn.Parameter, Tensor] = {}
+    for p, stand_in in capturer.stand_ins:
+        if stand_in.grad is not None:
+            sums[p] = sums[p] + stand_in.grad if p in sums else stand_in.grad
+    capturer.stand_ins = [(p, t) for p, t in capturer.stand_ins if t.grad is None]  # forwards not yet consumed
     return norms, factors, sums
