@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from dpkit.criterion import DPCriterion
 from dpkit.data import BatchMemoryManager, DPDataLoader, Multiplicity, PoissonBatchSampler
-from dpkit.engine import PrivateTraining, make_private, make_private_with_epsilon
+from dpkit.engine import PrivateTraining, detach, make_private, make_private_with_epsilon
 from dpkit.errors import (
     DPKitError,
     PluginError,
+    PluginOverrideWarning,
     PrivacyUsageError,
     UnsupportedEventError,
     UnsupportedLayerError,
@@ -22,8 +23,9 @@ from dpkit.registry import register_grad_sampler, register_norm_sampler
 
 __all__ = [
     "BatchMemoryManager", "DPCriterion", "DPDataLoader", "DPKitError", "Multiplicity", "PluginError",
+    "PluginOverrideWarning",
     "PoissonBatchSampler", "PrivacyUsageError", "PrivateTraining", "UnsupportedEventError",
-    "UnsupportedLayerError", "UnsupportedModuleError", "fix", "get_epsilon", "get_noise_multiplier",
+    "UnsupportedLayerError", "UnsupportedModuleError", "detach", "fix", "get_epsilon", "get_noise_multiplier",
     "hookimpl", "make_private", "make_private_with_epsilon", "register_grad_sampler", "register_norm_sampler",
 ]
 

@@ -1,12 +1,22 @@
 """Data for DP training: Poisson-sampled batches, K augmented copies, physical micro-batches."""
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils import _pytree as pytree
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+    default_collate,
+)
 
 if TYPE_CHECKING:
     from dpkit.engine import PrivateTraining
@@ -17,11 +27,12 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     Batch sizes vary and may be 0; one epoch is ``round(1/sample_rate)`` batches.
     The generator's state is the sampler's state (``state_dict``), so a resumed run
-    draws the same batches.
+    draws the same batches. With ``secure_mode=True`` the draws come from the operating
+    system's CSPRNG instead: unpredictable from any seed, and no state to save.
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, secure_mode: bool = False):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0 < sample_rate <= 1:
@@ -29,22 +40,34 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.num_samples = num_samples
         self.sample_rate = sample_rate
         self.steps = steps if steps is not None else max(1, round(1 / sample_rate))
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(
-            int(torch.empty((), dtype=torch.int64).random_().item()))
+        if secure_mode and generator is not None:
+            raise ValueError("secure_mode=True samples from the OS's CSPRNG; it takes no generator")
+        self.secure_mode = secure_mode
+        self.generator = None if secure_mode else generator if generator is not None else torch.Generator(
+        ).manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
 
     def __len__(self) -> int:
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+            if self.secure_mode:
+                from dpkit import secure
+
+                mask = secure.uniform(self.num_samples) < self.sample_rate
+            else:
+                mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
             yield mask.nonzero().flatten().tolist()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"secure_mode": True} if self.secure_mode else {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        if bool(state.get("secure_mode", False)) != self.secure_mode:
+            raise ValueError(f"the sampler state is from a run with secure_mode={not self.secure_mode}, this run has "
+                             f"secure_mode={self.secure_mode}")
+        if not self.secure_mode:
+            self.generator.set_state(state["generator"])
 
 
 class Multiplicity(Dataset):
@@ -95,27 +118,83 @@ class _EmptySafeCollate:
 
 
 class DPDataLoader(DataLoader):
-    """A DataLoader over the same dataset with Poisson-sampled batches of expected size ``q·N``."""
+    """A DataLoader over the same dataset with Poisson-sampled batches of expected size ``q·N``.
+
+    ``batches_drawn`` counts the batches handed out (in the main process, so prefetching workers do not move
+    it): the engine uses it to tell micro-batches of one batch from gradient accumulation across batches.
+    """
 
     def __init__(self, dataset: Dataset, sample_rate: float, *, collate_fn: Callable | None = None,
-                 generator: torch.Generator | None = None, steps: int | None = None, **kwargs):
+                 generator: torch.Generator | None = None, steps: int | None = None, secure_mode: bool = False,
+                 **kwargs):
         collate = collate_fn or default_collate
         if isinstance(dataset, Multiplicity):
             collate = collate_copies(collate)
         self.sample_rate = sample_rate
-        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps=steps, generator=generator)
+        self.secure_mode = secure_mode
+        self.batches_drawn = 0
+        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps=steps, generator=generator,
+                                      secure_mode=secure_mode)
         super().__init__(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(dataset, collate), **kwargs)
 
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            self.batches_drawn += 1
+            yield batch
+
     @classmethod
-    def from_data_loader(cls, loader: DataLoader, generator: torch.Generator | None = None) -> DPDataLoader:
+    def from_data_loader(cls, loader: DataLoader, generator: torch.Generator | None = None,
+                         secure_mode: bool = False) -> DPDataLoader:
         """The Poisson twin of ``loader``: same dataset, workers and collate, q = batch_size / N."""
-        n = len(loader.dataset)
-        batch_size = loader.batch_size or (n / max(len(loader), 1))
+        n = check_loader(loader, poisson=True)
+        batch_size = loader.batch_size
         return cls(loader.dataset, min(1.0, batch_size / n), collate_fn=loader.collate_fn, generator=generator,
+                   secure_mode=secure_mode,
                    num_workers=loader.num_workers, pin_memory=loader.pin_memory,
                    worker_init_fn=loader.worker_init_fn, timeout=loader.timeout,
                    prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
                    persistent_workers=loader.persistent_workers)
+
+
+def check_loader(loader: object, poisson: bool) -> int:
+    """The dataset size of a loader dpkit can sample from, or an error that names what is wrong and the fix.
+
+    Poisson sampling draws from the whole dataset at one rate, so a loader's own choice of examples (a subset,
+    weights) would be silently replaced; those are refused, and ``drop_last`` has no meaning there.
+    """
+    if not isinstance(loader, DataLoader):
+        raise TypeError(f"data_loader must be a torch.utils.data.DataLoader, got {type(loader).__name__}; wrap the "
+                        "data in a Dataset (e.g. TensorDataset) and DataLoader(dataset, batch_size=...).")
+    if isinstance(loader.dataset, IterableDataset):
+        raise TypeError("data_loader's dataset is an IterableDataset: Poisson sampling needs to draw each example "
+                        "by index with the same probability. Use a map-style Dataset (with __len__ and __getitem__).")
+    try:
+        n = len(loader.dataset)
+    except TypeError as err:
+        raise TypeError("data_loader's dataset has no len(); dpkit needs the dataset size for the sample rate.") from err
+    if n == 0:
+        raise ValueError("data_loader's dataset is empty: there is nothing to train on.")
+    if isinstance(loader, DPDataLoader):
+        return n
+    if loader.batch_sampler is not None and type(loader.batch_sampler) is not BatchSampler:
+        raise ValueError(f"data_loader has its own batch sampler ({type(loader.batch_sampler).__name__}), which "
+                         "Poisson sampling would replace. Give a DataLoader with batch_size= (the expected batch "
+                         "size), or a dpkit.DPDataLoader.")
+    if loader.batch_size is None:
+        raise ValueError("data_loader has batch_size=None (no batching); give batch_size= the expected batch size.")
+    sampler = loader.sampler
+    plain = type(sampler) is SequentialSampler or (
+        type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n)
+    if not plain:
+        raise ValueError(
+            f"data_loader samples with {type(sampler).__name__}, which dpkit would silently replace by Poisson "
+            "sampling over the whole dataset (or, without Poisson sampling, which the accountant does not model). "
+            "To train on part of the data, pass torch.utils.data.Subset(dataset, indices) with shuffle=True; to "
+            "weight examples, weight their losses or resample the dataset beforehand.")
+    if loader.drop_last and poisson:
+        warnings.warn("drop_last=True has no meaning under Poisson sampling: batch sizes vary and every batch is "
+                      "used, including empty ones.", stacklevel=4)
+    return n
 
 
 def split_batch(batch, max_rows: int) -> list:

@@ -7,40 +7,93 @@ optimizer's ``step`` so that each step uses the clipped, noised gradient
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import numbers
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
 from dpkit import registry
+from dpkit.accountants._base import _real
 from dpkit.criterion import DPCriterion, DPLoss
-from dpkit.data import DPDataLoader, PoissonBatchSampler
-from dpkit.errors import PrivacyUsageError
+from dpkit.data import DPDataLoader, PoissonBatchSampler, check_loader
+from dpkit.errors import PluginOverrideWarning, PrivacyUsageError, UnsupportedModuleError
 from dpkit.events import ClipEvent, ComposedEvent, DpEvent, Ledger, NoOpEvent, PoissonSampledEvent
 from dpkit.modes import bk, ghost
 from dpkit.modes._capture import Capturer
-from dpkit.optimizer import StepAccumulator, all_reduce, privatize
-from dpkit.plan import MODES, NORM_MODES, build_plan
+from dpkit.optimizer import StepAccumulator, privatize
+from dpkit.plan import MIXING, MODES, NORM_MODES, build_plan
+
+_ATTACHED: weakref.WeakSet[PrivateTraining] = weakref.WeakSet()  # controllers with hooks on a model
+STATE_FORMAT = 2  # of PrivateTraining.state_dict(); 1 had no "config"
 
 
-def _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, mode) -> None:
+def _number(value, name: str, low: float, *, low_ok: bool) -> float:
+    """A finite real number above ``low`` (or equal, if ``low_ok``); numpy and 0-d tensor scalars count."""
+    x = _real(value)
+    if x is None or not math.isfinite(x) or x < low or (x == low and not low_ok):
+        bound = ">=" if low_ok else ">"
+        raise ValueError(f"{name} must be a finite number {bound} {low:g}, got {value!r}")
+    return x
+
+
+def _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, mode) -> tuple[float, float]:
     # Explicit checks: attrs validators can be switched off process-wide, these cannot.
-    if not (isinstance(noise_multiplier, (int, float)) and math.isfinite(noise_multiplier) and noise_multiplier >= 0):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
-    if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}")
-    if not (isinstance(K, int) and K >= 1):
+    sigma = _number(noise_multiplier, "noise_multiplier", 0, low_ok=True)
+    clip = _number(max_grad_norm, "max_grad_norm", 0, low_ok=False)
+    if not math.isfinite(sigma * clip):
+        raise ValueError(f"noise_multiplier * max_grad_norm = {sigma:g} * {clip:g} overflows; the noise std must be "
+                         "a finite number")
+    if isinstance(K, bool) or not (isinstance(K, int) and K >= 1):
         raise ValueError(f"augmentation_multiplicity must be an int >= 1, got {K!r}")
     if loss_reduction not in ("mean", "sum"):
         raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
     if mode not in MODES:
         raise ValueError(f"grad_sample_mode must be one of {MODES}, got {mode!r}")
+    return sigma, clip
+
+
+def _check_world() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise PrivacyUsageError(
+            f"torch.distributed is running with world size {dist.get_world_size()}, and dpkit does not support "
+            "distributed training yet: each rank would draw its own batches and add its own noise, and the ledger "
+            "would record the local sample rate. Train in one process until distributed support lands.")
+
+
+def _check_objects(module, optimizer, noise_seed) -> None:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}; wrap a function in an "
+                        "nn.Module whose parameters are attributes.")
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer over the model's parameters, got "
+                        f"{type(optimizer).__name__}; e.g. torch.optim.SGD(model.parameters(), lr=0.1).")
+    if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, numbers.Integral)):
+        raise TypeError(f"noise_seed must be an int (or None for a seed from the OS), got {noise_seed!r}")
+    for other in list(_ATTACHED):
+        if other.optimizer is optimizer or any(p in other._owned for p in module.parameters()):
+            raise PrivacyUsageError(
+                "this model or optimizer already has dpkit attached (make_private ran on it before, e.g. in a "
+                "re-run notebook cell); two controllers would both count and clip every step. Call "
+                "private.detach() on the earlier controller, or dpkit.detach(model), before make_private again.")
+
+
+def detach(module: nn.Module) -> int:
+    """Detach every dpkit controller attached to ``module`` (or to a part of it); returns how many."""
+    owned = {p for p in module.parameters()}
+    found = [c for c in list(_ATTACHED) if c.module is module or c._owned & owned]
+    for c in found:
+        c.detach()
+    return len(found)
 
 
 def step_event(noise: DpEvent, clipper: DpEvent) -> DpEvent:
@@ -63,20 +116,24 @@ class PrivateTraining:
                  clipping: str = "flat", clipping_kwargs: dict | None = None, noise: str = "gaussian",
                  accountant: str = "prv", augmentation_multiplicity: int = 1, poisson_sampling: bool = True,
                  loss_reduction: str = "mean", batch_first: bool = True, criterion: nn.Module | None = None,
-                 secure_mode: bool = False, noise_seed: int | None = None, sample_rate: float | None = None):
+                 secure_mode: bool = False, noise_seed: int | None = None, sample_rate: float | None = None,
+                 expected_batch_size: float | None = None):
         K = augmentation_multiplicity
-        _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, grad_sample_mode)
+        _check_world()
+        _check_objects(module, optimizer, noise_seed)
+        sigma, clip = _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, grad_sample_mode)
         self.module, self.optimizer = module, optimizer
-        self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
-        self.mode, self.K, self.loss_reduction = grad_sample_mode, K, loss_reduction
-        self.accountant = accountant
+        self.noise_multiplier, self.max_grad_norm = sigma, clip
+        self.mode, self.K, self.loss_reduction, self.batch_first = grad_sample_mode, K, loss_reduction, batch_first
+        self.accountant, self.clipping, self.noise_name = accountant, clipping, noise
+        self.secure_mode = bool(secure_mode)
         registry.lookup("dpkit_accountants", accountant, "accountant")
         self.clipper = registry.lookup("dpkit_clippers", clipping, "clipping").value(
-            max_grad_norm=max_grad_norm, **(clipping_kwargs or {}))
+            max_grad_norm=clip, **(clipping_kwargs or {}))
         self.noise = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(
             seed=noise_seed, secure_mode=secure_mode)
         self.data_loader, self.sample_rate, self.expected_batch_size = self._make_loader(
-            data_loader, poisson_sampling, sample_rate)
+            data_loader, poisson_sampling, sample_rate, expected_batch_size)
         self.poisson_sampling = poisson_sampling
         self.criterion = DPCriterion(criterion, loss_reduction, batch_first) if criterion is not None else None
         if self.criterion is not None:
@@ -84,47 +141,81 @@ class PrivateTraining:
         if grad_sample_mode == "ghost" and getattr(self.clipper, "per_layer", False):
             raise ValueError(f"clipping={clipping!r} clips each parameter on its own, which ghost's single "
                              "reweighted backward pass cannot do; use grad_sample_mode='bk' or 'hooks'.")
-        if noise_multiplier == 0:
+        if sigma == 0:
             warnings.warn("noise_multiplier=0: gradients are clipped but not noised, so training is NOT "
                           "differentially private (epsilon is infinite). Use it only to test or debug.",
                           stacklevel=3)
-        self.plan = build_plan(module, grad_sample_mode)
-        self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
         self._check_optimizer()
         self.ledger = Ledger()
         self.steps = 0
         self._unbounded_steps = 0
-        self._skip_step = False
-        self.accumulator = StepAccumulator(self.params, self.clipper, K)
+        self._skip_step = False  # set by BatchMemoryManager: this step() ends a micro-batch, not the batch
+        self._after_virtual = False  # the last call was a virtual step: zero_grad keeps the sum
+        self._micro_batches = False  # inside micro_batches(): the backward passes share one logical batch
+        self._step_batch: int | None = None  # the loader batch the step's first backward pass came from
+        self._refused: str | None = None  # why a backward pass of this step was refused
         self.norm_mode = grad_sample_mode in NORM_MODES
         self._ghost_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._in_ghost_backward = False
-        early = functools.partial(bk.form_early, K=K) if grad_sample_mode == "auto" else None
-        self.capturer = Capturer(module, self.plan, K=K, batch_first=batch_first, rescale=loss_reduction == "mean",
-                                 keep_records=self.norm_mode, keep_outputs=grad_sample_mode == "ghost",
-                                 skip_param_grads=grad_sample_mode in ("hooks", "bk", "auto"),
-                                 on_backward_end=self._on_backward_end,
-                                 form_on_arrival=early)
-        self._optimizer_hooks: list = []
+        self._wrapped: list[object] = []
+        self._handles: list = []
+        self._build()
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (every requires_grad is False); unfreeze the "
+                             "ones to train before make_private.")
+        self._check_noise_range()
+        self._warn_overrides()
         self.attached = False
         self.attach()
 
     # -- construction ------------------------------------------------------------------
-    def _make_loader(self, loader, poisson: bool, sample_rate: float | None):
+    def _build(self) -> None:
+        """The plan, the capture hooks (not attached) and the step's accumulator, for the trainable set now."""
+        self.plan = build_plan(self.module, self.mode)
+        self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
+        self._planned = frozenset(id(p) for p in self.params)
+        self._mixing = [m for m in self.module.modules() if isinstance(m, MIXING)]
+        self.accumulator = StepAccumulator(self.params, self.clipper, self.K)
+        early = functools.partial(bk.form_early, K=self.K) if self.mode == "auto" else None
+        self.capturer = Capturer(self.module, self.plan, K=self.K, batch_first=self.batch_first,
+                                 rescale=self.loss_reduction == "mean", keep_records=self.norm_mode,
+                                 keep_outputs=self.mode == "ghost",
+                                 skip_param_grads=self.mode in ("hooks", "bk", "auto", "functorch", "ew"),
+                                 on_backward_end=self._on_backward_end, form_on_arrival=early)
+        self.capturer.on_refusal = self._on_refusal
+
+    def _make_loader(self, loader, poisson: bool, sample_rate, expected_batch_size):
+        """The loader to train on, the sample rate q, and the expected batch size (the "mean" divisor)."""
         if loader is None:
             if sample_rate is None:
-                raise ValueError("give data_loader=, or sample_rate= for a loop that samples its own batches")
-            return None, float(sample_rate), None
-        n = len(loader.dataset)
+                raise ValueError("give data_loader=, or sample_rate= (and expected_batch_size=) for a loop that "
+                                 "samples its own batches")
+            q = _number(sample_rate, "sample_rate", 0, low_ok=False)
+            if q > 1:
+                raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+            if expected_batch_size is None:
+                if self.loss_reduction == "mean":
+                    raise ValueError(
+                        "with data_loader=None and loss_reduction='mean', give expected_batch_size= (q times the "
+                        "dataset size): dividing by the actual batch size would reveal it through the noise scale.")
+                return None, q, None
+            return None, q, _number(expected_batch_size, "expected_batch_size", 0, low_ok=False)
+        if sample_rate is not None or expected_batch_size is not None:
+            raise ValueError("sample_rate= and expected_batch_size= go with data_loader=None; with a data loader "
+                             "dpkit takes them from the loader (q = batch_size / len(dataset)).")
+        n = check_loader(loader, poisson)
         if poisson:
             if not isinstance(loader, DPDataLoader):
-                loader = DPDataLoader.from_data_loader(loader)
+                loader = DPDataLoader.from_data_loader(loader, secure_mode=self.secure_mode)
+            elif self.secure_mode and not loader.secure_mode:
+                raise PrivacyUsageError("secure_mode=True with a DPDataLoader that samples from a seeded generator; "
+                                        "build it with DPDataLoader(..., secure_mode=True) or pass a plain DataLoader.")
             return loader, loader.sample_rate, loader.sample_rate * n
-        batch_size = loader.batch_size or n / max(len(loader), 1)
+        batch_size = loader.batch_size
         warnings.warn("poisson_sampling=False: batches are not Poisson-sampled, but the privacy accounting "
                       "assumes they are (as every DP-SGD library does); the reported epsilon is not a proven "
                       "bound for shuffled fixed-size batches.", stacklevel=4)
-        return loader, min(1.0, batch_size / n), None
+        return loader, min(1.0, batch_size / n), float(batch_size)
 
     def _check_optimizer(self) -> None:
         model_params = {id(p) for p in self.module.parameters()}
@@ -134,14 +225,51 @@ class PrivateTraining:
             raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's; "
                              "build it from model.parameters() so every updated parameter is privatized.")
 
+    def _check_noise_range(self) -> None:
+        std = self.noise_multiplier * self.clipper.sensitivity()
+        for flat_dtype in {torch.promote_types(p.dtype, torch.float32) for p in self.params}:
+            if std >= torch.finfo(flat_dtype).max / 16:
+                raise ValueError(f"the noise std noise_multiplier * max_grad_norm = {std:g} overflows {flat_dtype}; "
+                                 "lower noise_multiplier or max_grad_norm.")
+
+    def _warn_overrides(self) -> None:
+        """A plugin replacing a built-in privacy-critical entry is allowed (newest wins), but never silently."""
+        used = [("dpkit_clippers", self.clipping), ("dpkit_noise_mechanisms", self.noise_name),
+                ("dpkit_accountants", self.accountant)]
+        for row in self.plan:
+            if row.uses_activations:
+                used += [("dpkit_grad_samplers", type(row.module)), ("dpkit_norm_samplers", type(row.module))]
+        for hook, key in dict.fromkeys(used):
+            found = registry.overridden(hook, key)
+            if found is not None:
+                winner, builtins = found
+                label = key if isinstance(key, str) else f"{key.__module__}.{key.__qualname__}"
+                warnings.warn(f"plugin {winner!r} overrides dpkit's built-in {hook[6:-1].replace('_', ' ')} "
+                              f"{label!r} (from {', '.join(builtins)}); the privacy guarantee now rests on it. If "
+                              "that is not intended, uninstall it or set DPKIT_DISABLE_PLUGIN_AUTOLOAD=1.",
+                              PluginOverrideWarning, stacklevel=4)
+
     # -- control -----------------------------------------------------------------------
     def attach(self) -> None:
         if self.attached:
             return
+        _check_objects(self.module, self.optimizer, None)
+        self._handles = [self.module.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
+                         self.optimizer.register_step_pre_hook(self._pre_step),
+                         self.optimizer.register_step_post_hook(self._post_step)]
         self.capturer.attach()
-        self._optimizer_hooks = [self.optimizer.register_step_pre_hook(self._pre_step),
-                                 self.optimizer.register_step_post_hook(self._post_step)]
+        for owner in (self.optimizer, self.module):
+            original = owner.zero_grad
+
+            @functools.wraps(original)
+            def zero_grad(*args, _original=original, **kwargs):
+                self._discard()
+                return _original(*args, **kwargs)
+
+            owner.__dict__["zero_grad"] = zero_grad
+            self._wrapped.append(owner)
         self.attached = True
+        _ATTACHED.add(self)
 
     def enable(self) -> None:
         """Resume private training after :meth:`disable`."""
@@ -156,14 +284,37 @@ class PrivateTraining:
     def enabled(self) -> bool:
         return self.capturer.enabled
 
+    @property
+    def _owned(self) -> set[nn.Parameter]:
+        return set(self.module.parameters())
+
     def detach(self) -> None:
         """Remove every hook; the model and optimizer are as before ``make_private``."""
         self.capturer.detach()
-        for handle in self._optimizer_hooks:
+        for handle in self._handles:
             handle.remove()
-        self._optimizer_hooks = []
+        self._handles = []
+        for owner in self._wrapped:
+            owner.__dict__.pop("zero_grad", None)
+        self._wrapped = []
         self._clear()
         self.attached = False
+        _ATTACHED.discard(self)
+
+    @contextlib.contextmanager
+    def micro_batches(self) -> Iterator[None]:
+        """The backward passes inside are micro-batches of one logical batch, for loops without a data loader.
+
+        With ``data_loader=`` dpkit knows which batch each backward pass came from (``BatchMemoryManager`` splits
+        one batch into micro-batches); with ``data_loader=None`` a second backward pass before ``step()`` is
+        refused unless it is declared here, since accumulating several sampled batches into one step is a
+        different mechanism from the one the accountant counts.
+        """
+        self._micro_batches = True
+        try:
+            yield
+        finally:
+            self._micro_batches = False
 
     def __iter__(self) -> Iterator[Any]:
         yield self.module
@@ -177,7 +328,109 @@ class PrivateTraining:
                 f"max_grad_norm={self.max_grad_norm}, sample_rate={self.sample_rate:.4g}, steps={self.steps}, "
                 f"layers={len(self.plan)})")
 
+    # -- checks at every forward and step ----------------------------------------------
+    def _trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def _trainable_change(self) -> str | None:
+        now = self._trainable()
+        if len(now) == len(self._planned) and all(id(p) in self._planned for p in now):
+            return None
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        new = sorted(names.get(id(p), "?") for p in now if id(p) not in self._planned)
+        ids = {id(p) for p in now}
+        gone = sorted(names.get(id(p), "<removed from the model>") for p in self.params if id(p) not in ids)
+        return ", ".join(part for part in (f"now trainable: {new}" if new else "",
+                                           f"no longer trainable: {gone}" if gone else "") if part)
+
+    def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
+        if not self.enabled or not torch.is_grad_enabled() or self.capturer._computing:
+            return
+        _check_world()
+        mixing = [m for m in self._mixing if m.training]
+        if mixing:
+            names = {id(m): n for n, m in self.module.named_modules()}
+            raise UnsupportedModuleError(
+                f"{[names.get(id(m), '?') for m in mixing]} ({type(mixing[0]).__name__}) are in training mode, "
+                "where batch statistics mix examples, so one example's gradient depends on the others "
+                "(model.train() switches them back). Replace them with dpkit.fix(model) (BatchNorm → GroupNorm) "
+                "and call make_private again.")
+        change = self._trainable_change()
+        if change is None:
+            return
+        if self.accumulator.backward_passes or self.capturer.captures:
+            raise PrivacyUsageError(
+                f"the trainable parameters changed in the middle of a step ({change}). Change requires_grad "
+                "between optimizer.step() and the next forward pass.")
+        warnings.warn(f"dpkit planned the model again: the trainable parameters changed ({change}).", stacklevel=3)
+        self.capturer.detach()
+        self._build()
+        self.capturer.attach()
+        self.capturer.start_forward(module, args, kwargs)  # this forward's root hooks were taken before the change
+
+    def _check_release(self) -> None:
+        """Before any gradient is released: exactly the planned parameters will move, and nothing else."""
+        _check_world()
+        if self._refused is not None:
+            raise PrivacyUsageError(f"a backward pass of this step was refused ({self._refused}); nothing was "
+                                    "released. Call optimizer.zero_grad() to drop the batch, then continue.")
+        change = self._trainable_change()
+        if change is not None:
+            raise PrivacyUsageError(f"the trainable parameters changed after the forward pass ({change}); "
+                                    "change requires_grad between optimizer.step() and the next forward pass.")
+        names = {id(p): n for n, p in self.module.named_parameters()}
+        raw = [names.get(id(p), "<not the model's>") for g in self.optimizer.param_groups for p in g["params"]
+               if id(p) not in self._planned and (p.grad is not None or id(p) not in names)]
+        if raw:
+            raise PrivacyUsageError(
+                f"the optimizer would update {sorted(raw)} with gradients dpkit did not clip or noise (a frozen "
+                "parameter with a gradient, an add_param_group after make_private, or a parameter that is not "
+                "the model's). Call optimizer.zero_grad(), make them trainable in the model (dpkit plans them at "
+                "the next forward), or remove them from the optimizer.")
+
     # -- the step ----------------------------------------------------------------------
+    def _on_refusal(self) -> None:
+        self._refused = "see the error it raised"
+        self._after_virtual = False
+        self.accumulator.reset()
+
+    def _discard(self) -> None:
+        """``zero_grad()``: forget this step's clipped sums, except between the micro-batches of one batch.
+
+        Records of forward passes not yet back-propagated stay: ``out = model(x); zero_grad(); backward()``.
+        """
+        if not self.enabled or self._after_virtual:
+            return
+        self.accumulator.reset()
+        self._drop_grad_samples()
+        self._refused = None
+
+    def _drop_grad_samples(self) -> None:
+        for p in self.params:
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+    def _admit_pass(self) -> None:
+        """One backward pass's clipped sum may join the step only if it comes from the step's logical batch."""
+        batch = getattr(self.data_loader, "batches_drawn", None)
+        if self.accumulator.backward_passes == 0:
+            self._step_batch = batch
+        elif not self._micro_batches and self._step_batch is None:
+            raise PrivacyUsageError(
+                "a second backward pass before optimizer.step(), and dpkit cannot tell whether it comes from the "
+                "same batch (data_loader=None, or poisson_sampling=False). Accumulating several sampled batches "
+                "into one step is not the mechanism the accountant counts. If these are micro-batches of one "
+                "batch, run them inside `with private.micro_batches():`; otherwise call optimizer.step() after "
+                "each batch (and raise the batch size for a larger effective batch).")
+        elif not self._micro_batches and batch != self._step_batch:
+            raise PrivacyUsageError(
+                "backward passes from two batches of the data loader before one optimizer.step() (gradient "
+                "accumulation across Poisson batches): an example could then be in the step several times, which "
+                "the recorded sample rate does not count. Call optimizer.step() after each batch; for a larger "
+                "effective batch raise the batch size, and use dpkit.BatchMemoryManager to split each batch into "
+                "micro-batches that fit in memory.")
+        self._after_virtual = False
+
     def _on_backward_end(self, result, rows: int) -> None:
         crit_rows = self.criterion.rows if self.criterion is not None else None
         if crit_rows is not None:
@@ -188,6 +441,7 @@ class PrivateTraining:
         if self.norm_mode:
             self._clip_records(result, rows)
             return
+        self._admit_pass()
         before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         norms, factors, per_example = self.accumulator.add_backward(result, rows)
         for p, g in per_example.items():
@@ -197,6 +451,8 @@ class PrivateTraining:
 
     def _clip_records(self, records, rows: int) -> None:
         batch = rows // self.K
+        if self.mode != "ghost":
+            self._admit_pass()
         norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
         scale = rows if self.loss_reduction == "mean" else 1  # the records hold the mean loss's gradients
         clipper_norms, factors = self.accumulator.clip_factors(norms * scale)
@@ -218,7 +474,12 @@ class PrivateTraining:
         if self.mode != "ghost" or not self.enabled:
             loss.value.backward()
             return
-        norms, factors, sums = ghost.backward(self, loss)
+        try:
+            self._admit_pass()
+            norms, factors, sums = ghost.backward(self, loss)
+        except PrivacyUsageError:
+            self._on_refusal()
+            raise
         before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         self.accumulator.add(sums, loss.per_row.shape[0] // self.K)
         if before is not None:
@@ -245,21 +506,25 @@ class PrivateTraining:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled:
             return
+        self._check_release()
         if self._skip_step:
             for p in self.params:
                 p.grad = None  # a virtual step: keep accumulating, update nothing
+            self._after_virtual = True
             return
         if self.accumulator.backward_passes == 0:
             raise PrivacyUsageError(
-                "optimizer.step() was called without a backward() since the last step. Call loss.backward() "
-                "first, also for an empty Poisson batch (dpkit gives it the right shape and counts it).")
+                "optimizer.step() was called without a backward() since the last step (or zero_grad() dropped "
+                "it). Call loss.backward() first, also for an empty Poisson batch (dpkit gives it the right shape "
+                "and counts it).")
         flats = self.accumulator.buffers()
-        all_reduce([flat for flat, _ in flats])
-        denominator = (self.expected_batch_size if self.expected_batch_size is not None
-                       else max(self.accumulator.examples, 1)) if self.loss_reduction == "mean" else 1
+        # Always the expected batch size: the actual one would show through the scale of the noise.
+        denominator = self.expected_batch_size if self.loss_reduction == "mean" else 1
+        for norms in self.accumulator.observed:
+            self.clipper.observe(norms)
         noisy = privatize(flats, self.noise, self.noise_multiplier * self.clipper.sensitivity(), denominator)
         for p in self.params:
-            p.grad = noisy[p]
+            p.grad = noisy[p] if noisy[p].dtype == p.dtype else noisy[p].to(p.dtype)
         self._record_step()
 
     def _record_step(self) -> None:
@@ -268,8 +533,7 @@ class PrivateTraining:
         else:
             self.ledger.record(step_event(self.noise.dp_event(self.noise_multiplier, self.sample_rate),
                                           self.clipper.dp_event(self.sample_rate)))
-        self.clipper.end_step(self.noise, expected_batch_size=self.expected_batch_size
-                              or max(self.accumulator.examples, 1))
+        self.clipper.end_step(self.noise, expected_batch_size=self.expected_batch_size)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled or self._skip_step:
@@ -280,9 +544,7 @@ class PrivateTraining:
     def _clear(self) -> None:
         self.accumulator.reset()
         self.capturer.reset()
-        for p in self.params:
-            if hasattr(p, "grad_sample"):
-                del p.grad_sample
+        self._drop_grad_samples()
 
     # -- privacy -----------------------------------------------------------------------
     def epsilon(self, delta: float, accountant: str | None = None) -> float:
@@ -309,24 +571,60 @@ class PrivateTraining:
             lines.append(f" {mark} {name:<12} epsilon = {eps}{note}")
         return "\n".join(lines)
 
+    def _config(self) -> dict[str, Any]:
+        return {"clipping": self.clipping, "noise": self.noise_name, "accountant": self.accountant,
+                "secure_mode": self.secure_mode}
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to report the same ε and draw the same noise and batches."""
-        state = {"ledger": self.ledger.state_dict(), "steps": self.steps, "unbounded_steps": self._unbounded_steps,
-                 "noise": self.noise.state_dict(), "clipper": self.clipper.state_dict(),
-                 "optimizer": self.optimizer.state_dict()}
+        """Everything a resumed run needs to report the same ε and draw the same noise and batches.
+
+        Outside secure mode this holds the noise generator's state: whoever holds the checkpoint can regenerate
+        the noise and subtract it from the released model. Keep checkpoints as private as the data.
+        """
+        state = {"format": STATE_FORMAT, "config": self._config(), "ledger": self.ledger.state_dict(),
+                 "steps": self.steps, "unbounded_steps": self._unbounded_steps, "noise": self.noise.state_dict(),
+                 "clipper": self.clipper.state_dict(), "optimizer": self.optimizer.state_dict()}
         sampler = getattr(self.data_loader, "batch_sampler", None)
         if isinstance(sampler, PoissonBatchSampler):
             state["sampler"] = sampler.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.ledger.load_state_dict(state["ledger"])
-        self.steps, self._unbounded_steps = state["steps"], state["unbounded_steps"]
+        """Resume from :meth:`state_dict`; a checkpoint of another configuration, or one whose step count
+        disagrees with its ledger, is refused before anything is changed."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a dpkit checkpoint is a dict from private.state_dict(), got {type(state).__name__}")
+        missing = [k for k in ("format", "config", "ledger", "steps", "unbounded_steps", "noise", "clipper",
+                               "optimizer") if k not in state]
+        if missing:
+            raise ValueError(f"this checkpoint lacks {missing}: it was not made by private.state_dict() of this dpkit "
+                             f"version (state format {STATE_FORMAT}), or it was truncated.")
+        theirs, mine = state["config"], self._config()
+        differ = {k: (theirs.get(k) if isinstance(theirs, dict) else None, v) for k, v in mine.items()
+                  if not isinstance(theirs, dict) or theirs.get(k) != v}
+        if differ:
+            raise PrivacyUsageError(
+                "the checkpoint was made with another configuration: " + ", ".join(
+                    f"{k}={a!r} there, {b!r} here" for k, (a, b) in differ.items())
+                + ". Resume with the make_private arguments the checkpoint was made with.")
+        ledger = Ledger()
+        try:
+            ledger.load_state_dict(state["ledger"])
+            steps, unbounded = int(state["steps"]), int(state["unbounded_steps"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"the checkpoint's ledger or step count is malformed ({err!r}).") from err
+        if unbounded < 0 or ledger.steps + unbounded != steps:
+            raise PrivacyUsageError(
+                f"the checkpoint says {steps} steps, but its ledger records {ledger.steps} (+{unbounded} without "
+                "noise): it was altered or assembled from two runs, and its epsilon cannot be trusted.")
+        if ("sampler" in state) != isinstance(getattr(self.data_loader, "batch_sampler", None), PoissonBatchSampler):
+            raise PrivacyUsageError("the checkpoint's data sampling (Poisson loader or not) differs from this run's.")
         self.noise.load_state_dict(state["noise"])
         self.clipper.load_state_dict(state["clipper"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "sampler" in state:
             self.data_loader.batch_sampler.load_state_dict(state["sampler"])
+        self.ledger, self.steps, self._unbounded_steps = ledger, steps, unbounded
 
 
 def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader | None = None,

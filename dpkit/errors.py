@@ -24,3 +24,7 @@ class PrivacyUsageError(DPKitError):
 
 class UnsupportedEventError(DPKitError):
     """An accountant was asked to count a privacy event it has no analysis for."""
+
+
+class PluginOverrideWarning(UserWarning):
+    """A plugin replaces one of dpkit's built-in, privacy-critical entries (a sampler, clipper, noise, accountant)."""

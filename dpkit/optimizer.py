@@ -2,17 +2,16 @@
 
 Each backward pass adds its examples' clipped sum to an accumulator (virtual
 steps are several backward passes); ``optimizer.step()`` privatizes the
-accumulated sum once. Nothing stands between the clipped sum and the noise but
-the cross-rank sum (``all_reduce``) of distributed training.
+accumulated sum once. Nothing stands between the clipped sum and the noise.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
+from dpkit.errors import PrivacyUsageError
 from dpkit.hookspecs import Clipper, NoiseMechanism
 
 
@@ -48,13 +47,6 @@ def clipped_sum(grad_samples: dict[nn.Parameter, Tensor], params: Sequence[nn.Pa
     return out
 
 
-def all_reduce(flats: Sequence[Tensor]) -> None:
-    """Sum the clipped sums of every rank in place (no-op unless torch.distributed is running)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in flats:
-            dist.all_reduce(t)
-
-
 def _shaped(flat: Tensor, params: Sequence[nn.Parameter]) -> list[Tensor]:
     """Consecutive views of a flat buffer, shaped as ``params``."""
     return [view.view(p.shape) for p, view in zip(params, torch.split(flat, [p.numel() for p in params]))]
@@ -81,7 +73,8 @@ class StepAccumulator:
 
     The sums live in one flat buffer per device and dtype, as views shaped like the parameters: each layer's
     sum is added in place as soon as it is formed and then freed, and the step noises the buffers in place,
-    so the sums never take more memory than the gradients of non-private training.
+    so the sums never take more memory than the gradients of non-private training. The buffers are at least
+    float32: bf16/fp16 parameters accumulate and take their noise in float32, then round once.
     """
 
     def __init__(self, params: Sequence[nn.Parameter], clipper: Clipper, K: int):
@@ -93,12 +86,25 @@ class StepAccumulator:
         self._written: set[int] = set()  # ids of the parameters whose view holds a sum (the rest is garbage)
         self.examples = 0
         self.backward_passes = 0
+        self.observed: list[Tensor] = []  # the clipper's norms of each pass, shown to it at the step
 
     def clip_factors(self, norms: Tensor) -> tuple[Tensor, Tensor]:
-        """``[P, B]`` per-parameter norms → the clipper's norms (``[B]`` flat, or as given) and its factors."""
+        """``[P, B]`` per-parameter norms → the clipper's norms (``[B]`` flat, or as given) and its factors.
+
+        A non-finite per-example gradient is refused: clipped or not, it would make the whole step NaN, so one
+        example would decide whether the released model is usable.
+        """
+        finite = torch.isfinite(norms).all(0) if norms.dim() == 2 else torch.isfinite(norms)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise PrivacyUsageError(
+                f"example(s) {bad[:10]} of this batch of {finite.numel()} have a non-finite gradient (NaN or Inf), "
+                "so this backward pass is refused before anything is released. Look for bad inputs, log(0) in the "
+                "loss, or overflow (a lower learning rate, bf16 instead of fp16), then call optimizer.zero_grad() "
+                "to drop the batch and go on.")
         clipper_norms = norms if getattr(self.clipper, "per_layer", False) else flat_norms(norms)
         factors = self.clipper.factors(clipper_norms)
-        self.clipper.observe(clipper_norms)
+        self.observed.append(clipper_norms)
         return clipper_norms, factors
 
     def add(self, sums: dict[nn.Parameter, Tensor] | Iterable[tuple[nn.Parameter, Tensor]], batch: int) -> None:
@@ -129,7 +135,7 @@ class StepAccumulator:
     def _allocate(self) -> None:
         groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
         for p in self.params:
-            groups.setdefault((p.device, p.dtype), []).append(p)
+            groups.setdefault((p.device, torch.promote_types(p.dtype, torch.float32)), []).append(p)
         for (device, dtype), group in groups.items():
             flat = torch.empty(sum(p.numel() for p in group), device=device, dtype=dtype)
             self._views.update(zip(group, _shaped(flat, group)))
@@ -155,3 +161,4 @@ class StepAccumulator:
         self._written = set()
         self.examples = 0
         self.backward_passes = 0
+        self.observed = []

@@ -87,7 +87,8 @@ def check_module(model: nn.Module) -> None:
         raise UnsupportedModuleError(
             "these layers mix examples within a batch, so one example's gradient depends on the others "
             "and cannot be clipped per example:\n" + "\n".join(bad)
-            + "\nReplace them with dpkit.fix(model) (BatchNorm → GroupNorm), or freeze them in eval mode."
+            + "\nReplace them with dpkit.fix(model) (BatchNorm → GroupNorm). Putting them in eval mode is not "
+            "enough: model.train() switches them back, and dpkit then refuses the forward pass."
         )
 
 

@@ -201,6 +201,16 @@ def register_norm_sampler(*layer_types: type[nn.Module]):
     return _sampler_decorator("dpkit_norm_samplers", layer_types)
 
 
+def overridden(hook_name: str, key: object) -> tuple[str, list[str]] | None:
+    """``(winner, built-in providers)`` if a non-built-in plugin provides ``key`` over a built-in, else None."""
+    providers = [impl.plugin_name for impl in getattr(plugin_manager().hook, hook_name).get_hookimpls()
+                 if key in impl.function()]
+    builtins = [p for p in providers if p in BUILTIN_PLUGINS]
+    if not providers or not builtins or providers[-1] in BUILTIN_PLUGINS:
+        return None
+    return providers[-1], builtins
+
+
 def lookup(hook_name: str, name: str, what: str) -> Entry:
     """One named factory (clipper, noise, accountant), or an error listing the names there are."""
     entries = table(hook_name)

@@ -202,7 +202,7 @@ class InPlaceResidual(nn.Module):
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
 def test_input_changed_in_place_after_a_layer_read_it_is_refused(mode):
     """With detached parameters autograd saves no layer input, so it cannot notice; dpkit must."""
-    p = private(InPlaceResidual(), mode, data_loader=None, sample_rate=0.25)
+    p = private(InPlaceResidual(), mode, data_loader=None, sample_rate=0.25, expected_batch_size=8)
     with pytest.raises(PrivacyUsageError, match=r"'block'.*modified in place.*x = x \+ layer\(x\)"):
         p.criterion(p.module(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()
 
@@ -301,7 +301,7 @@ class MixedPrecision(nn.Module):
 def test_gradients_keep_each_parameters_dtype_and_noise_is_independent(mode):
     torch.manual_seed(0)
     model = MixedPrecision()
-    p = private(model, mode, data_loader=None, sample_rate=0.25, noise_seed=1)
+    p = private(model, mode, data_loader=None, sample_rate=0.25, expected_batch_size=8, noise_seed=1)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     p.criterion(p.module(x), y).backward()
     p.optimizer.step()
@@ -325,7 +325,7 @@ def test_a_parameter_without_examples_gets_exactly_the_noise(mode):
     """Its slot in the sums buffer is never written by a sum; the step must see zeros there, not old memory."""
     torch.manual_seed(0)
     model = WithUnused()
-    p = private(model, mode, data_loader=None, sample_rate=0.25, noise_multiplier=0.0)
+    p = private(model, mode, data_loader=None, sample_rate=0.25, expected_batch_size=8, noise_multiplier=0.0)
     for _ in range(3):  # later steps get buffers that may hold the earlier steps' gradients
         p.optimizer.zero_grad()
         p.criterion(p.module(torch.randn(8, 4)), torch.randint(0, 3, (8,))).backward()

@@ -124,7 +124,7 @@ def run_config(cfg: dict) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             private = dpkit.make_private(
-                module=model, optimizer=optimizer, data_loader=None, sample_rate=sample_rate,
+                module=model, optimizer=optimizer, data_loader=None, sample_rate=sample_rate, expected_batch_size=batch,
                 noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, clipping="flat",
                 criterion=nn.CrossEntropyLoss(), noise_seed=0)
         criterion = private.criterion

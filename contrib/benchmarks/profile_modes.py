@@ -102,6 +102,7 @@ def setup(name: str, mode: str, batch: int, seq: int, cfg: GPTConfig | None = No
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             private = dpkit.make_private(module=model, optimizer=optimizer, data_loader=None, sample_rate=1 / 64,
+                                         expected_batch_size=batch,
                                          noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
                                          criterion=nn.CrossEntropyLoss(), noise_seed=0)
         criterion = private.criterion

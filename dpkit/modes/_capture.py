@@ -143,9 +143,11 @@ class Capturer:
 
     # -- attach / detach -------------------------------------------------------------
     def attach(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True))
+        self._handles.append(self.model.register_forward_pre_hook(self.start_forward, with_kwargs=True))
         for row in self.plan:
-            if row.mode == "ew":
+            if row.module is self.model:
+                pass  # its pre-forward work is start_forward's, so that a replan can run it for the call in flight
+            elif row.mode == "ew":
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._expand, row)))
             else:
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._stand_in, row)))
@@ -173,10 +175,15 @@ class Capturer:
     def _active(self) -> bool:
         return self.enabled and not self._computing and torch.is_grad_enabled()
 
-    def _on_model_call(self, model: nn.Module, args, kwargs) -> None:
-        if self._active():
-            first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
-            self.batch_hint = _rows_at(first, self.bdim) if first is not None else None
+    def start_forward(self, model: nn.Module, args, kwargs) -> None:
+        """The model's forward pre-hook: the batch size hint, and the stand-ins of a unit that is the model."""
+        if not self._active():
+            return
+        first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
+        self.batch_hint = _rows_at(first, self.bdim) if first is not None else None
+        for row in self.plan:
+            if row.module is model:
+                (self._expand if row.mode == "ew" else self._stand_in)(row, model, args)
 
     def _expand(self, row: LayerPlan, module: nn.Module, args) -> None:  # restored in _on_forward
         if not self._active():

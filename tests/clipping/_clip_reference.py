@@ -29,8 +29,10 @@ def make_batch(examples: int, K: int = 1, scale: float = 1.0, seed: int = 1) -> 
 
 def make_private(model: nn.Module, *, lr: float = 1.0, noise_multiplier: float = 0.0, **kwargs
                  ) -> dpkit.PrivateTraining:
-    """``make_private`` with plain SGD and a wrapped cross-entropy; batches are fed by hand (sample_rate=0.5)."""
+    """``make_private`` with plain SGD and a wrapped cross-entropy; batches are fed by hand (sample_rate=0.5,
+    expected batch size 4 unless given)."""
     kwargs.setdefault("sample_rate", 0.5)
+    kwargs.setdefault("expected_batch_size", 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # noise_multiplier=0 warns that this is not private
         return dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
@@ -48,6 +50,7 @@ def private_update(x: Tensor, y: Tensor, *, clipping: str, mode: str, K: int = 1
     """The parameter change of one noiseless private SGD step (lr=1) on ``x, y``."""
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
+    kwargs.setdefault("expected_batch_size", max(x.shape[0] // K, 1))
     private = make_private(model, max_grad_norm=max_grad_norm, clipping=clipping, grad_sample_mode=mode,
                            augmentation_multiplicity=K, **kwargs)
     step(private, x, y)
@@ -74,8 +77,7 @@ def reference_update(grads: list[list[Tensor]], factor: Callable[[Tensor], Tenso
                      denominator: float | None = None) -> list[Tensor]:
     """Σ_i f_i g_i / denominator, f from flat or per-parameter norms.
 
-    The default denominator is the number of examples: what the engine divides by when
-    it was given a sample rate instead of a data loader (no expected batch size).
+    The default denominator is the number of examples, the expected batch size ``private_update`` gives.
     """
     total = [torch.zeros_like(g) for g in grads[0]]
     for g in grads:

@@ -56,14 +56,15 @@ def dpkit_step(model: nn.Module, x, y, *, mode: str, C: float, K: int = 1, reduc
         private = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.5,
                                      noise_multiplier=0.0, max_grad_norm=C, grad_sample_mode=mode,
                                      augmentation_multiplicity=K, loss_reduction=reduction, criterion=criterion,
-                                     clipping=clipping)
+                                     clipping=clipping, expected_batch_size=max(x.shape[0] // K, 1))
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     rows = x.shape[0]
     step = max(K, (rows // calls) // K * K) if rows else 1
-    for start in range(0, max(rows, 1), step):
-        xb, yb = x[start:start + step], y[start:start + step]
-        loss = private.criterion(model(xb), yb)
-        loss.backward()
+    with private.micro_batches():
+        for start in range(0, max(rows, 1), step):
+            xb, yb = x[start:start + step], y[start:start + step]
+            loss = private.criterion(model(xb), yb)
+            loss.backward()
     opt.step()
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     private.detach()

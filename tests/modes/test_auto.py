@@ -24,7 +24,7 @@ class Wide(nn.Module):
 
 def records_at_backward_end(model, x, y):
     private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                 data_loader=None, sample_rate=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
+                                 data_loader=None, sample_rate=0.1, expected_batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0,
                                  grad_sample_mode="auto", criterion=nn.CrossEntropyLoss())
     seen = {}
     clip = private._clip_records
