@@ -4,16 +4,26 @@ Every event dpkit can count reduces to *atoms*: ``count`` runs of the sampled Ga
 mechanism ``PoissonSampled(q, Gaussian(sigma))`` (``q = 1``: no sampling). Gaussian
 mechanisms released together on one Poisson sample are one Gaussian: their privacy
 losses add, so ``sigma_eff ** -2`` is the sum of ``sigma_i ** -2`` (exact, not a bound).
+
+Extreme noise never reaches an accountant's arithmetic (``SampledGaussianAccountant.settled``):
+where the steps' total variation is at most delta, epsilon is exactly 0; a step with
+``sigma < SIGMA_MIN`` has losses beyond float64, and epsilon is reported as ``inf``;
+``sigma > SIGMA_MAX`` is counted as ``SIGMA_MAX``, which errs upward (less noise never
+spends less privacy).
 """
 from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 from dpkit.errors import UnsupportedEventError
 from dpkit.events import ComposedEvent, DpEvent, GaussianEvent, NoOpEvent, PoissonSampledEvent, SelfComposedEvent
 
 Atom = tuple[float, float]  # (sample_rate, noise_multiplier)
+SIGMA_MIN = 1e-8    # below: float64 x cannot resolve grid cells of the loss ~ 1/(2 sigma^2)
+SIGMA_MAX = 1e100   # above: counted as this, so that sigma^2 stays finite
+MAX_COUNT = 2**53   # counts above are not exact in float64
 
 
 def _real(value: object) -> float | None:
@@ -47,32 +57,36 @@ def real(value: object, name: str) -> float:
 
 
 def check_delta(delta: float, name: str = "delta") -> float:
-    """``delta`` as a float in (0, 1), or a ValueError naming it."""
-    value = _real(delta)
-    if value is None or not 0 < value < 1:
+    """``delta`` as a float in (0, 1); a TypeError (not a number) or ValueError naming it."""
+    value = real(delta, name)
+    if not 0 < value < 1:
         raise ValueError(f"{name} must be a number in (0, 1), got {delta!r}")
     return value
 
 
 def check_count(count: int, name: str = "count") -> int:
-    """``count`` as an int >= 0, or a ValueError naming it."""
-    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {count!r}")
-    return int(count)
+    """``count`` as an int in [0, 2**53], or a ValueError naming it (numpy and 0-d tensor ints count as ints)."""
+    try:
+        value = None if isinstance(count, (bool, str, bytes)) else operator.index(count)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_COUNT:
+        raise ValueError(f"{name} must be an int in [0, 2**53], got {count!r}")
+    return value
 
 
 def check_sigma(sigma: float, name: str = "noise_multiplier") -> float:
-    """``sigma`` as a finite float > 0, or a ValueError naming it."""
-    value = _real(sigma)
-    if value is None or not (math.isfinite(value) and value > 0):
+    """``sigma`` as a finite float > 0; a TypeError (not a number) or ValueError naming it."""
+    value = real(sigma, name)
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {sigma!r}")
     return value
 
 
 def check_rate(rate: float, name: str = "sample_rate") -> float:
-    """``rate`` as a float in [0, 1], or a ValueError naming it."""
-    value = _real(rate)
-    if value is None or not 0 <= value <= 1:
+    """``rate`` as a float in [0, 1]; a TypeError (not a number) or ValueError naming it."""
+    value = real(rate, name)
+    if not 0 <= value <= 1:
         raise ValueError(f"{name} must be a probability in [0, 1], got {rate!r}")
     return value
 
@@ -82,7 +96,8 @@ def _inverse_variance(event: DpEvent) -> float | DpEvent:
     if isinstance(event, NoOpEvent):
         return 0.0
     if isinstance(event, GaussianEvent):
-        return check_sigma(event.noise_multiplier, "GaussianEvent.noise_multiplier") ** -2
+        sigma = check_sigma(event.noise_multiplier, "GaussianEvent.noise_multiplier")
+        return math.inf if sigma < SIGMA_MIN else min(sigma, SIGMA_MAX) ** -2  # sigma ** -2 would overflow
     if isinstance(event, SelfComposedEvent):
         inner = _inverse_variance(event.event)
         return inner if isinstance(inner, DpEvent) else check_count(event.count, "SelfComposedEvent.count") * inner
@@ -158,5 +173,22 @@ class SampledGaussianAccountant:
         else:
             return event
         if do_compose and count and rate and sigma is not None:
-            self._atoms[(rate, sigma)] = self._atoms.get((rate, sigma), 0) + count
+            atom = (rate, min(sigma, SIGMA_MAX))
+            self._atoms[atom] = self._atoms.get(atom, 0) + count
         return None
+
+    def settled(self, delta: float) -> float | None:
+        """Epsilon where it needs no composing: 0 (exact) or inf (an honest bound); else None.
+
+        ``delta(0)`` is the total variation of the composition, at most the sum over
+        steps of ``q * TV(N(1, s^2), N(0, s^2)) = q * erf(1 / (2 sqrt(2) s))``; where
+        that is at most ``delta``, epsilon is 0. A step with ``sigma < SIGMA_MIN`` has a
+        loss beyond what float64 carries: inf.
+        """
+        if any(s < SIGMA_MIN for _, s in self._atoms):
+            tv = sum(float(n) * q for (q, s), n in self._atoms.items())  # erf <= 1
+        else:
+            tv = sum(float(n) * q * math.erf(0.5**1.5 / s) for (q, s), n in self._atoms.items())
+        if tv * (1 + 1e-9) <= delta:
+            return 0.0
+        return math.inf if any(s < SIGMA_MIN for _, s in self._atoms) else None

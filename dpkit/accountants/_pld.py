@@ -71,20 +71,47 @@ def _loss(x: np.ndarray, q: float, sigma: float, remove: bool) -> np.ndarray:
 
 
 def _x_of_loss(loss: np.ndarray, q: float, sigma: float, remove: bool) -> np.ndarray:
+    """The inverse of ``_loss``; above loss 30 in log space, where ``e^loss`` would overflow to inf."""
     signed = loss if remove else -loss
     if q == 1.0:
         u = signed
     else:
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            u = np.log1p(np.expm1(signed) / q)  # -inf or nan at and below the infimum log(1-q)
+            u = np.log1p(np.expm1(np.minimum(signed, 30.0)) / q)  # -inf or nan at and below the infimum log(1-q)
         u = np.where(np.isnan(u), -np.inf, u)
+        big = signed > 30.0  # log(1 + (e^s - 1)/q) = s + log(1 - (1-q) e^-s) - log q
+        u[big] = signed[big] + np.log1p(-(1 - q) * np.exp(-signed[big])) - math.log(q)
     return sigma**2 * u + 0.5
 
 
-def _log_density(x: np.ndarray, loss: np.ndarray, sigma: float, remove: bool) -> np.ndarray:
-    """log of P's density at x, given the loss there: remove's P is Q = N(0, s^2) times e^loss."""
-    log_q = -0.5 * (x / sigma) ** 2 - math.log(sigma * math.sqrt(2 * math.pi))
-    return log_q + loss if remove else log_q
+def _log_density(x: np.ndarray, q: float, sigma: float, remove: bool) -> np.ndarray:
+    """log of P's density at x: remove's P is (1-q) N(0, s^2) + q N(1, s^2), add's is N(0, s^2).
+
+    From its parts, not as Q's density times e^loss: at small sigma both are near
+    ``1 / (2 s^2)`` in size, and their sum would lose every digit.
+    """
+    log_norm = math.log(sigma * math.sqrt(2 * math.pi))
+    log_at_0 = -0.5 * (x / sigma) ** 2 - log_norm
+    if not remove:
+        return log_at_0
+    log_at_1 = -0.5 * ((x - 1) / sigma) ** 2 - log_norm
+    return log_at_1 if q == 1.0 else np.logaddexp(math.log1p(-q) + log_at_0, math.log(q) + log_at_1)
+
+
+def _segments(left: np.ndarray, right: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parts of the cells ``[left, right]`` within ``_FAR`` sigma of 0 or 1: (cell index, left, right).
+
+    Only there has either Gaussian any float64 mass, so only there must the quadrature
+    resolve sigma: with a small sigma this keeps the pieces near the number of cells,
+    not ``1 / sigma``.
+    """
+    reach = _FAR * sigma
+    windows = [(-reach, 1 + reach)] if 2 * reach >= 1 else [(-reach, reach), (1 - reach, 1 + reach)]
+    parts = [(np.maximum(left, lo), np.minimum(right, hi)) for lo, hi in windows]
+    lefts, rights = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    cells = np.tile(np.arange(len(left)), len(windows))
+    keep = rights > lefts
+    return cells[keep], lefts[keep], rights[keep]
 
 
 def leaf(q: float, sigma: float, remove: bool, step: float, tail: float, max_cells: int = 1 << 16) -> Pmf:
@@ -106,14 +133,16 @@ def leaf(q: float, sigma: float, remove: bool, step: float, tail: float, max_cel
     grid = np.arange(first, math.ceil(hi_loss / step) + 1) * step
     bounds = np.clip(_x_of_loss(grid, q, sigma, remove), x_lo, x_hi)
     left, right = (bounds[:-1], bounds[1:]) if remove else (bounds[1:], bounds[:-1])  # x of cell [l_k, l_k+1]
+    cells, left, right = _segments(left, right, sigma)
     # Gauss-Legendre on pieces no wider than sigma/8, where the integrands are smooth.
     pieces = np.maximum(np.ceil((right - left) / (sigma / 8)), 1).astype(np.int64)
-    cell = np.repeat(np.arange(len(left)), pieces)
-    offset = np.arange(len(cell)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
-    width = (right - left)[cell] / pieces[cell]
-    x = (left[cell] + offset * width)[:, None] + (width / 2)[:, None] * (_GL_NODES + 1)
+    seg = np.repeat(np.arange(len(left)), pieces)
+    cell = cells[seg]
+    offset = np.arange(len(seg)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
+    width = (right - left)[seg] / pieces[seg]
+    x = (left[seg] + offset * width)[:, None] + (width / 2)[:, None] * (_GL_NODES + 1)
     loss = _loss(x, q, sigma, remove)
-    mass = (width / 2)[:, None] * _GL_WEIGHTS * np.exp(_log_density(x, loss, sigma, remove))
+    mass = (width / 2)[:, None] * _GL_WEIGHTS * np.exp(_log_density(x, q, sigma, remove))
     d = np.clip(loss - grid[cell][:, None], 0.0, step)
     up = np.expm1(-d) / math.expm1(-step)  # connect-the-dots share of the cell's upper point
     probs = np.bincount(cell, (mass * (1 - up)).sum(1), len(grid))
@@ -131,9 +160,12 @@ def loss_std(q: float, sigma: float, remove: bool) -> float:
     """The standard deviation of one step's privacy loss under P (sets the grid step)."""
     if q == 1.0:
         return 1 / sigma
-    x = np.linspace(-_FAR * sigma, 1 + _FAR * sigma, 20001)
-    loss = _loss(x, q, sigma, remove)
-    weight = np.exp(_log_density(x, loss, sigma, remove)) * (x[1] - x[0])
+    z = np.linspace(-_FAR, _FAR, 20001)  # in standard deviations of each Gaussian: resolved at any sigma
+    gauss = np.exp(-0.5 * z**2)
+    gauss /= gauss.sum()
+    parts = ((1 - q, 0.0), (q, 1.0)) if remove else ((1.0, 0.0),)  # P's components: (weight, mean)
+    weight = np.concatenate([w * gauss for w, _ in parts])
+    loss = np.concatenate([_loss(mean + sigma * z, q, sigma, remove) for _, mean in parts])
     mean = np.sum(weight * loss)
     return float(np.sqrt(np.sum(weight * (loss - mean) ** 2)))
 
@@ -246,9 +278,12 @@ def epsilon_at(p: Pmf, delta: float) -> float:
     losses, tail, weighted = _tail_sums(p)
     meets = tail - weighted + p.inf_mass <= delta  # delta at eps = l_(k-1), decreasing in k
     m = max(int(np.argmax(meets)) - 1, 0) if meets.any() else len(losses) - 1
-    # On [l_(m-1), l_m]: delta(eps) = A_m + inf - e^(eps - l_(m-1)) C_m; solve for eps.
+    # On [l_(m-1), l_m]: delta(eps) = A_m + inf - e^(eps - l_(m-1)) C_m; solve for eps. delta(l_m) <= delta,
+    # so l_m bounds it too (and answers where a coarse grid's e^-step underflows C_m to 0).
+    if weighted[m] <= 0:
+        return max(0.0, float(losses[m]))
     eps = losses[m] - p.step + math.log((tail[m] + p.inf_mass - delta) / weighted[m])
-    return max(0.0, float(eps))
+    return max(0.0, min(float(eps), float(losses[m])))
 
 
 def epsilon_bounds(pmfs: tuple[Pmf, ...], delta: float) -> tuple[float, float]:

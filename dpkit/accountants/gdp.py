@@ -13,13 +13,20 @@ import warnings
 
 from scipy import optimize, special
 
-from dpkit.accountants._base import SampledGaussianAccountant, check_delta
+from dpkit.accountants._base import SIGMA_MIN, SampledGaussianAccountant, check_delta
 from dpkit.hookspecs import hookimpl
 
 
 def gdp_delta(mu: float, eps: float) -> float:
-    """The δ(ε) curve of mu-GDP: ``Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)``."""
-    return float(special.ndtr(-eps / mu + mu / 2) - math.exp(eps + special.log_ndtr(-eps / mu - mu / 2)))
+    """The δ(ε) curve of mu-GDP: ``Phi(a) - e^eps Phi(b)``, ``a = -eps/mu + mu/2``, ``b = a - mu``.
+
+    ``e^eps phi(b) = phi(a)``, so the second term is ``phi(a) Phi(b) / phi(b)``, written with
+    ``erfcx``: no ``e^eps`` to overflow, however large mu is.
+    """
+    a = -eps / mu + mu / 2
+    b = a - mu
+    scaled = math.exp(-0.5 * a * a) * 0.5 * special.erfcx(-b / math.sqrt(2))  # b <= -mu/2 < 0
+    return float(special.ndtr(a) - scaled)
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -31,6 +38,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
     high = 1.0
     while gdp_delta(mu, high) > delta:
         high *= 2
+        if math.isinf(high):
+            return math.inf
     return optimize.brentq(lambda eps: gdp_delta(mu, eps) - delta, 0.0, high, xtol=1e-12, rtol=1e-12)
 
 
@@ -45,9 +54,9 @@ class GDPAccountant(SampledGaussianAccountant):
         """The GDP parameter of everything composed so far."""
         total = 0.0
         for (q, sigma), count in self._atoms.items():
-            if q < 1 and sigma**-2 > 700:  # exp overflows: the CLT gives no finite mu
+            if sigma < SIGMA_MIN or (q < 1 and sigma < 700**-0.5):  # sigma**-2 or exp overflows: no finite mu
                 return math.inf
-            total += count / sigma**2 if q == 1 else count * q**2 * math.expm1(sigma**-2)
+            total += float(count) / sigma**2 if q == 1 else float(count) * q**2 * math.expm1(sigma**-2)
         return math.sqrt(total)
 
     def epsilon(self, delta: float) -> float:
@@ -59,7 +68,8 @@ class GDPAccountant(SampledGaussianAccountant):
             UserWarning,
             stacklevel=2,
         )
-        return gdp_epsilon(self.mu(), delta)
+        settled = self.settled(delta)  # exact 0, or inf below SIGMA_MIN (see _base)
+        return gdp_epsilon(self.mu(), delta) if settled is None else settled
 
 
 @hookimpl

@@ -94,9 +94,10 @@ class PRVAccountant(SampledGaussianAccountant):
     def epsilon_and_error(self, delta: float) -> tuple[float, float]:
         """``(epsilon, error)``: the exact epsilon lies in ``[epsilon - error, epsilon]``."""
         delta = check_delta(delta)
+        settled = self.settled(delta)  # e.g. nothing spent, or a loss beyond float64 (see _base)
+        if settled is not None:
+            return settled, 0.0
         atoms = self._atoms_key()
-        if not atoms:
-            return 0.0, 0.0
         refine, extended = 0, False
         while True:
             pmfs = _compose(atoms, refine, extended)

@@ -13,10 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from dpkit.accountants import _rdp_math
-from dpkit.accountants._base import SampledGaussianAccountant, check_delta
+from dpkit.accountants._base import SIGMA_MIN, SampledGaussianAccountant, check_delta, real
 from dpkit.hookspecs import hookimpl
 
 _CONVERSIONS = ("modern", "classic")
+_MAX_ORDER = 1e5
 
 
 @functools.lru_cache(maxsize=256)
@@ -40,9 +41,9 @@ class RDPAccountant(SampledGaussianAccountant):
         super().__init__()
         if conversion not in _CONVERSIONS:
             raise ValueError(f"conversion must be one of {_CONVERSIONS}, got {conversion!r}")
-        orders = tuple(float(a) for a in orders)
-        if not orders or min(orders) <= 1:
-            raise ValueError(f"orders must be a non-empty sequence of numbers > 1, got {orders!r}")
+        orders = tuple(real(a, "orders") for a in orders)
+        if not orders or not all(1 < a <= _MAX_ORDER for a in orders):  # the binomial sum has one term per order
+            raise ValueError(f"orders must be a non-empty sequence of numbers in (1, {_MAX_ORDER:g}], got {orders!r}")
         self.orders = orders
         self.conversion = conversion
 
@@ -50,15 +51,18 @@ class RDPAccountant(SampledGaussianAccountant):
         """The composed RDP epsilon at each of ``self.orders``."""
         total = np.zeros(len(self.orders))
         for (q, sigma), count in self._atoms.items():
-            total += count * _rdp_per_step(q, sigma, self.orders)
+            if sigma < SIGMA_MIN:  # a loss beyond float64 (see _base)
+                return np.full(len(self.orders), np.inf)
+            total += float(count) * _rdp_per_step(q, sigma, self.orders)
         return total
 
     def epsilon_and_order(self, delta: float) -> tuple[float, float]:
         """(ε, the Rényi order that gives it): the order is what Opacus and TF-Privacy print."""
-        delta, rdp = check_delta(delta), self.rdp()
-        if not rdp.any():  # nothing spent: the conversion's own slack would report ε > 0
-            return 0.0, self.orders[-1]
-        return _rdp_math.epsilon(np.array(self.orders), rdp, delta, self.conversion)
+        delta = check_delta(delta)
+        settled = self.settled(delta)  # e.g. nothing spent: the conversion's own slack would report ε > 0
+        if settled is not None:
+            return settled, self.orders[-1]
+        return _rdp_math.epsilon(np.array(self.orders), self.rdp(), delta, self.conversion)
 
     def epsilon(self, delta: float) -> float:
         """The smallest ε over the orders such that the composition is (ε, delta)-DP."""

@@ -54,3 +54,48 @@ def gaussian_epsilon(mu: float, delta: float) -> float:
 
 def sampled_gaussian_epsilon(q: float, sigma: float, delta: float) -> float:
     return epsilon_of(lambda e: sampled_gaussian_delta(q, sigma, e), delta)
+
+
+def gaussian_epsilon_precise(mu: float, delta: float) -> float:
+    """``gaussian_epsilon`` in 60-digit arithmetic: for mu in the thousands, where e^eps overflows float64."""
+    import mpmath
+
+    with mpmath.workdps(60):
+        mu, delta = mpmath.mpf(mu), mpmath.mpf(delta)
+
+        def excess(e):
+            return mpmath.ncdf(-e / mu + mu / 2) - mpmath.exp(e) * mpmath.ncdf(-e / mu - mu / 2) - delta
+
+        if excess(0) <= 0:
+            return 0.0
+        high = mpmath.mpf(1)
+        while excess(high) > 0:
+            high *= 2
+        low = high / 2 if high > 1 else mpmath.mpf(0)
+        for _ in range(200):
+            mid = (low + high) / 2
+            low, high = (mid, high) if excess(mid) > 0 else (low, mid)
+        return float(low)
+
+
+def sampled_gaussian_epsilon_lower(q: float, sigma: float, steps: int, delta: float) -> float:
+    """A lower bound on the exact epsilon of ``steps`` sampled Gaussians, from tests of the remove pair.
+
+    For any event S, ``delta(eps) >= P(S) - e^eps Q(S)``, so ``eps >= log((P(S) - delta) / Q(S))``.
+    S = {at least k of the outputs exceed t}; Q(S) <= C(T, k) Q(x > t)^k (union bound), which keeps
+    the bound valid where Q(S) underflows.
+    """
+    from scipy import stats
+
+    best = 0.0
+    for k in range(1, min(steps, 60) + 1):
+        for a in (0.0, 1.0, 2.0, 3.0):
+            t = 1 - a * sigma
+            p_one = (1 - q) * special.ndtr(-t / sigma) + q * special.ndtr((1 - t) / sigma)
+            p_s = stats.binom.sf(k - 1, steps, p_one)
+            if p_s <= delta:
+                continue
+            log_choose = special.gammaln(steps + 1) - special.gammaln(k + 1) - special.gammaln(steps - k + 1)
+            log_q_s = min(0.0, log_choose + k * special.log_ndtr(-t / sigma))
+            best = max(best, math.log(p_s - delta) - log_q_s)
+    return best

@@ -71,8 +71,11 @@ def test_bad_counts_and_deltas_are_refused_by_name(make):
         make().compose(STEP, -1)
     with pytest.raises(ValueError, match="count"):
         make().compose(STEP, 1.5)
-    for delta in (0, 1, -1e-5, float("nan"), True):
+    for delta in (0, 1, -1e-5, float("nan")):
         with pytest.raises(ValueError, match="delta"):
+            make().epsilon(delta)
+    for delta in (True, "1e-5", None):  # not numbers
+        with pytest.raises(TypeError, match="delta"):
             make().epsilon(delta)
 
 

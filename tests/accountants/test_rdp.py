@@ -52,10 +52,10 @@ def test_integer_orders_match_the_quadrature_used_for_fractional_ones():
     for q, sigma in [(0.004, 1.1), (0.3, 2.0), (1e-5, 5.0), (0.5, 0.3)]:
         orders = np.arange(2.0, 40.0)
         exact = np.array([_rdp_math._log_a_integer(q, sigma, int(a)) for a in orders])
-        quadrature = _rdp_math._log_moments(q, sigma, orders)
+        quadrature = _rdp_math._log_moments(q, sigma, orders, _rdp_math._grid(sigma, orders))
         np.testing.assert_allclose(quadrature, exact, rtol=1e-9)
         # and the add direction B never exceeds A (Mironov et al. 2019), so max(A, B) = A here
-        assert np.all(_rdp_math._log_moments(q, sigma, 1 - orders) <= exact + 1e-12)
+        assert np.all(_rdp_math._log_moments(q, sigma, 1 - orders, _rdp_math._grid(sigma, 1 - orders)) <= exact + 1e-12)
 
 
 def test_unsampled_gaussian_rdp_is_alpha_over_two_sigma_squared():
