@@ -12,7 +12,7 @@ import math
 from scipy import optimize
 
 from dpkit import registry
-from dpkit.accountants._base import check_count, check_delta, check_rate, check_sigma
+from dpkit.accountants._base import MAX_COUNT, check_count, check_delta, check_rate, check_sigma, real
 from dpkit.events import GaussianEvent, Ledger, PoissonSampledEvent
 from dpkit.hookspecs import Accountant
 
@@ -38,10 +38,23 @@ def epsilon_of_ledger(ledger: Ledger, delta: float, accountant: str = "prv") -> 
 def get_epsilon(
     *, accountant: str = "prv", noise_multiplier: float, sample_rate: float, steps: int, delta: float
 ) -> float:
-    """Epsilon after ``steps`` DP-SGD steps with Poisson rate ``sample_rate`` and noise ``noise_multiplier``."""
+    """Epsilon after ``steps`` DP-SGD steps with Poisson rate ``sample_rate`` and noise ``noise_multiplier``.
+
+    Numbers may be Python or numpy scalars or 0-d tensors. Every argument is checked before
+    the accountant runs: a non-number is a TypeError, a value out of range a ValueError,
+    each naming the argument.
+    """
     event = PoissonSampledEvent(check_rate(sample_rate), GaussianEvent(check_sigma(noise_multiplier)))
-    counter = make_accountant(accountant).compose(event, check_count(steps, "steps"))
-    return float(counter.epsilon(check_delta(delta)))
+    steps, delta = check_count(steps, "steps"), check_delta(delta)
+    return float(make_accountant(accountant).compose(event, steps).epsilon(delta))
+
+
+def _positive(value: float, name: str) -> float:
+    """``value`` as a finite float > 0; a TypeError (not a number) or ValueError naming it."""
+    number = real(value, name)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
 
 
 def _steps_of(steps: int | None, epochs: float | None, sample_rate: float) -> int:
@@ -50,10 +63,11 @@ def _steps_of(steps: int | None, epochs: float | None, sample_rate: float) -> in
     if steps is not None:
         if check_count(steps, "steps") == 0:
             raise ValueError("steps must be >= 1: with no steps no noise is needed")
-        return int(steps)
-    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or not (math.isfinite(epochs) and epochs > 0):
-        raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
-    return math.ceil(epochs / sample_rate)
+        return check_count(steps, "steps")
+    n_steps = math.ceil(_positive(epochs, "epochs") / sample_rate)
+    if n_steps > MAX_COUNT:
+        raise ValueError(f"epochs={epochs!r} at sample_rate={sample_rate} is {n_steps:.3g} steps, more than 2**53")
+    return n_steps
 
 
 def get_noise_multiplier(
@@ -72,18 +86,12 @@ def get_noise_multiplier(
     ``log(sigma)``, then bisection that keeps a feasible end, so the result never
     exceeds the target under the same accountant.
     """
-    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
-        math.isfinite(target_epsilon) and target_epsilon > 0
-    ):
-        raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    target_epsilon = _positive(target_epsilon, "target_epsilon")
     delta = check_delta(target_delta, "target_delta")
     rate = check_rate(sample_rate)
     if rate == 0:
         raise ValueError("sample_rate must be > 0: at sample_rate=0 no privacy is spent and any noise will do")
-    if isinstance(epsilon_tolerance, bool) or not isinstance(epsilon_tolerance, (int, float)) or not (
-        math.isfinite(epsilon_tolerance) and epsilon_tolerance > 0
-    ):
-        raise ValueError(f"epsilon_tolerance must be a finite number > 0, got {epsilon_tolerance!r}")
+    epsilon_tolerance = _positive(epsilon_tolerance, "epsilon_tolerance")
     n_steps = _steps_of(steps, epochs, rate)
     make_accountant(accountant)  # an unknown name fails here, before any search
     cache: dict[float, float] = {}
@@ -101,9 +109,10 @@ def get_noise_multiplier(
         if hi + math.log(4) > math.log(_SIGMA_RANGE[1]):
             raise ValueError(
                 f"target_epsilon={target_epsilon} is unreachable with accountant={accountant!r} at "
-                f"target_delta={target_delta}, sample_rate={sample_rate}, steps={n_steps}: even "
+                f"target_delta={delta}, sample_rate={rate}, steps={n_steps}: even "
                 f"noise_multiplier={math.exp(hi):.3g} gives epsilon={eps(hi):.4g}. Raise target_epsilon or "
-                "target_delta (the RDP accountant has a floor from its largest order; try accountant='prv')."
+                "target_delta" + (" (the RDP accountant has a floor from its largest order; try accountant='prv')."
+                                  if accountant == "rdp" else ", or lower the steps or sample_rate.")
             )
         lo, hi = hi, hi + math.log(4)
     while eps(lo) <= target_epsilon:
@@ -111,7 +120,7 @@ def get_noise_multiplier(
         if lo < math.log(_SIGMA_RANGE[0]):
             return math.exp(hi)  # even tiny noise meets the target
     goal = target_epsilon - epsilon_tolerance / 2
-    if eps(lo) > goal > eps(hi):
+    if math.isfinite(eps(lo)) and eps(lo) > goal > eps(hi):  # an infinite end: bisection alone
         guess = optimize.brentq(lambda s: eps(s) - goal, lo, hi, xtol=1e-6)
         lo, hi = (guess, hi) if eps(guess) > target_epsilon else (lo, guess)
     while target_epsilon - eps(hi) > epsilon_tolerance and hi - lo > 1e-12:

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
+import torch
 
 from dpkit import accounting
 from dpkit.errors import PluginError
@@ -53,7 +55,6 @@ def test_default_is_the_tight_accountant():
         ({"noise_multiplier": 0}, "noise_multiplier"),
         ({"noise_multiplier": float("nan")}, "noise_multiplier"),
         ({"sample_rate": 1.01}, "sample_rate"),
-        ({"sample_rate": "0.1"}, "sample_rate"),
         ({"steps": -1}, "steps"),
         ({"steps": 10.0}, "steps"),
         ({"delta": 1.0}, "delta"),
@@ -127,12 +128,24 @@ def test_get_noise_multiplier_names_the_bad_argument(change, named):
         accounting.get_noise_multiplier(**kwargs)
 
 
-def test_unreachable_target_is_explained():
-    # RDP's conversion has a floor set by its largest order: no noise reaches epsilon 1e-4.
-    with pytest.raises(ValueError, match="target_epsilon=0.0001 is unreachable.*rdp"):
+@pytest.mark.parametrize("name", ["prv", "rdp"])
+def test_unreachable_target_is_explained(name):
+    # A million unsampled steps at delta 1e-10: even noise 2**30 spends more than epsilon 1e-6.
+    with pytest.raises(ValueError, match=f"target_epsilon=1e-06 is unreachable with accountant='{name}'"):
         accounting.get_noise_multiplier(
-            target_epsilon=1e-4, target_delta=1e-5, sample_rate=0.01, steps=100, accountant="rdp"
+            target_epsilon=1e-6, target_delta=1e-10, sample_rate=1.0, steps=10**6, accountant=name
         )
+
+
+def test_a_target_below_rdps_floor_is_met_where_the_total_variation_is_below_delta():
+    # RDP's conversion has a floor (~0.01 here) from its largest order, but where the steps' total
+    # variation is at most delta epsilon is exactly 0: the search finds that noise.
+    sigma = accounting.get_noise_multiplier(
+        target_epsilon=1e-4, target_delta=1e-5, sample_rate=0.01, steps=100, accountant="rdp"
+    )
+    assert accounting.get_epsilon(accountant="rdp", noise_multiplier=sigma, sample_rate=0.01, steps=100,
+                                  delta=1e-5) <= 1e-4
+    assert sigma < 1e5
 
 
 def test_when_any_noise_meets_the_target_the_search_stops_small(monkeypatch):
@@ -154,3 +167,81 @@ def test_epsilon_of_ledger_replays_every_entry():
     assert accounting.epsilon_of_ledger(Ledger(), 1e-5) == 0.0
     with pytest.raises(ValueError, match="delta"):
         accounting.epsilon_of_ledger(ledger, 2.0)
+
+
+NUMBERS = [np.float64, np.float32, lambda v: np.array(v), torch.tensor, lambda v: torch.tensor(v, dtype=torch.float64)]
+
+
+@pytest.mark.parametrize("wrap", NUMBERS)
+def test_numpy_scalars_and_0d_tensors_are_numbers(wrap):
+    plain = accounting.get_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=100, delta=1e-5)
+    wrapped = accounting.get_epsilon(noise_multiplier=wrap(1.0), sample_rate=wrap(0.01), steps=np.int64(100),
+                                     delta=wrap(1e-5))
+    assert wrapped == pytest.approx(plain, rel=1e-5)  # float32 rounds the inputs
+    sigma = accounting.get_noise_multiplier(target_epsilon=wrap(2.0), target_delta=wrap(1e-5), sample_rate=wrap(0.01),
+                                            steps=torch.tensor(100), accountant="rdp")
+    assert sigma == pytest.approx(accounting.get_noise_multiplier(
+        target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, steps=100, accountant="rdp"), rel=1e-3)
+
+
+@pytest.mark.parametrize("argument", ["noise_multiplier", "sample_rate", "delta"])
+@pytest.mark.parametrize("bad", ["0.1", None, True, torch.tensor([0.1, 0.2]), torch.tensor(0.1, requires_grad=True)])
+def test_get_epsilon_refuses_non_numbers_by_name(argument, bad):
+    kwargs = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 100, "delta": 1e-5, argument: bad}
+    with pytest.raises(TypeError, match=argument):
+        accounting.get_epsilon(**kwargs)
+
+
+@pytest.mark.parametrize("argument", ["target_epsilon", "target_delta", "sample_rate", "epochs", "epsilon_tolerance"])
+def test_get_noise_multiplier_refuses_non_numbers_by_name(argument):
+    kwargs = {"target_epsilon": 1.0, "target_delta": 1e-5, "sample_rate": 0.01, "epochs": 1, argument: "1"}
+    with pytest.raises(TypeError, match=argument):
+        accounting.get_noise_multiplier(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "named"),
+    [
+        ({"sample_rate": 1.5}, ValueError, "sample_rate"),
+        ({"sample_rate": -0.1}, ValueError, "sample_rate"),
+        ({"delta": 1.5}, ValueError, "delta"),
+        ({"delta": 0.0}, ValueError, "delta"),
+        ({"delta": math.nan}, ValueError, "delta"),
+        ({"steps": -5}, ValueError, "steps"),
+        ({"steps": 2.5}, ValueError, "steps"),
+        ({"steps": 2**53 + 1}, ValueError, "steps"),
+        ({"noise_multiplier": math.inf}, ValueError, "noise_multiplier"),
+        ({"accountant": "moments"}, PluginError, "accountant='moments'"),
+        ({"accountant": None}, TypeError, "accountant"),
+        ({"accountant": accounting.make_accountant}, TypeError, "accountant"),
+    ],
+)
+def test_accounting_misuse_is_refused_by_name(change, error, named):
+    kwargs = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 100, "delta": 1e-5, **change}
+    with pytest.raises(error, match=named):
+        accounting.get_epsilon(**kwargs)
+
+
+def test_edge_values_that_have_an_answer():
+    kwargs = {"noise_multiplier": 1.0, "delta": 1e-5}
+    assert accounting.get_epsilon(sample_rate=0.01, steps=0, **kwargs) == 0.0
+    assert accounting.get_epsilon(sample_rate=0.0, steps=100, **kwargs) == 0.0
+    full = accounting.get_epsilon(sample_rate=1.0, steps=100, **kwargs)
+    assert full == accounting.get_epsilon(noise_multiplier=0.1, sample_rate=1.0, steps=1, delta=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": math.inf}, "epochs"),
+        ({"epochs": 1e300}, "epochs"),
+        ({"target_epsilon": -1.0}, "target_epsilon"),
+        ({"target_epsilon": math.nan}, "target_epsilon"),
+        ({"target_delta": 0.0}, "target_delta"),
+    ],
+)
+def test_get_noise_multiplier_misuse_is_refused_by_name(change, named):
+    kwargs = {"target_epsilon": 1.0, "target_delta": 1e-5, "sample_rate": 0.01, "epochs": 1, **change}
+    with pytest.raises(ValueError, match=named):
+        accounting.get_noise_multiplier(**kwargs)
