@@ -12,7 +12,9 @@ installed package is picked up, wants the answer before writing a training loop.
 ``dpkit.plan.build_plan`` that ``make_private`` runs, so what it reports is what training would do.
 
 Exit codes: 0 success; 1 "no" (a mode named with ``--mode`` refuses the model, no mode can train it, or an
-accountant could not answer); 2 bad arguments; 3 the user's module or factory failed; 4 a plugin failed to load.
+accountant could not answer); 2 bad arguments (also an ``--accountant`` no plugin provides); 3 the user's module
+or factory failed; 4 a plugin failed to load, or its hook or accountant raised. Every failure is one line on
+stderr, naming the plugin where one failed; none is a traceback.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import math
 import os
 import sys
 import textwrap
@@ -96,11 +99,33 @@ def _emit(data: Any, text: str, as_json: bool) -> None:
 
 
 def _tables() -> dict[str, dict]:
-    """Every table hook's merged table; a plugin that fails to load ends the command (exit 4)."""
+    """Every table hook's merged table; a plugin that fails to load, or whose hook raises, ends the command (exit 4)."""
     try:
-        return {hook: registry.table(hook) for hook in TABLE_HOOKS}
+        registry.plugin_manager()
     except PluginError as err:
         raise CommandError(f"a plugin failed to load: {err}", EXIT_PLUGIN) from err
+    except Exception as err:
+        raise CommandError(f"the plugins failed to load: {type(err).__name__}: {err}", EXIT_PLUGIN) from err
+    tables = {}
+    for hook in TABLE_HOOKS:
+        try:
+            tables[hook] = registry.table(hook)
+        except PluginError as err:
+            raise CommandError(f"a plugin failed to load: {err}", EXIT_PLUGIN) from err
+        except Exception as err:
+            raise _hook_failure(hook, err) from err
+    return tables
+
+
+def _hook_failure(hook: str, err: Exception) -> CommandError:
+    """An exit-4 error naming the plugin whose ``hook`` raised: each implementation is called again on its own."""
+    for impl in getattr(registry.plugin_manager().hook, hook).get_hookimpls():
+        try:
+            impl.function()
+        except Exception as own:
+            return CommandError(f"plugin {impl.plugin_name!r} ({plugin_version(impl.plugin_name)}) raised in "
+                                f"{hook}: {type(own).__name__}: {own}", EXIT_PLUGIN)
+    return CommandError(f"a plugin raised in {hook}: {type(err).__name__}: {err}", EXIT_PLUGIN)
 
 
 # -- dpkit plugins -------------------------------------------------------------------------------
@@ -130,7 +155,10 @@ def plugins_report() -> dict[str, Any]:
             if hook not in TABLE_HOOKS:
                 continue
             impls = [i for i in getattr(pm.hook, hook).get_hookimpls() if i.plugin is plugin]
-            keys = [key for impl in impls for key in impl.function()]
+            try:
+                keys = [key for impl in impls for key in impl.function()]
+            except Exception as err:  # it answered _tables() a moment ago: a plugin that fails at random
+                raise _hook_failure(hook, err) from err
             provides[hook] = [
                 {"key": key_label(k), "overridden_by": None if tables[hook][k].provider == name
                  else tables[hook][k].provider} for k in keys
@@ -325,11 +353,30 @@ def _accounting():
 
 
 def _ask(fn_name: str, **kwargs: Any) -> float:
+    """``dpkit.accounting.fn_name(**kwargs)``; an unknown accountant is a bad argument, a failing plugin exit 4."""
+    name = kwargs["accountant"]
+    accountants = _tables()["dpkit_accountants"]
+    if name not in accountants:
+        raise CommandError(f"--accountant {name!r} is not provided by any plugin; installed: "
+                           f"{', '.join(sorted(accountants))}", EXIT_USAGE)
+    provider = accountants[name].provider
     fn = getattr(_accounting(), fn_name)
     try:
         return float(fn(**kwargs))
+    except PluginError as err:
+        raise CommandError(f"a plugin failed to load: {err}", EXIT_PLUGIN) from err
     except (ValueError, ArithmeticError, DPKitError) as err:
         raise CommandError(f"{fn_name} could not answer: {err}", EXIT_NO) from err
+    except Exception as err:
+        if plugin_kind(provider) == "built-in":
+            raise CommandError(f"{fn_name} failed: {type(err).__name__}: {err}", EXIT_NO) from err
+        raise CommandError(f"accountant {name!r} of plugin {provider!r} ({plugin_version(provider)}) raised "
+                           f"{type(err).__name__}: {err}", EXIT_PLUGIN) from err
+
+
+def _json_number(x: float) -> float | str:
+    """``x``, or ``"inf"``: JSON has no infinity (an honest epsilon can be one)."""
+    return x if math.isfinite(x) else str(x)
 
 
 def cmd_epsilon(args: argparse.Namespace) -> int:
@@ -338,7 +385,7 @@ def cmd_epsilon(args: argparse.Namespace) -> int:
     eps = _ask("get_epsilon", **query)
     text = (f"epsilon = {eps:.6g} at delta = {args.delta:g}  (accountant {args.accountant}: noise multiplier "
             f"{args.sigma:g}, sample rate {args.sample_rate:g}, {args.steps} steps)")
-    _emit({**query, "epsilon": eps}, text, args.json)
+    _emit({**query, "epsilon": _json_number(eps)}, text, args.json)
     return EXIT_OK
 
 
@@ -350,7 +397,7 @@ def cmd_noise(args: argparse.Namespace) -> int:
     length = f"{args.steps} steps" if args.steps is not None else f"{args.epochs:g} epochs"
     text = (f"noise multiplier = {sigma:.6g}  (accountant {args.accountant}: epsilon {args.epsilon:g} at delta "
             f"{args.delta:g}, sample rate {args.sample_rate:g}, {length})")
-    _emit({**query, "noise_multiplier": sigma}, text, args.json)
+    _emit({**query, "noise_multiplier": _json_number(sigma)}, text, args.json)
     return EXIT_OK
 
 
@@ -446,4 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PLUGIN
     except BrokenPipeError:  # `dpkit plugins | head`: the reader left; say nothing more, as Python's docs advise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_NO
+    except Exception as err:  # a dpkit bug: still one line, not a traceback
+        print(f"dpkit {args.command}: error: unexpected {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_NO

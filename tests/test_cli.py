@@ -350,3 +350,93 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
     assert exc.value.code == 0 and capsys.readouterr().out.startswith("dpkit ")
+
+
+# -- failures: one line, the documented exit code, never a traceback ----------------------------
+def _plugin(name: str, **hooks) -> str:
+    """Register a plugin whose hooks are the given functions; returns its name."""
+    plugin = types.ModuleType(name)
+    for hook, fn in hooks.items():
+        setattr(plugin, hook, dpkit.hookimpl(specname=hook)(fn))
+    return registry.register_plugin(plugin, name=name)
+
+
+def _raises():
+    raise RuntimeError("hook exploded")
+
+
+EPSILON = ["epsilon", "--sigma", "1", "-q", "0.01", "--steps", "10", "--delta", "1e-5"]
+NOISE = ["noise", "--epsilon", "2", "--delta", "1e-5", "-q", "0.01", "--steps", "10"]
+
+
+@pytest.mark.parametrize("hook", ["dpkit_accountants", "dpkit_grad_samplers", "dpkit_clippers"])
+@pytest.mark.parametrize("argv", [EPSILON, NOISE, ["plugins"], ["check", "dpkit_cli_models:mlp"]])
+def test_a_hook_that_raises_exits_4_naming_the_plugin(capsys, models, hook, argv):
+    _plugin("exploding_plugin", **{hook: _raises})
+    code, out, err = run(capsys, *argv)
+    assert code == cli.EXIT_PLUGIN and out == ""
+    assert err.count("\n") == 1 and "'exploding_plugin'" in err and "RuntimeError: hook exploded" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("table", [[("prv", 1)], {3: dict}, {"mine": 42}])
+def test_a_malformed_accountant_table_exits_4_naming_the_plugin(capsys, table):
+    _plugin("malformed_plugin", dpkit_accountants=lambda: table)
+    for argv in (EPSILON, ["plugins"]):
+        code, out, err = run(capsys, *argv)
+        assert code == cli.EXIT_PLUGIN and out == "" and "'malformed_plugin'" in err and err.count("\n") == 1
+
+
+class ExplodingAccountant:
+    def compose(self, event, count=1):
+        return self
+
+    def supports(self, event):
+        return True
+
+    def epsilon(self, delta):
+        raise RuntimeError("no epsilon today")
+
+
+def _broken_init():
+    raise KeyError("config")
+
+
+@pytest.mark.parametrize("factory, message", [(ExplodingAccountant, "RuntimeError: no epsilon today"),
+                                              (_broken_init, "KeyError: 'config'")])
+def test_a_plugin_accountant_that_raises_exits_4_naming_it(capsys, factory, message):
+    _plugin("accountant_plugin", dpkit_accountants=lambda: {"boom": factory})
+    for argv in (EPSILON, NOISE):
+        code, out, err = run(capsys, *argv, "--accountant", "boom")
+        assert code == cli.EXIT_PLUGIN and out == "" and err.count("\n") == 1
+        assert "accountant 'boom' of plugin 'accountant_plugin'" in err and message in err
+
+
+def test_an_unknown_accountant_is_a_bad_argument(capsys):
+    code, out, err = run(capsys, *EPSILON, "--accountant", "moments")
+    assert code == cli.EXIT_USAGE and out == ""
+    assert "--accountant 'moments' is not provided by any plugin; installed: gdp, prv, rdp" in err
+
+
+@pytest.mark.parametrize("sigma, shown", [("0.003", "epsilon = 391"), ("1e-10", "epsilon = inf"),
+                                          ("1e300", "epsilon = 0 ")])
+def test_extreme_noise_answers_in_one_line(capsys, sigma, shown):
+    # sigma=0.003 was a MemoryError (65 GiB) and a traceback.
+    for accountant in ("prv", "rdp"):
+        code, out, err = run(capsys, "epsilon", "--sigma", sigma, "-q", "0.01", "--steps", "100", "--delta", "1e-5",
+                             "--accountant", accountant)
+        assert code == 0 and err == "" and out.count("\n") == 1
+        assert out.startswith(shown) or accountant == "rdp" and sigma == "0.003"
+    code, report = run_json(capsys, "epsilon", "--sigma", sigma, "-q", "0.01", "--steps", "100", "--delta", "1e-5")
+    assert code == 0 and (report["epsilon"] == "inf" if sigma == "1e-10" else isinstance(report["epsilon"], float))
+
+
+def test_an_unreachable_target_exits_1_in_one_line(capsys):
+    code, out, err = run(capsys, "noise", "--epsilon", "1e-6", "--delta", "1e-10", "-q", "1", "--steps", "1000000")
+    assert code == cli.EXIT_NO and out == "" and err.count("\n") == 1 and "is unreachable" in err
+
+
+def test_an_unexpected_error_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "plugins_report", lambda: {}["missing"])
+    code, out, err = run(capsys, "plugins")
+    assert code == cli.EXIT_NO and err == "dpkit plugins: error: unexpected KeyError: 'missing'\n"
