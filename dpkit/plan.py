@@ -52,12 +52,16 @@ class LayerPlan:
     def param_name(self, p: nn.Parameter) -> str | None:
         return next((n for n, q in self.params.items() if q is p), None)
 
-    def compute(self, args: list, kwargs: dict, grads: list, rows: int, K: int, batch_first: bool
-                ) -> dict[nn.Parameter, Tensor]:
-        """Per-example gradients ``[B, *p.shape]`` (summed over K copies) of one captured call."""
+    def compute(self, args: list, kwargs: dict, grads: list, rows: int, K: int, batch_first: bool,
+                unbatched: frozenset[int] = frozenset()) -> dict[nn.Parameter, Tensor]:
+        """Per-example gradients ``[B, *p.shape]`` (summed over K copies) of one captured call.
+
+        ``unbatched``: ids of input tensors that do not derive from the batch (shared by every example).
+        """
         if not self.uses_activations:
             params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
-            return fn_mode.per_example_grads(self.module, params, args, kwargs, grads, rows, K, batch_first)
+            return fn_mode.per_example_grads(self.module, params, args, kwargs, grads, rows, K, batch_first,
+                                             unbatched)
         return self.call(self.sampler, args, grads[0], K, batch_first)
 
     def call(self, sampler: Callable, args: list, backprops: Tensor, K: int, batch_first: bool

@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 
 from dpkit.errors import PrivacyUsageError
 from dpkit.modes import functorch as fn_mode
+from dpkit.modes._trace import BatchTrace
 from dpkit.plan import LayerPlan
 
 
@@ -54,6 +55,7 @@ class Capture:
     formed: dict[nn.Parameter, Tensor] | None = None  # auto: small per-example gradients formed on arrival
     versions: list[int] = attrs.field(factory=list)
     input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
+    unbatched: frozenset[int] = frozenset()  # ids of captured input tensors that do not derive from the batch
     done: bool = False
 
     def release(self) -> None:
@@ -98,10 +100,15 @@ def _slots(row: LayerPlan) -> list[tuple[nn.Module, str, nn.Parameter]]:
             if p is not None and id(p) in planned]
 
 
-def _expand_batch(x, dim: int, rows: int):
-    if isinstance(x, Tensor) and x.dim() > dim and x.shape[dim] == 1:
-        return x.expand(*x.shape[:dim], rows, *x.shape[dim + 1:])
-    return x
+def _broadcast(x, dim: int, rows: int, add_dim: bool):
+    """An unbatched tensor as the batch sees it: ``[T, d]`` (``add_dim``) or ``[1, T, d]`` → ``[rows, T, d]``."""
+    if not isinstance(x, Tensor) or x.dim() < dim:
+        return x
+    if add_dim:
+        x = x.unsqueeze(dim)
+    elif x.dim() == dim or x.shape[dim] != 1:
+        return x
+    return x.expand(*x.shape[:dim], rows, *x.shape[dim + 1:])
 
 
 class Capturer:
@@ -137,6 +144,8 @@ class Capturer:
         self.grad_stand_ins = not skip_param_grads  # ghost: the reweighted pass differentiates to the stand-ins
         self.stand_ins: list[tuple[nn.Parameter, Tensor]] = []  # the stand-ins that require grad, in ghost
         self.on_refusal: Callable[[], None] = lambda: None
+        self._trace: BatchTrace | None = None  # which tensors of the forward in flight derive from the batch
+        self._attached = False
         owners = collections.Counter(id(p) for r in rows for p in dict.fromkeys(r.params.values()))
         self._tied_rows = {id(r) for r in rows if any(owners[id(p)] > 1 for p in r.params.values())}
         self._calls: collections.Counter | None = None  # calls per unit in the backward pass in flight
@@ -153,6 +162,9 @@ class Capturer:
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._stand_in, row)))
             self._handles.append(row.module.register_forward_hook(
                 partial(self._on_forward, row), with_kwargs=True, always_call=True))
+        # Last, so that a unit that is the model itself still sees the trace.
+        self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
+        self._attached = True
         for p in {p for row in self.plan for p in row.params.values()}:
             self._handles.append(p.register_hook(partial(self._on_param_grad, p)))
 
@@ -160,6 +172,8 @@ class Capturer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._attached = False
+        self._end_forward()
         self.reset()
 
     def reset(self) -> None:
@@ -173,23 +187,41 @@ class Capturer:
 
     # -- forward ---------------------------------------------------------------------
     def _active(self) -> bool:
-        return self.enabled and not self._computing and torch.is_grad_enabled()
+        return self._attached and self.enabled and not self._computing and torch.is_grad_enabled()
 
     def start_forward(self, model: nn.Module, args, kwargs) -> None:
-        """The model's forward pre-hook: the batch size hint, and the stand-ins of a unit that is the model."""
-        if not self._active():
+        """The model's forward pre-hook: the batch size hint, the batch trace, and the stand-ins of a unit that
+        is the model. The model's tensor inputs with the batch's rows are the batch."""
+        if not self._active() or self._trace is not None:
             return
-        first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
-        self.batch_hint = _rows_at(first, self.bdim) if first is not None else None
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
+        self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
+        self._trace.__enter__()
         for row in self.plan:
             if row.module is model:
                 (self._expand if row.mode == "ew" else self._stand_in)(row, model, args)
+
+    def _spread(self, t: Tensor) -> bool:
+        """A constant expanded over the batch (``buffer.expand(B, T)``, as BERT's token types): batch-shaped."""
+        hint, dim = self.batch_hint, self.bdim
+        return hint is not None and hint > 1 and t.dim() > dim and t.shape[dim] == hint and t.stride(dim) == 0
+
+    def _end_forward(self, *_) -> None:
+        if self._trace is not None:
+            trace, self._trace = self._trace, None
+            trace.__exit__(None, None, None)
 
     def _expand(self, row: LayerPlan, module: nn.Module, args) -> None:  # restored in _on_forward
         if not self._active():
             return
         from torch.nn.utils._expanded_weights import ExpandedWeight
 
+        if self._trace is not None and args and isinstance(args[0], Tensor) and not self._trace.batched(args[0]):
+            raise PrivacyUsageError(
+                f"{row.name!r} ({row.type_name}) reads an input that does not come from the batch (e.g. "
+                "wpe(torch.arange(T))), which ExpandedWeights cannot differentiate per example. Use "
+                "grad_sample_mode='auto' or 'hooks'.")
         rows = _rows_at(args[0], self.bdim) if args else 0
         if rows == 0:  # ExpandedWeights refuses an empty batch; it contributes nothing anyway
             self._stand_in(row, module, args)
@@ -234,20 +266,28 @@ class Capturer:
             wanted = {i for i, t in enumerate(leaves) if t.requires_grad}
         if not wanted:
             return None
+        trace, hint = self._trace, self.batch_hint
+        inputs = pytree.tree_leaves((args, kwargs))
+        batched = [trace is None or not isinstance(t, Tensor) or trace.batched(t) or self._spread(t) for t in inputs]
         args = [a.detach() if isinstance(a, Tensor) else pytree.tree_map(_detach, a) for a in args]
         kwargs = {k: v.detach() if isinstance(v, Tensor) else pytree.tree_map(_detach, v) for k, v in kwargs.items()}
+        unbatched = frozenset(id(t) for t, b in zip(pytree.tree_leaves((args, kwargs)), batched)
+                              if not b and isinstance(t, Tensor))
         if row.uses_activations:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
             kwargs = {}
         out_dim = fn_mode.output_batch_dims(module, self.batch_first, leaves)[0]
         rows = _rows_at(leaves[0], out_dim)
-        hint, expanded = self.batch_hint, False
-        if isinstance(output, Tensor) and rows == 1 and hint is not None and hint > 1 and row.mode != "ew":
-            # Broadcast lookup: give every example its own copy so its gradient stays its own.
-            output = leaves[0] = _expand_batch(output, out_dim, hint)
-            args = [_expand_batch(a, out_dim, hint) for a in args]
-            rows, expanded = hint, True
-        cap = Capture(row, args, kwargs, rows, out_dim, [None] * len(leaves), wanted)
+        expanded = False
+        if (trace is not None and not any(isinstance(t, Tensor) and b for t, b in zip(inputs, batched))
+                and isinstance(output, Tensor) and hint is not None and row.mode != "ew"):
+            # A lookup that does not see the batch (wpe(arange(T)), broadcast over it): give every example its
+            # own copy of the output, so that its share of the gradient stays its own.
+            add_dim = output.dim() <= out_dim or output.shape[out_dim] != 1
+            output = leaves[0] = _broadcast(output, out_dim, hint, add_dim)
+            args = [_broadcast(a, out_dim, hint, add_dim) for a in args]
+            rows, expanded, unbatched = hint, True, frozenset()
+        cap = Capture(row, args, kwargs, rows, out_dim, [None] * len(leaves), wanted, unbatched=unbatched)
         cap.input_versions = [a._version if isinstance(a, Tensor) else None for a in args]
         if self.keep_outputs:
             cap.outputs = [leaves[i] for i in sorted(wanted)]
@@ -380,7 +420,7 @@ class Capturer:
         """Per-example gradients ``[B, *p.shape]`` (K-summed) of one call."""
         with self.quiet():
             batch_first = self.batch_first if not cap.row.uses_activations else cap.bdim == 0
-            return cap.row.compute(cap.args, cap.kwargs, cap.grads, cap.rows, self.K, batch_first)
+            return cap.row.compute(cap.args, cap.kwargs, cap.grads, cap.rows, self.K, batch_first, cap.unbatched)
 
     def _add(self, p: nn.Parameter, grad_sample: Tensor) -> None:
         self.grad_samples[p] = self.grad_samples[p] + grad_sample if p in self.grad_samples else grad_sample

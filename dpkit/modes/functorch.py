@@ -58,9 +58,9 @@ def fill_defaults(unit: nn.Module, args: list, rows: int) -> list:
     return args
 
 
-def _split(x, dim: int | None, rows: int, K: int):
+def _split(x, dim: int | None, rows: int, K: int, unbatched: frozenset[int] = frozenset()):
     """[.., B*K, ..] at ``dim`` → [.., B, K, ..] so that vmap over ``dim`` sees one example's K rows."""
-    if dim is None or not isinstance(x, Tensor) or x.dim() <= dim or x.shape[dim] != rows:
+    if dim is None or not isinstance(x, Tensor) or x.dim() <= dim or x.shape[dim] != rows or id(x) in unbatched:
         return x, None
     return x.unflatten(dim, (rows // K, K)), dim
 
@@ -74,11 +74,13 @@ def per_example_grads(
     rows: int,
     K: int,
     batch_first: bool = True,
+    unbatched: frozenset[int] = frozenset(),
 ) -> dict[nn.Parameter, Tensor]:
     """``[B, *p.shape]`` gradients of Σ(output·out_grads) for each example (its K rows summed).
 
     ``args``/``kwargs`` are the unit's captured inputs, ``out_grads`` the gradients of the
     tensor leaves of its output (``None`` where a leaf got none), all with ``rows`` = B*K rows.
+    Inputs whose id is in ``unbatched`` are shared by every example (an attention mask), whatever their shape.
     """
     names = list(params)
     if not names:
@@ -90,13 +92,13 @@ def per_example_grads(
     split_args, arg_dims = [], []
     for i, a in enumerate(args):
         dim = named_dims.get("hx", arg_dim) if (i == 1 and isinstance(unit, nn.RNNBase)) else arg_dim
-        pieces = [_split(t, dim, rows, K) for t in pytree.tree_leaves(a)]
+        pieces = [_split(t, dim, rows, K, unbatched) for t in pytree.tree_leaves(a)]
         spec = pytree.tree_structure(a)
         split_args.append(pytree.tree_unflatten([p[0] for p in pieces], spec))
         arg_dims.append(pytree.tree_unflatten([p[1] for p in pieces], spec))
     split_kwargs, kwarg_dims = {}, {}
     for key, value in kwargs.items():
-        split_kwargs[key], kwarg_dims[key] = _split(value, named_dims.get(key, arg_dim), rows, K)
+        split_kwargs[key], kwarg_dims[key] = _split(value, named_dims.get(key, arg_dim), rows, K, unbatched)
     out_dims = output_batch_dims(unit, batch_first, out_grads)
     grads, grad_dims = [], []
     for g, d in zip(out_grads, out_dims):

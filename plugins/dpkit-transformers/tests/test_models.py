@@ -108,7 +108,8 @@ def test_gpt2_tied_embedding_gets_both_uses():
     model, _, _ = build("gpt2")
     assert model.lm_head.weight is model.transformer.wte.weight
     private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-                                 sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=C, grad_sample_mode="hooks")
+                                 sample_rate=0.5, expected_batch_size=2, noise_multiplier=1.0, max_grad_norm=C,
+                                 grad_sample_mode="hooks")
     tied = [row.name for row in private.plan if any(p is model.lm_head.weight for p in row.params.values())]
     assert sorted(tied) == ["lm_head", "transformer.wte"]
     assert {row.provider for row in private.plan if row.name.endswith("c_attn")} == {"transformers"}

@@ -1,0 +1,45 @@
+"""Which tensors of a forward pass derive from the batch: a taint carried through every torch call.
+
+A layer's input need not come from the batch. nanoGPT looks up ``wpe(torch.arange(T))`` and broadcasts the
+``[T, d]`` result over the batch; an attention mask is ``[T, T]``. Shapes cannot tell these apart from batched
+tensors when ``T`` equals the batch size, and treating position t as example t is silently wrong. So the
+model's batched inputs are marked, and every torch function or tensor method whose arguments include a
+marked tensor marks its outputs (tensor factories like ``x.new_zeros`` excepted: only their device and dtype
+come from ``x``). A layer whose inputs carry no mark did not see the batch.
+"""
+from __future__ import annotations
+
+import weakref
+
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+_FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "new_empty_strided"})
+
+
+class BatchTrace(TorchFunctionMode):
+    """Active from the model's forward pre-hook to its forward hook; ``batched(t)`` asks about a tensor."""
+
+    def __init__(self, inputs: list[Tensor]):
+        super().__init__()
+        self._marked: dict[int, weakref.ref] = {}
+        for t in inputs:
+            self._mark(t)
+
+    def _mark(self, t: Tensor) -> None:
+        self._marked[id(t)] = weakref.ref(t)
+
+    def batched(self, t: object) -> bool:
+        ref = self._marked.get(id(t))
+        return ref is not None and ref() is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if getattr(func, "__name__", "") in _FACTORIES:
+            return out
+        if any(self.batched(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)):
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, Tensor):
+                    self._mark(t)
+        return out

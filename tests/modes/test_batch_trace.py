@@ -1,0 +1,72 @@
+"""Inputs that do not come from the batch (nanoGPT's ``wpe(torch.arange(T))``, a ``[T, T]`` attention mask) are
+exact in every mode, also when T equals the batch size, where shapes alone cannot tell them from the batch."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _reference import clipped_sum, dpkit_step, per_example_grads, per_row_loss
+from torch import nn
+
+from dpkit.errors import PrivacyUsageError
+
+
+class PositionLookup(nn.Module):
+    """nanoGPT's embedding: positions looked up by ``arange(T)`` and broadcast over the batch."""
+
+    def __init__(self, vocab=11, ctx=5, d=4, style="arange"):
+        super().__init__()
+        self.wte, self.wpe, self.head = nn.Embedding(vocab, d), nn.Embedding(ctx, d), nn.Linear(d, vocab)
+        self.register_buffer("types", torch.zeros(1, ctx, dtype=torch.long))
+        self.wtt = nn.Embedding(2, d)
+        self.style = style
+
+    def forward(self, idx):
+        B, T = idx.shape
+        if self.style == "arange":
+            pos = self.wpe(torch.arange(T))  # [T, d]
+        else:  # HF style: a [1, T] buffer slice, and token types expanded over the batch (stride 0)
+            pos = self.wpe(torch.arange(T).unsqueeze(0)) + self.wtt(self.types[:, :T].expand(B, T))
+        return self.head(self.wte(idx) + pos).transpose(1, 2)
+
+
+class MaskedAttention(nn.Module):
+    def __init__(self, vocab=11, d=4):
+        super().__init__()
+        self.wte, self.head = nn.Embedding(vocab, d), nn.Linear(d, vocab)
+        self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        x = self.wte(idx)
+        mask = torch.triu(torch.ones(T, T, dtype=torch.bool), 1)
+        return self.head(self.att(x, x, x, attn_mask=mask, need_weights=False)[0]).transpose(1, 2)
+
+
+def check(model, B, mode, T=5):
+    torch.manual_seed(1)
+    idx, y = torch.randint(0, 11, (B, T)), torch.randint(0, 11, (B, T))
+    ref = clipped_sum(per_example_grads(model, per_row_loss(nn.CrossEntropyLoss()), idx, y, 1), 0.5)
+    got = dpkit_step(model, idx, y, mode=mode, C=0.5)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("B", [5, 3])  # 5: T == B, the case shapes cannot decide
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "functorch", "auto"])
+@pytest.mark.parametrize("style", ["arange", "buffers"])
+def test_position_lookup_matches_the_loop(mode, B, style):
+    torch.manual_seed(0)
+    check(PositionLookup(style=style), B, mode)
+
+
+@pytest.mark.parametrize("B", [5, 3])
+@pytest.mark.parametrize("mode", ["functorch", "auto"])
+def test_square_attention_mask_is_shared_by_every_example(mode, B):
+    torch.manual_seed(0)
+    check(MaskedAttention(), B, mode)
+
+
+def test_expanded_weights_refuse_an_input_without_the_batch():
+    torch.manual_seed(0)
+    with pytest.raises(PrivacyUsageError, match="'wpe'.*does not come from the batch"):
+        check(PositionLookup(), 5, "ew")
