@@ -436,7 +436,7 @@ positive = _number(float, 0, float("inf"), True, True)
 non_negative = _number(float, 0, float("inf"), False, True)
 probability = _number(float, 0, 1, True, False)
 delta_value = _number(float, 0, 1, True, True)
-count = _number(int, 1, float("inf"), False, True)
+count = _number(int, 1, 2**53, False, False)  # beyond, float64 cannot count steps exactly
 
 
 def build_parser() -> argparse.ArgumentParser:
