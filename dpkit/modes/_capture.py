@@ -157,7 +157,8 @@ class Capturer:
             if row.module is self.model:
                 pass  # its pre-forward work is start_forward's, so that a replan can run it for the call in flight
             elif row.mode == "ew":
-                self._handles.append(row.module.register_forward_pre_hook(partial(self._expand, row)))
+                self._handles.append(row.module.register_forward_pre_hook(partial(self._expand, row),
+                                                                          with_kwargs=True))
             else:
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._stand_in, row)))
             self._handles.append(row.module.register_forward_hook(
@@ -200,7 +201,10 @@ class Capturer:
         self._trace.__enter__()
         for row in self.plan:
             if row.module is model:
-                (self._expand if row.mode == "ew" else self._stand_in)(row, model, args)
+                if row.mode == "ew":
+                    self._expand(row, model, args, kwargs)
+                else:
+                    self._stand_in(row, model, args)
 
     def _spread(self, t: Tensor) -> bool:
         """A constant expanded over the batch (``buffer.expand(B, T)``, as BERT's token types): batch-shaped."""
@@ -212,17 +216,23 @@ class Capturer:
             trace, self._trace = self._trace, None
             trace.__exit__(None, None, None)
 
-    def _expand(self, row: LayerPlan, module: nn.Module, args) -> None:  # restored in _on_forward
+    def _expand(self, row: LayerPlan, module: nn.Module, args, kwargs) -> None:  # restored in _on_forward
         if not self._active():
             return
         from torch.nn.utils._expanded_weights import ExpandedWeight
 
-        if self._trace is not None and args and isinstance(args[0], Tensor) and not self._trace.batched(args[0]):
+        device = next((p.device.type for p in row.local_params.values()), "cpu")
+        if torch.is_autocast_enabled(device):
+            raise PrivacyUsageError(
+                f"grad_sample_mode='ew' (ExpandedWeights) does not support autocast ({row.name!r} runs under "
+                f"{torch.get_autocast_dtype(device)}); use grad_sample_mode='auto', 'bk' or 'hooks'.")
+        first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
+        if self._trace is not None and first is not None and not self._trace.batched(first):
             raise PrivacyUsageError(
                 f"{row.name!r} ({row.type_name}) reads an input that does not come from the batch (e.g. "
                 "wpe(torch.arange(T))), which ExpandedWeights cannot differentiate per example. Use "
                 "grad_sample_mode='auto' or 'hooks'.")
-        rows = _rows_at(args[0], self.bdim) if args else 0
+        rows = _rows_at(first, self.bdim)
         if rows == 0:  # ExpandedWeights refuses an empty batch; it contributes nothing anyway
             self._stand_in(row, module, args)
             return

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils import _pytree as pytree
 
-from dpkit.errors import PrivacyUsageError
+from dpkit.errors import PrivacyUsageError, UnsupportedLayerError
 
 
 def batch_dims(unit: nn.Module, batch_first: bool) -> tuple[int, dict[str, int]]:
@@ -142,7 +142,15 @@ def _batched(unit: nn.Module, one_example: Callable, flat: tuple[Tensor, ...], n
             warnings.warn(f"torch.func.vmap cannot batch {type(unit).__name__} ({str(err).splitlines()[0][:200]}); "
                           "dpkit computes its per-example gradients with a loop over examples instead: exact, "
                           "but slower. Registering a sampler for it makes it fast.", stacklevel=2)
-    per_example = [one_example(flat, *_select(values, dims, b)) for b in range(batch)]
+    try:
+        per_example = [one_example(flat, *_select(values, dims, b)) for b in range(batch)]
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        raise UnsupportedLayerError(
+            f"torch.func cannot recompute {type(unit).__name__} one example at a time: "
+            f"{str(err).splitlines()[0][:300]}. Custom autograd.Functions without setup_context, activation "
+            "checkpointing (saved-tensor hooks) and inputs whose rows are not the examples (EmbeddingBag with "
+            "offsets) are beyond it; with grad_sample_mode='functorch' the whole model is one unit, so use "
+            "grad_sample_mode='auto' or 'hooks', which recompute only the layers no plugin covers.") from err
     return {params[n]: torch.stack([g[i] for g in per_example]) for i, n in enumerate(names)}
 
 

@@ -33,6 +33,13 @@ def backward(private: PrivateTraining, loss: DPLoss) -> tuple[Tensor, Tensor, di
     targets = (outputs if outputs is not None else [t for _, t in capturer.stand_ins]) + list(private.params)
     try:  # the norm pass; the engine's end-of-backward callback leaves the factors in _ghost_factors
         torch.autograd.grad(loss.value, targets, retain_graph=True, allow_unused=True)
+    except RuntimeError as err:
+        if "use_reentrant" not in str(err):
+            raise
+        raise PrivacyUsageError(
+            "grad_sample_mode='ghost' takes its norms with torch.autograd.grad, which reentrant activation "
+            "checkpointing does not support. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or "
+            "grad_sample_mode='bk' (one backward pass, the same memory savings).") from err
     finally:
         private._in_ghost_backward = False
     if private._ghost_factors is None:
