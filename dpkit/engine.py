@@ -506,6 +506,11 @@ class PrivateTraining:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled:
             return
+        if (args and callable(args[0])) or kwargs.get("closure") is not None:
+            raise PrivacyUsageError(
+                "optimizer.step(closure) evaluates the loss inside the step, after dpkit has formed the step's "
+                "gradient (LBFGS and line searches re-evaluate it several times, each a release). Call "
+                "loss.backward() and then optimizer.step() without a closure.")
         self._check_release()
         if self._skip_step:
             for p in self.params:
@@ -631,7 +636,7 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
                  noise_multiplier: float | None = None, max_grad_norm: float,
                  target_epsilon: float | None = None, target_delta: float | None = None,
                  epochs: float | None = None, steps: int | None = None, **kwargs) -> PrivateTraining:
-    """Make ``module``'s training with ``optimizer`` differentially private (see DESIGN.md)."""
+    """Make ``module``'s training with ``optimizer`` differentially private (see docs/design.md)."""
     if noise_multiplier is None:
         if target_epsilon is None:
             raise ValueError("give noise_multiplier=, or target_epsilon= with target_delta= and epochs= (or steps=)")

@@ -190,7 +190,7 @@ class Capturer:
     def _active(self) -> bool:
         return self._attached and self.enabled and not self._computing and torch.is_grad_enabled()
 
-    def start_forward(self, model: nn.Module, args, kwargs) -> None:
+    def start_forward(self, model: nn.Module, args, kwargs=None) -> None:
         """The model's forward pre-hook: the batch size hint, the batch trace, and the stand-ins of a unit that
         is the model. The model's tensor inputs with the batch's rows are the batch."""
         if not self._active() or self._trace is not None:
