@@ -180,7 +180,7 @@ class PrivateTraining:
         self.capturer = Capturer(self.module, self.plan, K=self.K, batch_first=self.batch_first,
                                  rescale=self.loss_reduction == "mean", keep_records=self.norm_mode,
                                  keep_outputs=self.mode == "ghost",
-                                 skip_param_grads=self.mode in ("hooks", "bk", "auto", "functorch", "ew"),
+                                 grad_stand_ins=self.mode == "ghost",
                                  on_backward_end=self._on_backward_end, form_on_arrival=early)
         self.capturer.on_refusal = self._on_refusal
 
@@ -389,8 +389,8 @@ class PrivateTraining:
                 "the next forward), or remove them from the optimizer.")
 
     # -- the step ----------------------------------------------------------------------
-    def _on_refusal(self) -> None:
-        self._refused = "see the error it raised"
+    def _on_refusal(self, err: BaseException) -> None:
+        self._refused = str(err).split(". ")[0][:300]
         self._after_virtual = False
         self.accumulator.reset()
 
@@ -477,8 +477,8 @@ class PrivateTraining:
         try:
             self._admit_pass()
             norms, factors, sums = ghost.backward(self, loss)
-        except PrivacyUsageError:
-            self._on_refusal()
+        except PrivacyUsageError as err:
+            self._on_refusal(err)
             raise
         before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         self.accumulator.add(sums, loss.per_row.shape[0] // self.K)

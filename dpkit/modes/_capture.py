@@ -10,10 +10,15 @@ its output gradients arrive and its tensors are freed; in the norm modes
 pass, when the engine needs every layer's norms before any clipping. The end of
 a backward pass is an autograd callback.
 
-A layer whose output has a batch dimension of 1 while the model's batch is
-larger (a position embedding looked up as ``[1, T]`` and broadcast) has its
-output expanded to the batch, so that each example's share of the gradient stays
-apart.
+Every unit runs on detached stand-ins of its parameters, so autograd forms no
+(unclipped) parameter gradient through it, and a planned parameter that still
+receives a gradient was used outside its unit: that backward pass is refused.
+
+A trace of the forward (``_trace.py``) tells which inputs derive from the batch.
+A layer that does not see the batch (a position embedding looked up as
+``arange(T)`` or ``[1, T]`` and broadcast) has its output expanded to the batch,
+so that each example's share of the gradient stays apart, and inputs shared by
+every example (an attention mask) are not split into examples.
 """
 from __future__ import annotations
 
@@ -115,7 +120,7 @@ class Capturer:
     """Owns the hooks of one attached model and the records of the backward pass in flight."""
 
     def __init__(self, model: nn.Module, rows: list[LayerPlan], *, K: int, batch_first: bool, rescale: bool,
-                 keep_records: bool, keep_outputs: bool, skip_param_grads: bool,
+                 keep_records: bool, keep_outputs: bool, grad_stand_ins: bool,
                  on_backward_end: Callable[..., None], form_on_arrival: Callable[[Capture], bool] | None = None):
         self.model = model
         self.plan = rows
@@ -141,9 +146,9 @@ class Capturer:
         # Every unit runs on stand-ins of its parameters (``_stand_in``), so that a planned parameter itself
         # receives a gradient only from a use outside its unit (``x @ layer.weight``): its hook then refuses.
         self._slots = {id(r): _slots(r) for r in rows}
-        self.grad_stand_ins = not skip_param_grads  # ghost: the reweighted pass differentiates to the stand-ins
+        self.grad_stand_ins = grad_stand_ins  # ghost: the reweighted pass differentiates to the stand-ins
         self.stand_ins: list[tuple[nn.Parameter, Tensor]] = []  # the stand-ins that require grad, in ghost
-        self.on_refusal: Callable[[], None] = lambda: None
+        self.on_refusal: Callable[[BaseException], None] = lambda err: None
         self._trace: BatchTrace | None = None  # which tensors of the forward in flight derive from the batch
         self._attached = False
         owners = collections.Counter(id(p) for r in rows for p in dict.fromkeys(r.params.values()))
@@ -324,19 +329,19 @@ class Capturer:
             self.used_params.add(p)
             self._queue_end()
 
-    def _refuse(self) -> None:
+    def _refuse(self, err: BaseException) -> None:
         """A backward pass was refused: forget it whole, and let the engine refuse the step until it is discarded."""
         self.reset()
         self._queued = False
-        self.on_refusal()
+        self.on_refusal(err)
 
     def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
         if not self.enabled or self._computing:
             return None
         try:
             return self._take_output_grad(cap, index, grad)
-        except Exception:
-            self._refuse()
+        except Exception as err:
+            self._refuse(err)
             raise
 
     def _take_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
@@ -439,8 +444,8 @@ class Capturer:
         self._queued = False
         try:
             self._end_pass()
-        except Exception:
-            self._refuse()
+        except Exception as err:
+            self._refuse(err)
             raise
 
     def _end_pass(self) -> None:
