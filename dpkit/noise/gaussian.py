@@ -2,75 +2,113 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from dpkit import secure
+from dpkit.errors import PrivacyUsageError
 from dpkit.events import DpEvent, GaussianEvent, PoissonSampledEvent
 from dpkit.hookspecs import hookimpl
 
-_CPU_CHUNK = 1 << 16  # floats drawn at a time on the CPU: 256 KiB, reused
+_CPU_CHUNK = 1 << 16  # coordinates drawn at a time on the CPU into a small reused buffer
+_SECURE_CHUNK = 1 << 18  # coordinates per os.urandom call in secure mode: 8 MiB of random bytes
 
 
 class GaussianNoise:
     """Draws from its own ``torch.Generator`` per device, so checkpoints can restore the stream.
 
-    ``secure_mode=True`` reseeds from ``os.urandom`` at every step (not reproducible by
-    design) and returns the mean-preserving sum of four draws halved, which keeps the
-    std and blurs the lattice of floating-point Gaussian samples that attacks on naive
-    samplers exploit (Mironov 2012; Holohan and Braghin 2021).
+    ``secure_mode=True`` draws from the OS's CSPRNG instead (``dpkit.secure``) and keeps no state, so
+    neither a checkpoint nor the seed can replay the noise. Each coordinate is the sum of four standard
+    normals times std/2: the same std, with the lattice of floating-point Gaussian samples that attacks on
+    naive samplers exploit blurred (Mironov 2012; Jin et al. 2022).
     """
 
     def __init__(self, seed: int | None = None, secure_mode: bool = False):
         self.secure_mode = secure_mode
-        self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        if secure_mode:
+            self.seed = None
+        else:
+            self.seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            self._generators[device] = g
-        gen = self._generators[device]
+        """The seeded stream of ``device``; in secure mode a fresh OS-seeded generator that is never kept."""
         if self.secure_mode:
-            gen.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
-        return gen
+            return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
 
     def add(self, clipped_sum: Tensor, *, std: float) -> Tensor:
         """Adds the noise in place (the engine hands over a flat temporary it owns) and returns the tensor.
 
-        Drawn in float32 whatever the sum's dtype. On the CPU the draw goes through a small reused buffer,
-        chunk by chunk: a fresh parameter-sized draw would cost more in page faults than the drawing itself.
+        Drawn at the sum's precision, at least float32: float64 sums get float64 noise, whose values a
+        float32 draw would leave on a coarser lattice than the sum's. On the CPU the draw goes through a small
+        reused buffer, chunk by chunk: a fresh parameter-sized draw would cost more in page faults than the
+        drawing itself.
         """
         if std == 0:
             return clipped_sum
         out = clipped_sum.contiguous().view(-1)  # in place when contiguous, as the engine's buffers are
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        if self.secure_mode:
+            for part in out.split(_SECURE_CHUNK):
+                draws = secure.normal(4 * part.numel(), device=out.device).view(4, -1)
+                part.add_(draws.sum(0).mul_(std / 2).to(dtype))
+            return out.view(clipped_sum.shape)
         gen = self.generator(out.device)
         chunk = _CPU_CHUNK if out.device.type == "cpu" else max(out.numel(), 1)
-        buffer = torch.empty(min(chunk, out.numel()), device=out.device, dtype=torch.float32)
+        buffer = torch.empty(min(chunk, out.numel()), device=out.device, dtype=dtype)
         for part in out.split(chunk):
-            draw = buffer[: part.numel()]
-            if not self.secure_mode:
-                part.add_(draw.normal_(0, std, generator=gen))
-                continue
-            total = torch.zeros_like(draw)
-            for _ in range(4):
-                total += draw.normal_(generator=gen)
-            part.add_(total.mul_(std / 2))
+            part.add_(buffer[: part.numel()].normal_(0, std, generator=gen))
         return out.view(clipped_sum.shape)
 
     def dp_event(self, noise_multiplier: float, sample_rate: float) -> DpEvent:
         return PoissonSampledEvent(sample_rate, GaussianEvent(noise_multiplier))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "secure_mode": self.secure_mode,
+        if self.secure_mode:
+            return {"secure_mode": True}
+        return {"seed": self.seed, "secure_mode": False,
                 "generators": {str(d): g.get_state() for d, g in self._generators.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.seed, self.secure_mode = state["seed"], state["secure_mode"]
-        for device, gen_state in state["generators"].items():
-            self.generator(torch.device(device)).set_state(gen_state)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores the stream; refuses a state of the other mode, which would silently switch modes."""
+        secure_mode = _field(state, "secure_mode", bool)
+        if secure_mode != self.secure_mode:
+            raise PrivacyUsageError(
+                f"the noise state was saved with secure_mode={secure_mode}, but this run has "
+                f"secure_mode={self.secure_mode}; loading it would switch secure mode "
+                f"{'on' if secure_mode else 'off'} silently. Resume with make_private(..., "
+                f"secure_mode={secure_mode}), or start the new mode afresh from the model's weights alone.")
+        if self.secure_mode:
+            return
+        seed = _field(state, "seed", int)
+        generators = {}
+        for name, gen_state in _field(state, "generators", Mapping).items():
+            try:
+                gen = torch.Generator(device=torch.device(name))
+                gen.set_state(gen_state)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"noise state: 'generators' entry {name!r} is not a generator state "
+                                 f"of that device ({err})") from err
+            generators[gen.device] = gen
+        self.seed, self._generators = seed, generators
+
+
+def _field(state: Mapping[str, Any], key: str, kind: type) -> Any:
+    """``state[key]``, or a ValueError naming the key when it is missing or of the wrong type."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"noise state must be a dict, got {type(state).__name__}")
+    if key not in state:
+        raise ValueError(f"noise state has no {key!r}: not a state_dict() of GaussianNoise")
+    value = state[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"noise state: {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
 
 
 @hookimpl
