@@ -228,17 +228,18 @@ class BatchMemoryManager:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.private._skip_step = False
+        self.private._skip_step, self.private._batch_tag = False, None
 
     def __len__(self) -> int:
         return len(self.private.data_loader)
 
     def __iter__(self) -> Iterator[Any]:
         try:
-            for batch in self.private.data_loader:
+            for index, batch in enumerate(self.private.data_loader):
                 pieces = split_batch(batch, self.max_rows)
+                self.private._batch_tag = (id(self), index)  # the pieces are one logical batch, whatever the loader
                 for i, piece in enumerate(pieces):
                     self.private._skip_step = i < len(pieces) - 1
                     yield piece
         finally:
-            self.private._skip_step = False
+            self.private._skip_step, self.private._batch_tag = False, None

@@ -152,7 +152,8 @@ class PrivateTraining:
         self._skip_step = False  # set by BatchMemoryManager: this step() ends a micro-batch, not the batch
         self._after_virtual = False  # the last call was a virtual step: zero_grad keeps the sum
         self._micro_batches = False  # inside micro_batches(): the backward passes share one logical batch
-        self._step_batch: int | None = None  # the loader batch the step's first backward pass came from
+        self._step_batch: object = None  # the logical batch the step's first backward pass came from
+        self._batch_tag: object = None  # set by BatchMemoryManager: which of its batches is in flight
         self._refused: str | None = None  # why a backward pass of this step was refused
         self.norm_mode = grad_sample_mode in NORM_MODES
         self._ghost_factors: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -174,7 +175,6 @@ class PrivateTraining:
         self.plan = build_plan(self.module, self.mode)
         self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
         self._planned = frozenset(id(p) for p in self.params)
-        self._mixing = [m for m in self.module.modules() if isinstance(m, MIXING)]
         self.accumulator = StepAccumulator(self.params, self.clipper, self.K)
         early = functools.partial(bk.form_early, K=self.K) if self.mode == "auto" else None
         self.capturer = Capturer(self.module, self.plan, K=self.K, batch_first=self.batch_first,
@@ -347,11 +347,10 @@ class PrivateTraining:
         if not self.enabled or not torch.is_grad_enabled() or self.capturer._computing:
             return
         _check_world()
-        mixing = [m for m in self._mixing if m.training]
+        mixing = [(n, m) for n, m in self.module.named_modules() if isinstance(m, MIXING) and m.training]
         if mixing:
-            names = {id(m): n for n, m in self.module.named_modules()}
             raise UnsupportedModuleError(
-                f"{[names.get(id(m), '?') for m in mixing]} ({type(mixing[0]).__name__}) are in training mode, "
+                f"{[n for n, _ in mixing]} ({type(mixing[0][1]).__name__}) are in training mode, "
                 "where batch statistics mix examples, so one example's gradient depends on the others "
                 "(model.train() switches them back). Replace them with dpkit.fix(model) (BatchNorm → GroupNorm) "
                 "and call make_private again.")
@@ -412,7 +411,7 @@ class PrivateTraining:
 
     def _admit_pass(self) -> None:
         """One backward pass's clipped sum may join the step only if it comes from the step's logical batch."""
-        batch = getattr(self.data_loader, "batches_drawn", None)
+        batch = self._batch_tag if self._batch_tag is not None else getattr(self.data_loader, "batches_drawn", None)
         if self.accumulator.backward_passes == 0:
             self._step_batch = batch
         elif not self._micro_batches and self._step_batch is None:

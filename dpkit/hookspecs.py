@@ -187,9 +187,10 @@ def dpkit_accountants() -> Mapping[str, AccountantFactory]:
 
 @hookspec
 def dpkit_on_clip(event: ClipEvent) -> None:
-    """Observe one step's clipping: per-example norms, clip factors, the gradient before and after.
+    """Observe one backward pass's clipping: per-example norms, clip factors, the gradient before and after.
 
-    Called once per optimizer step, after clipping and before noise, only when
+    Called once per backward pass (a step split into micro-batches has several), after clipping and before
+    noise, only when
     some plugin implements it (nobody pays for the statistics otherwise).
     Return values are ignored.
 

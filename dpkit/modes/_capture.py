@@ -150,6 +150,7 @@ class Capturer:
         self.stand_ins: list[tuple[nn.Parameter, Tensor]] = []  # the stand-ins that require grad, in ghost
         self.on_refusal: Callable[[BaseException], None] = lambda err: None
         self._trace: BatchTrace | None = None  # which tensors of the forward in flight derive from the batch
+        self._input_dims = 0  # of the model's first tensor input, in the forward in flight
         self._attached = False
         owners = collections.Counter(id(p) for r in rows for p in dict.fromkeys(r.params.values()))
         self._tied_rows = {id(r) for r in rows if any(owners[id(p)] > 1 for p in r.params.values())}
@@ -202,6 +203,7 @@ class Capturer:
             return
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
+        self._input_dims = inputs[0].dim() if inputs else 0
         self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
         self._trace.__enter__()
         for row in self.plan:
@@ -211,10 +213,14 @@ class Capturer:
                 else:
                     self._stand_in(row, model, args)
 
-    def _spread(self, t: Tensor) -> bool:
-        """A constant expanded over the batch (``buffer.expand(B, T)``, as BERT's token types): batch-shaped."""
+    def _batch_shaped(self, t: Tensor, ndim: bool = True) -> bool:
+        """A tensor built for the batch from its size rather than from its values: ``arange(T).repeat(B, 1)``,
+        ``zeros(B, T)``, ``buffer.expand(B, T)`` (BERT's token types). It has the batch's rows and as many
+        dimensions as the model's input; ``arange(T)`` with ``T == B`` has fewer, and is broadcast instead."""
         hint, dim = self.batch_hint, self.bdim
-        return hint is not None and hint > 1 and t.dim() > dim and t.shape[dim] == hint and t.stride(dim) == 0
+        if hint is None or t.dim() <= dim or t.shape[dim] != hint:
+            return False
+        return (hint > 1 and t.stride(dim) == 0) or (ndim and t.dim() >= self._input_dims)
 
     def _end_forward(self, *_) -> None:
         if self._trace is not None:
@@ -232,7 +238,8 @@ class Capturer:
                 f"grad_sample_mode='ew' (ExpandedWeights) does not support autocast ({row.name!r} runs under "
                 f"{torch.get_autocast_dtype(device)}); use grad_sample_mode='auto', 'bk' or 'hooks'.")
         first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
-        if self._trace is not None and first is not None and not self._trace.batched(first):
+        if (self._trace is not None and first is not None and not self._trace.batched(first)
+                and not self._batch_shaped(first)):
             raise PrivacyUsageError(
                 f"{row.name!r} ({row.type_name}) reads an input that does not come from the batch (e.g. "
                 "wpe(torch.arange(T))), which ExpandedWeights cannot differentiate per example. Use "
@@ -283,7 +290,12 @@ class Capturer:
             return None
         trace, hint = self._trace, self.batch_hint
         inputs = pytree.tree_leaves((args, kwargs))
-        batched = [trace is None or not isinstance(t, Tensor) or trace.batched(t) or self._spread(t) for t in inputs]
+        # A unit recomputed per example (torch.func) shares an input unless it derives from the batch: an
+        # attention mask is [T, T] also when T == B. A sampler layer's call is broadcast unless some input
+        # derives from the batch or was built in its shape.
+        batched = [trace is None or not isinstance(t, Tensor) or trace.batched(t) or self._batch_shaped(t, ndim=False)
+                   for t in inputs]
+        call_batched = any(isinstance(t, Tensor) and (b or self._batch_shaped(t)) for t, b in zip(inputs, batched))
         args = [a.detach() if isinstance(a, Tensor) else pytree.tree_map(_detach, a) for a in args]
         kwargs = {k: v.detach() if isinstance(v, Tensor) else pytree.tree_map(_detach, v) for k, v in kwargs.items()}
         unbatched = frozenset(id(t) for t, b in zip(pytree.tree_leaves((args, kwargs)), batched)
@@ -294,8 +306,8 @@ class Capturer:
         out_dim = fn_mode.output_batch_dims(module, self.batch_first, leaves)[0]
         rows = _rows_at(leaves[0], out_dim)
         expanded = False
-        if (trace is not None and not any(isinstance(t, Tensor) and b for t, b in zip(inputs, batched))
-                and isinstance(output, Tensor) and hint is not None and row.mode != "ew"):
+        if (trace is not None and not call_batched and isinstance(output, Tensor) and hint is not None
+                and row.mode != "ew"):
             # A lookup that does not see the batch (wpe(arange(T)), broadcast over it): give every example its
             # own copy of the output, so that its share of the gradient stays its own.
             add_dim = output.dim() <= out_dim or output.shape[out_dim] != 1

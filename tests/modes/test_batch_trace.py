@@ -24,6 +24,8 @@ class PositionLookup(nn.Module):
         B, T = idx.shape
         if self.style == "arange":
             pos = self.wpe(torch.arange(T))  # [T, d]
+        elif self.style == "repeat":  # built for the batch from its size, as Opacus-era models do
+            pos = self.wpe(torch.arange(T).repeat(B, 1)) + self.wtt(torch.zeros(B, T, dtype=torch.long))
         else:  # HF style: a [1, T] buffer slice, and token types expanded over the batch (stride 0)
             pos = self.wpe(torch.arange(T).unsqueeze(0)) + self.wtt(self.types[:, :T].expand(B, T))
         return self.head(self.wte(idx) + pos).transpose(1, 2)
@@ -53,7 +55,7 @@ def check(model, B, mode, T=5):
 
 @pytest.mark.parametrize("B", [5, 3])  # 5: T == B, the case shapes cannot decide
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "functorch", "auto"])
-@pytest.mark.parametrize("style", ["arange", "buffers"])
+@pytest.mark.parametrize("style", ["arange", "buffers", "repeat"])
 def test_position_lookup_matches_the_loop(mode, B, style):
     torch.manual_seed(0)
     check(PositionLookup(style=style), B, mode)
