@@ -198,7 +198,9 @@ class PrivateTraining:
                     raise ValueError(
                         "with data_loader=None and loss_reduction='mean', give expected_batch_size= (q times the "
                         "dataset size): dividing by the actual batch size would reveal it through the noise scale.")
+                self._warn_own_sampling("data_loader=None")
                 return None, q, None
+            self._warn_own_sampling("data_loader=None")
             return None, q, _number(expected_batch_size, "expected_batch_size", 0, low_ok=False)
         if sample_rate is not None or expected_batch_size is not None:
             raise ValueError("sample_rate= and expected_batch_size= go with data_loader=None; with a data loader "
@@ -212,10 +214,17 @@ class PrivateTraining:
                                         "build it with DPDataLoader(..., secure_mode=True) or pass a plain DataLoader.")
             return loader, loader.sample_rate, loader.sample_rate * n
         batch_size = loader.batch_size
+        self._warn_own_sampling("poisson_sampling=False")
         warnings.warn("poisson_sampling=False: batches are not Poisson-sampled, but the privacy accounting "
                       "assumes they are (as every DP-SGD library does); the reported epsilon is not a proven "
                       "bound for shuffled fixed-size batches.", stacklevel=4)
         return loader, min(1.0, batch_size / n), float(batch_size)
+
+    def _warn_own_sampling(self, why: str) -> None:
+        if self.secure_mode:
+            warnings.warn(f"secure_mode=True with {why}: the noise comes from the OS's CSPRNG, but the batches come "
+                          "from your own sampling, which secure mode does not cover; sample them with a CSPRNG "
+                          "(dpkit.secure.uniform) or let dpkit's loader do it.", stacklevel=5)
 
     def _check_optimizer(self) -> None:
         model_params = {id(p) for p in self.module.parameters()}
@@ -623,11 +632,17 @@ class PrivateTraining:
                 "noise): it was altered or assembled from two runs, and its epsilon cannot be trusted.")
         if ("sampler" in state) != isinstance(getattr(self.data_loader, "batch_sampler", None), PoissonBatchSampler):
             raise PrivacyUsageError("the checkpoint's data sampling (Poisson loader or not) differs from this run's.")
-        self.noise.load_state_dict(state["noise"])
-        self.clipper.load_state_dict(state["clipper"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        parts = [(self.noise, "noise"), (self.clipper, "clipper"), (self.optimizer, "optimizer")]
         if "sampler" in state:
-            self.data_loader.batch_sampler.load_state_dict(state["sampler"])
+            parts.append((self.data_loader.batch_sampler, "sampler"))
+        saved = [(part, part.state_dict()) for part, _ in parts]
+        try:
+            for part, key in parts:
+                part.load_state_dict(state[key])
+        except Exception:
+            for part, before in saved:  # all or nothing: a half-loaded run would draw or count wrongly
+                part.load_state_dict(before)
+            raise
         self.ledger, self.steps, self._unbounded_steps = ledger, steps, unbounded
 
 
