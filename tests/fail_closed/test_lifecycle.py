@@ -16,22 +16,6 @@ from ._setup import (
     noise_difference, train_step,
 )
 
-REPLAN_TYPEERROR = ("BUG: the first forward after a change of the trainable set raises TypeError "
-                    "'Capturer.start_forward() missing 1 required positional argument: kwargs' instead of "
-                    "re-planning with a UserWarning: the old capturer's model pre-hook, removed during the re-plan, "
-                    "is still in torch's snapshot of the hooks and is then called without kwargs")
-
-
-def tolerant_step(p, x, y):
-    """A training step that retries once past the re-plan TypeError (see REPLAN_TYPEERROR), so that the step
-    that follows a re-plan can be measured while that bug is open."""
-    try:
-        train_step(p, x, y)
-    except TypeError as err:
-        if "start_forward" not in str(err):
-            raise
-        train_step(p, x, y)
-
 
 # -- 1. the trainable set -------------------------------------------------------------------------------------------
 def unfrozen(mode, noise_multiplier=0.0, seed=0):
@@ -50,7 +34,6 @@ def appended(mode, noise_multiplier=0.0, seed=0):
     return p
 
 
-@pytest.mark.xfail(strict=True, reason=REPLAN_TYPEERROR)
 @pytest.mark.parametrize("mode", MODES)
 def test_unfreezing_replans_with_a_warning_at_the_next_forward(mode):
     p = unfrozen(mode, 1.0)
@@ -63,16 +46,16 @@ def test_unfreezing_replans_with_a_warning_at_the_next_forward(mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_unfrozen_parameters_get_a_private_step(mode):
     x, y = batch()
-    assert_sensitivity(lambda: unfrozen(mode), x, y, tolerant_step)
-    diff = noise_difference(lambda s: unfrozen(mode, 1.0, s), x, y, tolerant_step)
+    assert_sensitivity(lambda: unfrozen(mode), x, y, train_step)
+    diff = noise_difference(lambda s: unfrozen(mode, 1.0, s), x, y, train_step)
     assert_noise_everywhere(diff, ["0.weight", "0.bias", "2.weight", "2.bias"])
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_appended_module_gets_a_private_step(mode):
     x, y = batch()
-    assert_sensitivity(lambda: appended(mode), x, y, tolerant_step)
-    diff = noise_difference(lambda s: appended(mode, 1.0, s), x, y, tolerant_step)
+    assert_sensitivity(lambda: appended(mode), x, y, train_step)
+    diff = noise_difference(lambda s: appended(mode, 1.0, s), x, y, train_step)
     assert_noise_everywhere(diff, ["0.weight", "0.bias", "2.weight", "2.bias", "3.weight", "3.bias"])
 
 
@@ -85,7 +68,7 @@ def test_parameter_frozen_after_make_private_does_not_move_even_by_noise(mode):
     frozen = {n: t.detach().clone() for n, t in p.module[0].named_parameters()}
     other = p.module[2].weight.detach().clone()
     for _ in range(2):
-        tolerant_step(p, x, y)
+        train_step(p, x, y)
     for n, t in p.module[0].named_parameters():
         assert torch.equal(t, frozen[n]), f"frozen 0.{n} moved"
     assert not torch.equal(p.module[2].weight, other)
@@ -126,10 +109,7 @@ def test_frozen_parameter_with_a_stale_zero_grad_is_refused():
     train_step(p, x, y)
     model[0].requires_grad_(False)
     p.optimizer.zero_grad(set_to_none=False)
-    try:
-        loss_backward(p, x, y)
-    except TypeError:  # REPLAN_TYPEERROR: the next attempt runs on the new plan
-        loss_backward(p, x, y)
+    loss_backward(p, x, y)
     frozen = Frozen(p)
     with pytest.raises(PrivacyUsageError, match=r"would update \['0.bias', '0.weight'\] with gradients dpkit did "
                                                 r"not clip or noise"):
@@ -173,10 +153,7 @@ def test_replaced_or_deleted_module_whose_parameters_the_optimizer_still_holds_i
     else:
         del p.module[2]  # the model now ends in a ReLU over 6 classes
     x, y = batch()
-    try:
-        loss_backward(p, x, y)
-    except TypeError:  # REPLAN_TYPEERROR
-        loss_backward(p, x, y)
+    loss_backward(p, x, y)
     frozen = Frozen(p)
     with pytest.raises(PrivacyUsageError, match=r"<not the model's>"):
         p.optimizer.step()
