@@ -150,6 +150,7 @@ def _noise_only_update(secure_mode: bool, sigma: float = 2.0, C: float = 1.5, ba
     return model.weight.grad.flatten()
 
 
+@pytest.mark.filterwarnings("ignore:secure_mode=True with data_loader=None")  # no loader here: only the noise
 def test_engine_noise_in_secure_mode_differs_between_runs_and_has_std_sigma_c_over_b():
     first, second = _noise_only_update(True), _noise_only_update(True)
     assert not torch.equal(first, second)
@@ -157,6 +158,7 @@ def test_engine_noise_in_secure_mode_differs_between_runs_and_has_std_sigma_c_ov
     assert torch.equal(_noise_only_update(False), _noise_only_update(False))
 
 
+@pytest.mark.filterwarnings("ignore:secure_mode=True with data_loader=None")  # no loader here: only the noise
 def test_engine_checkpoint_in_secure_mode_holds_no_noise_state():
     model = nn.Linear(3, 1)
     private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
