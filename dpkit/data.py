@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +122,8 @@ class DPDataLoader(DataLoader):
     """A DataLoader over the same dataset with Poisson-sampled batches of expected size ``q·N``.
 
     ``batches_drawn`` counts the batches handed out (in the main process, so prefetching workers do not move
-    it): the engine uses it to tell micro-batches of one batch from gradient accumulation across batches.
+    it), and ``batch_of`` knows which batch a tensor was handed out in: the engine uses them to tell
+    micro-batches of one batch from gradient accumulation across batches.
     """
 
     def __init__(self, dataset: Dataset, sample_rate: float, *, collate_fn: Callable | None = None,
@@ -133,6 +135,7 @@ class DPDataLoader(DataLoader):
         self.sample_rate = sample_rate
         self.secure_mode = secure_mode
         self.batches_drawn = 0
+        self._handed: dict[int, tuple[weakref.ref, int]] = {}  # id of a batch's tensor -> (it, its batch number)
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps=steps, generator=generator,
                                       secure_mode=secure_mode)
         super().__init__(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(dataset, collate), **kwargs)
@@ -140,7 +143,19 @@ class DPDataLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         for batch in super().__iter__():
             self.batches_drawn += 1
+            self._handed = {k: v for k, v in self._handed.items() if v[0]() is not None}
+            for t in pytree.tree_leaves(batch):
+                if isinstance(t, torch.Tensor):
+                    self._handed[id(t)] = (weakref.ref(t), self.batches_drawn)
             yield batch
+
+    def batch_of(self, tensors: list[torch.Tensor]) -> int | None:
+        """The number of the batch the first of ``tensors`` handed out by this loader belongs to, if any."""
+        for t in tensors:
+            entry = self._handed.get(id(t))
+            if entry is not None and entry[0]() is t:
+                return entry[1]
+        return None
 
     @classmethod
     def from_data_loader(cls, loader: DataLoader, generator: torch.Generator | None = None,

@@ -183,6 +183,7 @@ class PrivateTraining:
                                  grad_stand_ins=self.mode == "ghost",
                                  on_backward_end=self._on_backward_end, form_on_arrival=early)
         self.capturer.on_refusal = self._on_refusal
+        self.capturer.batch_of = getattr(self.data_loader, "batch_of", None)
 
     def _make_loader(self, loader, poisson: bool, sample_rate, expected_batch_size):
         """The loader to train on, the sample rate q, and the expected batch size (the "mean" divisor)."""
@@ -235,11 +236,14 @@ class PrivateTraining:
                              "build it from model.parameters() so every updated parameter is privatized.")
 
     def _check_noise_range(self) -> None:
+        """The noisy sum must fit its float32-or-wider buffer, and the gradient the parameter's own dtype."""
         std = self.noise_multiplier * self.clipper.sensitivity()
-        for flat_dtype in {torch.promote_types(p.dtype, torch.float32) for p in self.params}:
-            if std >= torch.finfo(flat_dtype).max / 16:
-                raise ValueError(f"the noise std noise_multiplier * max_grad_norm = {std:g} overflows {flat_dtype}; "
-                                 "lower noise_multiplier or max_grad_norm.")
+        grad_std = std / (self.expected_batch_size or 1) if self.loss_reduction == "mean" else std
+        for dtype in {p.dtype for p in self.params}:
+            flat = torch.promote_types(dtype, torch.float32)
+            if std >= torch.finfo(flat).max / 16 or grad_std >= torch.finfo(dtype).max / 16:
+                raise ValueError(f"the noise std noise_multiplier * max_grad_norm = {std:g} overflows the {dtype} "
+                                 "gradients; lower noise_multiplier or max_grad_norm.")
 
     def _warn_overrides(self) -> None:
         """A plugin replacing a built-in privacy-critical entry is allowed (newest wins), but never silently."""
@@ -420,7 +424,14 @@ class PrivateTraining:
 
     def _admit_pass(self) -> None:
         """One backward pass's clipped sum may join the step only if it comes from the step's logical batch."""
-        batch = self._batch_tag if self._batch_tag is not None else getattr(self.data_loader, "batches_drawn", None)
+        read = self.capturer.last_pass_batches  # the loader batches this pass's forwards read, where known
+        if len(read) > 1 and not self._micro_batches:
+            raise PrivacyUsageError(
+                f"one backward pass through forwards of {len(read)} different batches of the data loader: an "
+                "example could then be in the step several times, which the recorded sample rate does not count. "
+                "Train on one batch per optimizer.step().")
+        batch = (self._batch_tag if self._batch_tag is not None else next(iter(read)) if read
+                 else getattr(self.data_loader, "batches_drawn", None))
         if self.accumulator.backward_passes == 0:
             self._step_batch = batch
         elif not self._micro_batches and self._step_batch is None:
@@ -459,8 +470,7 @@ class PrivateTraining:
 
     def _clip_records(self, records, rows: int) -> None:
         batch = rows // self.K
-        if self.mode != "ghost":
-            self._admit_pass()
+        self._admit_pass()
         norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
         scale = rows if self.loss_reduction == "mean" else 1  # the records hold the mean loss's gradients
         clipper_norms, factors = self.accumulator.clip_factors(norms * scale)
@@ -483,7 +493,6 @@ class PrivateTraining:
             loss.value.backward()
             return
         try:
-            self._admit_pass()
             norms, factors, sums = ghost.backward(self, loss)
         except PrivacyUsageError as err:
             self._on_refusal(err)
@@ -514,7 +523,7 @@ class PrivateTraining:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled:
             return
-        if (args and callable(args[0])) or kwargs.get("closure") is not None:
+        if kwargs.get("closure") is not None or any(callable(a) for a in args[1:]):  # args[0] is the optimizer
             raise PrivacyUsageError(
                 "optimizer.step(closure) evaluates the loss inside the step, after dpkit has formed the step's "
                 "gradient (LBFGS and line searches re-evaluate it several times, each a release). Call "
@@ -607,6 +616,9 @@ class PrivateTraining:
         disagrees with its ledger, is refused before anything is changed."""
         if not isinstance(state, dict):
             raise ValueError(f"a dpkit checkpoint is a dict from private.state_dict(), got {type(state).__name__}")
+        if isinstance(state.get("format"), int) and state["format"] != STATE_FORMAT:
+            raise ValueError(f"this checkpoint has state format {state['format']}; this dpkit reads format "
+                             f"{STATE_FORMAT}. Load it with the dpkit version that wrote it.")
         missing = [k for k in ("format", "config", "ledger", "steps", "unbounded_steps", "noise", "clipper",
                                "optimizer") if k not in state]
         if missing:

@@ -61,6 +61,7 @@ class Capture:
     versions: list[int] = attrs.field(factory=list)
     input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
     unbatched: frozenset[int] = frozenset()  # ids of captured input tensors that do not derive from the batch
+    batch: object = None  # which loader batch the forward pass read, where the loader can tell
     done: bool = False
 
     def release(self) -> None:
@@ -151,6 +152,11 @@ class Capturer:
         self.on_refusal: Callable[[BaseException], None] = lambda err: None
         self._trace: BatchTrace | None = None  # which tensors of the forward in flight derive from the batch
         self._input_dims = 0  # of the model's first tensor input, in the forward in flight
+        self._hook_ids: dict[int, int] = {}  # each unit's forward hook, which must stay the first one
+        self.batch_of: Callable[[list[Tensor]], object] | None = None  # the loader's, set by the engine
+        self._forward_batch: object = None
+        self._pass_batches: set = set()
+        self.last_pass_batches: set = set()  # the loader batches the last backward pass's forwards read
         self._attached = False
         owners = collections.Counter(id(p) for r in rows for p in dict.fromkeys(r.params.values()))
         self._tied_rows = {id(r) for r in rows if any(owners[id(p)] > 1 for p in r.params.values())}
@@ -167,8 +173,12 @@ class Capturer:
                                                                           with_kwargs=True))
             else:
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._stand_in, row)))
-            self._handles.append(row.module.register_forward_hook(
-                partial(self._on_forward, row), with_kwargs=True, always_call=True))
+            # First among the layer's forward hooks: a user hook that returns a changed output (o * 10) runs after
+            # it, on the output the layer computed, so the gradient reaching that output is the layer's own.
+            handle = row.module.register_forward_hook(partial(self._on_forward, row), with_kwargs=True,
+                                                      always_call=True, prepend=True)
+            self._handles.append(handle)
+            self._hook_ids[id(row)] = handle.id
         # Last, so that a unit that is the model itself still sees the trace.
         self._handles.append(self.model.register_forward_hook(self._end_forward, always_call=True))
         self._attached = True
@@ -189,6 +199,7 @@ class Capturer:
         self.completed.clear()
         self.grad_samples.clear()
         self.used_params.clear()
+        self._pass_batches.clear()
         self.stand_ins.clear()
         self.batch_rows, self._calls = None, None
 
@@ -204,6 +215,7 @@ class Capturer:
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
         self._input_dims = inputs[0].dim() if inputs else 0
+        self._forward_batch = self.batch_of(inputs) if self.batch_of is not None else None
         self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
         self._trace.__enter__()
         for row in self.plan:
@@ -245,6 +257,11 @@ class Capturer:
                 "wpe(torch.arange(T))), which ExpandedWeights cannot differentiate per example. Use "
                 "grad_sample_mode='auto' or 'hooks'.")
         rows = _rows_at(first, self.bdim)
+        if first is not None and first.dim() < 2 and rows:
+            raise PrivacyUsageError(
+                f"{row.name!r} ({row.type_name}) got a 1-D input of shape {tuple(first.shape)}; ExpandedWeights "
+                "needs a batch dimension and at least one more. Use grad_sample_mode='auto' or 'hooks', or "
+                "feed [B, 1] indices.")
         if rows == 0:  # ExpandedWeights refuses an empty batch; it contributes nothing anyway
             self._stand_in(row, module, args)
             return
@@ -280,6 +297,11 @@ class Capturer:
         self._restore(row)
         if not self._active():
             return None
+        if next(iter(module._forward_hooks)) != self._hook_ids[id(row)]:
+            raise PrivacyUsageError(
+                f"a forward hook registered with prepend=True on {row.name!r} ({row.type_name}) runs before "
+                "dpkit's, so a change it makes to the layer's output would escape per-example clipping. Register "
+                "it without prepend=True.")
         if isinstance(output, Tensor):  # the common case, without pytree's walk
             leaves = [output]
             wanted = {0} if output.requires_grad else set()
@@ -314,7 +336,8 @@ class Capturer:
             output = leaves[0] = _broadcast(output, out_dim, hint, add_dim)
             args = [_broadcast(a, out_dim, hint, add_dim) for a in args]
             rows, expanded, unbatched = hint, True, frozenset()
-        cap = Capture(row, args, kwargs, rows, out_dim, [None] * len(leaves), wanted, unbatched=unbatched)
+        cap = Capture(row, args, kwargs, rows, out_dim, [None] * len(leaves), wanted, unbatched=unbatched,
+                      batch=self._forward_batch)
         cap.input_versions = [a._version if isinstance(a, Tensor) else None for a in args]
         if self.keep_outputs:
             cap.outputs = [leaves[i] for i in sorted(wanted)]
@@ -378,6 +401,7 @@ class Capturer:
 
     def _process(self, cap: Capture) -> None:
         cap.done = True
+        self._pass_batches.add(cap.batch)
         cap.outputs, cap.versions = [], []
         if any(v is not None and a._version != v for a, v in zip(cap.args, cap.input_versions)):
             # Autograd would catch this only if it had saved the input, and with detached parameters it has not.
@@ -475,6 +499,7 @@ class Capturer:
                 "between modules), or use grad_sample_mode='functorch' if the use is inside the model's forward."
             )
         rows = self.batch_rows
+        self.last_pass_batches, self._pass_batches = self._pass_batches - {None}, set()
         result = self.completed if self.keep_records else self.grad_samples
         self.grad_samples, self.completed, self.batch_rows, self.used_params = {}, [], None, set()
         self._calls = None

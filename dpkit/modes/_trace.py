@@ -34,12 +34,27 @@ class BatchTrace(TorchFunctionMode):
         ref = self._marked.get(id(t))
         return ref is not None and ref() is t
 
+    def _any_batched(self, values) -> bool:
+        for v in values:
+            if isinstance(v, Tensor):
+                if self.batched(v):
+                    return True
+            elif isinstance(v, (list, tuple)):
+                if self._any_batched(v):
+                    return True
+            elif isinstance(v, dict) and self._any_batched(v.values()):
+                return True
+        return False
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if getattr(func, "__name__", "") in _FACTORIES:
-            return out
-        if any(self.batched(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)):
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, Tensor):
-                    self._mark(t)
+        if self._marked and (self._any_batched(args) or (kwargs and self._any_batched(kwargs.values()))):
+            if getattr(func, "__name__", "") in _FACTORIES:
+                return out
+            if isinstance(out, Tensor):
+                self._mark(out)
+            else:
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, Tensor):
+                        self._mark(t)
         return out

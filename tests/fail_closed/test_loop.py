@@ -35,11 +35,7 @@ def test_backward_on_two_loader_batches_before_one_step_is_refused(mode):
     frozen.check()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: batches drawn from the DPDataLoader before the backward passes (list(loader), "
-                   "zip of two iterators, prefetching) are not told apart: the check compares loader.batches_drawn "
-                   "at each backward, which is the same for both, so accumulation across two Poisson batches is "
-                   "accepted and counted as one step of sample rate q")
-@pytest.mark.parametrize("mode", ["hooks", "bk"])
+@pytest.mark.parametrize("mode", MODES)
 def test_backward_on_two_batches_drawn_ahead_is_refused(mode):
     p = make(mode=mode, data_loader=poisson())
     (x1, y1), (x2, y2) = list(p.data_loader)[:2]  # the batches of an epoch, drawn ahead

@@ -123,9 +123,6 @@ def test_float64_parameters_get_float64_noise():
     assert noise.std().item() == pytest.approx(1.0, rel=0.05)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the noise-range check at make_private looks at the float32 sum "
-                   "buffer only; with fp16 parameters a noise std above fp16's range is cast to inf in p.grad and "
-                   "the step silently makes every parameter non-finite")
 def test_noise_beyond_the_range_of_fp16_parameters_fails_closed():
     model = net().half()
     try:

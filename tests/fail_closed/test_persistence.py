@@ -90,8 +90,6 @@ def test_checkpoint_of_a_run_without_a_poisson_loader_into_one_with_it_is_refuse
         p.load_state_dict(state)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: load_state_dict checks that 'format' is present but not its value: a "
-                   "checkpoint of an unknown (newer) state format is loaded as if it were this version's")
 def test_checkpoint_of_an_unknown_format_is_refused():
     state = trained(1).state_dict()
     state["format"] = 999

@@ -125,3 +125,24 @@ def test_expanded_weights_refuse_autocast():
     with pytest.raises(PrivacyUsageError, match="'ew'.*autocast"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             dpkit_step(model, x, y, mode="ew", C=1.0)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto", "functorch", "ew"])
+def test_a_user_hook_that_changes_a_layer_output_is_exact(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    model[0].register_forward_hook(lambda m, i, o: o * 10)  # registered before make_private: dpkit's runs first
+    assert_exact(model, mode)
+
+
+def test_a_forward_hook_prepended_after_make_private_is_refused():
+    import dpkit
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                 data_loader=None, sample_rate=0.5, noise_multiplier=1.0, max_grad_norm=1.0,
+                                 grad_sample_mode="bk", loss_reduction="sum")
+    model[2].register_forward_hook(lambda m, i, o: o * 10, prepend=True)
+    with pytest.raises(PrivacyUsageError, match="'2'.*prepend=True"):
+        model(torch.randn(4, 4))
+    private.detach()
