@@ -93,7 +93,12 @@ class AdaptiveClipper(ClipperBase):
         count = self._centred_count if self._centred_count is not None else torch.zeros(())
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(count)  # the global count; ranks agree on C as their noise generators agree
-        draw = torch.randn((), generator=noise.generator(count.device), device=count.device)
+        if getattr(noise, "secure_mode", False):  # the OS's CSPRNG, as secure mode's gradient noise
+            from dpkit import secure
+
+            draw = secure.normal(1, device=count.device)[0]
+        else:
+            draw = torch.randn((), generator=noise.generator(count.device), device=count.device)
         unclipped_fraction = float(count + self.count_noise_multiplier * draw) / m + 0.5
         self.max_grad_norm *= math.exp(-self.clip_lr * (unclipped_fraction - self.target))
         self._centred_count = None

@@ -153,3 +153,15 @@ def test_gradient_noise_multiplier_keeps_the_total_budget():
     assert (sigma_delta**-2 + 10.0**-2) ** -0.5 == pytest.approx(1.0)
     with pytest.raises(ValueError, match="must exceed 0.5"):
         gradient_noise_multiplier(1.0, 0.5)
+
+
+def test_secure_mode_draws_the_count_noise_from_the_csprng(monkeypatch):
+    from dpkit import secure
+
+    drawn = []
+    real = secure.normal
+    monkeypatch.setattr(secure, "normal", lambda n, **kw: drawn.append(n) or real(n, **kw))
+    clipper = AdaptiveClipper(1.0, count_noise_multiplier=1.0, expected_batch_size=4)
+    clipper.observe(torch.tensor([0.1, 0.2, 0.3, 5.0]))
+    clipper.end_step(GaussianNoise(secure_mode=True), expected_batch_size=4)
+    assert drawn == [1] and clipper.max_grad_norm != 1.0
