@@ -50,9 +50,6 @@ def _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, mode) -> tup
     # Explicit checks: attrs validators can be switched off process-wide, these cannot.
     sigma = _number(noise_multiplier, "noise_multiplier", 0, low_ok=True)
     clip = _number(max_grad_norm, "max_grad_norm", 0, low_ok=False)
-    if not math.isfinite(sigma * clip):
-        raise ValueError(f"noise_multiplier * max_grad_norm = {sigma:g} * {clip:g} overflows; the noise std must be "
-                         "a finite number")
     if isinstance(K, bool) or not (isinstance(K, int) and K >= 1):
         raise ValueError(f"augmentation_multiplicity must be an int >= 1, got {K!r}")
     if loss_reduction not in ("mean", "sum"):
@@ -79,8 +76,9 @@ def _check_objects(module, optimizer, noise_seed) -> None:
                         f"{type(optimizer).__name__}; e.g. torch.optim.SGD(model.parameters(), lr=0.1).")
     if noise_seed is not None and (isinstance(noise_seed, bool) or not isinstance(noise_seed, numbers.Integral)):
         raise TypeError(f"noise_seed must be an int (or None for a seed from the OS), got {noise_seed!r}")
+    mine = set(module.parameters())
     for other in list(_ATTACHED):
-        if other.optimizer is optimizer or any(p in other._owned for p in module.parameters()):
+        if other.optimizer is optimizer or not mine.isdisjoint(other.module.parameters()):
             raise PrivacyUsageError(
                 "this model or optimizer already has dpkit attached (make_private ran on it before, e.g. in a "
                 "re-run notebook cell); two controllers would both count and clip every step. Call "
@@ -89,8 +87,8 @@ def _check_objects(module, optimizer, noise_seed) -> None:
 
 def detach(module: nn.Module) -> int:
     """Detach every dpkit controller attached to ``module`` (or to a part of it); returns how many."""
-    owned = {p for p in module.parameters()}
-    found = [c for c in list(_ATTACHED) if c.module is module or c._owned & owned]
+    owned = set(module.parameters())
+    found = [c for c in list(_ATTACHED) if c.module is module or not owned.isdisjoint(c.module.parameters())]
     for c in found:
         c.detach()
     return len(found)
@@ -151,9 +149,8 @@ class PrivateTraining:
         self._unbounded_steps = 0
         self._skip_step = False  # set by BatchMemoryManager: this step() ends a micro-batch, not the batch
         self._after_virtual = False  # the last call was a virtual step: zero_grad keeps the sum
-        self._micro_batches = False  # inside micro_batches(): the backward passes share one logical batch
         self._step_batch: object = None  # the logical batch the step's first backward pass came from
-        self._batch_tag: object = None  # set by BatchMemoryManager: which of its batches is in flight
+        self._batch_tag: object = None  # the logical batch declared in flight (BatchMemoryManager, micro_batches)
         self._refused: str | None = None  # why a backward pass of this step was refused
         self.norm_mode = grad_sample_mode in NORM_MODES
         self._ghost_factors: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -194,15 +191,13 @@ class PrivateTraining:
             q = _number(sample_rate, "sample_rate", 0, low_ok=False)
             if q > 1:
                 raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-            if expected_batch_size is None:
-                if self.loss_reduction == "mean":
-                    raise ValueError(
-                        "with data_loader=None and loss_reduction='mean', give expected_batch_size= (q times the "
-                        "dataset size): dividing by the actual batch size would reveal it through the noise scale.")
-                self._warn_own_sampling("data_loader=None")
-                return None, q, None
+            if expected_batch_size is None and self.loss_reduction == "mean":
+                raise ValueError(
+                    "with data_loader=None and loss_reduction='mean', give expected_batch_size= (q times the "
+                    "dataset size): dividing by the actual batch size would reveal it through the noise scale.")
             self._warn_own_sampling("data_loader=None")
-            return None, q, _number(expected_batch_size, "expected_batch_size", 0, low_ok=False)
+            return None, q, (None if expected_batch_size is None
+                             else _number(expected_batch_size, "expected_batch_size", 0, low_ok=False))
         if sample_rate is not None or expected_batch_size is not None:
             raise ValueError("sample_rate= and expected_batch_size= go with data_loader=None; with a data loader "
                              "dpkit takes them from the loader (q = batch_size / len(dataset)).")
@@ -297,10 +292,6 @@ class PrivateTraining:
     def enabled(self) -> bool:
         return self.capturer.enabled
 
-    @property
-    def _owned(self) -> set[nn.Parameter]:
-        return set(self.module.parameters())
-
     def detach(self) -> None:
         """Remove every hook; the model and optimizer are as before ``make_private``."""
         self.capturer.detach()
@@ -323,11 +314,11 @@ class PrivateTraining:
         refused unless it is declared here, since accumulating several sampled batches into one step is a
         different mechanism from the one the accountant counts.
         """
-        self._micro_batches = True
+        outer, self._batch_tag = self._batch_tag, object()
         try:
             yield
         finally:
-            self._micro_batches = False
+            self._batch_tag = outer
 
     def __iter__(self) -> Iterator[Any]:
         yield self.module
@@ -359,9 +350,8 @@ class PrivateTraining:
     def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
         if not self.enabled or not torch.is_grad_enabled() or self.capturer._computing:
             return
-        _check_world()
-        mixing = [(n, m) for n, m in self.module.named_modules() if isinstance(m, MIXING) and m.training]
-        if mixing:
+        if any(isinstance(m, MIXING) and m.training for m in self.module.modules()):
+            mixing = [(n, m) for n, m in self.module.named_modules() if isinstance(m, MIXING) and m.training]
             raise UnsupportedModuleError(
                 f"{[n for n, _ in mixing]} ({type(mixing[0][1]).__name__}) are in training mode, "
                 "where batch statistics mix examples, so one example's gradient depends on the others "
@@ -390,10 +380,12 @@ class PrivateTraining:
         if change is not None:
             raise PrivacyUsageError(f"the trainable parameters changed after the forward pass ({change}); "
                                     "change requires_grad between optimizer.step() and the next forward pass.")
-        names = {id(p): n for n, p in self.module.named_parameters()}
-        raw = [names.get(id(p), "<not the model's>") for g in self.optimizer.param_groups for p in g["params"]
-               if id(p) not in self._planned and (p.grad is not None or id(p) not in names)]
+        model = {id(p) for p in self.module.parameters()}
+        raw = [p for g in self.optimizer.param_groups for p in g["params"]
+               if id(p) not in self._planned and (p.grad is not None or id(p) not in model)]
         if raw:
+            names = {id(p): n for n, p in self.module.named_parameters()}
+            raw = [names.get(id(p), "<not the model's>") for p in raw]
             raise PrivacyUsageError(
                 f"the optimizer would update {sorted(raw)} with gradients dpkit did not clip or noise (a frozen "
                 "parameter with a gradient, an add_param_group after make_private, or a parameter that is not "
@@ -424,24 +416,26 @@ class PrivateTraining:
 
     def _admit_pass(self) -> None:
         """One backward pass's clipped sum may join the step only if it comes from the step's logical batch."""
-        read = self.capturer.last_pass_batches  # the loader batches this pass's forwards read, where known
-        if len(read) > 1 and not self._micro_batches:
+        # Which batch: the loader's word for the tensors the forwards read, else the declared batch, else the
+        # loader's last batch handed out. A declaration never overrides what the loader knows.
+        read = self.capturer.last_pass_batches
+        if len(read) > 1:
             raise PrivacyUsageError(
                 f"one backward pass through forwards of {len(read)} different batches of the data loader: an "
                 "example could then be in the step several times, which the recorded sample rate does not count. "
                 "Train on one batch per optimizer.step().")
-        batch = (self._batch_tag if self._batch_tag is not None else next(iter(read)) if read
+        batch = (next(iter(read)) if read else self._batch_tag if self._batch_tag is not None
                  else getattr(self.data_loader, "batches_drawn", None))
         if self.accumulator.backward_passes == 0:
             self._step_batch = batch
-        elif not self._micro_batches and self._step_batch is None:
+        elif batch is None:
             raise PrivacyUsageError(
                 "a second backward pass before optimizer.step(), and dpkit cannot tell whether it comes from the "
                 "same batch (data_loader=None, or poisson_sampling=False). Accumulating several sampled batches "
                 "into one step is not the mechanism the accountant counts. If these are micro-batches of one "
                 "batch, run them inside `with private.micro_batches():`; otherwise call optimizer.step() after "
                 "each batch (and raise the batch size for a larger effective batch).")
-        elif not self._micro_batches and batch != self._step_batch:
+        elif batch != self._step_batch:
             raise PrivacyUsageError(
                 "backward passes from two batches of the data loader before one optimizer.step() (gradient "
                 "accumulation across Poisson batches): an example could then be in the step several times, which "

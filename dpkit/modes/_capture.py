@@ -225,10 +225,13 @@ class Capturer:
                 else:
                     self._stand_in(row, model, args)
 
-    def _batch_shaped(self, t: Tensor, ndim: bool = True) -> bool:
-        """A tensor built for the batch from its size rather than from its values: ``arange(T).repeat(B, 1)``,
-        ``zeros(B, T)``, ``buffer.expand(B, T)`` (BERT's token types). It has the batch's rows and as many
-        dimensions as the model's input; ``arange(T)`` with ``T == B`` has fewer, and is broadcast instead."""
+    def _from_batch(self, t: Tensor, ndim: bool = True) -> bool:
+        """Whether ``t`` is the batch's: derived from the model's batched inputs (the trace says), or built for
+        the batch from its size rather than its values: ``buffer.expand(B, T)`` (stride 0, BERT's token types)
+        and, with ``ndim``, ``arange(T).repeat(B, 1)`` or ``zeros(B, T)``, which have the batch's rows and as
+        many dimensions as the model's input (``arange(T)`` with ``T == B`` has fewer, and is broadcast)."""
+        if self._trace is None or self._trace.batched(t):
+            return True
         hint, dim = self.batch_hint, self.bdim
         if hint is None or t.dim() <= dim or t.shape[dim] != hint:
             return False
@@ -250,8 +253,7 @@ class Capturer:
                 f"grad_sample_mode='ew' (ExpandedWeights) does not support autocast ({row.name!r} runs under "
                 f"{torch.get_autocast_dtype(device)}); use grad_sample_mode='auto', 'bk' or 'hooks'.")
         first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
-        if (self._trace is not None and first is not None and not self._trace.batched(first)
-                and not self._batch_shaped(first)):
+        if first is not None and not self._from_batch(first):
             raise PrivacyUsageError(
                 f"{row.name!r} ({row.type_name}) reads an input that does not come from the batch (e.g. "
                 "wpe(torch.arange(T))), which ExpandedWeights cannot differentiate per example. Use "
@@ -311,17 +313,16 @@ class Capturer:
         if not wanted:
             return None
         trace, hint = self._trace, self.batch_hint
-        inputs = pytree.tree_leaves((args, kwargs))
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
         # A unit recomputed per example (torch.func) shares an input unless it derives from the batch: an
         # attention mask is [T, T] also when T == B. A sampler layer's call is broadcast unless some input
         # derives from the batch or was built in its shape.
-        batched = [trace is None or not isinstance(t, Tensor) or trace.batched(t) or self._batch_shaped(t, ndim=False)
-                   for t in inputs]
-        call_batched = any(isinstance(t, Tensor) and (b or self._batch_shaped(t)) for t, b in zip(inputs, batched))
+        batched = [self._from_batch(t, ndim=False) for t in inputs]
+        call_batched = any(b or self._from_batch(t) for t, b in zip(inputs, batched))
         args = [a.detach() if isinstance(a, Tensor) else pytree.tree_map(_detach, a) for a in args]
         kwargs = {k: v.detach() if isinstance(v, Tensor) else pytree.tree_map(_detach, v) for k, v in kwargs.items()}
-        unbatched = frozenset(id(t) for t, b in zip(pytree.tree_leaves((args, kwargs)), batched)
-                              if not b and isinstance(t, Tensor))
+        detached = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        unbatched = frozenset(id(t) for t, b in zip(detached, batched) if not b)
         if row.uses_activations:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
             kwargs = {}

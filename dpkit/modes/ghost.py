@@ -54,12 +54,8 @@ def backward(private: PrivateTraining, loss: DPLoss) -> tuple[Tensor, Tensor, di
         (loss.per_row * weights).sum().backward()
     finally:
         capturer.enabled = True
-        leaked = [p for p in private.params if p.grad is not None]
         for p in private.params:
             p.grad = stash[p]
-    if leaked:
-        raise PrivacyUsageError(f"{len(leaked)} parameter(s) received gradients from a use outside their module's "
-                                "forward, which dpkit cannot clip per example; call the module itself.")
     sums: dict[nn.Parameter, Tensor] = {}
     for p, stand_in in capturer.stand_ins:
         if stand_in.grad is not None:

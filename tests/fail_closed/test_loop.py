@@ -46,6 +46,17 @@ def test_backward_on_two_batches_drawn_ahead_is_refused(mode):
     frozen.check()
 
 
+def test_micro_batches_cannot_declare_two_loader_batches_one():
+    p = make(data_loader=poisson())
+    (x1, y1), (x2, y2) = list(p.data_loader)[:2]
+    with p.micro_batches():
+        loss_backward(p, x1, y1)
+        frozen = Frozen(p)
+        with pytest.raises(PrivacyUsageError, match="two batches of the data loader"):
+            loss_backward(p, x2, y2)
+    frozen.check()
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_memory_manager_gives_the_whole_batch_step_and_is_private(mode):
     def run(max_physical):
