@@ -12,12 +12,17 @@ from torch.utils.data import (
     BatchSampler,
     DataLoader,
     Dataset,
+    DistributedSampler,
     IterableDataset,
     RandomSampler,
     Sampler,
     SequentialSampler,
     default_collate,
 )
+
+from dpkit.distributed import rank as dist_rank
+from dpkit.distributed import shared_seed
+from dpkit.distributed import world_size as dist_world_size
 
 if TYPE_CHECKING:
     from dpkit.engine import PrivateTraining
@@ -33,7 +38,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
     """
 
     def __init__(self, num_samples: int, sample_rate: float, steps: int | None = None,
-                 generator: torch.Generator | None = None, secure_mode: bool = False):
+                 generator: torch.Generator | None = None, secure_mode: bool = False, rank: int = 0,
+                 world_size: int = 1):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be > 0, got {num_samples}")
         if not 0 < sample_rate <= 1:
@@ -44,6 +50,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         if secure_mode and generator is not None:
             raise ValueError("secure_mode=True samples from the OS's CSPRNG; it takes no generator")
         self.secure_mode = secure_mode
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.rank, self.world_size = rank, world_size
         self.generator = None if secure_mode else generator if generator is not None else torch.Generator(
         ).manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
 
@@ -51,14 +60,16 @@ class PoissonBatchSampler(Sampler[list[int]]):
         return self.steps
 
     def __iter__(self) -> Iterator[list[int]]:
+        """This rank's examples of each global batch: its shard (index ≡ rank mod world size) of the sample."""
+        shard = torch.arange(self.rank, self.num_samples, self.world_size)
         for _ in range(self.steps):
-            if self.secure_mode:
+            if self.secure_mode:  # only this shard's draws: the other ranks draw theirs, independently
                 from dpkit import secure
 
-                mask = secure.uniform(self.num_samples) < self.sample_rate
-            else:
+                yield shard[secure.uniform(shard.numel()) < self.sample_rate].tolist()
+            else:  # the global mask, the same on every rank (a shared generator state), cut to this shard
                 mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield mask.nonzero().flatten().tolist()
+                yield shard[mask[shard]].tolist()
 
     def state_dict(self) -> dict[str, Any]:
         return {"secure_mode": True} if self.secure_mode else {"generator": self.generator.get_state()}
@@ -128,7 +139,7 @@ class DPDataLoader(DataLoader):
 
     def __init__(self, dataset: Dataset, sample_rate: float, *, collate_fn: Callable | None = None,
                  generator: torch.Generator | None = None, steps: int | None = None, secure_mode: bool = False,
-                 **kwargs):
+                 distributed: bool = False, **kwargs):
         collate = collate_fn or default_collate
         if isinstance(dataset, Multiplicity):
             collate = collate_copies(collate)
@@ -136,8 +147,11 @@ class DPDataLoader(DataLoader):
         self.secure_mode = secure_mode
         self.batches_drawn = 0
         self._handed: dict[int, tuple[weakref.ref, int]] = {}  # id of a batch's tensor -> (it, its batch number)
+        self.world_size, rank = (dist_world_size(), dist_rank()) if distributed else (1, 0)
+        if distributed and not secure_mode:
+            generator = _shared_generator(generator)
         sampler = PoissonBatchSampler(len(dataset), sample_rate, steps=steps, generator=generator,
-                                      secure_mode=secure_mode)
+                                      secure_mode=secure_mode, rank=rank, world_size=self.world_size)
         super().__init__(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(dataset, collate), **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
@@ -159,23 +173,40 @@ class DPDataLoader(DataLoader):
 
     @classmethod
     def from_data_loader(cls, loader: DataLoader, generator: torch.Generator | None = None,
-                         secure_mode: bool = False) -> DPDataLoader:
-        """The Poisson twin of ``loader``: same dataset, workers and collate, q = batch_size / N."""
-        n = check_loader(loader, poisson=True)
-        batch_size = loader.batch_size
+                         secure_mode: bool = False, distributed: bool = False) -> DPDataLoader:
+        """The Poisson twin of ``loader``: same dataset, workers and collate, q = batch_size / N.
+
+        ``distributed=True``: ``batch_size`` is each rank's, so q = batch_size · world size / N.
+        """
+        world = dist_world_size() if distributed else 1
+        n = check_loader(loader, poisson=True, world_size=world)
+        batch_size = loader.batch_size * world
         return cls(loader.dataset, min(1.0, batch_size / n), collate_fn=loader.collate_fn, generator=generator,
-                   secure_mode=secure_mode,
+                   secure_mode=secure_mode, distributed=distributed,
                    num_workers=loader.num_workers, pin_memory=loader.pin_memory,
                    worker_init_fn=loader.worker_init_fn, timeout=loader.timeout,
                    prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
                    persistent_workers=loader.persistent_workers)
 
 
-def check_loader(loader: object, poisson: bool) -> int:
+def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
+    """A generator in the same state on every rank (a collective): rank 0's seed, or the given generator,
+    refused unless every rank was given the same state."""
+    if generator is None:
+        return torch.Generator().manual_seed(shared_seed(None))
+    from dpkit.distributed import check_same
+
+    check_same(generator.get_state(), "the DPDataLoader generators' states",
+               "Give every rank a generator seeded the same, or none (rank 0 then chooses the seed).")
+    return generator
+
+
+def check_loader(loader: object, poisson: bool, world_size: int = 1) -> int:
     """The dataset size of a loader dpkit can sample from, or an error that names what is wrong and the fix.
 
     Poisson sampling draws from the whole dataset at one rate, so a loader's own choice of examples (a subset,
-    weights) would be silently replaced; those are refused, and ``drop_last`` has no meaning there.
+    weights) would be silently replaced; those are refused, and ``drop_last`` has no meaning there. With
+    ``world_size`` > 1 a ``DistributedSampler`` over the same ranks is expected, and replaced.
     """
     if not isinstance(loader, DataLoader):
         raise TypeError(f"data_loader must be a torch.utils.data.DataLoader, got {type(loader).__name__}; wrap the "
@@ -199,7 +230,8 @@ def check_loader(loader: object, poisson: bool) -> int:
         raise ValueError("data_loader has batch_size=None (no batching); give batch_size= the expected batch size.")
     sampler = loader.sampler
     plain = type(sampler) is SequentialSampler or (
-        type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n)
+        type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n) or (
+        world_size > 1 and type(sampler) is DistributedSampler and sampler.num_replicas == world_size)
     if not plain:
         raise ValueError(
             f"data_loader samples with {type(sampler).__name__}, which dpkit would silently replace by Poisson "

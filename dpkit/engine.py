@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from dpkit import registry
+from dpkit import distributed, registry
 from dpkit.accountants._base import _real
 from dpkit.criterion import DPCriterion, DPLoss
 from dpkit.data import DPDataLoader, PoissonBatchSampler, check_loader
@@ -57,14 +57,6 @@ def _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, mode) -> tup
     if mode not in MODES:
         raise ValueError(f"grad_sample_mode must be one of {MODES}, got {mode!r}")
     return sigma, clip
-
-
-def _check_world() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise PrivacyUsageError(
-            f"torch.distributed is running with world size {dist.get_world_size()}, and dpkit does not support "
-            "distributed training yet: each rank would draw its own batches and add its own noise, and the ledger "
-            "would record the local sample rate. Train in one process until distributed support lands.")
 
 
 def _check_objects(module, optimizer, noise_seed) -> None:
@@ -117,8 +109,8 @@ class PrivateTraining:
                  secure_mode: bool = False, noise_seed: int | None = None, sample_rate: float | None = None,
                  expected_batch_size: float | None = None):
         K = augmentation_multiplicity
-        _check_world()
         _check_objects(module, optimizer, noise_seed)
+        self.world_size, self.rank = distributed.world_size(), distributed.rank()
         sigma, clip = _check_args(noise_multiplier, max_grad_norm, K, loss_reduction, grad_sample_mode)
         self.module, self.optimizer = module, optimizer
         self.noise_multiplier, self.max_grad_norm = sigma, clip
@@ -128,6 +120,8 @@ class PrivateTraining:
         registry.lookup("dpkit_accountants", accountant, "accountant")
         self.clipper = registry.lookup("dpkit_clippers", clipping, "clipping").value(
             max_grad_norm=clip, **(clipping_kwargs or {}))
+        if self.world_size > 1 and not secure_mode:  # independent streams: each rank noises its own coordinates
+            noise_seed = distributed.derive_seed(distributed.shared_seed(noise_seed), "noise", self.rank)
         self.noise = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(
             seed=noise_seed, secure_mode=secure_mode)
         self.data_loader, self.sample_rate, self.expected_batch_size = self._make_loader(
@@ -163,6 +157,9 @@ class PrivateTraining:
                              "ones to train before make_private.")
         self._check_noise_range()
         self._warn_overrides()
+        self._ddp = distributed.ddp_of(module) if self.world_size > 1 else None
+        if self.world_size > 1:
+            self._check_replicas()
         self.attached = False
         self.attach()
 
@@ -201,15 +198,22 @@ class PrivateTraining:
         if sample_rate is not None or expected_batch_size is not None:
             raise ValueError("sample_rate= and expected_batch_size= go with data_loader=None; with a data loader "
                              "dpkit takes them from the loader (q = batch_size / len(dataset)).")
-        n = check_loader(loader, poisson)
+        n = check_loader(loader, poisson, world_size=self.world_size)
         if poisson:
             if not isinstance(loader, DPDataLoader):
-                loader = DPDataLoader.from_data_loader(loader, secure_mode=self.secure_mode)
+                loader = DPDataLoader.from_data_loader(loader, secure_mode=self.secure_mode,
+                                                       distributed=self.world_size > 1)
             elif self.secure_mode and not loader.secure_mode:
                 raise PrivacyUsageError("secure_mode=True with a DPDataLoader that samples from a seeded generator; "
                                         "build it with DPDataLoader(..., secure_mode=True) or pass a plain DataLoader.")
+            elif loader.world_size != self.world_size:
+                raise PrivacyUsageError(
+                    f"the DPDataLoader samples for world size {loader.world_size}, and torch.distributed runs with "
+                    f"{self.world_size}: every rank would draw from the whole dataset, so the global batch would "
+                    "not be the Poisson sample the accountant counts. Build it with DPDataLoader(..., "
+                    "distributed=True) after init_process_group, or pass a plain DataLoader.")
             return loader, loader.sample_rate, loader.sample_rate * n
-        batch_size = loader.batch_size
+        batch_size = loader.batch_size * self.world_size  # each rank's loader yields its own share
         self._warn_own_sampling("poisson_sampling=False")
         warnings.warn("poisson_sampling=False: batches are not Poisson-sampled, but the privacy accounting "
                       "assumes they are (as every DP-SGD library does); the reported epsilon is not a proven "
@@ -229,6 +233,18 @@ class PrivateTraining:
         if foreign:
             raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's; "
                              "build it from model.parameters() so every updated parameter is privatized.")
+
+    def _check_replicas(self) -> None:
+        """Every rank must start from the same weights and settings, or the replicas and the ledgers drift apart."""
+        settings = repr((self.noise_multiplier, self.max_grad_norm, self.sample_rate, self.expected_batch_size,
+                         self.mode, self.K, self.loss_reduction, self._config(), len(self.params)))
+        distributed.check_same(
+            torch.tensor([distributed.derive_seed(settings)]), "make_private's arguments",
+            "Call make_private with the same arguments (and the same data loader size) on every rank.")
+        distributed.check_same(
+            distributed.fingerprint(self.params), "the trainable parameters",
+            "Start every rank from the same weights: seed the initialisation identically, or wrap the model in "
+            "DistributedDataParallel (it broadcasts rank 0's weights) and pass the wrapper to make_private.")
 
     def _check_noise_range(self) -> None:
         """The noisy sum must fit its float32-or-wider buffer, and the gradient the parameter's own dtype."""
@@ -287,6 +303,8 @@ class PrivateTraining:
         """Pause: forward, backward and step run as without dpkit (NOT private, not counted)."""
         self.capturer.enabled = False
         self._clear()
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = True
 
     @property
     def enabled(self) -> bool:
@@ -302,6 +320,8 @@ class PrivateTraining:
             owner.__dict__.pop("zero_grad", None)
         self._wrapped = []
         self._clear()
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = True
         self.attached = False
         _ATTACHED.discard(self)
 
@@ -350,6 +370,8 @@ class PrivateTraining:
     def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
         if not self.enabled or not torch.is_grad_enabled() or self.capturer._computing:
             return
+        if self._ddp is not None:  # dpkit all-reduces the clipped sums itself; DDP would expect raw gradients
+            self._ddp.require_backward_grad_sync = False
         if any(isinstance(m, MIXING) and m.training for m in self.module.modules()):
             mixing = [(n, m) for n, m in self.module.named_modules() if isinstance(m, MIXING) and m.training]
             raise UnsupportedModuleError(
@@ -372,7 +394,16 @@ class PrivateTraining:
 
     def _check_release(self) -> None:
         """Before any gradient is released: exactly the planned parameters will move, and nothing else."""
-        _check_world()
+        if distributed.world_size() != self.world_size:
+            raise PrivacyUsageError(
+                f"make_private ran with torch.distributed world size {self.world_size}, and it is now "
+                f"{distributed.world_size()}: the sample rate, the noise split and the ledger assume the first. "
+                "Call make_private after init_process_group, on every rank.")
+        if self.world_size > 1 and self._ddp is None and not self.steps and distributed.wrapped_after(self.module):
+            raise PrivacyUsageError(
+                "the model was wrapped in DistributedDataParallel after make_private saw it bare; DDP would expect "
+                "gradients dpkit keeps to itself. Wrap first and pass the wrapper: "
+                "make_private(module=DistributedDataParallel(model), ...).")
         if self._refused is not None:
             raise PrivacyUsageError(f"a backward pass of this step was refused ({self._refused}); nothing was "
                                     "released. Call optimizer.zero_grad() to drop the batch, then continue.")
@@ -538,7 +569,8 @@ class PrivateTraining:
         denominator = self.expected_batch_size if self.loss_reduction == "mean" else 1
         for norms in self.accumulator.observed:
             self.clipper.observe(norms)
-        noisy = privatize(flats, self.noise, self.noise_multiplier * self.clipper.sensitivity(), denominator)
+        noisy = privatize(flats, self.noise, self.noise_multiplier * self.clipper.sensitivity(), denominator,
+                          across_ranks=self.world_size > 1)
         for p in self.params:
             p.grad = noisy[p] if noisy[p].dtype == p.dtype else noisy[p].to(p.dtype)
         self._record_step()
@@ -603,7 +635,19 @@ class PrivateTraining:
         sampler = getattr(self.data_loader, "batch_sampler", None)
         if isinstance(sampler, PoissonBatchSampler):
             state["sampler"] = sampler.state_dict()
+        if self.world_size > 1:
+            state.update(self._ranks_state(state))
         return state
+
+    def _ranks_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Distributed: every rank's noise state (each rank noises its own coordinates) and a check that the
+        ranks agree on the rest. A collective: call ``state_dict()`` on every rank, save it from one."""
+        noises: list[Any] = [None] * self.world_size
+        dist.all_gather_object(noises, state["noise"])
+        shared = {k: v for k, v in state.items() if k not in ("noise", "optimizer")}
+        distributed.check_same(torch.tensor([distributed.digest(shared)]), "the ranks' privacy states",
+                               "The ranks fell out of step (a rank skipped a step or sampled on its own).")
+        return {"world_size": self.world_size, "noise": noises}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; a checkpoint of another configuration, or one whose step count
@@ -618,6 +662,13 @@ class PrivateTraining:
         if missing:
             raise ValueError(f"this checkpoint lacks {missing}: it was not made by private.state_dict() of this dpkit "
                              f"version (state format {STATE_FORMAT}), or it was truncated.")
+        if state.get("world_size", 1) != self.world_size:
+            raise PrivacyUsageError(
+                f"the checkpoint was made with torch.distributed world size {state.get('world_size', 1)}, this run "
+                f"has {self.world_size}: each rank's noise stream belongs to its rank. Resume with the same number "
+                "of ranks.")
+        if self.world_size > 1:
+            state = {**state, "noise": state["noise"][self.rank]}
         theirs, mine = state["config"], self._config()
         differ = {k: (theirs.get(k) if isinstance(theirs, dict) else None, v) for k, v in mine.items()
                   if not isinstance(theirs, dict) or theirs.get(k) != v}

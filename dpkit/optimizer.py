@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from dpkit import distributed
 from dpkit.errors import PrivacyUsageError
 from dpkit.hookspecs import Clipper, NoiseMechanism
 
@@ -53,15 +54,16 @@ def _shaped(flat: Tensor, params: Sequence[nn.Parameter]) -> list[Tensor]:
 
 
 def privatize(flats: Sequence[tuple[Tensor, list[nn.Parameter]]], noise: NoiseMechanism, std: float,
-              denominator: float = 1) -> dict[nn.Parameter, Tensor]:
+              denominator: float = 1, *, across_ranks: bool = False) -> dict[nn.Parameter, Tensor]:
     """(clipped sum + noise) / denominator for every parameter, in place in the accumulator's flat buffers.
 
     One draw per buffer (all parameters of one device and dtype) rather than one per parameter: the same
     distribution, coordinates being independent. The results are views of the buffers, shaped as the parameters.
+    ``across_ranks``: the sum of every rank's buffer, each rank noising its own slice (``dpkit.distributed``).
     """
     out = {}
     for flat, group in flats:
-        noisy = noise.add(flat, std=std)
+        noisy = distributed.noised_sum(flat, noise, std) if across_ranks else noise.add(flat, std=std)
         if denominator != 1:
             noisy = noisy.div_(denominator)
         out.update(zip(group, _shaped(noisy, group)))

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dpkit import distributed
 from dpkit.clipping import ClipperBase, check_norm
 from dpkit.clipping.flat import STABILITY
 from dpkit.errors import PrivacyUsageError
@@ -91,15 +92,18 @@ class AdaptiveClipper(ClipperBase):
                 "adaptive clipping divides its noisy count by the expected batch size, which this run does not "
                 "know; give clipping_kwargs={'expected_batch_size': sample_rate * len(dataset)}.")
         count = self._centred_count if self._centred_count is not None else torch.zeros(())
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(count)  # the global count; ranks agree on C as their noise generators agree
-        if getattr(noise, "secure_mode", False):  # the OS's CSPRNG, as secure mode's gradient noise
-            from dpkit import secure
+        if distributed.rank() == 0:  # the count is noised once, by rank 0, before the ranks' counts are summed
+            if getattr(noise, "secure_mode", False):  # the OS's CSPRNG, as secure mode's gradient noise
+                from dpkit import secure
 
-            draw = secure.normal(1, device=count.device)[0]
-        else:
-            draw = torch.randn((), generator=noise.generator(count.device), device=count.device)
-        unclipped_fraction = float(count + self.count_noise_multiplier * draw) / m + 0.5
+                draw = secure.normal(1, device=count.device)[0]
+            else:
+                draw = torch.randn((), generator=noise.generator(count.device), device=count.device)
+            count = count + self.count_noise_multiplier * draw
+        if distributed.world_size() > 1:
+            count = count.to(torch.float64)
+            dist.all_reduce(count)  # every rank gets the same noisy global count, so the same new C
+        unclipped_fraction = float(count) / m + 0.5
         self.max_grad_norm *= math.exp(-self.clip_lr * (unclipped_fraction - self.target))
         self._centred_count = None
 
