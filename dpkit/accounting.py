@@ -17,6 +17,8 @@ from dpkit.events import GaussianEvent, Ledger, PoissonSampledEvent
 from dpkit.hookspecs import Accountant
 
 _SIGMA_RANGE = (2.0**-10, 2.0**30)  # where get_noise_multiplier searches
+# The search's tolerance is also relative: an absolute 0.01 would accept any sigma for a target below it.
+_RELATIVE_TOLERANCE = 0.01
 
 
 def make_accountant(name: str = "prv") -> Accountant:
@@ -82,16 +84,17 @@ def get_noise_multiplier(
 ) -> float:
     """The noise multiplier whose epsilon is at most ``target_epsilon`` and within ``epsilon_tolerance`` of it.
 
-    ``epochs`` means ``steps = ceil(epochs / sample_rate)``. Brent's method on
-    ``log(sigma)``, then bisection that keeps a feasible end, so the result never
-    exceeds the target under the same accountant.
+    The tolerance is at most 1% of the target: a target below the absolute tolerance (0.005) would otherwise
+    be met by any noise that drives epsilon to 0. ``epochs`` means ``steps = ceil(epochs / sample_rate)``.
+    Brent's method on ``log(sigma)``, then bisection that keeps a feasible end, so the result never exceeds
+    the target under the same accountant.
     """
     target_epsilon = _positive(target_epsilon, "target_epsilon")
     delta = check_delta(target_delta, "target_delta")
     rate = check_rate(sample_rate)
     if rate == 0:
         raise ValueError("sample_rate must be > 0: at sample_rate=0 no privacy is spent and any noise will do")
-    epsilon_tolerance = _positive(epsilon_tolerance, "epsilon_tolerance")
+    epsilon_tolerance = min(_positive(epsilon_tolerance, "epsilon_tolerance"), _RELATIVE_TOLERANCE * target_epsilon)
     n_steps = _steps_of(steps, epochs, rate)
     make_accountant(accountant)  # an unknown name fails here, before any search
     cache: dict[float, float] = {}

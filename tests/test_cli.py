@@ -341,6 +341,14 @@ def test_noise_then_epsilon_round_trip(capsys):
     assert 1.9 <= spent["epsilon"] <= 2.0 + 1e-9
 
 
+def test_noise_for_a_small_target_is_close_to_it(capsys):
+    """An absolute tolerance of 0.01 let any sigma meet epsilon 0.002: the search answered 65536 (epsilon 0.0008)."""
+    query = ["--delta", "1e-5", "-q", "1", "--steps", "1000"]
+    _, found = run_json(capsys, "noise", "--epsilon", "0.002", *query)
+    _, spent = run_json(capsys, "epsilon", "--sigma", str(found["noise_multiplier"]), *query)
+    assert 0.002 * 0.99 <= spent["epsilon"] <= 0.002
+
+
 def test_console_script_and_python_m(tmp_path):
     """Both entry points run the same main; neither needs a model or an accountant to list plugins."""
     script = Path(sys.executable).with_name("dpkit")
