@@ -2,7 +2,7 @@
 
 Made once, at attach; nothing is looked up per step. A layer resolves by its
 exact type (a subclass may change ``forward``); the MRO is walked only to write
-the error message.
+the error message. ``print(private.plan)`` shows it as the table ``dpkit check`` prints.
 """
 from __future__ import annotations
 
@@ -26,7 +26,21 @@ EW_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, nn.LayerNo
 MIXING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
 
-@attrs.frozen(eq=False)
+def type_label(t: type) -> str:
+    """``torch.nn.Linear`` for torch.nn's own layers, ``package.module.Class`` otherwise."""
+    if getattr(nn, t.__name__, None) is t:
+        return f"torch.nn.{t.__name__}"
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = "") -> str:
+    """Left-aligned columns, as wide as their widest cell."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return "\n".join(indent + "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in (header, *rows))
+
+
+@attrs.frozen(eq=False, repr=False)
 class LayerPlan:
     """One unit of the model: a layer with a sampler, or a subtree handled by ``torch.func``."""
 
@@ -44,6 +58,28 @@ class LayerPlan:
     def type_name(self) -> str:
         t = type(self.module)
         return f"{t.__module__}.{t.__qualname__}"
+
+    @property
+    def sampler_label(self) -> str:
+        """How this unit's per-example gradients (or norms) are computed, in words."""
+        if self.mode == "functorch":
+            return "torch.func (whole model)" if self.name == "<root>" else "torch.func fallback"
+        if self.mode == "ew":
+            return "ExpandedWeights"
+        return "norm sampler" if self.mode in ("ghost", "bk") and self.norm_sampler is not None else "grad sampler"
+
+    @property
+    def sampler_provider(self) -> str:
+        """The plugin whose sampler ``sampler_label`` names."""
+        return (self.norm_provider or self.provider) if self.sampler_label == "norm sampler" else self.provider
+
+    def cells(self) -> tuple[str, str, str, str, str]:
+        """This row of the plan's table: module, type, mode, sampler, provider."""
+        return self.name, type_label(type(self.module)), self.mode, self.sampler_label, self.sampler_provider
+
+    def __repr__(self) -> str:  # the attrs repr printed every parameter tensor in full
+        name, kind, mode, sampler, provider = self.cells()
+        return f"LayerPlan({name!r}, {kind}, mode={mode!r}, sampler={sampler!r}, provider={provider!r})"
 
     @property
     def uses_activations(self) -> bool:
@@ -83,6 +119,17 @@ class LayerPlan:
         return {p: g for p, g in out.items() if p in own}
 
 
+class Plan(list):
+    """The rows of a plan; a list (the engine iterates it) that prints as a table."""
+
+    HEADER = ("module", "type", "mode", "sampler", "provider")
+
+    def __repr__(self) -> str:
+        return format_table(self.HEADER, [row.cells() for row in self]) if self else "Plan([])"
+
+    __str__ = __repr__
+
+
 def check_module(model: nn.Module) -> None:
     """Refuse layers that mix examples (BatchNorm): per-example gradients would be meaningless."""
     bad = [f"  {name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
@@ -96,17 +143,17 @@ def check_module(model: nn.Module) -> None:
         )
 
 
-def build_plan(model: nn.Module, mode: str) -> list[LayerPlan]:
+def build_plan(model: nn.Module, mode: str) -> Plan:
     """The plan of ``model`` in ``mode``; every uncovered layer is reported in one error."""
     if mode not in MODES:
         raise ValueError(f"grad_sample_mode={mode!r} is not one of {MODES}")
     check_module(model)
     if mode == "functorch":
         params = fn_mode.trainable_params(model)
-        return [LayerPlan("<root>", model, "functorch", FALLBACK, params, {})] if params else []
+        return Plan([LayerPlan("<root>", model, "functorch", FALLBACK, params, {})] if params else [])
     samplers = registry.table("dpkit_grad_samplers")
     norms = registry.table("dpkit_norm_samplers") if mode in NORM_MODES else {}
-    rows: list[LayerPlan] = []
+    rows = Plan()
     missing: list[str] = []
 
     def visit(prefix: str, module: nn.Module) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 import dpkit
 from dpkit import cli, plan, registry
+from dpkit.cli._common import EXIT_NO, EXIT_PLUGIN, EXIT_USAGE
 
 MODELS = '''
 from torch import nn
@@ -126,7 +127,7 @@ def test_plugins_mode_coverage_follows_the_contract(capsys):
     _, report = run_json(capsys, "plugins")
     modes = report["modes"]
     assert label not in modes["hooks"] and label in modes["ghost"] and label in modes["bk"]
-    assert modes["ew"] == sorted(cli.type_label(t) for t in plan.EW_TYPES)
+    assert modes["ew"] == sorted(plan.type_label(t) for t in plan.EW_TYPES)
     assert "every layer" in modes["functorch"][0] and "every layer" in modes["auto"][0]
 
     registry.reset()
@@ -171,7 +172,7 @@ def test_plugins_shows_an_installed_plugins_distribution(capsys, monkeypatch):
 def test_plugins_exits_4_naming_a_plugin_that_fails_to_import(capsys, monkeypatch):
     fake_entry_points(monkeypatch, FakeEntryPoint("broken", ImportError("no module x"), FakeDist("dpkit-b", "0.1")))
     code, out, err = run(capsys, "plugins")
-    assert code == cli.EXIT_PLUGIN and out == ""
+    assert code == EXIT_PLUGIN and out == ""
     assert "'broken'" in err and "dpkit-b 0.1" in err and "DPKIT_DISABLE_PLUGIN_AUTOLOAD=1" in err
 
 
@@ -180,39 +181,63 @@ def test_check_covered_model_reports_plugins_and_memory(capsys, models):
     code, report = run_json(capsys, "check", "dpkit_cli_models:mlp", "-B", "16")
     assert code == 0
     assert all(m["ok"] for m in report["modes"].values())
-    first = report["layers"][0]
-    assert (first["name"], first["type"], first["params"]) == ("0", "torch.nn.Linear", 40)
-    assert first["modes"]["hooks"] == {"via": "grad sampler (dpkit.layers.linear)", "bytes": 16 * 40 * 4,
-                                       "note": "per-example gradients"}
-    assert first["modes"]["ew"]["via"] == "ExpandedWeights"
-    assert first["modes"]["functorch"]["via"] == "torch.func (whole model)"
-    assert first["modes"]["ghost"]["via"] == "norm sampler (dpkit.layers.linear)"
-    assert first["modes"]["ghost"]["bytes"] < first["modes"]["hooks"]["bytes"]
+    assert report["layers"][0] == {"name": "0", "type": "torch.nn.Linear", "params": 40}
+    first = {mode: s["plan"][0] for mode, s in report["modes"].items()}
+    assert first["hooks"] == {"module": "0", "type": "torch.nn.Linear", "mode": "hooks", "sampler": "grad sampler",
+                              "provider": "dpkit.layers.linear", "bytes": 16 * 40 * 4, "note": "per-example gradients"}
+    assert first["ew"]["sampler"] == "ExpandedWeights"
+    assert first["functorch"]["sampler"] == "torch.func (whole model)"
+    assert (first["ghost"]["sampler"], first["ghost"]["provider"]) == ("norm sampler", "dpkit.layers.linear")
+    assert first["ghost"]["bytes"] < first["hooks"]["bytes"]
     assert report["modes"]["hooks"]["bytes"] == 16 * (40 + 18) * 4
+
+
+def test_check_prints_the_plan_table_that_private_plan_prints(capsys, models):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LSTM(4, 4, batch_first=True))
+    code, out, _ = run(capsys, "check", "dpkit_cli_models:recurrent", "--mode", "auto")
+    assert code == 0
+    table = str(plan.build_plan(model, "auto")).splitlines()
+    shown = [line.strip() for line in out.splitlines() if line.startswith("  ")]
+    assert shown[0].split() == table[0].split() + ["memory"]
+    for want, got in zip(table[1:], shown[1:]):
+        assert got.split()[:-2] == want.split()  # then the memory, e.g. "128 B"
+    assert "1       torch.nn.LSTM       functorch  torch.func fallback  dpkit.modes.functorch" in out
+
+
+def test_a_plan_prints_as_a_table_not_as_tensors():
+    rows = plan.build_plan(nn.Sequential(nn.Linear(300, 300), nn.LSTM(4, 4)), "auto")
+    assert isinstance(rows, list) and len(rows) == 2  # the engine iterates it as a list
+    assert str(rows) == repr(rows) and len(repr(rows).splitlines()) == 3 and "tensor" not in repr(rows)
+    assert repr(rows[0]) == ("LayerPlan('0', torch.nn.Linear, mode='bk', sampler='norm sampler', "
+                             "provider='dpkit.layers.linear')")
+    assert repr(plan.build_plan(nn.Sequential(nn.ReLU()), "hooks")) == "Plan([])"
 
 
 def test_check_text_names_refused_layers_with_the_fix(capsys, models):
     code, out, _ = run(capsys, "check", "dpkit_cli_models:recurrent")
     assert code == 0  # auto and functorch can train it
-    assert "1  (torch.nn.LSTM, 160 parameters)" in out
     assert "torch.func fallback" in out
     assert "hooks: UnsupportedLayerError" in out and "(torch.nn.modules.rnn.LSTM) has no grad sampler" in out
     assert "grad_sample_mode='auto'" in out
+    # ghost and bk refuse in the same words: printed once, naming both
+    assert out.count("has no grad or norm sampler") == 1
+    assert "ghost, bk: UnsupportedLayerError: grad_sample_mode='ghost' or 'bk' cannot" in out
 
 
 def test_check_exit_1_when_a_named_mode_refuses(capsys, models):
     assert run(capsys, "check", "dpkit_cli_models:recurrent", "--mode", "auto")[0] == 0
     code, report = run_json(capsys, "check", "dpkit_cli_models:recurrent", "--mode", "auto", "--mode", "hooks")
     assert code == 1 and list(report["modes"]) == ["auto", "hooks"]
-    lstm = report["layers"][1]["modes"]
-    assert lstm["hooks"]["via"] == "refused (see below)" and lstm["auto"]["via"] == "torch.func fallback"
-    assert report["layers"][0]["modes"]["hooks"]["via"] == "- (the mode refuses other layers)"
+    hooks, auto = report["modes"]["hooks"], report["modes"]["auto"]
+    assert hooks["plan"] is None and "1 (torch.nn.modules.rnn.LSTM) has no grad sampler" in hooks["error"]
+    assert [r["sampler"] for r in auto["plan"]] == ["norm sampler", "torch.func fallback"]
 
 
-def test_check_exit_1_when_no_mode_can_train(capsys, models):
+def test_check_says_once_that_batchnorm_is_refused_by_every_mode(capsys, models):
     code, out, _ = run(capsys, "check", "dpkit_cli_models:batchnorm")
     assert code == 1
-    assert "UnsupportedModuleError" in out and "dpkit.fix(model)" in out
+    assert out.count("UnsupportedModuleError") == 1 and out.count("dpkit.fix(model)") == 1
+    assert "every mode: UnsupportedModuleError" in out and "the mode refuses other layers" not in out
 
 
 def test_check_warns_about_dropout_that_torch_func_would_recompute(capsys, models):
@@ -229,6 +254,7 @@ def test_check_counts_tied_weights_once(capsys, models):
     _, report = run_json(capsys, "check", f"{models}:tied", "--mode", "hooks", "-B", "2")
     assert [L["params"] for L in report["layers"]] == [40, 0]
     assert report["modes"]["hooks"]["bytes"] == 2 * 40 * 4
+    assert [r["bytes"] for r in report["modes"]["hooks"]["plan"]] == [2 * 40 * 4, 0]
 
 
 def test_check_accepts_a_file_path_and_a_model_instance(capsys, models, monkeypatch):
@@ -388,7 +414,7 @@ NOISE = ["noise", "--epsilon", "2", "--delta", "1e-5", "-q", "0.01", "--steps", 
 def test_a_hook_that_raises_exits_4_naming_the_plugin(capsys, models, hook, argv):
     _plugin("exploding_plugin", **{hook: _raises})
     code, out, err = run(capsys, *argv)
-    assert code == cli.EXIT_PLUGIN and out == ""
+    assert code == EXIT_PLUGIN and out == ""
     assert err.count("\n") == 1 and "'exploding_plugin'" in err and "RuntimeError: hook exploded" in err
     assert "Traceback" not in err
 
@@ -398,7 +424,7 @@ def test_a_malformed_accountant_table_exits_4_naming_the_plugin(capsys, table):
     _plugin("malformed_plugin", dpkit_accountants=lambda: table)
     for argv in (EPSILON, ["plugins"]):
         code, out, err = run(capsys, *argv)
-        assert code == cli.EXIT_PLUGIN and out == "" and "'malformed_plugin'" in err and err.count("\n") == 1
+        assert code == EXIT_PLUGIN and out == "" and "'malformed_plugin'" in err and err.count("\n") == 1
 
 
 class ExplodingAccountant:
@@ -422,13 +448,13 @@ def test_a_plugin_accountant_that_raises_exits_4_naming_it(capsys, factory, mess
     _plugin("accountant_plugin", dpkit_accountants=lambda: {"boom": factory})
     for argv in (EPSILON, NOISE):
         code, out, err = run(capsys, *argv, "--accountant", "boom")
-        assert code == cli.EXIT_PLUGIN and out == "" and err.count("\n") == 1
+        assert code == EXIT_PLUGIN and out == "" and err.count("\n") == 1
         assert "accountant 'boom' of plugin 'accountant_plugin'" in err and message in err
 
 
 def test_an_unknown_accountant_is_a_bad_argument(capsys):
     code, out, err = run(capsys, *EPSILON, "--accountant", "moments")
-    assert code == cli.EXIT_USAGE and out == ""
+    assert code == EXIT_USAGE and out == ""
     assert "--accountant 'moments' is not provided by any plugin; installed: gdp, prv, rdp" in err
 
 
@@ -447,10 +473,10 @@ def test_extreme_noise_answers_in_one_line(capsys, sigma, shown):
 
 def test_an_unreachable_target_exits_1_in_one_line(capsys):
     code, out, err = run(capsys, "noise", "--epsilon", "1e-6", "--delta", "1e-10", "-q", "1", "--steps", "1000000")
-    assert code == cli.EXIT_NO and out == "" and err.count("\n") == 1 and "is unreachable" in err
+    assert code == EXIT_NO and out == "" and err.count("\n") == 1 and "is unreachable" in err
 
 
 def test_an_unexpected_error_is_one_line(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "plugins_report", lambda: {}["missing"])
+    monkeypatch.setattr(cli.plugins, "report", lambda: {}["missing"])
     code, out, err = run(capsys, "plugins")
-    assert code == cli.EXIT_NO and err == "dpkit plugins: error: unexpected KeyError: 'missing'\n"
+    assert code == EXIT_NO and err == "dpkit plugins: error: unexpected KeyError: 'missing'\n"

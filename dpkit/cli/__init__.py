@@ -1,0 +1,59 @@
+"""The ``dpkit`` command: which plugins are installed, whether a model can be trained, and privacy arithmetic.
+
+::
+
+    dpkit plugins [--json]
+    dpkit check MODULE:FACTORY [--mode MODE ...] [--batch-size B] [--json]
+    dpkit epsilon --sigma S --sample-rate Q --steps T --delta D [--accountant prv] [--json]
+    dpkit noise --epsilon E --delta D --sample-rate Q (--steps T | --epochs N) [--accountant prv] [--json]
+
+Why a command and not only an API: a user deciding between modes, or a plugin author checking that an
+installed package is picked up, wants the answer before writing a training loop. Each command is one module
+of this package with ``add_parser(subparsers)``, which sets ``run(args) -> exit code``; a new command is a new
+module listed in ``COMMANDS``.
+
+Exit codes: 0 success; 1 "no" (a mode named with ``--mode`` refuses the model, no mode can train it, or an
+accountant could not answer); 2 bad arguments (also an ``--accountant`` no plugin provides); 3 the user's module
+or factory failed; 4 a plugin failed to load, or its hook or accountant raised. Every failure is one line on
+stderr, naming the plugin where one failed; none is a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from dpkit.cli import check, epsilon, noise, plugins
+from dpkit.cli._common import EXIT_NO, EXIT_PLUGIN, CommandError, dpkit_version
+from dpkit.errors import PluginError
+
+COMMANDS = (plugins, check, epsilon, noise)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpkit", description="Differentially private training for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"dpkit {dpkit_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dpkit`` and ``python -m dpkit``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CommandError as err:
+        print(f"dpkit {args.command}: error: {err}", file=sys.stderr)
+        return err.code
+    except PluginError as err:
+        print(f"dpkit {args.command}: error: a plugin failed to load: {err}", file=sys.stderr)
+        return EXIT_PLUGIN
+    except BrokenPipeError:  # `dpkit plugins | head`: the reader left; say nothing more, as Python's docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_NO
+    except Exception as err:  # a dpkit bug: still one line, not a traceback
+        print(f"dpkit {args.command}: error: unexpected {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_NO
