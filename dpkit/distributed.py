@@ -123,9 +123,17 @@ def ddp_of(module: nn.Module) -> nn.Module | None:
 
 
 def wrapped_after(module: nn.Module) -> bool:
-    """Whether a ``DistributedDataParallel`` was built around ``module`` (after make_private saw it bare)."""
+    """Whether a ``DistributedDataParallel`` holds ``module`` (built around it after make_private saw it bare).
+
+    DDP keeps it in its ``_modules`` dict, which its instance dict (or the instance itself) refers to.
+    """
     from torch.nn.parallel import DistributedDataParallel
 
-    return any(isinstance(r, DistributedDataParallel) for r in gc.get_referrers(module)) or any(
-        isinstance(r, DistributedDataParallel) and getattr(r, "module", None) is module
-        for d in gc.get_referrers(module) if isinstance(d, dict) for r in gc.get_referrers(d))
+    for modules in gc.get_referrers(module):
+        if not isinstance(modules, dict):
+            continue
+        for owner in gc.get_referrers(modules):
+            for candidate in gc.get_referrers(owner) if isinstance(owner, dict) else [owner]:
+                if isinstance(candidate, DistributedDataParallel) and candidate.module is module:
+                    return True
+    return False

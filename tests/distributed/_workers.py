@@ -60,9 +60,9 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
           noise_seed: int | None = 11, batch_size_per_rank: int | None = None, state: dict | None = None,
           weights_seed: int = 1, loader: str = "dp") -> dict:
     """``steps`` private steps; returns each step's gradient and batch, the final weights, ε and the state."""
-    model = build(wrap, weights_seed)
+    model = build("none" if wrap == "ddp-after" else wrap, weights_seed)
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict({(n if wrap == "ddp" else _name(n)): v for n, v in state["model"].items()})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
     dataset = data()
     world = distributed.world_size()
@@ -82,6 +82,8 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
             grad_sample_mode=mode, clipping=clipping, loss_reduction=reduction, criterion=nn.CrossEntropyLoss(),
             secure_mode=secure, noise_seed=None if secure else noise_seed, augmentation_multiplicity=K, **kwargs)
     model, optimizer, loader, criterion = private
+    if wrap == "ddp-after":  # the mistake: wrapped after make_private saw the bare model
+        model = nn.parallel.DistributedDataParallel(model)
     if state is not None:
         private.load_state_dict(state)
     grads, batches = [], []
