@@ -1,0 +1,150 @@
+"""nn.RNN, nn.GRU and nn.LSTM samplers against a loop over examples, directly and through every mode."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from dpkit.errors import UnsupportedLayerError
+from dpkit.layers import recurrent
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+def make(cell: str, *, bias: bool = True, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    layer = CELLS[cell](3, 4, bias=bias, **kwargs).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)  # not the default init's small range, which would hide a wrong gate formula
+    return layer
+
+
+def loop_reference(layer, x, hx, grads, K):
+    """Each example's gradient of Σ ⟨output leaf, its gradient⟩ over its K rows, one example at a time."""
+    bdim = 0 if layer.batch_first else 1
+    params = [p for p in layer.parameters() if p.requires_grad]
+    rows = x.shape[bdim]
+    out = []
+    for b in range(rows // K):
+        pick = slice(b * K, (b + 1) * K)
+        xb = x[pick] if bdim == 0 else x[:, pick]
+        hb = None if hx is None else tuple(h[:, pick] for h in hx) if isinstance(hx, tuple) else hx[:, pick]
+        leaves = layer(xb, hb)
+        leaves = [leaves[0], *leaves[1]] if isinstance(leaves[1], tuple) else list(leaves)
+        picked = [None if g is None else (g[pick] if i == 0 and bdim == 0 else g[:, pick]) for i, g in enumerate(grads)]
+        loss = sum((t * g).sum() for t, g in zip(leaves, picked) if g is not None)
+        out.append(torch.autograd.grad(loss, params, allow_unused=True))
+    return {p: torch.stack([g[i] if g[i] is not None else torch.zeros_like(p) for g in out]) if out
+            else p.new_zeros(0, *p.shape) for i, p in enumerate(params)}
+
+
+def as_captured(layer, x, hx, grads):
+    """The activations and backprops dpkit's capture hands a sampler: every tensor of a sequence-first call with its
+    first two dimensions swapped (input, a tensor hx, the output's gradient); a tuple hx and h_n, c_n as they are."""
+    if layer.batch_first:
+        return [x, hx], grads
+    swap = lambda t: t.transpose(0, 1) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return [swap(x), swap(hx)], [swap(grads[0]), *grads[1:]]
+
+
+def draw(layer, rows, T=5, *, hx=False, which=(0, 1, 2), strided=False):
+    dirs = 2 if layer.bidirectional else 1
+    x = torch.randn(T, rows, 3, dtype=torch.double)
+    x = x if not layer.batch_first else x.transpose(0, 1)  # non-contiguous for batch_first layers
+    if strided:
+        x = x.flip(-1)
+    with torch.no_grad():
+        out, state = layer(x)
+    h_n = state if isinstance(state, torch.Tensor) else state[0]
+    h0 = torch.randn_like(h_n) if hx else None
+    if hx and isinstance(layer, nn.LSTM):
+        h0 = (h0, torch.randn_like(state[1]))
+    leaves = [out, *(state if isinstance(state, tuple) else (state,))]
+    grads = [torch.randn_like(t) if i in which else None for i, t in enumerate(leaves)]
+    return x, h0, grads
+
+
+def check(layer, x, hx, grads, K, backprops_as_tuple=True):
+    expected = loop_reference(layer, x, hx, grads, K)
+    acts, bps = as_captured(layer, x, hx, grads)
+    got = recurrent.grad_sampler(layer, acts, bps if backprops_as_tuple else bps[0], K=K)
+    norms = recurrent.norm_sampler(layer, acts, bps if backprops_as_tuple else bps[0], K=K)
+    names = {p: n for n, p in layer.named_parameters()}
+    assert got.keys() == expected.keys() == norms.keys()
+    for p, want in expected.items():
+        torch.testing.assert_close(got[p], want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{names[p]}: {m}")
+        torch.testing.assert_close(norms[p], want.flatten(1).norm(dim=1), rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"norm of {names[p]}: {m}")
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", [dict(), dict(num_layers=2, bidirectional=True), dict(batch_first=True)],
+                         ids=["seq-first", "2-layer-bidirectional", "batch-first"])
+def test_every_output_gradient(cell, shape, K):
+    layer = make(cell, **shape)
+    check(layer, *draw(layer, 3 * K, hx=True), K)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("which", [(0,), (1,), (2,)], ids=["output", "h_n", "c_n"])
+def test_one_output_gradient(cell, which):
+    layer = make(cell, num_layers=2, bidirectional=True, batch_first=True)
+    if which == (2,) and cell != "lstm":
+        pytest.skip("only an LSTM has c_n")
+    check(layer, *draw(layer, 4, which=which), K=2)
+
+
+def test_output_gradient_alone_as_a_tensor():
+    """The sampler called as today's capture calls it: the output's gradient only."""
+    layer = make("lstm", num_layers=2)
+    check(layer, *draw(layer, 4, which=(0,)), K=1, backprops_as_tuple=False)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_variants(cell):
+    """No bias, three levels, relu, a projection (LSTM), non-contiguous inputs, float32 within 1e-5."""
+    extra = {"lstm": dict(proj_size=2), "rnn": dict(nonlinearity="relu"), "gru": {}}[cell]
+    layer = make(cell, bias=False, num_layers=3, bidirectional=True, **extra)
+    check(layer, *draw(layer, 3, hx=True, strided=True), K=1)
+    layer = make(cell, num_layers=2, **extra)
+    x, _, grads = draw(layer, 4)
+    expected = loop_reference(layer, x, None, grads, 2)
+    layer.float()
+    got = recurrent.norm_sampler(layer, *as_captured(layer, x.float(), None, [g.float() for g in grads]), K=2)
+    for name, p in layer.named_parameters():
+        assert got[p].dtype == torch.float32
+        torch.testing.assert_close(got[p].double(), expected[p].flatten(1).norm(dim=1), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def test_frozen_parameters_are_left_out():
+    layer = make("gru", num_layers=2)
+    layer.weight_hh_l0.requires_grad_(False)
+    layer.bias_ih_l1.requires_grad_(False)
+    x, hx, grads = draw(layer, 3)
+    check(layer, x, hx, grads, K=1)
+    assert layer.weight_hh_l0 not in recurrent.grad_sampler(layer, *as_captured(layer, x, hx, grads))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_empty_batch(cell):
+    layer = make(cell, bidirectional=True, batch_first=True)
+    x, _, grads = draw(layer, 0)
+    for sampler in (recurrent.grad_sampler, recurrent.norm_sampler):
+        out = sampler(layer, [x, None], grads, K=3)
+        assert out.keys() == set(layer.parameters()) and all(t.shape[0] == 0 for t in out.values())
+
+
+def test_refusals_name_the_layer():
+    layer = make("lstm", num_layers=2, dropout=0.5, batch_first=True)
+    x, _, grads = draw(layer, 2)
+    with pytest.raises(UnsupportedLayerError, match="dropout"):
+        recurrent.grad_sampler(layer, [x, None], grads)
+    layer.eval()  # no dropout in eval mode
+    recurrent.grad_sampler(layer, [x, None], grads)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3]), batch_first=True)
+    with pytest.raises(UnsupportedLayerError, match="LSTM.*PackedSequence"):
+        recurrent.norm_sampler(layer, [packed, None], grads)
