@@ -3,6 +3,10 @@
 Order of registration, oldest first: built-in plugins (``BUILTIN_PLUGINS``),
 installed packages (entry-point group ``dpkit``), then user decorators. Tables
 merge in that order, so the newest registration of a key wins.
+
+A sampler table's key is a layer class or its qualified name (``"package.module.Class"``, a
+:class:`LayerName`): a plugin for a heavy library names its classes, so that loading the plugin imports
+nothing; the name matches exactly the class it resolves to, once that class's module is imported anyway.
 """
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import functools
 import importlib
 import inspect
 import os
+import re
+import sys
 import types
 from collections.abc import Callable, Mapping
 from importlib import metadata
@@ -47,6 +53,75 @@ class Entry:
 
     value: Callable
     provider: str
+
+
+_QUALIFIED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def qualified_name(cls: type) -> str:
+    """``package.module.Class``: the name under which a sampler table can hold ``cls`` without importing it."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def names(name: str, cls: type) -> bool:
+    """Whether ``name`` is exactly ``cls``: its qualified name, resolving to ``cls`` itself in its module.
+
+    Nothing is imported (``cls`` exists, so its module is loaded); a look-alike class with the same name that
+    its module does not hold (a local class, a class redefined since) is not ``name``.
+    """
+    if name != qualified_name(cls):
+        return False
+    found: object = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        found = getattr(found, part, None)
+    return found is cls
+
+
+class LayerName(str):
+    """A sampler-table key naming a layer class by its qualified name, ``"package.module.Class"``.
+
+    Equal to (and hashed as) the plain string. Like a class it has ``__module__``, ``__qualname__`` and
+    ``__name__``, so code that labels table keys as classes labels it by its name.
+    """
+
+    def __new__(cls, name: str) -> LayerName:
+        self = super().__new__(cls, name)
+        self.__module__, _, self.__qualname__ = name.rpartition(".")
+        self.__name__ = self.__qualname__
+        return self
+
+
+class LayerTable(dict):
+    """A merged sampler table: a class looks up its own entry, or the entry of the name that is exactly it,
+    and a name the entry of the class it is."""
+
+    def _key(self, key: object) -> object:
+        if dict.__contains__(self, key):
+            return key
+        if isinstance(key, type):
+            name = qualified_name(key)
+            return name if dict.__contains__(self, name) and names(name, key) else key
+        if isinstance(key, str):
+            return next((k for k in self if isinstance(k, type) and names(key, k)), key)
+        return key
+
+    def __getitem__(self, key: object) -> Entry:
+        return super().__getitem__(self._key(key))
+
+    def __contains__(self, key: object) -> bool:
+        return super().__contains__(self._key(key))
+
+    def get(self, key: object, default: object = None) -> object:
+        return super().get(self._key(key), default)
+
+
+def _provides(provided: Mapping, key: object) -> bool:
+    """Whether one plugin's table holds ``key``, also under the other kind of key (class or name)."""
+    if key in provided:
+        return True
+    if isinstance(key, type):
+        return any(isinstance(k, str) and names(k, key) for k in provided)
+    return isinstance(key, str) and any(isinstance(k, type) and names(key, k) for k in provided)
 
 
 _DISTRIBUTIONS: dict[str, str] = {}  # entry-point plugin name -> "distribution version"
@@ -102,15 +177,23 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
 
 
 def table(hook_name: str) -> dict[object, Entry]:
-    """The merged table of one hook, each value with its provider; newest registration wins."""
+    """The merged table of one hook, each value with its provider; newest registration wins.
+
+    A sampler table is a :class:`LayerTable`: a class and the name that is exactly that class are one key.
+    """
     if hook_name not in _SAMPLER_HOOKS + _FACTORY_HOOKS:
         raise ValueError(f"{hook_name!r} is not a table hook; choose one of {_SAMPLER_HOOKS + _FACTORY_HOOKS}")
-    out: dict[object, Entry] = {}
+    sampler = hook_name in _SAMPLER_HOOKS
+    out: dict[object, Entry] = LayerTable() if sampler else {}
     # get_hookimpls() is stored oldest first; updating in that order lets the newest win.
     for impl in getattr(plugin_manager().hook, hook_name).get_hookimpls():
         provided = impl.function()
         _validate(hook_name, provided, impl.plugin_name)
-        out.update({key: Entry(value, impl.plugin_name) for key, value in provided.items()})
+        for key, value in provided.items():
+            if sampler:
+                out.pop(out._key(key), None)  # the same layer under the other kind of key, registered earlier
+                key = LayerName(key) if isinstance(key, str) else key
+            out[key] = Entry(value, impl.plugin_name)
     return out
 
 
@@ -120,9 +203,11 @@ def _validate(hook_name: str, provided: object, plugin: str) -> None:
         raise PluginError(f"{where} a {type(provided).__name__}; it must return a dict")
     for key, value in provided.items():
         if hook_name in _SAMPLER_HOOKS:
-            if not (isinstance(key, type) and issubclass(key, nn.Module)):
-                raise PluginError(f"{where} key {key!r} (a {type(key).__name__}); keys must be nn.Module subclasses")
-            check_sampler_signature(value, f"{where} the sampler for {key.__name__}")
+            if not (isinstance(key, type) and issubclass(key, nn.Module)
+                    or isinstance(key, str) and _QUALIFIED.fullmatch(key)):
+                raise PluginError(f"{where} key {key!r} (a {type(key).__name__}); keys must be nn.Module subclasses "
+                                  "or their qualified names ('package.module.Class')")
+            check_sampler_signature(value, f"{where} the sampler for {getattr(key, '__name__', key)}")
         else:
             if not isinstance(key, str):
                 raise PluginError(f"{where} key {key!r} (a {type(key).__name__}); keys must be names (str)")
@@ -178,12 +263,12 @@ def _register_table(hook_name: str, provided: Mapping, name: str) -> None:
     register_plugin(plugin, name=name)  # a re-run notebook cell replaces its earlier registration
 
 
-def _sampler_decorator(hook_name: str, layer_types: tuple[type[nn.Module], ...]):
+def _sampler_decorator(hook_name: str, layer_types: tuple[type[nn.Module] | str, ...]):
     if not layer_types:
         raise TypeError(f"register_{hook_name[6:-1]}(LayerType, ...) needs at least one layer type")
 
     def decorator(fn):
-        key = "-".join(t.__qualname__ for t in layer_types)
+        key = "-".join(t if isinstance(t, str) else t.__qualname__ for t in layer_types)
         name = f"user:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}[{hook_name[6:]}:{key}]"
         _register_table(hook_name, {t: fn for t in layer_types}, name)
         return fn
@@ -191,20 +276,22 @@ def _sampler_decorator(hook_name: str, layer_types: tuple[type[nn.Module], ...])
     return decorator
 
 
-def register_grad_sampler(*layer_types: type[nn.Module]):
-    """Decorator: ``fn`` computes per-example gradients for these exact layer types (newest wins)."""
+def register_grad_sampler(*layer_types: type[nn.Module] | str):
+    """Decorator: ``fn`` computes per-example gradients for these exact layer types, or the classes these
+    qualified names are (newest wins)."""
     return _sampler_decorator("dpkit_grad_samplers", layer_types)
 
 
-def register_norm_sampler(*layer_types: type[nn.Module]):
-    """Decorator: ``fn`` computes per-example gradient norms for these exact layer types (newest wins)."""
+def register_norm_sampler(*layer_types: type[nn.Module] | str):
+    """Decorator: ``fn`` computes per-example gradient norms for these exact layer types, or the classes these
+    qualified names are (newest wins)."""
     return _sampler_decorator("dpkit_norm_samplers", layer_types)
 
 
 def overridden(hook_name: str, key: object) -> tuple[str, list[str]] | None:
     """``(winner, built-in providers)`` if a non-built-in plugin provides ``key`` over a built-in, else None."""
     providers = [impl.plugin_name for impl in getattr(plugin_manager().hook, hook_name).get_hookimpls()
-                 if key in impl.function()]
+                 if _provides(impl.function(), key)]
     builtins = [p for p in providers if p in BUILTIN_PLUGINS]
     if not providers or not builtins or providers[-1] in BUILTIN_PLUGINS:
         return None

@@ -16,11 +16,13 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 import dpkit
 from dpkit import registry
 from dpkit.errors import PluginError
+from dpkit.plan import build_plan
 
 FIXTURE = Path(__file__).parent / "fixtures" / "dpkit_fake_plugin"
 GRAD = "dpkit_grad_samplers"
@@ -220,7 +222,8 @@ def two_arguments(layer, activations):
 @pytest.mark.parametrize("hook, provided, message", [
     (GRAD, [nn.Linear, sampler_a], "returned from dpkit_grad_samplers a list; it must return a dict"),
     (GRAD, None, "a NoneType; it must return a dict"),
-    (GRAD, {"Conv1D": sampler_a}, "key 'Conv1D' (a str); keys must be nn.Module subclasses"),
+    (GRAD, {"Conv1D": sampler_a}, "key 'Conv1D' (a str); keys must be nn.Module subclasses or their qualified"),
+    (GRAD, {"a.b-c.D": sampler_a}, "key 'a.b-c.D' (a str); keys must be nn.Module subclasses"),
     ("dpkit_norm_samplers", {int: sampler_a}, "key <class 'int'> (a type); keys must be nn.Module subclasses"),
     (GRAD, {nn.Linear: two_arguments}, "the sampler for Linear, 'two_arguments', has signature (layer, activations)"),
     (GRAD, {nn.Linear: "sampler_a"}, "the sampler for Linear is 'sampler_a', which is not callable"),
@@ -246,6 +249,60 @@ def test_table_and_lookup_errors():
         registry.table("dpkit_on_clip")
     with pytest.raises(PluginError, match=r"clipping='nope' is not provided by any plugin; installed: \[.*'flat'"):
         registry.lookup("dpkit_clippers", "nope", "clipping")
+
+
+# -- keys by qualified name ---------------------------------------------------------------------
+class Scale(nn.Module):
+    """A layer for name keys: module-level, so that its qualified name resolves to it."""
+
+
+def test_a_name_key_is_exactly_the_class_it_names():
+    name = registry.qualified_name(Scale)
+    registry.register_plugin(plugin("lazy_mod", dpkit_grad_samplers={name: sampler_a}), name="lazy")
+    table = registry.table(GRAD)
+    assert table[Scale].provider == "lazy" and table.get(Scale).value is sampler_a and Scale in table
+    assert table[name].provider == "lazy"
+    key = next(k for k in table if k == name)  # listed by name, labelled like a class
+    assert isinstance(key, registry.LayerName) and f"{key.__module__}.{key.__qualname__}" == name
+    look_alike = type("Scale", (nn.Module,), {"__module__": Scale.__module__})  # same name, not the class
+    assert registry.qualified_name(look_alike) == name and look_alike not in table
+    rows = build_plan(nn.Sequential(Scale(), nn.Linear(2, 2)), "hooks")
+    assert [(r.name, r.provider) for r in rows] == [("1", "dpkit.layers.linear")]  # Scale owns no parameter
+    with_param = nn.Sequential(Scale())
+    with_param[0].w = nn.Parameter(torch.ones(2))
+    assert [(r.name, r.provider, r.sampler) for r in build_plan(with_param, "hooks")] == [("0", "lazy", sampler_a)]
+
+
+def test_a_name_key_imports_nothing():
+    name = "dpkit_never_imported_package.layers.Thing"
+    registry.register_plugin(plugin("lazy_mod", dpkit_norm_samplers={name: sampler_a}), name="lazy")
+    table = registry.table("dpkit_norm_samplers")
+    assert table[name].provider == "lazy" and nn.Linear in table
+    build_plan(nn.Linear(2, 2), "bk")
+    assert "dpkit_never_imported_package" not in sys.modules
+
+
+@pytest.mark.parametrize("first_by_name", [True, False])
+def test_newest_wins_between_a_class_and_its_name(first_by_name):
+    name = registry.qualified_name(Scale)
+    first, second = (name, Scale) if first_by_name else (Scale, name)
+    registry.register_plugin(plugin("m1", dpkit_grad_samplers={first: sampler_a}), name="one")
+    registry.register_plugin(plugin("m2", dpkit_grad_samplers={second: sampler_b}), name="two")
+    table = registry.table(GRAD)
+    assert (table[Scale].value, table[Scale].provider, table[name].provider) == (sampler_b, "two", "two")
+    assert len([k for k in table if k in (Scale, name)]) == 1
+
+
+def test_a_name_key_over_a_builtin_is_an_override():
+    registry.register_plugin(plugin("m", dpkit_grad_samplers={"torch.nn.modules.linear.Linear": sampler_a}),
+                             name="shady")
+    assert registry.table(GRAD)[nn.Linear].provider == "shady"
+    assert registry.overridden(GRAD, nn.Linear) == ("shady", ["dpkit.layers.linear"])
+
+
+def test_decorators_take_names():
+    dpkit.register_norm_sampler(registry.qualified_name(Scale))(sampler_b)
+    assert registry.table("dpkit_norm_samplers")[Scale].value is sampler_b
 
 
 # -- laziness -----------------------------------------------------------------------------------
