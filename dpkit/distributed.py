@@ -115,6 +115,48 @@ def check_same(values: Tensor, what: str, fix: str) -> None:
         raise PrivacyUsageError(f"{what} differ between rank 0 and rank(s) {differ}. {fix}")
 
 
+def is_sharded(t: Tensor) -> bool:
+    """A DTensor parameter (FSDP2's ``fully_shard``): each rank holds only its shard."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def reduce_scattered(full: Tensor, p: nn.Parameter) -> Tensor:
+    """The sum over ranks of ``full`` (shaped like ``p``), cut to this rank's shard of ``p`` along dim 0.
+
+    FSDP2 shards dim 0 in chunks of ceil(d0 / W) rows (the last ranks' chunks shorter or empty); the sum is
+    padded to W equal chunks for one reduce-scatter, the bytes non-private FSDP2 reduce-scatters.
+    """
+    w = world_size()
+    rows = -(-full.shape[0] // w)
+    padded = full.new_zeros(rows * w, *full.shape[1:])
+    padded[: full.shape[0]] = full
+    out = full.new_empty(rows, *full.shape[1:])
+    dist.reduce_scatter_tensor(out, padded)
+    local = p.to_local()
+    return out[: local.shape[0]]
+
+
+def noised_shards(flat: Tensor, group: list[nn.Parameter], noise, std: float, denominator: float
+                  ) -> dict[nn.Parameter, Tensor]:
+    """FSDP2: each parameter's clipped sum reduce-scattered, noised on this rank's shard only, as a DTensor."""
+    from torch.distributed.tensor import DTensor
+
+    out, start = {}, 0
+    for p in group:
+        full = flat[start:start + p.numel()].view(p.shape)
+        start += p.numel()
+        local = reduce_scattered(full, p).contiguous()
+        noisy = noise.add(local, std=std)
+        if denominator != 1:
+            noisy = noisy.div_(denominator)
+        out[p] = DTensor.from_local(noisy, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+    return out
+
+
 def ddp_of(module: nn.Module) -> nn.Module | None:
     """``module`` itself when it is a ``DistributedDataParallel``."""
     from torch.nn.parallel import DistributedDataParallel

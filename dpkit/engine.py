@@ -31,7 +31,7 @@ from dpkit.events import ClipEvent, ComposedEvent, DpEvent, Ledger, NoOpEvent, P
 from dpkit.modes import bk, ghost
 from dpkit.modes._capture import Capturer
 from dpkit.optimizer import StepAccumulator, privatize
-from dpkit.plan import MIXING, MODES, NORM_MODES, build_plan
+from dpkit.plan import MIXING, MODES, NORM_MODES, build_plan, layer_type
 
 _ATTACHED: weakref.WeakSet[PrivateTraining] = weakref.WeakSet()  # controllers with hooks on a model
 STATE_FORMAT = 2  # of PrivateTraining.state_dict(); 1 had no "config"
@@ -151,6 +151,7 @@ class PrivateTraining:
         self._in_ghost_backward = False
         self._wrapped: list[object] = []
         self._handles: list = []
+        self._check_sharding()
         self._build()
         if not self.params:
             raise ValueError("the model has no trainable parameters (every requires_grad is False); unfreeze the "
@@ -160,6 +161,7 @@ class PrivateTraining:
         self._ddp = distributed.ddp_of(module) if self.world_size > 1 else None
         if self.world_size > 1:
             self._check_replicas()
+        self._check_sharding()  # the plan's units, now that there is one
         self.attached = False
         self.attach()
 
@@ -241,10 +243,26 @@ class PrivateTraining:
         distributed.check_same(
             torch.tensor([distributed.derive_seed(settings)]), "make_private's arguments",
             "Call make_private with the same arguments (and the same data loader size) on every rank.")
-        distributed.check_same(
-            distributed.fingerprint(self.params), "the trainable parameters",
+        distributed.check_same(  # sharded (FSDP2) parameters have no replicas to compare
+            distributed.fingerprint([p for p in self.params if not distributed.is_sharded(p)]),
+            "the trainable parameters",
             "Start every rank from the same weights: seed the initialisation identically, or wrap the model in "
             "DistributedDataParallel (it broadcasts rank 0's weights) and pass the wrapper to make_private.")
+
+    def _check_sharding(self) -> None:
+        """FSDP2 gathers a parameter for its unit's forward and frees it after: a sampler that reads records works,
+        a unit recomputed with its parameters (torch.func, ExpandedWeights) would find them sharded."""
+        if not any(distributed.is_sharded(p) for p in self.module.parameters()):
+            return
+        plan = getattr(self, "plan", None)
+        recomputed = ([f"{row.name} ({row.type_name})" for row in plan if row.mode in ("functorch", "ew")]
+                      if plan is not None else ["every layer"] if self.mode in ("functorch", "ew") else [])
+        if recomputed:
+            raise UnsupportedModuleError(
+                f"the model's parameters are sharded by FSDP2 (fully_shard), and {recomputed[:5]} would be "
+                f"recomputed from its parameters (grad_sample_mode={self.mode!r}), which FSDP2 has freed by then. "
+                "Use grad_sample_mode='bk', 'ghost', 'hooks' or 'auto' with layers that have samplers, or register "
+                "a sampler for these layers.")
 
     def _check_noise_range(self) -> None:
         """The noisy sum must fit its float32-or-wider buffer, and the gradient the parameter's own dtype."""
@@ -262,7 +280,7 @@ class PrivateTraining:
                 ("dpkit_accountants", self.accountant)]
         for row in self.plan:
             if row.uses_activations:
-                used += [("dpkit_grad_samplers", type(row.module)), ("dpkit_norm_samplers", type(row.module))]
+                used += [("dpkit_grad_samplers", layer_type(row.module)), ("dpkit_norm_samplers", layer_type(row.module))]
         for hook, key in dict.fromkeys(used):
             found = registry.overridden(hook, key)
             if found is not None:
@@ -278,7 +296,9 @@ class PrivateTraining:
         if self.attached:
             return
         _check_objects(self.module, self.optimizer, None)
-        self._handles = [self.module.register_forward_pre_hook(self._on_forward_start, with_kwargs=True),
+        # Before FSDP2's own pre-forward hook, which swaps the root's sharded parameters for gathered ones.
+        self._handles = [self.module.register_forward_pre_hook(self._on_forward_start, with_kwargs=True,
+                                                               prepend=True),
                          self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step)]
         self.capturer.attach()

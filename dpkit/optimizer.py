@@ -63,6 +63,9 @@ def privatize(flats: Sequence[tuple[Tensor, list[nn.Parameter]]], noise: NoiseMe
     """
     out = {}
     for flat, group in flats:
+        if distributed.is_sharded(group[0]):  # FSDP2, at any world size; the accumulator keeps such groups apart
+            out.update(distributed.noised_shards(flat, group, noise, std, denominator))
+            continue
         noisy = distributed.noised_sum(flat, noise, std) if across_ranks else noise.add(flat, std=std)
         if denominator != 1:
             noisy = noisy.div_(denominator)
@@ -135,10 +138,11 @@ class StepAccumulator:
         return self.flats
 
     def _allocate(self) -> None:
-        groups: dict[tuple[torch.device, torch.dtype], list[nn.Parameter]] = {}
+        groups: dict[tuple[torch.device, torch.dtype, bool], list[nn.Parameter]] = {}
         for p in self.params:
-            groups.setdefault((p.device, torch.promote_types(p.dtype, torch.float32)), []).append(p)
-        for (device, dtype), group in groups.items():
+            key = (p.device, torch.promote_types(p.dtype, torch.float32), distributed.is_sharded(p))
+            groups.setdefault(key, []).append(p)
+        for (device, dtype, _), group in groups.items():
             flat = torch.empty(sum(p.numel() for p in group), device=device, dtype=dtype)
             self._views.update(zip(group, _shaped(flat, group)))
             self.flats.append((flat, group))

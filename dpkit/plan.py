@@ -115,8 +115,11 @@ class LayerPlan:
             args = [a.to(wide) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
             backprops = backprops.to(wide)
         out = sampler(self.module, args, backprops, K)
-        own = set(self.local_params.values())
-        return {p: g for p, g in out.items() if p in own}
+        # Keyed by what the module holds now: the parameter, or under FSDP2 the one gathered for its backward.
+        own = {id(p): p for p in self.local_params.values()}
+        own.update({id(self.module._parameters[n]): p for n, p in self.local_params.items()
+                    if self.module._parameters.get(n) is not None})
+        return {own[id(k)]: g for k, g in out.items() if id(k) in own}
 
 
 class Plan(list):
@@ -159,7 +162,8 @@ def build_plan(model: nn.Module, mode: str) -> Plan:
     def visit(prefix: str, module: nn.Module) -> None:
         local = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
         full = {f"{prefix}{n}": p for n, p in local.items()}
-        entry, norm = samplers.get(type(module)), norms.get(type(module))
+        kind = layer_type(module)
+        entry, norm = samplers.get(kind), norms.get(kind)
         name = prefix[:-1]
         if local and mode == "ew" and type(module) in EW_TYPES:
             rows.append(LayerPlan(name, module, "ew", "torch.nn.utils._expanded_weights", full, local))
@@ -185,6 +189,19 @@ def build_plan(model: nn.Module, mode: str) -> Plan:
             f"grad_sample_mode={mode!r} cannot compute per-example gradients for:\n" + "\n".join(missing)
         )
     return rows
+
+
+def layer_type(module: nn.Module) -> type:
+    """The type samplers are keyed by. FSDP2's ``fully_shard`` swaps a module's class for ``FSDP<Name>``, a
+    subclass of ``FSDPModule`` and the original that adds hooks and no computation: the original's samplers hold."""
+    t = type(module)
+    if t.__name__.startswith("FSDP") and "torch.distributed.fsdp" in t.__module__:
+        from torch.distributed.fsdp import FSDPModule
+
+        bases = [b for b in t.__bases__ if b is not FSDPModule]
+        if FSDPModule in t.__bases__ and len(bases) == 1:
+            return bases[0]
+    return t
 
 
 def _missing_message(name: str, module: nn.Module, mode: str, samplers: dict) -> str:

@@ -149,6 +149,8 @@ class Capturer:
         self._slots = {id(r): _slots(r) for r in rows}
         self.grad_stand_ins = grad_stand_ins  # ghost: the reweighted pass differentiates to the stand-ins
         self.stand_ins: list[tuple[nn.Parameter, Tensor]] = []  # the stand-ins that require grad, in ghost
+        self._replaced: dict[int, list[tuple[nn.Module, str, Tensor]]] = {}  # per unit in flight: what it held
+        self._watched: set[int] = set()  # ids of FSDP2's unsharded parameters with an outside-use hook
         self.on_refusal: Callable[[BaseException], None] = lambda err: None
         self._trace: BatchTrace | None = None  # which tensors of the forward in flight derive from the batch
         self._input_dims = 0  # of the model's first tensor input, in the forward in flight
@@ -189,6 +191,7 @@ class Capturer:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._watched.clear()
         self._attached = False
         self._end_forward()
         self.reset()
@@ -284,16 +287,28 @@ class Capturer:
         grad = self.grad_stand_ins or not any(
             t.requires_grad for t in pytree.tree_leaves(args) if isinstance(t, Tensor))
         made: dict[int, Tensor] = {}
+        replaced = []
         for owner, name, p in self._slots[id(row)]:
+            # The slot holds ``p``, or under FSDP2 the unsharded parameter gathered for this forward.
+            current = owner._parameters[name]
             if id(p) not in made:
-                made[id(p)] = p.detach().requires_grad_(grad) if p.requires_grad else p
+                made[id(p)] = current.detach().requires_grad_(grad) if p.requires_grad else current
                 if grad and self.grad_stand_ins and p.requires_grad:
                     self.stand_ins.append((p, made[id(p)]))
+                if current is not p and id(current) not in self._watched:
+                    self._watch(current, p)
+            replaced.append((owner, name, current))
             owner._parameters[name] = made[id(p)]
+        self._replaced[id(row)] = replaced
+
+    def _watch(self, gathered: Tensor, p: nn.Parameter) -> None:
+        """FSDP2 gathers ``p`` into one persistent unsharded parameter: a gradient reaching it is an outside use."""
+        self._watched.add(id(gathered))
+        self._handles.append(gathered.register_hook(partial(self._on_param_grad, p)))
 
     def _restore(self, row: LayerPlan) -> None:
-        for owner, name, p in self._slots.get(id(row), ()):
-            owner._parameters[name] = p
+        for owner, name, current in self._replaced.pop(id(row), ()):
+            owner._parameters[name] = current
 
     def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output):
         self._restore(row)

@@ -27,21 +27,30 @@ class Tiny(nn.Module):
         return self.head(self.norm(torch.tanh(self.mix(self.embed(x)))).mean(1))
 
 
+class TiedTiny(Tiny):
+    """The head shares the embedding's weight (a tied LM head), a module sharing the Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(8, V, bias=False)
+        self.head.weight = self.embed.weight
+
+
 def data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randint(0, V, (N, T), generator=g), torch.randint(0, CLASSES, (N,), generator=g),
                          torch.arange(N))
 
 
-def build(wrap: str, weights_seed: int = 1) -> nn.Module:
+def build(wrap: str, weights_seed: int = 1, tied: bool = False) -> nn.Module:
     torch.manual_seed(weights_seed)
-    model = Tiny()
+    model = TiedTiny() if tied else Tiny()
     if wrap == "ddp":
         return nn.parallel.DistributedDataParallel(model)
     if wrap == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in (model.embed, model.mix, model.head):
+        for layer in () if tied else (model.embed, model.mix, model.head):  # tied weights: one group
             fully_shard(layer)
         return fully_shard(model)
     return model
@@ -58,9 +67,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int = 3, q: float = 0.3, K: int = 1,
           clipping: str = "flat", reduction: str = "mean", secure: bool = False, seed: int = 7,
           noise_seed: int | None = 11, batch_size_per_rank: int | None = None, state: dict | None = None,
-          weights_seed: int = 1, loader: str = "dp") -> dict:
+          weights_seed: int = 1, loader: str = "dp", tied: bool = False) -> dict:
     """``steps`` private steps; returns each step's gradient and batch, the final weights, ε and the state."""
-    model = build("none" if wrap == "ddp-after" else wrap, weights_seed)
+    model = build("none" if wrap == "ddp-after" else wrap, weights_seed, tied)
     if state is not None:
         model.load_state_dict({(n if wrap == "ddp" else _name(n)): v for n, v in state["model"].items()})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.5)
@@ -86,6 +95,9 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
         model = nn.parallel.DistributedDataParallel(model)
     if state is not None:
         private.load_state_dict(state)
+    noised = []  # the sizes the noise mechanism is asked to noise
+    add = private.noise.add
+    private.noise.add = lambda t, *, std: (noised.append(t.numel()), add(t, std=std))[1]
     grads, batches = [], []
     for _, (x, y, i) in zip(range(steps), loader):
         if K > 1:
@@ -98,7 +110,8 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
     return {"grads": grads, "batches": batches, "params": {_name(n): _full(p) for n, p in model.named_parameters()},
             "epsilon": private.epsilon(1e-5) if sigma > 0 else None, "ledger": private.ledger.state_dict(),
             "sample_rate": private.sample_rate, "expected_batch_size": private.expected_batch_size,
-            "state": {**private.state_dict(), "model": model.state_dict()}, "clip": private.clipper.max_grad_norm}
+            "state": {**private.state_dict(), "model": model.state_dict()}, "clip": private.clipper.max_grad_norm,
+            "noised": noised}
 
 
 def sample(steps: int, q: float, secure: bool = False, seed: int = 3) -> list[list[int]]:
