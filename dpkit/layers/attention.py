@@ -169,6 +169,11 @@ def _same(*tensors: Tensor) -> bool:
                for t in tensors[1:])
 
 
+# Both read the attention weights' gradient too, and compute out_proj's parameters (a child forward never calls).
+grad_sampler.all_outputs = norm_sampler.all_outputs = True
+grad_sampler.covers_children = norm_sampler.covers_children = True
+
+
 @hookimpl
 def dpkit_grad_samplers() -> dict[type[nn.Module], GradSampler]:
     return {nn.MultiheadAttention: grad_sampler}

@@ -246,6 +246,10 @@ def norm_sampler(layer: Recurrent, activations: list, backprops: Tensor | Sequen
     return out
 
 
+# Both read (output, h_n[, c_n]) gradients: a model that reads h_n has it in the example's gradient.
+grad_sampler.all_outputs = norm_sampler.all_outputs = True
+
+
 @hookimpl
 def dpkit_grad_samplers() -> dict[type[nn.Module], GradSampler]:
     return {nn.RNN: grad_sampler, nn.GRU: grad_sampler, nn.LSTM: grad_sampler}
