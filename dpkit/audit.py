@@ -10,9 +10,10 @@ nothing about privacy (docs/auditing.md).
 
 Two tests, both on counts of right guesses:
 
-- **one-run** (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run", Thm. 5.2 and
-  App. D): if the run is (ε, δ)-DP, P[≥ v right of r guesses] ≤ P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ·α,
-  with α = max_i P[v-i ≤ Binomial < v] / i. It assumes nothing beyond (ε, δ)-DP.
+- **one-run** (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run", main theorem,
+  p-value as in their App. D): if the run is (ε, δ)-DP, P[≥ v right of r guesses] is at most
+  P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ·α, with α = max_i P[v-i ≤ Binomial < v] / i. It assumes nothing
+  beyond (ε, δ)-DP.
 - **f-DP** (Mahloujifar, Melis, Chaudhuri 2024, "Auditing f-Differential Privacy in One Run", their
   recursion with abstentions): tests the trade-off curve of μ-Gaussian DP, which is tighter; the largest μ
   refuted is reported as the epsilon of μ-GDP at delta. It refutes "the run is as private as a Gaussian
@@ -55,10 +56,10 @@ _MU_GRID = np.geomspace(1e-3, 100.0, 97)  # the μ the f-DP search tries first, 
 # --- the tests on counts -------------------------------------------------------------------------------------------
 
 def _check_counts(canaries: int, guesses: int, correct: int) -> None:
-    if not (isinstance(canaries, (int, np.integer)) and isinstance(guesses, (int, np.integer))
-            and isinstance(correct, (int, np.integer)) and 0 <= correct <= guesses <= canaries and canaries >= 1):
-        raise ValueError(f"need integers 0 <= correct <= guesses <= canaries, canaries >= 1; got canaries={canaries!r}, "
-                         f"guesses={guesses!r}, correct={correct!r}")
+    integers = all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in (canaries, guesses, correct))
+    if not (integers and 0 <= correct <= guesses <= canaries and canaries >= 1):
+        raise ValueError(f"need integers 0 <= correct <= guesses <= canaries, canaries >= 1; got "
+                         f"canaries={canaries!r}, guesses={guesses!r}, correct={correct!r}")
 
 
 def _check_level(confidence: float, delta: float) -> None:
@@ -71,7 +72,7 @@ def _check_level(confidence: float, delta: float) -> None:
 def one_run_p_value(canaries: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
     """The largest probability that an (ε, δ)-DP run lets ``correct`` or more of ``guesses`` guesses be right.
 
-    Steinke et al. (2023), Theorem 5.2: each of ``canaries`` canaries included independently with probability
+    Steinke et al. (2023), main theorem with δ: each of ``canaries`` canaries included independently with probability
     1/2; a guess is right when it names the canary's inclusion. A value below 1 - confidence refutes (ε, δ).
     """
     _check_counts(canaries, guesses, correct)
@@ -157,7 +158,7 @@ def fdp_mu(canaries: int, guesses: int, correct: int, confidence: float = 0.95) 
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
-    """ε at δ of μ-Gaussian DP (Dong, Roth, Su 2019, Cor. 2.13): δ(ε) = Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2)."""
+    """ε at δ of μ-GDP: δ = Φ(-ε/μ + μ/2) - e^ε Φ(-ε/μ - μ/2) solved for ε (Dong, Roth, Su 2019, Cor. 2.13)."""
     if not (mu >= 0 and math.isfinite(mu)):
         raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
     if not 0 < delta < 1:
@@ -318,8 +319,9 @@ class AuditReport:
             verdict = ("VIOLATION: the one-run lower bound exceeds the accountant's epsilon; the run leaks more than "
                        "it claims (check the noise plugin, the sampling and the accountant)")
         elif self.suspect:
-            verdict = ("SUSPECT: the f-DP lower bound exceeds the accountant's epsilon; unless this run's privacy "
-                       "curve is less Gaussian than DP-SGD's, it leaks more than it claims")
+            verdict = ("SUSPECT: the f-DP lower bound exceeds the accountant's epsilon: the run is less private than "
+                       "a Gaussian mechanism with that epsilon, which full-batch DP-SGD cannot be and subsampled "
+                       "DP-SGD should not be (the one-run bound assumes nothing; more canaries would settle it)")
         else:
             verdict = ("consistent: no lower bound exceeds the accountant's epsilon (this does not prove the run "
                        "private; see docs/auditing.md)")
@@ -349,7 +351,7 @@ class CanaryAudit:
         self.included = torch.rand(canaries, generator=generator) < 0.5
         starts = np.cumsum([0] + [p.numel() for p in private.params])
         owner = np.searchsorted(starts, picked.numpy(), side="right") - 1
-        # per parameter (by id): the canaries on it and their indices within the parameter
+        # per parameter (by id, the parameter kept so the id stays its own): its canaries, their indices in it
         self._where: dict[int, tuple[Any, Tensor, Tensor]] = {}
         for k, p in enumerate(private.params):
             mine = np.flatnonzero(owner == k)

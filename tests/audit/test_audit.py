@@ -31,7 +31,7 @@ def test_one_run_all_right_is_the_closed_form(guesses):
 
 
 def _p_value_exact(m: int, r: int, v: int, eps: float, delta: float) -> float:
-    """Theorem 5.2 of Steinke et al. in exact binomial sums (an independent computation of the same formula)."""
+    """Steinke et al.'s p-value (their App. D) in exact binomial sums: an independent computation of the formula."""
     p = Fraction(math.exp(eps) / (1 + math.exp(eps)))
     pmf = [math.comb(r, k) * p**k * (1 - p) ** (r - k) for k in range(r + 1)]
     beta = sum(pmf[v:])
