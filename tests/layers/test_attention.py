@@ -7,6 +7,7 @@ from torch import nn
 
 from dpkit.errors import UnsupportedLayerError
 from dpkit.layers import attention
+from test_recurrent import assert_step_matches_loop, plugins  # noqa: F401 (a fixture)
 
 E, HEADS, L, S = 4, 2, 3, 5
 
@@ -159,3 +160,40 @@ def test_dropout_is_refused_in_training():
         attention.grad_sampler(layer, args, g)
     layer.eval()
     assert attention.grad_sampler(layer, args, g).keys() == set(layer.parameters())
+
+
+# --- through the engine: one clipped step without noise equals a loop over examples -----------------------------
+
+NEEDS_CAPTURE_CHANGE = pytest.mark.xfail(
+    "dpkit.layers.attention" not in __import__("dpkit.registry").registry.BUILTIN_PLUGINS, strict=True,
+    reason="needs the plan to give the sampler out_proj's parameters and the capture every output's gradient")
+
+
+class Classifier(nn.Module):
+    """Self-attention over a sequence, mean-pooled; ``weights``: the attention weights enter the logits too."""
+
+    def __init__(self, batch_first=True, weights=False, **kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=batch_first, **kwargs)
+        self.fc = nn.Linear(E, 3)
+        self.batch_first, self.weights = batch_first, weights
+
+    def forward(self, x):
+        h = x if self.batch_first else x.transpose(0, 1)
+        pad = x[:, :, 0] > 1.0  # a key padding mask from the batch itself
+        out, w = self.attn(h, h, h, key_padding_mask=pad, need_weights=self.weights)
+        out = out if self.batch_first else out.transpose(0, 1)
+        logits = self.fc(out.mean(1))
+        return logits if w is None else logits + w.mean(1)[:, :3] * 3
+
+
+@NEEDS_CAPTURE_CHANGE
+@pytest.mark.parametrize("K,reduction", [(1, "sum"), (3, "mean")])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(batch_first=False, add_bias_kv=True), dict(weights=True)],
+                         ids=["batch-first", "sequence-first", "weights-used"])
+def test_modes_match_the_loop(plugins, kwargs, mode, K, reduction):
+    torch.manual_seed(0)
+    model = Classifier(**kwargs).double()
+    x = torch.randn(E, L, 4 * K, dtype=torch.double).permute(2, 1, 0)  # non-contiguous
+    assert_step_matches_loop(model, x, torch.randint(0, 3, (4 * K,)), mode=mode, K=K, reduction=reduction)
