@@ -1,26 +1,41 @@
-"""dpkit plugins for Hugging Face transformers layers: only hookimpls here, one module per layer family.
+"""dpkit plugins for Hugging Face transformers layers, and a private ``Trainer``: one module per layer family.
 
-Found through the entry point ``[project.entry-points.dpkit] transformers = "dpkit_transformers"``. Importing
-this package imports the layer classes (they are the table keys), so transformers loads only when dpkit's
-registry is first used, never at ``import dpkit``.
+Found through the entry point ``[project.entry-points.dpkit] transformers = "dpkit_transformers"``. The tables
+name the layer classes (``"package.module.Class"``) instead of importing them, so loading this plugin imports
+neither transformers nor peft: a name matches its class once a model that uses it has imported it. The Trainer
+integration (``DPTrainer``, ``PrivacyArguments``) imports transformers, on first use only.
 """
 from __future__ import annotations
 
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from transformers.models.t5.modeling_t5 import T5LayerNorm
-from transformers.pytorch_utils import Conv1D
+from typing import TYPE_CHECKING
 
 import dpkit
 from dpkit_transformers import conv1d, rms_norm
 
+if TYPE_CHECKING:
+    from dpkit_transformers.trainer import DPTrainer, PrivacyArguments
+
 __version__ = "0.1.0"
+__all__ = ["DPTrainer", "PrivacyArguments"]
+
+CONV1D = "transformers.pytorch_utils.Conv1D"  # GPT-2's linear layer, weight stored transposed
+RMS_NORMS = ("transformers.models.llama.modeling_llama.LlamaRMSNorm", "transformers.models.t5.modeling_t5.T5LayerNorm")
+
+
+def __getattr__(name: str) -> object:
+    """``DPTrainer`` and ``PrivacyArguments`` import transformers: load them when first asked for."""
+    if name in __all__:
+        from dpkit_transformers import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dpkit.hookimpl
 def dpkit_grad_samplers():
-    return {Conv1D: conv1d.grad_sampler, LlamaRMSNorm: rms_norm.grad_sampler, T5LayerNorm: rms_norm.grad_sampler}
+    return {CONV1D: conv1d.grad_sampler, **dict.fromkeys(RMS_NORMS, rms_norm.grad_sampler)}
 
 
 @dpkit.hookimpl
 def dpkit_norm_samplers():
-    return {Conv1D: conv1d.norm_sampler, LlamaRMSNorm: rms_norm.norm_sampler, T5LayerNorm: rms_norm.norm_sampler}
+    return {CONV1D: conv1d.norm_sampler, **dict.fromkeys(RMS_NORMS, rms_norm.norm_sampler)}
