@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""An LSTM classifier and a self-attention classifier, non-private and private, timed in one process.
+
+Every configuration of a model trains its own copy on the same fixed-size batches; the configurations take
+turns one step at a time (round-robin), so that a slow spell on a shared machine hits them alike, and the table
+gives the median step time, its ratio to non-private training, and the peak memory of one step on the CPU: the
+peak resident set size above the size before the step (``VmHWM`` after resetting it, glibc's mmap threshold fixed
+so that freed tensors leave the resident set).
+
+Private configurations: dpkit in ``--modes`` with the recurrent and attention samplers registered
+(``dpkit.layers.recurrent``, ``dpkit.layers.attention``), dpkit ``auto`` without them (the ``torch.func``
+fallback, as these layers ran before), and, if ``opacus`` is importable, Opacus with its ``DPLSTM`` and
+``DPMultiheadAttention``. All use σ = 1, C = 1, flat clipping, plain SGD. A configuration that refuses the model
+is listed with its error. This is a benchmark, not a test: it asserts nothing.
+
+    python contrib/benchmarks/bench_recurrent.py --batch 64 --seq 64 --rounds 10
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+
+if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":  # before torch allocates anything
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+import torch
+from torch import nn
+
+import dpkit
+from dpkit import registry
+from dpkit.layers import attention, recurrent
+
+sys.path.insert(0, os.path.dirname(__file__))
+from bench import _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402
+
+VOCAB, CLASSES = 5000, 10
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, d: int, lstm: type[nn.Module] = nn.LSTM):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, d)
+        self.rnn = lstm(d, d, batch_first=True)
+        self.fc = nn.Linear(d, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.emb(ids))
+        return self.fc(out[:, -1])
+
+
+class AttentionClassifier(nn.Module):
+    def __init__(self, d: int, heads: int = 4, mha: type[nn.Module] = nn.MultiheadAttention):
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, d)
+        self.attn = mha(d, heads, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, CLASSES)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        out, _ = self.attn(h, h, h, need_weights=False)
+        return self.fc(self.norm(h + out).mean(1))
+
+
+def _dpkit(model: nn.Module, mode: str, batch: int, samplers: bool):
+    registry.reset()
+    if samplers:
+        for module in (recurrent, attention):
+            if module.__name__ not in registry.BUILTIN_PLUGINS:
+                registry.register_plugin(module, name=module.__name__)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    private = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.01,
+                                 expected_batch_size=batch, noise_multiplier=1.0, max_grad_norm=1.0,
+                                 grad_sample_mode=mode, poisson_sampling=False, criterion=nn.CrossEntropyLoss())
+    criterion = private.criterion
+
+    def step(x, y):
+        with private.micro_batches():
+            opt.zero_grad()
+            criterion(model(x), y).backward()
+            opt.step()
+    return step
+
+
+def _opacus(model: nn.Module, batch: int):
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+
+    module = GradSampleModule(model)
+    opt = DPOptimizer(torch.optim.SGD(module.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=batch)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(x, y):
+        opt.zero_grad()
+        loss_fn(module(x), y).backward()
+        opt.step()
+    return step
+
+
+def _plain(model: nn.Module):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(x, y):
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str, object]:
+    """Label → step function (or the error that refused it), each on its own copy of one initial model."""
+    make = {"lstm": LSTMClassifier, "mha": AttentionClassifier}[name]
+    torch.manual_seed(0)
+    state = make(d).state_dict()
+
+    def fresh(**kwargs) -> nn.Module:
+        model = make(d, **kwargs)
+        model.load_state_dict(state, strict=False)
+        return model
+    out: dict[str, object] = {"non-private": _plain(fresh())}
+    builders = {f"dpkit {m}": (lambda m=m: _dpkit(fresh(), m, batch, True)) for m in modes}
+    builders["dpkit auto, torch.func fallback"] = lambda: _dpkit(fresh(), "auto", batch, False)
+    try:
+        from opacus.layers import DPLSTM, DPMultiheadAttention
+
+        layer = {"lstm": {"lstm": DPLSTM}, "mha": {"mha": DPMultiheadAttention}}[name]
+        builders[f"opacus hooks ({'DPLSTM' if name == 'lstm' else 'DPMultiheadAttention'})"] = \
+            lambda: _opacus(fresh(**layer), batch)
+    except ImportError:
+        pass
+    for label, build in builders.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[label] = build()
+        except Exception as err:  # reported in the table
+            out[label] = err
+    registry.reset()
+    return out
+
+
+def measure(configs: dict[str, object], x: torch.Tensor, y: torch.Tensor, warmup: int, rounds: int
+            ) -> dict[str, tuple[float, int] | str]:
+    """Median ms per step and peak memory of one step, the configurations taking turns."""
+    times: dict[str, list[float]] = {k: [] for k, v in configs.items() if callable(v)}
+    peaks: dict[str, int] = {}
+    failed: dict[str, str] = {k: f"refused: {type(v).__name__}: {' '.join(str(v).split())[:160]}"
+                              for k, v in configs.items() if not callable(v)}
+    for r in range(warmup + rounds):
+        for label in list(times):
+            step = configs[label]
+            base, reset = _rss_bytes(), _reset_peak_rss()
+            start = time.perf_counter()
+            try:
+                step(x, y)
+            except Exception as err:
+                failed[label] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+                del times[label]
+                continue
+            elapsed = time.perf_counter() - start
+            peak = _peak_rss_bytes(reset)[0] - base
+            if r >= warmup:
+                times[label].append(elapsed * 1e3)
+                peaks[label] = max(peaks.get(label, 0), peak)
+    return {**{k: (statistics.median(v), peaks[k]) for k, v in times.items()}, **failed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["lstm", "mha"], choices=["lstm", "mha"])
+    parser.add_argument("--modes", nargs="+", default=["hooks", "ghost", "bk", "auto"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, CPU, {args.threads} thread(s), batch {args.batch}, seq {args.seq}, "
+          f"dim {args.dim}, median of {args.rounds} steps after {args.warmup}")
+    for name in args.models:
+        torch.manual_seed(1)
+        x = torch.randint(0, VOCAB, (args.batch, args.seq))
+        y = torch.randint(0, CLASSES, (args.batch,))
+        results = measure(configurations(name, args.dim, args.batch, args.modes), x, y, args.warmup, args.rounds)
+        base = results["non-private"][0]
+        print(f"\n{name}\n{'configuration':<40} {'ms/step':>9} {'ratio':>7} {'peak MiB':>9}")
+        for label, res in results.items():
+            if isinstance(res, str):
+                print(f"{label:<40} {res}")
+            else:
+                print(f"{label:<40} {res[0]:9.1f} {res[0] / base:7.2f} {res[1] / 2**20:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
