@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-PLUGINS := plugins/dpkit-example-layer plugins/dpkit-transformers
+PLUGINS := plugins/dpkit-example-layer plugins/dpkit-transformers plugins/dpkit-timm
 
 .PHONY: test test-core test-plugins demo venv clean
 
@@ -31,6 +31,7 @@ $(BIN)/.plugins: $(BIN)/.installed $(wildcard plugins/*/pyproject.toml)
 test-plugins: $(BIN)/.plugins
 	$(BIN)/dpkit plugins | grep -q '^example_layer '
 	$(BIN)/dpkit plugins | grep -q '^transformers '
+	$(BIN)/dpkit plugins | grep -q '^timm '
 	$(BIN)/python -m pytest $(PYTEST_ARGS) $(foreach p,$(PLUGINS),$(p)/tests)
 
 demo: venv
