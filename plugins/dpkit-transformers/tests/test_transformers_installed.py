@@ -32,10 +32,13 @@ def test_dpkit_plugins_lists_it():
     assert "transformers.pytorch_utils.Conv1D" in report["modes"]["hooks"]
 
 
-def test_core_never_imports_transformers():
+def test_neither_core_nor_plugin_imports_transformers():
+    """The plugin's tables name its classes: loading it (every make_private, `dpkit epsilon`) imports nothing heavy."""
     code = ("import sys, dpkit, dpkit.cli; from dpkit import registry; registry.table('dpkit_grad_samplers'); "
-            "print('transformers' in sys.modules)")
-    env = {**os.environ, "DPKIT_DISABLE_PLUGIN_AUTOLOAD": "1"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "False"
+            "print(registry.plugin_manager().has_plugin('transformers'), 'transformers' in sys.modules, "
+            "'peft' in sys.modules)")
+    for switch, plugin in [("DPKIT_DISABLE_PLUGIN_AUTOLOAD", "False"), ("DPKIT_LOAD_PLUGINS", "True")]:
+        env = {**os.environ, switch: "1" if plugin == "False" else "dpkit-transformers"}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [plugin, "False", "False"]
