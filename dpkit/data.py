@@ -257,6 +257,15 @@ def split_batch(batch, max_rows: int) -> list:
     return out
 
 
+def _as_many_as_every_rank(batch, pieces: list) -> list:
+    """``pieces`` padded with empty ones to the most any rank has: FSDP2 gathers parameters at every forward, a
+    collective that every rank must join, and the ranks' local batches differ in size."""
+    most = torch.tensor([len(pieces)])
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    empty = pytree.tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, batch)
+    return pieces + [empty] * (int(most) - len(pieces))
+
+
 class BatchMemoryManager:
     """Split each (Poisson) batch into physical micro-batches of at most ``max_physical_batch_size`` examples.
 
@@ -284,6 +293,8 @@ class BatchMemoryManager:
         try:
             for index, batch in enumerate(self.private.data_loader):
                 pieces = split_batch(batch, self.max_rows)
+                if self.private.world_size > 1:
+                    pieces = _as_many_as_every_rank(batch, pieces)
                 self.private._batch_tag = (id(self), index)  # the pieces are one logical batch, whatever the loader
                 for i, piece in enumerate(pieces):
                     self.private._skip_step = i < len(pieces) - 1

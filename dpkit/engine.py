@@ -252,8 +252,16 @@ class PrivateTraining:
     def _check_sharding(self) -> None:
         """FSDP2 gathers a parameter for its unit's forward and frees it after: a sampler that reads records works,
         a unit recomputed with its parameters (torch.func, ExpandedWeights) would find them sharded."""
-        if not any(distributed.is_sharded(p) for p in self.module.parameters()):
+        sharded = [(n, p) for n, p in self.module.named_parameters() if distributed.is_sharded(p)]
+        if not sharded:
             return
+        odd = [n for n, p in sharded if p.device_mesh.ndim != 1 or p.device_mesh.size() != self.world_size
+               or [type(x).__name__ for x in p.placements] != ["Shard"] or p.placements[0].dim != 0]
+        if odd:
+            raise UnsupportedModuleError(
+                f"{odd[:5]} are DTensors sharded otherwise than along dim 0 over all ranks (FSDP2's "
+                "fully_shard layout): HSDP, tensor parallelism and 2-D meshes are not supported yet, since dpkit's "
+                "reduce-scatter and noise split assume that layout. Use fully_shard over one mesh dimension.")
         plan = getattr(self, "plan", None)
         recomputed = ([f"{row.name} ({row.type_name})" for row in plan if row.mode in ("functorch", "ew")]
                       if plan is not None else ["every layer"] if self.mode in ("functorch", "ew") else [])

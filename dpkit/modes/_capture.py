@@ -270,6 +270,7 @@ class Capturer:
         if rows == 0:  # ExpandedWeights refuses an empty batch; it contributes nothing anyway
             self._stand_in(row, module, args)
             return
+        self._replaced[id(row)] = [(module, name, p) for name, p in row.local_params.items()]
         for name, p in row.local_params.items():
             if hasattr(p, "grad_sample"):  # the last backward's, shown to the user; ExpandedWeights would add to it
                 del p.grad_sample
