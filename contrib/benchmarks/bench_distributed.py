@@ -4,8 +4,8 @@ Spawns ``--world`` ranks (gloo on 127.0.0.1, one torch thread each, or NCCL on o
 trains the GPT-style model of ``bench_models.py`` with each setting in turn, alternating, and reports per step:
 the median time, its ratio to the non-private run of the same wrapper, and the bytes of gradient communication
 (all-reduce and reduce-scatter payloads; FSDP2's parameter all-gathers are the same with and without dpkit and
-are counted apart). DDP's own reducer is counted through a comm hook, dpkit's and FSDP2's collectives by
-wrapping ``torch.distributed``'s functions. Peak memory is allocated tensor bytes (CUDA only).
+are counted apart). DDP's own reducer goes through a comm hook that calls ``torch.distributed.all_reduce``, so
+that one wrapper of ``torch.distributed``'s functions counts DDP's, FSDP2's and dpkit's collectives alike. Peak memory is allocated tensor bytes (CUDA only).
 
     python contrib/benchmarks/bench_distributed.py                  # 2 CPU ranks, GPT 2x128, batch 16x64
     python contrib/benchmarks/bench_distributed.py --world 3 --steps 8
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import inspect
 import os
 import socket
 import statistics
@@ -43,8 +44,11 @@ def _count_collectives(bytes_by_kind: collections.Counter) -> None:
         if original is None:
             continue
 
-        def counted(*args, _original=original, _name=name, **kwargs):
-            tensor = kwargs.get("input", kwargs.get("tensor", args[1] if _name != "all_reduce" else args[0]))
+        signature = inspect.signature(original)
+        payload = list(signature.parameters)[0 if name == "all_reduce" else 1]  # the tensor sent
+
+        def counted(*args, _original=original, _name=name, _sig=signature, _payload=payload, **kwargs):
+            tensor = _sig.bind(*args, **kwargs).arguments[_payload]
             if isinstance(tensor, torch.Tensor):
                 bytes_by_kind["gather" if _name == "all_gather_into_tensor" else "grad"] += (
                     tensor.numel() * tensor.element_size())
@@ -53,14 +57,11 @@ def _count_collectives(bytes_by_kind: collections.Counter) -> None:
         setattr(dist, name, counted)
 
 
-def _ddp_hook(counter: collections.Counter):
+def _ddp_hook(state, bucket):
+    """DDP's own all-reduce, through torch.distributed's Python function, so that the wrapper counts it."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    def hook(state, bucket):
-        counter["grad"] += bucket.buffer().numel() * bucket.buffer().element_size()
-        return default_hooks.allreduce_hook(state, bucket)
-
-    return hook
+    return default_hooks.allreduce_hook(state, bucket)
 
 
 def _model(wrap: str, args, device) -> nn.Module:
@@ -80,7 +81,7 @@ def _run(wrap: str, mode: str | None, args, device, counter: collections.Counter
 
     model = _model(wrap, args, device)
     if wrap == "ddp":
-        model.register_comm_hook(None, _ddp_hook(counter))
+        model.register_comm_hook(None, _ddp_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
     criterion = nn.CrossEntropyLoss()
     private = None
