@@ -31,6 +31,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
+    if name == "audit":  # a submodule imported on first use (numpy, scipy)
+        import importlib
+
+        return importlib.import_module("dpkit.audit")
     if name in ("get_epsilon", "get_noise_multiplier"):
         from dpkit import accounting
 

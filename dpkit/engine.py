@@ -647,6 +647,15 @@ class PrivateTraining:
             lines.append(f" {mark} {name:<12} epsilon = {eps}{note}")
         return "\n".join(lines)
 
+    def audit_report(self, delta: float, confidence: float = 0.95):
+        """The accountant's ε next to the lower bounds a :class:`dpkit.audit.CanaryAudit` measured on this run."""
+        from dpkit.audit import CanaryAudit
+
+        if not isinstance(self.noise, CanaryAudit):
+            raise PrivacyUsageError("no audit is attached to this run: call dpkit.audit.CanaryAudit.attach(private) "
+                                    "before training, then private.audit_report(delta) (see docs/auditing.md).")
+        return self.noise.report(delta, confidence)
+
     def _config(self) -> dict[str, Any]:
         return {"clipping": self.clipping, "noise": self.noise_name, "accountant": self.accountant,
                 "secure_mode": self.secure_mode}

@@ -480,3 +480,33 @@ def test_an_unexpected_error_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr(cli.plugins, "report", lambda: {}["missing"])
     code, out, err = run(capsys, "plugins")
     assert code == EXIT_NO and err == "dpkit plugins: error: unexpected KeyError: 'missing'\n"
+
+
+def test_audit_reports_both_bounds_below_the_accountant_and_exits_1_on_a_violation(capsys, monkeypatch):
+    assert cli.main(["audit", "--steps", "5", "--canaries", "200", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["one_run_epsilon"] < out["accountant_epsilon"] and not out["violated"]
+
+    from dpkit import audit
+
+    class Report:  # a violating audit, without training a broken plugin here (tests/audit does that)
+        violated, suspect, accountant_epsilon, steps = True, True, 1.0, 5
+        bounds = types.SimpleNamespace(one_run=types.SimpleNamespace(epsilon=4.0), fdp=types.SimpleNamespace(epsilon=6.0))
+
+        def __str__(self):
+            return "VIOLATION"
+
+    monkeypatch.setattr(audit, "bundled_audit", lambda **kw: Report())
+    assert cli.main(["audit"]) == EXIT_NO
+    assert "VIOLATION" in capsys.readouterr().out
+
+
+def test_audit_report_without_an_audit_says_how_to_attach_one():
+    model = nn.Linear(2, 2)
+    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data_loader=None, sample_rate=0.5, expected_batch_size=2, noise_multiplier=1.0,
+                                 max_grad_norm=1.0)
+    with pytest.raises(dpkit.PrivacyUsageError, match="CanaryAudit.attach"):
+        private.audit_report(1e-5)
+    private.detach()
+    assert dpkit.audit.CanaryAudit is not None

@@ -6,6 +6,7 @@
     dpkit check MODULE:FACTORY [--mode MODE ...] [--batch-size B] [--json]
     dpkit epsilon --sigma S --sample-rate Q --steps T --delta D [--accountant prv] [--json]
     dpkit noise --epsilon E --delta D --sample-rate Q (--steps T | --epochs N) [--accountant prv] [--json]
+    dpkit audit [--steps T] [--canaries M] [--noise-multiplier S] [--noise NAME] [--json]
 
 Why a command and not only an API: a user deciding between modes, or a plugin author checking that an
 installed package is picked up, wants the answer before writing a training loop. Each command is one module
@@ -13,7 +14,7 @@ of this package with ``add_parser(subparsers)``, which sets ``run(args) -> exit 
 module listed in ``COMMANDS``.
 
 Exit codes: 0 success; 1 "no" (a mode named with ``--mode`` refuses the model, no mode can train it, or an
-accountant could not answer); 2 bad arguments (also an ``--accountant`` no plugin provides); 3 the user's module
+accountant could not answer, or ``audit`` proved a violation); 2 bad arguments (also an ``--accountant`` no plugin provides); 3 the user's module
 or factory failed; 4 a plugin failed to load, or its hook or accountant raised. Every failure is one line on
 stderr, naming the plugin where one failed; none is a traceback.
 """
@@ -24,11 +25,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dpkit.cli import check, epsilon, noise, plugins
+from dpkit.cli import audit, check, epsilon, noise, plugins
 from dpkit.cli._common import EXIT_NO, EXIT_PLUGIN, CommandError, dpkit_version
 from dpkit.errors import PluginError
 
-COMMANDS = (plugins, check, epsilon, noise)
+COMMANDS = (plugins, check, epsilon, noise, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
