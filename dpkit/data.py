@@ -23,6 +23,7 @@ from torch.utils.data import (
 from dpkit.distributed import rank as dist_rank
 from dpkit.distributed import shared_seed
 from dpkit.distributed import world_size as dist_world_size
+from dpkit.errors import PrivacyUsageError
 
 if TYPE_CHECKING:
     from dpkit.engine import PrivateTraining
@@ -290,6 +291,10 @@ class BatchMemoryManager:
         return len(self.private.data_loader)
 
     def __iter__(self) -> Iterator[Any]:
+        if not self.private.attached or not self.private.enabled:
+            raise PrivacyUsageError(
+                "BatchMemoryManager over a controller that is detached or disabled: the steps would be neither "
+                "private nor counted. Call private.enable() (or make_private again after detach()) first.")
         try:
             for index, batch in enumerate(self.private.data_loader):
                 pieces = split_batch(batch, self.max_rows)

@@ -285,3 +285,16 @@ def test_disable_then_step_is_not_counted_and_enable_resumes():
     p.enable()
     train_step(p, x, y)
     assert p.steps == p.ledger.steps == 1
+
+
+@pytest.mark.parametrize("how", ["detach", "disable"])
+def test_batch_memory_manager_over_a_detached_or_disabled_controller_is_refused(how):
+    model = nn.Linear(4, 2)
+    loader = dpkit.DPDataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4), torch.randint(0, 2, (16,))),
+                                sample_rate=0.5, generator=torch.Generator().manual_seed(0))
+    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0)
+    getattr(private, how)()
+    with pytest.raises(PrivacyUsageError, match="neither private nor counted"):
+        for _ in dpkit.BatchMemoryManager(private, max_physical_batch_size=4):
+            pass
