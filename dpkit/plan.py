@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dpkit import registry
-from dpkit.errors import UnsupportedLayerError, UnsupportedModuleError
+from dpkit.errors import PrivacyUsageError, UnsupportedLayerError, UnsupportedModuleError
 from dpkit.modes import functorch as fn_mode
 
 MODES = ("hooks", "ghost", "bk", "functorch", "ew", "auto")
@@ -49,7 +49,7 @@ class LayerPlan:
     mode: str  # "hooks" | "functorch" | "ew" | "ghost" | "bk"
     provider: str
     params: dict[str, nn.Parameter]  # full dotted names
-    local_params: dict[str, nn.Parameter]  # attribute names on ``module`` (own parameters)
+    local_params: dict[str, nn.Parameter]  # names on ``module``: own, or dotted for a subtree sampler
     sampler: Callable | None = None
     norm_sampler: Callable | None = None
     norm_provider: str | None = None
@@ -98,27 +98,40 @@ class LayerPlan:
             params = {n: p for n, p in self.module.named_parameters() if p.requires_grad}
             return fn_mode.per_example_grads(self.module, params, args, kwargs, grads, rows, K, batch_first,
                                              unbatched)
-        return self.call(self.sampler, args, grads[0], K, batch_first)
+        return self.call(self.sampler, args, grads, K, batch_first)
 
-    def call(self, sampler: Callable, args: list, backprops: Tensor, K: int, batch_first: bool
+    def call(self, sampler: Callable, args: list, grads: list[Tensor | None], K: int, batch_first: bool
              ) -> dict[nn.Parameter, Tensor]:
         """Call a sampler of this layer in the batch-first layout samplers expect; keep own parameters.
 
+        ``grads`` are the gradients of the call's output tensors (``None`` where one got none). A sampler gets the
+        first, or all of them if it sets ``all_outputs = True`` (an LSTM's ``h_n`` and ``c_n``); one that reads the
+        first only is refused when another got a gradient, which it would leave out of the example's gradient.
         Under autocast a layer's inputs and output gradient can differ in dtype; both go to the wider one.
         """
+        every = getattr(sampler, "all_outputs", False)
+        if not every and (grads[0] is None or any(g is not None for g in grads[1:])):
+            raise PrivacyUsageError(
+                f"{self.name!r} ({self.type_name}): a gradient reached an output other than its first, and its "
+                "sampler reads the first output's gradient only, so the example's gradient would miss a part. Use "
+                "the first output only, or a sampler that sets all_outputs = True.")
         if not batch_first:
             args = [a.movedim(1, 0) if isinstance(a, Tensor) and a.dim() > 1 else a for a in args]
-            backprops = backprops.movedim(1, 0)
-        floats = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()] + [backprops]
+            grads = [grads[0].movedim(1, 0) if grads[0] is not None else None, *grads[1:]]
+        floats = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
+        floats += [g for g in grads if g is not None]
         if len({t.dtype for t in floats}) > 1:
             wide = functools.reduce(torch.promote_types, (t.dtype for t in floats))
             args = [a.to(wide) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args]
-            backprops = backprops.to(wide)
-        out = sampler(self.module, args, backprops, K)
+            grads = [g.to(wide) if g is not None else None for g in grads]
+        out = sampler(self.module, args, list(grads) if every else grads[0], K)
         # Keyed by what the module holds now: the parameter, or under FSDP2 the one gathered for its backward.
         own = {id(p): p for p in self.local_params.values()}
-        own.update({id(self.module._parameters[n]): p for n, p in self.local_params.items()
-                    if self.module._parameters.get(n) is not None})
+        for n, p in self.local_params.items():
+            path, _, leaf = n.rpartition(".")
+            current = self.module.get_submodule(path)._parameters.get(leaf)
+            if current is not None:
+                own[id(current)] = p
         return {own[id(k)]: g for k, g in out.items() if id(k) in own}
 
 
@@ -160,20 +173,27 @@ def build_plan(model: nn.Module, mode: str) -> Plan:
     missing: list[str] = []
 
     def visit(prefix: str, module: nn.Module) -> None:
-        local = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        full = {f"{prefix}{n}": p for n, p in local.items()}
         kind = layer_type(module)
         entry, norm = samplers.get(kind), norms.get(kind)
+        # A sampler that sets covers_children = True computes its children's parameters too (MultiheadAttention
+        # reads out_proj's weight without calling out_proj): its unit is the subtree, with dotted local names.
+        whole = any(getattr(e.value, "covers_children", False) for e in (entry, norm) if e is not None)
+        local = {n: p for n, p in module.named_parameters(recurse=whole) if p.requires_grad}
+        full = {f"{prefix}{n}": p for n, p in local.items()}
         name = prefix[:-1]
         if local and mode == "ew" and type(module) in EW_TYPES:
             rows.append(LayerPlan(name, module, "ew", "torch.nn.utils._expanded_weights", full, local))
         elif local and mode == "hooks" and entry is not None:
             rows.append(LayerPlan(name, module, "hooks", entry.provider, full, local, entry.value))
+            if whole:
+                return
         elif local and mode in NORM_MODES and (entry is not None or norm is not None):
             rows.append(LayerPlan(name, module, "bk" if mode == "auto" else mode,
                                   entry.provider if entry else norm.provider, full, local,
                                   entry.value if entry else None, norm.value if norm else None,
                                   norm.provider if norm else None))
+            if whole:
+                return
         elif local and mode == "auto":
             subtree = {f"{prefix}{n}": p for n, p in module.named_parameters() if p.requires_grad}
             rows.append(LayerPlan(name, module, "functorch", FALLBACK, subtree, local))

@@ -33,6 +33,8 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dpkit.layers.conv",
     "dpkit.layers.embedding",
     "dpkit.layers.normalization",
+    "dpkit.layers.recurrent",
+    "dpkit.layers.attention",
     "dpkit.clipping.flat",
     "dpkit.clipping.per_layer",
     "dpkit.clipping.automatic",

@@ -228,11 +228,16 @@ def _strided(x: Any) -> Any:
     return x.permute(dims).contiguous().permute(dims)
 
 
+def _first(out: Any) -> Any:
+    """A layer's first output (an LSTM's ``output``, attention's ``attn_output``): the one the checks differentiate."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _compare(hook, layer, sampler, args, B, K, kwargs, strided, tol, where) -> None:
     if strided:
         args = tuple(_strided(x) for x in args)
     try:
-        out = layer(*args, **kwargs)
+        out = _first(layer(*args, **kwargs))
     except Exception as err:
         hint = "; leave 0 out of batch_sizes if the layer cannot take an empty batch" if B == 0 else ""
         raise RuntimeError(f"{where}: the layer's own forward failed: {err}{hint}") from err
@@ -283,7 +288,7 @@ def _reference(layer, args, kwargs, backprops, B, K) -> dict[nn.Parameter, Tenso
     bp = backprops.double()
 
     def loss(params: dict[str, Tensor], rows: slice) -> Tensor:
-        return (functional_call(ref_layer, {**params, **state}, args, kwargs)[rows] * bp[rows]).sum()
+        return (_first(functional_call(ref_layer, {**params, **state}, args, kwargs))[rows] * bp[rows]).sum()
 
     params = {n: p.detach() for n, p in trainable.items()}
     grads = [torch.func.grad(loss)(params, slice(b * K, (b + 1) * K)) for b in range(B)]

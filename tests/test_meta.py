@@ -125,6 +125,12 @@ EXAMPLES: dict[type, tuple] = {
     nn.InstanceNorm2d: (lambda: nn.InstanceNorm2d(3, affine=True), torch.randn(2, 3, 3, 3), {"batch_sizes": (1, 3)}),
     nn.InstanceNorm3d: (lambda: nn.InstanceNorm3d(2, affine=True), torch.randn(2, 2, 2, 3, 2), {"batch_sizes": (1, 2)}),
     nn.RMSNorm: (lambda: nn.RMSNorm(4), torch.randn(2, 3, 4), {}),
+    nn.RNN: (lambda: nn.RNN(3, 4, num_layers=2, bidirectional=True, batch_first=True), torch.randn(2, 5, 3), {}),
+    nn.GRU: (lambda: nn.GRU(3, 4, num_layers=2, bidirectional=True, batch_first=True), torch.randn(2, 5, 3), {}),
+    nn.LSTM: (lambda: nn.LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True, proj_size=2),
+              torch.randn(2, 5, 3), {}),
+    nn.MultiheadAttention: (lambda: nn.MultiheadAttention(4, 2, batch_first=True, add_bias_kv=True),
+                            (torch.randn(2, 3, 4), torch.randn(2, 5, 4), torch.randn(2, 5, 4)), {}),
 }
 
 

@@ -100,7 +100,8 @@ def _dense(grad: Tensor) -> Tensor:
 def _slots(row: LayerPlan) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """Where the unit's forward reads each planned parameter: (module, attribute, parameter), every tied slot."""
     if row.uses_activations or row.mode == "ew":
-        return [(row.module, n, p) for n, p in row.local_params.items()]
+        return [(row.module.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], p)
+                for n, p in row.local_params.items()]
     planned = {id(p) for p in row.params.values()}
     return [(m, n, p) for m in row.module.modules() for n, p in m._parameters.items()
             if p is not None and id(p) in planned]
@@ -449,7 +450,7 @@ class Capturer:
             if self.keep_outputs and cap.row.norm_sampler is not None and not self._shared(cap):
                 # Ghost needs only norms from this pass: take them now and free the record.
                 with self.quiet():
-                    norms = cap.row.call(cap.row.norm_sampler, cap.args, cap.grads[0], self.K, cap.bdim == 0)
+                    norms = cap.row.call(cap.row.norm_sampler, cap.args, cap.grads, self.K, cap.bdim == 0)
                 cap.squares = {p: n.to(torch.promote_types(n.dtype, torch.float32)).square() for p, n in norms.items()}
                 cap.release()
             elif self.form_on_arrival is not None and self.form_on_arrival(cap) and not self._shared(cap):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dpkit.layers import contract, fold, reused_grams, upcast
+from dpkit.modes import functorch as fn_mode
 from dpkit.modes._capture import Capture, Capturer
 
 
@@ -66,7 +67,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
                 id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
             if by_norm:
                 with capturer.quiet():
-                    got = row.call(row.norm_sampler, cap.args, cap.grads[0], K, cap.bdim == 0)
+                    got = row.call(row.norm_sampler, cap.args, cap.grads, K, cap.bdim == 0)
                 for p, n in got.items():
                     if id(p) in by_norm:
                         add(squares, id(p), upcast(n).square())
@@ -115,7 +116,7 @@ def form_early(cap: Capture, K: int) -> bool:
     if cap.row.sampler is None:
         return True
     record = sum(a.numel() for a in cap.args if isinstance(a, Tensor) and a.is_floating_point())
-    record += cap.grads[0].numel()
+    record += sum(g.numel() for g in cap.grads if g is not None)
     return sum(p.numel() for p in cap.row.local_params.values()) * max(cap.rows // K, 1) <= record
 
 
@@ -192,24 +193,31 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
 def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.Parameter, Tensor]:
     """Σ over rows of each row's gradient times its weight, for the layer of one record."""
     row, bdim = cap.row, cap.bdim
-    g = cap.grads[0]
     direct = _direct_sum(row.sampler)
     if direct is not None:
         with capturer.quiet():
-            return row.call(functools.partial(_without_k, direct, weights=weights), cap.args, g, 1, bdim == 0)
-    shape = [1] * g.dim()
-    shape[bdim] = -1
-    # Weighted into a fresh contiguous tensor in one pass, so that the sampler's reshapes are views.
-    g = torch.mul(g, weights.to(g.dtype).reshape(shape), out=torch.empty(g.shape, dtype=g.dtype, device=g.device))
+            return row.call(functools.partial(_without_k, direct, weights=weights), cap.args, cap.grads, 1, bdim == 0)
+    dims = fn_mode.output_batch_dims(row.module, capturer.batch_first, cap.grads)
+    dims[0] = bdim
+    grads = [None if g is None else _weighted(g, weights, d) for g, d in zip(cap.grads, dims)]
+    g = grads[0]
     with capturer.quiet():
         if row.sampler is not None:
             # All rows as the K copies of one example: the sampler returns their sum, shape [1, *p.shape].
-            return {p: s[0] for p, s in row.call(row.sampler, cap.args, g, cap.rows, bdim == 0).items()}
+            return {p: s[0] for p, s in row.call(row.sampler, cap.args, grads, cap.rows, bdim == 0).items()}
         own = list(row.local_params.values())
         with torch.enable_grad():
             out = row.module(*cap.args)
             grads = torch.autograd.grad(out, own, g, allow_unused=True)
     return {p: s for p, s in zip(own, grads) if s is not None}
+
+
+def _weighted(g: Tensor, weights: Tensor, dim: int) -> Tensor:
+    """Each row of ``g`` (along ``dim``) times its weight, into a fresh contiguous tensor in one pass, so that the
+    sampler's reshapes are views."""
+    shape = [1] * g.dim()
+    shape[dim] = -1
+    return torch.mul(g, weights.to(g.dtype).reshape(shape), out=torch.empty(g.shape, dtype=g.dtype, device=g.device))
 
 
 def _without_k(direct, layer: nn.Module, activations: list, backprops: Tensor, K: int, *, weights: Tensor):

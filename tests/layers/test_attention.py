@@ -164,11 +164,6 @@ def test_dropout_is_refused_in_training():
 
 # --- through the engine: one clipped step without noise equals a loop over examples -----------------------------
 
-NEEDS_CAPTURE_CHANGE = pytest.mark.xfail(
-    "dpkit.layers.attention" not in __import__("dpkit.registry").registry.BUILTIN_PLUGINS, strict=True,
-    reason="needs the plan to give the sampler out_proj's parameters and the capture every output's gradient")
-
-
 class Classifier(nn.Module):
     """Self-attention over a sequence, mean-pooled; ``weights``: the attention weights enter the logits too."""
 
@@ -187,7 +182,6 @@ class Classifier(nn.Module):
         return logits if w is None else logits + w.mean(1)[:, :3] * 3
 
 
-@NEEDS_CAPTURE_CHANGE
 @pytest.mark.parametrize("K,reduction", [(1, "sum"), (3, "mean")])
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(batch_first=False, add_bias_kv=True), dict(weights=True)],
