@@ -67,7 +67,7 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int = 3, q: float = 0.3, K: int = 1,
           clipping: str = "flat", reduction: str = "mean", secure: bool = False, seed: int = 7,
           noise_seed: int | None = 11, batch_size_per_rank: int | None = None, state: dict | None = None,
-          weights_seed: int = 1, loader: str = "dp", tied: bool = False) -> dict:
+          weights_seed: int = 1, loader: str = "dp", tied: bool = False, physical: int | None = None) -> dict:
     """``steps`` private steps; returns each step's gradient and batch, the final weights, ε and the state."""
     model = build("none" if wrap == "ddp-after" else wrap, weights_seed, tied)
     if state is not None:
@@ -99,14 +99,22 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
     add = private.noise.add
     private.noise.add = lambda t, *, std: (noised.append(t.numel()), add(t, std=std))[1]
     grads, batches = [], []
-    for _, (x, y, i) in zip(range(steps), loader):
+    pieces = dpkit.BatchMemoryManager(private, physical) if physical else None
+    batch: list[int] = []
+    for x, y, i in pieces if pieces else loader:
         if K > 1:
             x, y = x.repeat_interleave(K, 0), y.repeat_interleave(K, 0)
         optimizer.zero_grad()
         criterion(model(x), y).backward()
         optimizer.step()
+        batch += i.tolist()
+        if pieces and private._skip_step:
+            continue  # a virtual step: the batch goes on
         grads.append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
-        batches.append(i.tolist())
+        batches.append(batch)
+        batch = []
+        if len(batches) == steps:
+            break
     return {"grads": grads, "batches": batches, "params": {_name(n): _full(p) for n, p in model.named_parameters()},
             "epsilon": private.epsilon(1e-5) if sigma > 0 else None, "ledger": private.ledger.state_dict(),
             "sample_rate": private.sample_rate, "expected_batch_size": private.expected_batch_size,
