@@ -23,9 +23,11 @@ test: test-core test-plugins
 test-core: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
-# The plugin packages install like any third-party plugin (entry points), so the tutorial cannot rot.
+# The plugin packages install like any third-party plugin (entry points), so the tutorial cannot rot. The
+# transformers plugin's test extra brings peft and accelerate (DPTrainer, LoRA); timm's would bring a CUDA
+# torchvision over the CPU torch, so its tests skip unless timm is installed by hand.
 $(BIN)/.plugins: $(BIN)/.installed $(wildcard plugins/*/pyproject.toml)
-	$(BIN)/pip install -q $(foreach p,$(PLUGINS),-e $(p))
+	$(BIN)/pip install -q $(foreach p,$(PLUGINS),-e "$(p)$(if $(findstring transformers,$(p)),[test])")
 	touch $@
 
 test-plugins: $(BIN)/.plugins
