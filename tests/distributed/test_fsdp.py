@@ -17,6 +17,8 @@ VARIANTS = {
     "fsdp-ghost-tied": {"wrap": "fsdp", "mode": "ghost", "tied": True},
     "fsdp-auto-noisy": {"wrap": "fsdp", "mode": "auto", "sigma": 2.0},
     "fsdp-auto-clean": {"wrap": "fsdp", "mode": "auto", "sigma": 0.0},
+    "fsdp-straight": {"wrap": "fsdp", "mode": "bk", "sigma": 1.0, "steps": 4, "q": 0.2},
+    "fsdp-first-half": {"wrap": "fsdp", "mode": "bk", "sigma": 1.0, "steps": 2, "q": 0.2},
     "fsdp-functorch": {"wrap": "fsdp", "mode": "functorch"},
     "fsdp-ew": {"wrap": "fsdp", "mode": "ew"},
 }
@@ -25,16 +27,20 @@ VARIANTS = {
 def _many(variants):
     from tests.distributed._workers import many
 
-    return many([("train", v) for v in variants])
+    out = many([("train", v) for v in variants])
+    half = out[list(VARIANTS).index("fsdp-first-half")]  # resume it for 2 more steps, on every rank
+    resumed = {**VARIANTS["fsdp-first-half"], "state": half["state"]}
+    return out + many([("train", resumed)])
 
 
 @pytest.fixture(scope="module")
 def two():
-    return dict(zip(VARIANTS, zip(*_launch.run(_many, 2, list(VARIANTS.values())))))
+    return dict(zip([*VARIANTS, "fsdp-resumed"], zip(*_launch.run(_many, 2, list(VARIANTS.values())))))
 
 
 @pytest.mark.parametrize("name", [n for n, v in VARIANTS.items()
-                                  if not v.get("sigma") and v["mode"] not in ("functorch", "ew")])
+                                  if not v.get("sigma") and v["mode"] not in ("functorch", "ew")
+                                  and n != "fsdp-auto-clean"])
 def test_fsdp_step_equals_one_process(two, name):
     single = {k: v for k, v in VARIANTS[name].items() if k != "wrap"}
     ref = train(wrap="none", **single)
@@ -65,3 +71,10 @@ def test_each_rank_noises_only_its_shard_with_std_sigma_c(two):
 def test_modes_that_recompute_from_parameters_are_refused_under_fsdp(two, name):
     for res in two[name]:
         assert isinstance(res, UnsupportedModuleError) and "FSDP2" in str(res), res
+
+
+def test_a_resumed_fsdp_run_equals_an_uninterrupted_one_bit_for_bit(two):
+    for straight, resumed in zip(two["fsdp-straight"], two["fsdp-resumed"]):
+        assert len(straight["batches"]) == 4 and resumed["ledger"] == straight["ledger"]
+        for n, p in straight["params"].items():
+            assert torch.equal(p, resumed["params"][n]), n
