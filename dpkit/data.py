@@ -1,6 +1,7 @@
 """Data for DP training: Poisson-sampled batches, K augmented copies, physical micro-batches."""
 from __future__ import annotations
 
+import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -188,6 +189,94 @@ class DPDataLoader(DataLoader):
                    worker_init_fn=loader.worker_init_fn, timeout=loader.timeout,
                    prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
                    persistent_workers=loader.persistent_workers)
+
+
+
+class CyclicPoissonBatchSampler(PoissonBatchSampler):
+    """Cyclic Poisson sampling (Choquette-Choo et al. 2023): the data split into ``cycle_length`` fixed groups,
+    step ``t`` Poisson-samples group ``t mod cycle_length`` at ``group_sample_rate``.
+
+    Any two batches an example can join are ``cycle_length`` steps apart, which BandMF's amplified accounting
+    needs. The partition is a random permutation from a saved seed, so it is data-independent and survives a
+    resume; the position in the cycle is saved too (also in secure mode, where the draws themselves are not).
+    ``sample_rate`` is the expected fraction of the dataset per step, ``group_sample_rate / cycle_length``.
+    """
+
+    def __init__(self, num_samples: int, group_sample_rate: float, cycle_length: int, steps: int | None = None,
+                 generator: torch.Generator | None = None, secure_mode: bool = False):
+        if isinstance(cycle_length, bool) or not isinstance(cycle_length, int) or cycle_length < 1:
+            raise ValueError(f"cycle_length must be an int >= 1, got {cycle_length!r}")
+        if num_samples < cycle_length:
+            raise ValueError(f"{num_samples} examples cannot form {cycle_length} groups")
+        if not 0 < group_sample_rate <= 1:
+            raise ValueError(f"group_sample_rate must be in (0, 1], got {group_sample_rate}")
+        super().__init__(num_samples, group_sample_rate / cycle_length, steps=steps, generator=generator,
+                         secure_mode=secure_mode)
+        self.group_sample_rate, self.cycle_length = group_sample_rate, cycle_length
+        self.position = 0  # batches drawn since the start: the next batch samples group position mod cycle_length
+        self._partition(int(torch.randint(0, 2**62, (), generator=self.generator).item()) if self.generator
+                        else int.from_bytes(os.urandom(8), "little") >> 2)
+
+    def _partition(self, seed: int) -> None:
+        self.partition_seed = seed
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed))
+        self.groups = [order[g::self.cycle_length].sort().values for g in range(self.cycle_length)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.steps):
+            members = self.groups[self.position % self.cycle_length]
+            self.position += 1
+            if self.secure_mode:
+                from dpkit import secure
+
+                yield members[secure.uniform(members.numel()) < self.group_sample_rate].tolist()
+            else:
+                yield members[torch.rand(members.numel(), generator=self.generator) < self.group_sample_rate].tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "position": self.position, "partition_seed": self.partition_seed,
+                "cycle_length": self.cycle_length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("cycle_length") != self.cycle_length:
+            raise ValueError(f"the sampler state has cycle_length {state.get('cycle_length')!r}, this loader "
+                             f"{self.cycle_length}")
+        super().load_state_dict(state)
+        self.position = int(state["position"])
+        self._partition(int(state["partition_seed"]))
+
+
+class CyclicPoissonLoader(DPDataLoader):
+    """A :class:`DPDataLoader` with cyclic Poisson batches (:class:`CyclicPoissonBatchSampler`): what
+    ``noise="bandmf"`` requires, with ``cycle_length`` at least its bands. Expected batch size
+    ``group_sample_rate · N / cycle_length``; one process only.
+    """
+
+    def __init__(self, dataset: Dataset, group_sample_rate: float, cycle_length: int, *,
+                 collate_fn: Callable | None = None, generator: torch.Generator | None = None,
+                 steps: int | None = None, secure_mode: bool = False, **kwargs):
+        collate = collate_fn or default_collate
+        if isinstance(dataset, Multiplicity):
+            collate = collate_copies(collate)
+        sampler = CyclicPoissonBatchSampler(len(dataset), group_sample_rate, cycle_length, steps=steps,
+                                            generator=generator, secure_mode=secure_mode)
+        self.sample_rate, self.group_sample_rate, self.cycle_length = (sampler.sample_rate, group_sample_rate,
+                                                                       cycle_length)
+        self.secure_mode = secure_mode
+        self.batches_drawn = 0
+        self._handed: dict[int, tuple[weakref.ref, int]] = {}
+        self.world_size = 1
+        DataLoader.__init__(self, dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(dataset, collate),
+                            **kwargs)
+
+    @classmethod
+    def from_batch_size(cls, dataset: Dataset, batch_size: float, cycle_length: int, **kwargs) -> CyclicPoissonLoader:
+        """Expected batch size ``batch_size``: group rate ``batch_size · cycle_length / N`` (at most 1)."""
+        rate = batch_size * cycle_length / len(dataset)
+        if rate > 1:
+            raise ValueError(f"batch_size={batch_size} is more than a group of {len(dataset) // cycle_length} "
+                             "examples holds; lower it or the cycle length.")
+        return cls(dataset, rate, cycle_length, **kwargs)
 
 
 def _shared_generator(generator: torch.Generator | None) -> torch.Generator:

@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dpkit.clipping.automatic",
     "dpkit.clipping.adaptive",
     "dpkit.noise.gaussian",
+    "dpkit.noise.bandmf",
     "dpkit.accountants.rdp",
     "dpkit.accountants.prv",
     "dpkit.accountants.gdp",
