@@ -80,7 +80,13 @@ class NoiseMechanism(Protocol):
     """Privatizes the clipped sum; owns its random generator.
 
     ``add`` gets a flat temporary that the engine owns (all parameters of one device and dtype) and may
-    write the noise into it in place; it returns the noisy tensor.
+    write the noise into it in place; it returns the noisy tensor. Each buffer gets one ``add`` per step, in
+    the same order every step, so a mechanism with memory across steps (``"bandmf"``) keeps it per buffer;
+    ``dp_event`` is called once per released step, after its ``add`` calls.
+
+    A mechanism whose privacy is not DP-SGD's may also define ``check_loader(loader)``, which raises unless
+    the data loader samples as its accounting assumes, and ``calibrate(*, target_epsilon, target_delta,
+    steps, accountant)``, the noise multiplier for a target ε (see docs/correlated-noise.md).
     """
 
     def add(self, clipped_sum: Tensor, *, std: float) -> Tensor: ...
