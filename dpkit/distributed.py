@@ -124,6 +124,20 @@ def is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
+def reshard(module: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back where a forward without a backward (evaluation under no_grad) left the
+    gathered ones, so that the model's parameters are the planned ones again; FSDP2 gathers them at the next
+    forward."""
+    wrapped = [m for m in module.modules() if type(m).__name__.startswith("FSDP")]  # no FSDP import otherwise
+    if not wrapped:
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in wrapped:
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def reduce_scattered(full: Tensor, p: nn.Parameter) -> Tensor:
     """The sum over ranks of ``full`` (shaped like ``p``), cut to this rank's shard of ``p`` along dim 0.
 

@@ -382,6 +382,7 @@ class PrivateTraining:
 
     # -- checks at every forward and step ----------------------------------------------
     def _trainable(self) -> list[nn.Parameter]:
+        distributed.reshard(self.module)  # FSDP2 leaves gathered parameters in place after a no_grad forward
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def _trainable_change(self) -> str | None:

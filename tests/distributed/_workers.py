@@ -67,7 +67,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int = 3, q: float = 0.3, K: int = 1,
           clipping: str = "flat", reduction: str = "mean", secure: bool = False, seed: int = 7,
           noise_seed: int | None = 11, batch_size_per_rank: int | None = None, state: dict | None = None,
-          weights_seed: int = 1, loader: str = "dp", tied: bool = False, physical: int | None = None) -> dict:
+          weights_seed: int = 1, loader: str = "dp", tied: bool = False, physical: int | None = None,
+          evaluate: bool = False) -> dict:
     """``steps`` private steps; returns each step's gradient and batch, the final weights, ε and the state."""
     model = build("none" if wrap == "ddp-after" else wrap, weights_seed, tied)
     if state is not None:
@@ -112,6 +113,9 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
             continue  # a virtual step: the batch goes on
         grads.append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
         batches.append(batch)
+        if evaluate:  # a forward without backward between steps (FSDP2 leaves the root's parameters gathered)
+            with torch.no_grad():
+                model(x)
         batch = []
         if len(batches) == steps:
             break

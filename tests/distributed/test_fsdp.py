@@ -14,6 +14,7 @@ VARIANTS = {
     "fsdp-bk-per_layer": {"wrap": "fsdp", "mode": "bk", "clipping": "per_layer"},
     "fsdp-auto-sum": {"wrap": "fsdp", "mode": "auto", "reduction": "sum"},
     "fsdp-bk-tied": {"wrap": "fsdp", "mode": "bk", "tied": True},
+    "fsdp-bk-evaluated": {"wrap": "fsdp", "mode": "bk", "evaluate": True},
     "fsdp-ghost-tied": {"wrap": "fsdp", "mode": "ghost", "tied": True},
     "fsdp-auto-noisy": {"wrap": "fsdp", "mode": "auto", "sigma": 2.0},
     "fsdp-auto-clean": {"wrap": "fsdp", "mode": "auto", "sigma": 0.0},
