@@ -2,7 +2,7 @@
 
 Two tasks on scikit-learn's digits, with digits.py's model and optimizer (SGD, momentum 0.9, automatic clipping):
 
-* ``demo``: digits.py's run (expected batch 256, 30 epochs: 168 steps), BandMF with 4 bands;
+* ``demo``: digits.py's run (expected batch 256, 30 epochs: 180 steps), BandMF with 4 bands;
 * ``many``: a many-step run (expected batch 16, 25 epochs: 2,250 steps), BandMF with 16 bands.
 
 DP-SGD samples Poisson batches at q = B/N over the whole data; BandMF samples cyclically (``b`` groups, one per
