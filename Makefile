@@ -8,7 +8,7 @@ PYTEST_ARGS ?= -n 2
 
 PLUGINS := plugins/dpkit-example-layer plugins/dpkit-transformers plugins/dpkit-timm
 
-.PHONY: test test-core test-plugins demo venv clean
+.PHONY: test test-core test-plugins demo bench venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test-plugins: $(BIN)/.plugins
 
 demo: venv
 	$(BIN)/python contrib/examples/digits.py
+
+# A quick CPU table (about 2 minutes): the GPT-style model and the convnet, non-private and in dpkit's main modes
+# (Opacus as a column when installed), saved as one file per run under contrib/benchmarks/results/.
+bench: venv
+	$(BIN)/python contrib/benchmarks/bench.py --model cpu-small --steps 5 --warmup 2 --threads 1 \
+		--modes auto,bk,ghost,hooks --opacus | tee contrib/benchmarks/results/bench-cpu-small-$$(git rev-parse --short HEAD).md
 
 clean:
 	rm -rf $(VENV) build *.egg-info
