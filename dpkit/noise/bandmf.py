@@ -130,8 +130,9 @@ class BandMF:
     @classmethod
     def configure(cls, bands: int, coefficients: Sequence[float] | None = None) -> None:
         """Sets what ``noise="bandmf"`` builds from now on (until the engine passes factory arguments itself)."""
-        cls.default = BandMFConfig(bands, coefficients)
-        cls.default.resolved()
+        config = BandMFConfig(bands, coefficients)
+        config.resolved()  # bad coefficients fail here, leaving the default as it was
+        cls.default = config
 
     @property
     def seed(self) -> int | None:
