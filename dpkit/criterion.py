@@ -94,6 +94,13 @@ class DPLoss:
     def item(self) -> float:
         return self.value.item()
 
+    def __iter__(self):
+        # GradScaler.scale takes anything iterable for a list of losses: say what to do instead of its ValueError.
+        raise PrivacyUsageError(
+            "a dpkit loss is not a tensor, so GradScaler.scale cannot scale it on its own. Pass the scaler to "
+            "make_private(grad_scaler=scaler): scaler.scale(loss) then scales the per-example losses, and dpkit "
+            "divides the loss scale out before clipping (docs/mixed-precision.md).")
+
     def __float__(self) -> float:
         return self.item()
 

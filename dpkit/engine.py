@@ -22,7 +22,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.utils.data import DataLoader
 
-from dpkit import distributed, registry
+from dpkit import amp, distributed, registry
 from dpkit.accountants._base import _real
 from dpkit.criterion import DPCriterion, DPLoss
 from dpkit.data import DPDataLoader, PoissonBatchSampler, check_loader
@@ -30,7 +30,7 @@ from dpkit.errors import PluginOverrideWarning, PrivacyUsageError, UnsupportedMo
 from dpkit.events import ClipEvent, ComposedEvent, DpEvent, Ledger, NoOpEvent, PoissonSampledEvent
 from dpkit.modes import bk, ghost
 from dpkit.modes._capture import Capturer
-from dpkit.optimizer import StepAccumulator, privatize
+from dpkit.optimizer import NonFiniteGradientError, StepAccumulator, privatize
 from dpkit.plan import MIXING, MODES, NORM_MODES, build_plan, layer_type
 
 _ATTACHED: weakref.WeakSet[PrivateTraining] = weakref.WeakSet()  # controllers with hooks on a model
@@ -107,7 +107,7 @@ class PrivateTraining:
                  accountant: str = "prv", augmentation_multiplicity: int = 1, poisson_sampling: bool = True,
                  loss_reduction: str = "mean", batch_first: bool = True, criterion: nn.Module | None = None,
                  secure_mode: bool = False, noise_seed: int | None = None, sample_rate: float | None = None,
-                 expected_batch_size: float | None = None):
+                 expected_batch_size: float | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         K = augmentation_multiplicity
         _check_objects(module, optimizer, noise_seed)
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
@@ -146,6 +146,15 @@ class PrivateTraining:
         self._step_batch: object = None  # the logical batch the step's first backward pass came from
         self._batch_tag: object = None  # the logical batch declared in flight (BatchMemoryManager, micro_batches)
         self._refused: str | None = None  # why a backward pass of this step was refused
+        self._pass_dropped = False  # the backward pass in flight was dropped for a loss-scale overflow
+        self.scaler = amp.ScalerLink(grad_scaler, lambda: self.enabled) if grad_scaler is not None else None
+        if self.scaler is not None and self.world_size > 1:
+            raise PrivacyUsageError(
+                "grad_scaler= under torch.distributed is not supported yet: a loss-scale overflow on one rank "
+                "would skip the step there while the other ranks wait in the noised all-reduce. Use bf16 autocast "
+                "without a scaler (docs/mixed-precision.md).")
+        self._dropped: object = None  # the logical batch dropped for a loss-scale overflow, until the next one
+        self.overflow_skips = 0  # batches dropped for a loss-scale overflow (the scaler skipped their step)
         self.norm_mode = grad_sample_mode in NORM_MODES
         self._ghost_factors: tuple[torch.Tensor, torch.Tensor] | None = None
         self._in_ghost_backward = False
@@ -310,6 +319,8 @@ class PrivateTraining:
                          self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step)]
         self.capturer.attach()
+        if self.scaler is not None:
+            self.scaler.attach()
         for owner in (self.optimizer, self.module):
             original = owner.zero_grad
 
@@ -341,6 +352,8 @@ class PrivateTraining:
     def detach(self) -> None:
         """Remove every hook; the model and optimizer are as before ``make_private``."""
         self.capturer.detach()
+        if self.scaler is not None:
+            self.scaler.detach()
         for handle in self._handles:
             handle.remove()
         self._handles = []
@@ -468,13 +481,15 @@ class PrivateTraining:
         self.accumulator.reset()
         self._drop_grad_samples()
         self._refused = None
+        if self._batch_tag is None:  # a batch split into micro-batches stays dropped until its last one
+            self._dropped = None
 
     def _drop_grad_samples(self) -> None:
         for p in self.params:
             if hasattr(p, "grad_sample"):
                 del p.grad_sample
 
-    def _admit_pass(self) -> None:
+    def _admit_pass(self) -> object:
         """One backward pass's clipped sum may join the step only if it comes from the step's logical batch."""
         # Which batch: the loader's word for the tensors the forwards read, else the declared batch, else the
         # loader's last batch handed out. A declaration never overrides what the loader knows.
@@ -503,6 +518,7 @@ class PrivateTraining:
                 "effective batch raise the batch size, and use dpkit.BatchMemoryManager to split each batch into "
                 "micro-batches that fit in memory.")
         self._after_virtual = False
+        return batch
 
     def _on_backward_end(self, result, rows: int) -> None:
         crit_rows = self.criterion.rows if self.criterion is not None else None
@@ -511,28 +527,52 @@ class PrivateTraining:
         if crit_rows is not None and crit_rows != rows:
             raise PrivacyUsageError(f"the loss has {crit_rows} rows but the model's layers saw {rows}; "
                                     "compute the loss on the same batch the model saw.")
+        loss_scale = self.scaler.start_pass() if self.scaler is not None else 1.0
+        self._pass_dropped = False
         if self.norm_mode:
             self._clip_records(result, rows)
             return
-        self._admit_pass()
+        batch = self._admit_pass()
+        if not self._admit(batch):
+            return
+        if loss_scale != 1:
+            for p in list(result):  # one at a time, so the scaled gradient is freed before the next is divided
+                result[p] = result[p] / loss_scale
         before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
-        norms, factors, per_example = self.accumulator.add_backward(result, rows)
+        try:
+            norms, factors, per_example = self.accumulator.add_backward(result, rows)
+        except NonFiniteGradientError as err:
+            self._overflow(err, batch)
+            return
         for p, g in per_example.items():
             p.grad_sample = g
         if before is not None:
             self._notify(norms, factors, per_example, before)
+        self._show_scaler()
 
     def _clip_records(self, records, rows: int) -> None:
         batch = rows // self.K
-        self._admit_pass()
-        norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
-        scale = rows if self.loss_reduction == "mean" else 1  # the records hold the mean loss's gradients
-        clipper_norms, factors = self.accumulator.clip_factors(norms * scale)
+        loss_scale = self.scaler.scale if self.scaler is not None else 1.0
+        if self.mode == "ghost" and not self._in_ghost_backward:
+            raise PrivacyUsageError(
+                "grad_sample_mode='ghost' reweights per-example losses in a second backward pass, so the loss "
+                "must come from private.criterion (make_private(criterion=...)); call loss.backward() on it.")
+        tag = self._admit_pass()
+        if self._admit(tag):
+            norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
+            # The records hold the gradients of the loss as back-propagated: the mean's (times rows gives the
+            # sum's) times a GradScaler's scale, divided out here, before any norm is compared with C.
+            scale = (rows if self.loss_reduction == "mean" else 1) / loss_scale
+            try:
+                clipper_norms, factors = self.accumulator.clip_factors(norms * scale)
+            except NonFiniteGradientError as err:
+                self._overflow(err, tag)
+        if self._pass_dropped:
+            if self.mode == "ghost":  # the reweighting pass still runs, with weight 0, to consume the forward
+                zero = torch.zeros(batch, device=self.params[0].device)
+                self._ghost_factors = (zero, zero)
+            return
         if self.mode == "ghost":
-            if not self._in_ghost_backward:
-                raise PrivacyUsageError(
-                    "grad_sample_mode='ghost' reweights per-example losses in a second backward pass, so the loss "
-                    "must come from private.criterion (make_private(criterion=...)); call loss.backward() on it.")
             self._ghost_factors = (clipper_norms, factors)
             return
         sums = bk.record_sums(records, self.params, factors * scale, self.K, materialised, self.capturer)
@@ -540,6 +580,34 @@ class PrivateTraining:
         self.accumulator.add(sums, batch)
         if before is not None:
             self._notify(clipper_norms, factors, None, before)
+        self._show_scaler()
+
+    # -- loss scaling (GradScaler) -------------------------------------------------------
+    def _admit(self, batch: object) -> bool:
+        """Whether a backward pass joins the step: not if its logical batch was dropped for an overflow, since a
+        step over the batch's other micro-batches would be a step over a data-dependent part of it."""
+        if self._dropped is not None and self._dropped == batch:
+            self._pass_dropped = True
+            self.scaler.show(self.params, overflow=True)
+            return False
+        self._dropped = None
+        return True
+
+    def _overflow(self, err: NonFiniteGradientError, batch: object) -> None:
+        """A non-finite per-example gradient: the loss scale's overflow drops the logical batch (the scaler then
+        skips its step and lowers the scale); any other is refused as without a scaler."""
+        if self.scaler is None or not self.scaler.overflowed():
+            raise err
+        self.accumulator.reset()
+        self._drop_grad_samples()
+        self._dropped = batch if batch is not None else object()
+        self._pass_dropped = True
+        self.overflow_skips += 1
+        self.scaler.show(self.params, overflow=True)
+
+    def _show_scaler(self) -> None:
+        if self.scaler is not None:
+            self.scaler.show(self.params, overflow=False)
 
     def backward(self, loss: DPLoss) -> None:
         """``loss.backward()`` of a loss from ``private.criterion``: one pass, or ghost's two."""
@@ -551,10 +619,26 @@ class PrivateTraining:
         except PrivacyUsageError as err:
             self._on_refusal(err)
             raise
+        if self._pass_dropped:
+            return
+        if self.scaler is not None and self.scaler.scale != 1:  # the reweighted loss was the scaled one
+            sums = {p: s / self.scaler.scale for p, s in sums.items()}
+            if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
+                err = NonFiniteGradientError(
+                    "the reweighted backward pass of ghost clipping gave a non-finite clipped sum from a non-finite "
+                    "loss, so nothing is released. Look for bad inputs or log(0) in the loss, then call "
+                    "optimizer.zero_grad() to drop the batch and go on.")
+                try:
+                    self._overflow(err, self._step_batch)
+                except NonFiniteGradientError:
+                    self._on_refusal(err)
+                    raise
+                return
         before = {p: s.clone() for p, s in self.accumulator.current().items()} if self._observed() else None
         self.accumulator.add(sums, loss.per_row.shape[0] // self.K)
         if before is not None:
             self._notify(norms, factors, None, before)
+        self._show_scaler()
 
     def _observed(self) -> bool:
         return bool(registry.plugin_manager().hook.dpkit_on_clip.get_hookimpls())
@@ -582,7 +666,14 @@ class PrivateTraining:
                 "optimizer.step(closure) evaluates the loss inside the step, after dpkit has formed the step's "
                 "gradient (LBFGS and line searches re-evaluate it several times, each a release). Call "
                 "loss.backward() and then optimizer.step() without a closure.")
+        amp.refuse_fused(optimizer)
+        amp.unregistered(amp.calling_scaler(), self.scaler.scaler if self.scaler is not None else None)
         self._check_release()
+        if self._dropped is not None and self.accumulator.backward_passes == 0:
+            raise PrivacyUsageError(
+                "this step's batch was dropped: its gradients overflowed under the GradScaler's loss scale, so "
+                "nothing is released for it. Step through scaler.step(optimizer), which skips the step, then "
+                "scaler.update(), which lowers the scale.")
         if self._skip_step:
             for p in self.params:
                 p.grad = None  # a virtual step: keep accumulating, update nothing

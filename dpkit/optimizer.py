@@ -16,6 +16,10 @@ from dpkit.errors import PrivacyUsageError
 from dpkit.hookspecs import Clipper, NoiseMechanism
 
 
+class NonFiniteGradientError(PrivacyUsageError):
+    """A per-example gradient is NaN or Inf; the engine tells a loss scale's overflow from a real one."""
+
+
 def per_example_norms(grad_samples: dict[nn.Parameter, Tensor], params: Sequence[nn.Parameter], batch: int
                       ) -> Tensor:
     """``[P, B]`` L2 norms (at least float32) of each parameter's per-example gradient (0 for a parameter without)."""
@@ -102,7 +106,7 @@ class StepAccumulator:
         finite = torch.isfinite(norms).all(0) if norms.dim() == 2 else torch.isfinite(norms)
         if not bool(finite.all()):
             bad = (~finite).nonzero().flatten().tolist()
-            raise PrivacyUsageError(
+            raise NonFiniteGradientError(
                 f"example(s) {bad[:10]} of this batch of {finite.numel()} have a non-finite gradient (NaN or Inf), "
                 "so this backward pass is refused before anything is released. Look for bad inputs, log(0) in the "
                 "loss, or overflow (a lower learning rate, bf16 instead of fp16), then call optimizer.zero_grad() "
