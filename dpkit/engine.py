@@ -470,6 +470,7 @@ class PrivateTraining:
         self._refused = str(err).split(". ")[0][:300]
         self._after_virtual = False
         self.accumulator.reset()
+        self._show_scaler()  # so that scaler.step reaches step(), which says why it refuses
 
     def _discard(self) -> None:
         """``zero_grad()``: forget this step's clipped sums, except between the micro-batches of one batch.
