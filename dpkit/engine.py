@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -107,7 +108,8 @@ class PrivateTraining:
                  accountant: str = "prv", augmentation_multiplicity: int = 1, poisson_sampling: bool = True,
                  loss_reduction: str = "mean", batch_first: bool = True, criterion: nn.Module | None = None,
                  secure_mode: bool = False, noise_seed: int | None = None, sample_rate: float | None = None,
-                 expected_batch_size: float | None = None, grad_scaler: torch.amp.GradScaler | None = None):
+                 expected_batch_size: float | None = None, grad_scaler: torch.amp.GradScaler | None = None,
+                 noise_kwargs: dict | None = None):
         K = augmentation_multiplicity
         _check_objects(module, optimizer, noise_seed)
         self.world_size, self.rank = distributed.world_size(), distributed.rank()
@@ -123,9 +125,10 @@ class PrivateTraining:
         if self.world_size > 1 and not secure_mode:  # independent streams: each rank noises its own coordinates
             noise_seed = distributed.derive_seed(distributed.shared_seed(noise_seed), "noise", self.rank)
         self.noise = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(
-            seed=noise_seed, secure_mode=secure_mode)
+            seed=noise_seed, secure_mode=secure_mode, **(noise_kwargs or {}))
         self.data_loader, self.sample_rate, self.expected_batch_size = self._make_loader(
             data_loader, poisson_sampling, sample_rate, expected_batch_size)
+        self._check_mechanism_sampling()
         self.poisson_sampling = poisson_sampling
         self.criterion = DPCriterion(criterion, loss_reduction, batch_first) if criterion is not None else None
         if self.criterion is not None:
@@ -244,6 +247,19 @@ class PrivateTraining:
         if foreign:
             raise ValueError(f"the optimizer holds {len(foreign)} parameter(s) that are not the model's; "
                              "build it from model.parameters() so every updated parameter is privatized.")
+
+    def _check_mechanism_sampling(self) -> None:
+        """A mechanism whose accounting needs its own sampling (BandMF: cyclic Poisson) checks the loader, and
+        covers the gradient alone: a clipper that spends privacy too (adaptive's count) is outside its analysis."""
+        check = getattr(self.noise, "check_loader", None)
+        if check is None:
+            return
+        if not isinstance(self.clipper.dp_event(self.sample_rate), NoOpEvent):
+            raise PrivacyUsageError(
+                f"noise={self.noise_name!r} accounts for the gradient's noise under its own sampling, and "
+                f"clipping={self.clipping!r} spends privacy too, which that analysis does not cover. Use a clipper "
+                "that spends none (flat, per_layer, automatic).")
+        check(self.data_loader)
 
     def _check_replicas(self) -> None:
         """Every rank must start from the same weights and settings, or the replicas and the ledgers drift apart."""
@@ -526,8 +542,13 @@ class PrivateTraining:
         if crit_rows is not None:
             self.criterion.rows = None  # checked once, against the backward pass it fed
         if crit_rows is not None and crit_rows != rows:
-            raise PrivacyUsageError(f"the loss has {crit_rows} rows but the model's layers saw {rows}; "
-                                    "compute the loss on the same batch the model saw.")
+            flattened = rows and crit_rows % rows == 0
+            raise PrivacyUsageError(
+                f"the loss has {crit_rows} rows but the model's layers saw {rows}; " + (
+                    f"it looks flattened ({crit_rows // rows} rows per example, as logits.reshape(-1, V) gives): "
+                    "keep one row per example, e.g. criterion(logits.transpose(1, 2), targets) with logits "
+                    "[B, T, V] and targets [B, T], so that each example's loss is the mean over its tokens."
+                    if flattened else "compute the loss on the same batch the model saw."))
         loss_scale = self.scaler.start_pass() if self.scaler is not None else 1.0
         self._pass_dropped = False
         if self.norm_mode:
@@ -837,7 +858,35 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
                  noise_multiplier: float | None = None, max_grad_norm: float,
                  target_epsilon: float | None = None, target_delta: float | None = None,
                  epochs: float | None = None, steps: int | None = None, **kwargs) -> PrivateTraining:
-    """Make ``module``'s training with ``optimizer`` differentially private (see docs/design.md)."""
+    """Make ``module``'s training with ``optimizer`` differentially private with DP-SGD; returns the controller.
+
+    Nothing is wrapped: hooks go on the model and the optimizer, and ``private`` unpacks to ``(module, optimizer,
+    data_loader[, criterion])``. Give ``noise_multiplier``, or ``target_epsilon`` with ``target_delta`` and
+    ``epochs`` (or ``steps``) to have it calibrated. The contract is docs/design.md.
+
+    Arguments (keyword only):
+        module, optimizer: the model (or its ``DistributedDataParallel``/``fully_shard`` wrapper) and an optimizer
+            over its parameters.
+        data_loader: a ``DataLoader`` (replaced by its Poisson twin; ``batch_size`` is the expected batch size, per
+            rank under torch.distributed), a ``dpkit.DPDataLoader``, or None with ``sample_rate=``.
+        noise_multiplier: σ; the noise std on the clipped sum is σ·C. ``max_grad_norm``: C.
+        target_epsilon, target_delta, epochs, steps: calibrate σ instead (``make_private_with_epsilon``).
+        grad_sample_mode: "auto" (default), "bk", "ghost", "hooks", "functorch" or "ew" (docs/modes.md).
+        clipping, clipping_kwargs: "flat" (default), "per_layer", "automatic", "adaptive" or a plugin's, and
+            its factory's arguments.
+        noise, noise_kwargs: "gaussian" (default), "bandmf-<b>" or a plugin's, and its factory's arguments.
+        accountant: "prv" (default), "rdp", "gdp" or a plugin's.
+        augmentation_multiplicity: K augmented copies of each example, adjacent rows, averaged before clipping.
+        poisson_sampling: keep True; False keeps the loader's fixed-size batches and warns.
+        loss_reduction: "mean" (divide by the expected batch size) or "sum".
+        batch_first: whether layers see the batch along dim 0 (else dim 1).
+        criterion: a torch loss with ``reduction``; returned wrapped, one loss per example (ghost needs it).
+        secure_mode: sampling and noise from the OS's CSPRNG, no noise state. ``noise_seed``: an int for a
+            reproducible noise stream.
+        sample_rate, expected_batch_size: with ``data_loader=None``, the loop's own sampling rate and the
+            "mean" divisor.
+        grad_scaler: the ``torch.amp.GradScaler`` of an fp16 loop (docs/mixed-precision.md).
+    """
     if noise_multiplier is None:
         if target_epsilon is None:
             raise ValueError("give noise_multiplier=, or target_epsilon= with target_delta= and epochs= (or steps=)")
@@ -848,6 +897,18 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
         raise ValueError("give either noise_multiplier= or target_epsilon=, not both")
     return PrivateTraining(module=module, optimizer=optimizer, data_loader=data_loader,
                            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, **kwargs)
+
+
+def _full_signature(fn) -> inspect.Signature:
+    """``fn``'s signature with the controller's keyword arguments in place of ``**kwargs``, for ``help()``."""
+    own = inspect.signature(fn).parameters
+    rest = [p for n, p in inspect.signature(PrivateTraining.__init__).parameters.items()
+            if n not in own and n not in ("self", "noise_multiplier")]
+    return inspect.Signature([p for n, p in own.items() if n != "kwargs"] + rest,
+                             return_annotation=inspect.signature(fn).return_annotation)
+
+
+make_private.__signature__ = _full_signature(make_private)
 
 
 def make_private_with_epsilon(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLoader | None = None,
@@ -863,10 +924,21 @@ def make_private_with_epsilon(*, module: nn.Module, optimizer: Optimizer, data_l
     if steps is None and epochs is not None and private.data_loader is not None:
         # An epoch is as many steps as the loader yields (round(1/q) for Poisson), not 1/q.
         steps, epochs = math.ceil(epochs * len(private.data_loader)), None
-    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                 sample_rate=private.sample_rate, epochs=epochs, steps=steps,
-                                 accountant=private.accountant)
+    calibrate = getattr(private.noise, "calibrate", None)  # a mechanism with its own accounting (BandMF)
+    if calibrate is not None:
+        if steps is None:
+            raise ValueError(f"noise={private.noise_name!r} calibrates over a number of steps: give steps=, or "
+                             "epochs= with a data loader")
+        sigma = calibrate(target_epsilon=target_epsilon, target_delta=target_delta, steps=steps,
+                          accountant=private.accountant)
+    else:
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                     sample_rate=private.sample_rate, epochs=epochs, steps=steps,
+                                     accountant=private.accountant)
     # A clipper that spends privacy (adaptive's noisy count) shares the budget: the gradient gets what is left.
     split = getattr(private.clipper, "gradient_noise_multiplier", None)
     private.noise_multiplier = split(sigma) if split is not None else sigma
     return private
+
+
+make_private_with_epsilon.__signature__ = _full_signature(make_private_with_epsilon)

@@ -444,3 +444,24 @@ def test_target_epsilon_holds_for_epochs_of_the_returned_loader():
     eps = dpkit.get_epsilon(accountant="prv", noise_multiplier=p.noise_multiplier, sample_rate=p.sample_rate,
                             steps=30 * len(p.data_loader), delta=1e-5)
     assert len(p.data_loader) == 6 and 2.95 < eps <= 3.0 + 1e-9
+
+
+def test_make_private_shows_and_documents_every_argument():
+    import inspect
+
+    shown = inspect.signature(dpkit.make_private).parameters
+    for name in inspect.signature(dpkit.PrivateTraining.__init__).parameters:
+        if name != "self":
+            assert name in shown and name in dpkit.make_private.__doc__, name
+    assert "kwargs" not in shown and "target_epsilon" in inspect.signature(dpkit.make_private_with_epsilon).parameters
+
+
+def test_a_flattened_token_loss_is_told_to_keep_one_row_per_example():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))
+    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                 data_loader=None, sample_rate=0.5, expected_batch_size=4, noise_multiplier=1.0,
+                                 max_grad_norm=1.0, criterion=nn.CrossEntropyLoss(), grad_sample_mode="hooks")
+    x = torch.randint(0, 10, (4, 6))
+    with pytest.raises(dpkit.PrivacyUsageError, match=r"looks flattened \(6 rows per example.*transpose\(1, 2\)"):
+        private.criterion(model(x).reshape(-1, 10), x.reshape(-1)).backward()
+    private.detach()

@@ -190,7 +190,6 @@ def _train(steps: int, state=None, secure_mode: bool = False):
                                  generator=None if secure_mode else torch.Generator().manual_seed(5))
     private = dpkit.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
                                  max_grad_norm=1.0, noise="bandmf-4", noise_seed=11, secure_mode=secure_mode)
-    check_loader(private.data_loader, private.noise)  # the engine's call, once integrated
     if state is not None:
         model.load_state_dict(state["model"])
         private.load_state_dict(state["private"])
@@ -214,3 +213,32 @@ def test_secure_mode_keeps_no_noise_in_checkpoints():
     state = private.state_dict()
     assert "history" not in state["noise"] and state["sampler"]["position"] == 4
     _train(2, state={"model": private.module.state_dict(), "private": state}, secure_mode=True)
+
+
+# -- through make_private ------------------------------------------------------------------------
+def test_make_private_checks_the_loader_the_mechanism_needs():
+    model = nn.Linear(4, 2)
+    with pytest.raises(PrivacyUsageError, match="cyclic Poisson"):
+        dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           data_loader=DPDataLoader(_dataset(), 0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                           noise="bandmf-4")
+    with pytest.raises(PrivacyUsageError, match="spends privacy too"):
+        dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           data_loader=CyclicPoissonLoader(_dataset(), 0.4, 4), noise_multiplier=1.0,
+                           max_grad_norm=1.0, noise="bandmf-4", clipping="adaptive",
+                           clipping_kwargs={"count_noise_multiplier": 5.0})
+
+
+def test_make_private_with_epsilon_calibrates_for_bandmf_and_noise_kwargs_reach_the_factory():
+    model = nn.Linear(4, 2)
+    private = dpkit.make_private_with_epsilon(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=CyclicPoissonLoader(_dataset(), 0.4, 4), max_grad_norm=1.0, target_epsilon=2.0,
+        target_delta=1e-5, steps=40, noise="bandmf", noise_kwargs={"bands": 4})
+    assert private.noise.coefficients == BandMF(bands=4).coefficients
+    # The ledger after 40 steps holds one event per cycle: ε just under the target, not DP-SGD's calibration.
+    ledger = _ledger_of(4, 4, 0.4, private.noise_multiplier, 40)
+    assert 1.9 <= epsilon_of_ledger(ledger, 1e-5, "prv") <= 2.0
+    dp_sgd = dpkit.get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.1, steps=40)
+    assert abs(private.noise_multiplier - dp_sgd) > 0.05
+    private.detach()
