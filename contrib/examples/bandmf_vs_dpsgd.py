@@ -71,8 +71,6 @@ def train(data: Digits, task: Task, mechanism: str, epsilon: float, seed: int, s
         noise = f"bandmf-{task.bands}"
     private = dpkit.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                                  max_grad_norm=1.0, clipping="automatic", noise=noise, noise_seed=seed)
-    if mechanism == "bandmf":
-        check_loader(private.data_loader, private.noise)
     while private.steps < steps:
         for x, y in private.data_loader:
             optimizer.zero_grad()
