@@ -48,6 +48,8 @@ def test_snippets_run(page: Path, tmp_path, monkeypatch, request) -> None:
     blocks = snippets(page)
     if not blocks:
         pytest.skip(f"{page.name} has no python block to run")
+    # The plugin tutorial imports the package it builds; `make test` installs plugins after the core tests.
+    monkeypatch.syspath_prepend(str(ROOT / "plugins" / "dpkit-example-layer" / "src"))
     monkeypatch.chdir(tmp_path)  # a snippet that writes a file writes it here
     registry.reset()  # a snippet's registrations must not leak into other tests
     namespace: dict = {"__name__": "__snippet__"}

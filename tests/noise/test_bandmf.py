@@ -151,14 +151,12 @@ def test_full_groups_match_the_exact_gaussian():
     assert epsilon_of_ledger(ledger, 1e-5, "prv") == pytest.approx(exact, rel=0.01)
 
 
-def test_subsampled_matches_opacus():
-    """Setting 2: b = 8, group rate 0.1, T = 1000, σ = 1.2: 125 subsampled Gaussians, by opacus's own RDP code."""
-    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-
+def test_subsampled_matches_an_independent_rdp_computation():
+    """Setting 2: b = 8, group rate 0.1, T = 1000, σ = 1.2 is 125 subsampled Gaussians. Opacus's own RDP code
+    (opacus 1.6.0, compute_rdp + get_privacy_spent over orders 1.1..10.9 and 12..63) gives ε = 6.29527 at
+    δ = 1e-5; run once by hand, recorded here so that the check needs no opacus install."""
     ledger = _ledger_of(bands=8, cycle=8, group_rate=0.1, sigma=1.2, steps=1000)
-    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-    theirs, _ = get_privacy_spent(orders=orders, rdp=compute_rdp(q=0.1, noise_multiplier=1.2, steps=125,
-                                                                 orders=orders), delta=1e-5)
+    theirs = 6.29527
     assert epsilon_of_ledger(ledger, 1e-5, "rdp") == pytest.approx(theirs, rel=0.03)
     assert epsilon_of_ledger(ledger, 1e-5, "prv") <= theirs
 
