@@ -6,7 +6,7 @@ support, clippers, noise and accountants are pluggy plugins.
 from __future__ import annotations
 
 from dpkit.criterion import DPCriterion
-from dpkit.data import BatchMemoryManager, DPDataLoader, Multiplicity, PoissonBatchSampler
+from dpkit.data import BatchMemoryManager, ByUser, DPDataLoader, Multiplicity, PoissonBatchSampler
 from dpkit.engine import PrivateTraining, detach, make_private, make_private_with_epsilon
 from dpkit.errors import (
     DPKitError,
@@ -22,7 +22,7 @@ from dpkit.hookspecs import hookimpl
 from dpkit.registry import register_grad_sampler, register_norm_sampler
 
 __all__ = [
-    "BatchMemoryManager", "DPCriterion", "DPDataLoader", "DPKitError", "Multiplicity", "PluginError",
+    "BatchMemoryManager", "ByUser", "DPCriterion", "DPDataLoader", "DPKitError", "Multiplicity", "PluginError",
     "PluginOverrideWarning",
     "PoissonBatchSampler", "PrivacyUsageError", "PrivateTraining", "UnsupportedEventError",
     "UnsupportedLayerError", "UnsupportedModuleError", "detach", "fix", "get_epsilon", "get_noise_multiplier",

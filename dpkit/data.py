@@ -1,4 +1,4 @@
-"""Data for DP training: Poisson-sampled batches, K augmented copies, physical micro-batches."""
+"""Data for DP training: Poisson-sampled batches, K augmented copies, users' examples, physical micro-batches."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
 from torch.utils import _pytree as pytree
 from torch.utils.data import (
     BatchSampler,
@@ -104,6 +105,53 @@ class Multiplicity(Dataset):
         x, *rest = self.dataset[i]
         copies = torch.stack([torch.as_tensor(self.transform(x)) for _ in range(self.K)])
         return (copies, *[torch.as_tensor(r).expand(self.K, *torch.as_tensor(r).shape) for r in rest])
+
+
+class ByUser(Multiplicity):
+    """User-level DP: item u is user u's examples as ``max_per_user`` rows, so a user is what an example is.
+
+    Poisson sampling then draws *users* with the loader's rate, the ledger counts users, and the engine clips
+    each user's contribution to C exactly as it clips K augmented copies of an example: pass
+    ``augmentation_multiplicity=max_per_user``. One mechanism, not two.
+
+    Each item is ``(*fields, weight)``: the user's examples (at most ``max_per_user``, a fixed subset chosen at
+    construction when the user has more, independent of the data), padded with copies of its first example
+    whose weight is 0. Multiply each row's loss by its weight and average over the rows: the user's
+    contribution is then the sum (``contribution="sum"``) or the mean (``"mean"``) of its examples' gradients.
+    The engine averages the K rows of an example, which is why the weights are ``k`` and ``k / n_u``.
+    """
+
+    def __init__(self, dataset: Dataset, users: Any, max_per_user: int, contribution: str = "mean",
+                 seed: int = 0):
+        if isinstance(max_per_user, bool) or not isinstance(max_per_user, int) or max_per_user < 1:
+            raise ValueError(f"max_per_user must be an int >= 1, got {max_per_user!r}")
+        if contribution not in ("sum", "mean"):
+            raise ValueError(f"contribution must be 'sum' or 'mean', got {contribution!r}")
+        users = torch.as_tensor(users)
+        if users.shape != (len(dataset),):
+            raise ValueError(f"users must give one user id per example ({len(dataset)}), got shape "
+                             f"{tuple(users.shape)}")
+        ids, owner = torch.unique(users, return_inverse=True)
+        gen = torch.Generator().manual_seed(seed)
+        self.rows: list[Tensor] = []
+        for u in range(len(ids)):
+            mine = (owner == u).nonzero().flatten()
+            if len(mine) > max_per_user:  # a fixed, data-independent subset
+                mine = mine[torch.randperm(len(mine), generator=gen)[:max_per_user]].sort().values
+            self.rows.append(mine)
+        self.dataset, self.K, self.user_ids, self.contribution = dataset, max_per_user, ids, contribution
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, u: int):
+        mine = self.rows[u]
+        n, k = len(mine), self.K
+        picked = [self.dataset[int(i)] for i in mine] + [self.dataset[int(mine[0])]] * (k - n)
+        weight = torch.zeros(k)
+        weight[:n] = k if self.contribution == "sum" else k / n
+        fields = [torch.stack([torch.as_tensor(item[f]) for item in picked]) for f in range(len(picked[0]))]
+        return (*fields, weight)
 
 
 def collate_copies(collate: Callable = default_collate) -> Callable:
