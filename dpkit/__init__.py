@@ -6,7 +6,7 @@ support, clippers, noise and accountants are pluggy plugins.
 from __future__ import annotations
 
 from dpkit.criterion import DPCriterion
-from dpkit.data import BatchMemoryManager, ByUser, DPDataLoader, Multiplicity, PoissonBatchSampler
+from dpkit.data import ByUser, DPDataLoader, Multiplicity, PoissonBatchSampler
 from dpkit.engine import PrivateTraining, detach, make_private, make_private_with_epsilon
 from dpkit.errors import (
     DPKitError,
@@ -18,6 +18,7 @@ from dpkit.errors import (
     UnsupportedModuleError,
 )
 from dpkit.fix import fix
+from dpkit.micro_batches import BatchMemoryManager
 from dpkit.hookspecs import hookimpl
 from dpkit.registry import register_grad_sampler, register_norm_sampler
 

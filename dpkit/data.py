@@ -5,7 +5,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,10 +25,6 @@ from torch.utils.data import (
 from dpkit.distributed import rank as dist_rank
 from dpkit.distributed import shared_seed
 from dpkit.distributed import world_size as dist_world_size
-from dpkit.errors import PrivacyUsageError
-
-if TYPE_CHECKING:
-    from dpkit.engine import PrivateTraining
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -393,53 +389,3 @@ def split_batch(batch, max_rows: int) -> list:
         piece = [t[start:start + max_rows] if isinstance(t, torch.Tensor) else t for t in leaves]
         out.append(pytree.tree_unflatten(piece, spec))
     return out
-
-
-def _as_many_as_every_rank(batch, pieces: list) -> list:
-    """``pieces`` padded with empty ones to the most any rank has: FSDP2 gathers parameters at every forward, a
-    collective that every rank must join, and the ranks' local batches differ in size."""
-    most = torch.tensor([len(pieces)])
-    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-    empty = pytree.tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) else t, batch)
-    return pieces + [empty] * (int(most) - len(pieces))
-
-
-class BatchMemoryManager:
-    """Split each (Poisson) batch into physical micro-batches of at most ``max_physical_batch_size`` examples.
-
-    ``optimizer.step()`` after a micro-batch other than a batch's last is a virtual
-    step: the clipped sums accumulate and nothing is updated or counted.
-    """
-
-    def __init__(self, private: PrivateTraining, max_physical_batch_size: int):
-        if not (isinstance(max_physical_batch_size, int) and max_physical_batch_size >= 1):
-            raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
-        if private.data_loader is None:
-            raise ValueError("BatchMemoryManager needs make_private(data_loader=...)")
-        self.private, self.max_rows = private, max_physical_batch_size * private.K
-
-    def __enter__(self) -> BatchMemoryManager:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.private._skip_step, self.private._batch_tag = False, None
-
-    def __len__(self) -> int:
-        return len(self.private.data_loader)
-
-    def __iter__(self) -> Iterator[Any]:
-        if not self.private.attached or not self.private.enabled:
-            raise PrivacyUsageError(
-                "BatchMemoryManager over a controller that is detached or disabled: the steps would be neither "
-                "private nor counted. Call private.enable() (or make_private again after detach()) first.")
-        try:
-            for index, batch in enumerate(self.private.data_loader):
-                pieces = split_batch(batch, self.max_rows)
-                if self.private.world_size > 1:
-                    pieces = _as_many_as_every_rank(batch, pieces)
-                self.private._batch_tag = (id(self), index)  # the pieces are one logical batch, whatever the loader
-                for i, piece in enumerate(pieces):
-                    self.private._skip_step = i < len(pieces) - 1
-                    yield piece
-        finally:
-            self.private._skip_step, self.private._batch_tag = False, None

@@ -8,19 +8,30 @@ is the clipped sum itself. It needs the per-example losses, hence the loss from
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from dpkit.errors import PrivacyUsageError
+from dpkit.modes._capture import Capturer
 
 if TYPE_CHECKING:
     from dpkit.criterion import DPLoss
-    from dpkit.engine import PrivateTraining
 
 
-def backward(private: PrivateTraining, loss: DPLoss) -> tuple[Tensor, Tensor, dict[nn.Parameter, Tensor]]:
+class GhostHost(Protocol):
+    """What ghost clipping needs from its controller (the engine's ``PrivateTraining`` is one): the mode
+    depends on this, not on the controller."""
+
+    capturer: Capturer
+    params: list[nn.Parameter]
+    K: int
+    _in_ghost_backward: bool  # set here during the norm pass, read by the controller's end-of-pass callback
+    _ghost_factors: tuple[Tensor, Tensor] | None  # left there by that callback: the norms and clip factors
+
+
+def backward(private: GhostHost, loss: DPLoss) -> tuple[Tensor, Tensor, dict[nn.Parameter, Tensor]]:
     """Both passes for one loss; returns the clipper's norms, the factors and the clipped sums."""
     capturer = private.capturer
     outputs = capturer.live_outputs()
