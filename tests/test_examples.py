@@ -65,6 +65,12 @@ def test_lora_finetune() -> None:
     assert float(summary["accuracy_after"]) > 0.4, summary  # 5 classes: chance is 0.2
 
 
+def test_author_level_lm() -> None:
+    summary = run_example("author_level_lm.py")
+    assert summary["unit"] == "author" and 0 < float(summary["epsilon"]) <= 8.0, summary
+    assert float(summary["val_loss"]) < float(summary["untrained_loss"]), summary  # held-out authors
+
+
 # What the README's table quotes for each default run: (script, its extra arguments, {summary key: pattern in the
 # script's row}). Seed 0 on one thread repeats itself; a change to dpkit's noise stream moves the numbers by about
 # the seed-to-seed spread (a point of accuracy), hence the tolerances.
