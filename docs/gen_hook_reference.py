@@ -75,7 +75,7 @@ def _rst_to_markdown(doc: str) -> str:
                 block.pop(0)
             while block and not block[-1].strip():
                 block.pop()
-            out += ["", "```python", *block, "```", ""]
+            out += ["", "<!-- not run: an excerpt of a plugin module -->", "```python", *block, "```", ""]
             continue
         out.append(_inline(line))
         i += 1
@@ -85,6 +85,9 @@ def _rst_to_markdown(doc: str) -> str:
 def _inline(text: str) -> str:
     text = re.sub(r":\w+:`([^`]+)`", r"`\1`", text)
     return re.sub(r"``([^`]+)``", r"`\1`", text)
+
+
+NOT_RUN = "<!-- not run: a signature -->"  # tests/test_docs_snippets.py runs every other python block
 
 
 def signature(fn) -> str:
@@ -106,7 +109,7 @@ def render() -> str:
     parts = [HEADER, "## Hooks\n"]
     for name in hookspecs.SPEC_NAMES:
         fn = getattr(hookspecs, name)
-        parts.append(f"### `{name}`\n\n```python\n@dpkit.hookimpl\n{signature(fn)}\n```\n\n"
+        parts.append(f"### `{name}`\n\n{NOT_RUN}\n```python\n@dpkit.hookimpl\n{signature(fn)}\n```\n\n"
                      f"{_rst_to_markdown(fn.__doc__ or '')}\n")
     parts.append("## Protocols\n\nThe types that table values return or are. A plugin needs no base class: any "
                  "object with these methods works.\n")
@@ -119,7 +122,7 @@ def render() -> str:
         for m in methods:
             method = getattr(cls, m)
             doc = _rst_to_markdown(method.__doc__) if method.__doc__ else ""
-            parts.append(f"```python\n{signature(method)}\n```\n" + (f"\n{doc}\n" if doc else ""))
+            parts.append(f"{NOT_RUN}\n```python\n{signature(method)}\n```\n" + (f"\n{doc}\n" if doc else ""))
     parts.append("Factories, the values of the name-keyed tables:\n")
     parts.append("- `ClipperFactory`: called as `factory(max_grad_norm=C, **clipping_kwargs)`, returns a `Clipper`.\n"
                  "- `NoiseFactory`: called with keyword arguments (`seed=`, `secure_mode=`), returns a "

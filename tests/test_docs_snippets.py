@@ -19,11 +19,6 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(\s*)```python\s*$")
 SKIP = re.compile(r"^\s*<!-- (not run|from )")
 # Pages this suite may not edit, whose fragments are reported to their owners; strict: fixed means remove.
-KNOWN_FAILING = {
-    "plugins.md": "generated: docs/gen_hook_reference.py writes hook signatures without a body or imports",
-}
-
-
 def snippets(page: Path) -> list[tuple[int, str]]:
     """(line number, dedented code) of each ```python block that is meant to run."""
     lines = page.read_text(encoding="utf-8").splitlines()
@@ -42,9 +37,7 @@ def snippets(page: Path) -> list[tuple[int, str]]:
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_snippets_run(page: Path, tmp_path, monkeypatch, request) -> None:
-    if page.name in KNOWN_FAILING:
-        request.applymarker(pytest.mark.xfail(reason=KNOWN_FAILING[page.name], strict=True))
+def test_snippets_run(page: Path, tmp_path, monkeypatch) -> None:
     blocks = snippets(page)
     if not blocks:
         pytest.skip(f"{page.name} has no python block to run")
