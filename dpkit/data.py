@@ -22,8 +22,8 @@ from torch.utils.data import (
     default_collate,
 )
 
+from dpkit.distributed import check_same, shared_seed
 from dpkit.distributed import rank as dist_rank
-from dpkit.distributed import shared_seed
 from dpkit.distributed import world_size as dist_world_size
 
 
@@ -328,8 +328,6 @@ def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
     refused unless every rank was given the same state."""
     if generator is None:
         return torch.Generator().manual_seed(shared_seed(None))
-    from dpkit.distributed import check_same
-
     check_same(generator.get_state(), "the DPDataLoader generators' states",
                "Give every rank a generator seeded the same, or none (rank 0 then chooses the seed).")
     return generator

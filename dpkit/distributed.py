@@ -54,14 +54,9 @@ def shared_seed(seed: int | None) -> int:
     return int(value)
 
 
-def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed of an independent stream for ``parts`` (e.g. a rank) from ``seed``."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def digest(obj: object) -> int:
-    """A 63-bit hash of nested dicts, lists, tensors and scalars, to check that ranks hold the same state."""
+    """A 63-bit hash of nested dicts, lists, tensors and scalars: to check that ranks hold the same state, and
+    to derive an independent stream's seed, e.g. ``digest((seed, "noise", rank))``."""
     h = hashlib.sha256()
 
     def feed(x: object) -> None:
@@ -146,8 +141,10 @@ def reduce_scattered(full: Tensor, p: nn.Parameter) -> Tensor:
     """
     w = world_size()
     rows = -(-full.shape[0] // w)
-    padded = full.new_zeros(rows * w, *full.shape[1:])
-    padded[: full.shape[0]] = full
+    padded = full
+    if rows * w != full.shape[0]:
+        padded = full.new_zeros(rows * w, *full.shape[1:])
+        padded[: full.shape[0]] = full
     out = full.new_empty(rows, *full.shape[1:])
     dist.reduce_scatter_tensor(out, padded)
     local = p.to_local()

@@ -123,7 +123,7 @@ class PrivateTraining:
         self.clipper = registry.lookup("dpkit_clippers", clipping, "clipping").value(
             max_grad_norm=clip, **(clipping_kwargs or {}))
         if self.world_size > 1 and not secure_mode:  # independent streams: each rank noises its own coordinates
-            noise_seed = distributed.derive_seed(distributed.shared_seed(noise_seed), "noise", self.rank)
+            noise_seed = distributed.digest((distributed.shared_seed(noise_seed), "noise", self.rank))
         self.noise = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(
             seed=noise_seed, secure_mode=secure_mode, **(noise_kwargs or {}))
         self.data_loader, self.sample_rate, self.expected_batch_size = self._make_loader(
@@ -163,7 +163,9 @@ class PrivateTraining:
         self._in_ghost_backward = False
         self._wrapped: list[object] = []
         self._handles: list = []
-        self._check_sharding()
+        self._sharded = any(distributed.is_sharded(p) for p in module.parameters())
+        if self._sharded:
+            self._check_sharding()
         self._build()
         if not self.params:
             raise ValueError("the model has no trainable parameters (every requires_grad is False); unfreeze the "
@@ -173,7 +175,7 @@ class PrivateTraining:
         self._ddp = distributed.ddp_of(module) if self.world_size > 1 else None
         if self.world_size > 1:
             self._check_replicas()
-        self._check_sharding()  # the plan's units, now that there is one
+        self._wrapping_checked = self.world_size == 1 or self._ddp is not None
         self.attached = False
         self.attach()
 
@@ -181,6 +183,8 @@ class PrivateTraining:
     def _build(self) -> None:
         """The plan, the capture hooks (not attached) and the step's accumulator, for the trainable set now."""
         self.plan = build_plan(self.module, self.mode)
+        if self._sharded:  # also when a changed trainable set is planned again
+            self._check_recomputed_units()
         self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
         self._planned = frozenset(id(p) for p in self.params)
         self.accumulator = StepAccumulator(self.params, self.clipper, self.K)
@@ -207,6 +211,11 @@ class PrivateTraining:
                     "with data_loader=None and loss_reduction='mean', give expected_batch_size= (q times the "
                     "dataset size): dividing by the actual batch size would reveal it through the noise scale.")
             self._warn_own_sampling("data_loader=None")
+            if self.world_size > 1:
+                warnings.warn(
+                    f"data_loader=None under torch.distributed: sample_rate={q:g} and expected_batch_size are taken as "
+                    "global, and dpkit cannot check that the ranks' batches together form one Poisson sample with "
+                    "each example on one rank at most; dpkit.DPDataLoader(..., distributed=True) does.", stacklevel=4)
             return None, q, (None if expected_batch_size is None
                              else _number(expected_batch_size, "expected_batch_size", 0, low_ok=False))
         if sample_rate is not None or expected_batch_size is not None:
@@ -266,7 +275,7 @@ class PrivateTraining:
         settings = repr((self.noise_multiplier, self.max_grad_norm, self.sample_rate, self.expected_batch_size,
                          self.mode, self.K, self.loss_reduction, self._config(), len(self.params)))
         distributed.check_same(
-            torch.tensor([distributed.derive_seed(settings)]), "make_private's arguments",
+            torch.tensor([distributed.digest(settings)]), "make_private's arguments",
             "Call make_private with the same arguments (and the same data loader size) on every rank.")
         distributed.check_same(  # sharded (FSDP2) parameters have no replicas to compare
             distributed.fingerprint([p for p in self.params if not distributed.is_sharded(p)]),
@@ -275,27 +284,32 @@ class PrivateTraining:
             "DistributedDataParallel (it broadcasts rank 0's weights) and pass the wrapper to make_private.")
 
     def _check_sharding(self) -> None:
-        """FSDP2 gathers a parameter for its unit's forward and frees it after: a sampler that reads records works,
-        a unit recomputed with its parameters (torch.func, ExpandedWeights) would find them sharded."""
-        sharded = [(n, p) for n, p in self.module.named_parameters() if distributed.is_sharded(p)]
-        if not sharded:
-            return
-        odd = [n for n, p in sharded if p.device_mesh.ndim != 1 or p.device_mesh.size() != self.world_size
-               or [type(x).__name__ for x in p.placements] != ["Shard"] or p.placements[0].dim != 0]
+        """FSDP2's layout (dim 0 over all ranks) is what the reduce-scatter and the noise split assume, and it
+        gathers a parameter for its unit's forward and frees it after, so a mode that recomputes units from their
+        parameters (torch.func, ExpandedWeights) would find them sharded."""
+        odd = [n for n, p in self.module.named_parameters() if distributed.is_sharded(p) and (
+            p.device_mesh.ndim != 1 or p.device_mesh.size() != self.world_size
+            or [type(x).__name__ for x in p.placements] != ["Shard"] or p.placements[0].dim != 0)]
         if odd:
             raise UnsupportedModuleError(
                 f"{odd[:5]} are DTensors sharded otherwise than along dim 0 over all ranks (FSDP2's "
                 "fully_shard layout): HSDP, tensor parallelism and 2-D meshes are not supported yet, since dpkit's "
                 "reduce-scatter and noise split assume that layout. Use fully_shard over one mesh dimension.")
-        plan = getattr(self, "plan", None)
-        recomputed = ([f"{row.name} ({row.type_name})" for row in plan if row.mode in ("functorch", "ew")]
-                      if plan is not None else ["every layer"] if self.mode in ("functorch", "ew") else [])
+        if self.mode in ("functorch", "ew"):
+            self._refuse_recomputed(["every layer"])
+
+    def _check_recomputed_units(self) -> None:
+        """Under FSDP2, no unit of the plan may be recomputed from its parameters (auto's torch.func fallback)."""
+        recomputed = [f"{row.name} ({row.type_name})" for row in self.plan if row.mode in ("functorch", "ew")]
         if recomputed:
-            raise UnsupportedModuleError(
-                f"the model's parameters are sharded by FSDP2 (fully_shard), and {recomputed[:5]} would be "
-                f"recomputed from its parameters (grad_sample_mode={self.mode!r}), which FSDP2 has freed by then. "
-                "Use grad_sample_mode='bk', 'ghost', 'hooks' or 'auto' with layers that have samplers, or register "
-                "a sampler for these layers.")
+            self._refuse_recomputed(recomputed)
+
+    def _refuse_recomputed(self, units: list[str]) -> None:
+        raise UnsupportedModuleError(
+            f"the model's parameters are sharded by FSDP2 (fully_shard), and {units[:5]} would be recomputed from "
+            f"its parameters (grad_sample_mode={self.mode!r}), which FSDP2 has freed by then. Use "
+            "grad_sample_mode='bk', 'ghost', 'hooks' or 'auto' with layers that have samplers, or register a "
+            "sampler for these layers.")
 
     def _check_noise_range(self) -> None:
         """The noisy sum must fit its float32-or-wider buffer, and the gradient the parameter's own dtype."""
@@ -411,7 +425,8 @@ class PrivateTraining:
 
     # -- checks at every forward and step ----------------------------------------------
     def _trainable(self) -> list[nn.Parameter]:
-        distributed.reshard(self.module)  # FSDP2 leaves gathered parameters in place after a no_grad forward
+        if self._sharded:  # FSDP2 leaves gathered parameters in place after a forward without backward
+            distributed.reshard(self.module)
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def _trainable_change(self) -> str | None:
@@ -457,11 +472,13 @@ class PrivateTraining:
                 f"make_private ran with torch.distributed world size {self.world_size}, and it is now "
                 f"{distributed.world_size()}: the sample rate, the noise split and the ledger assume the first. "
                 "Call make_private after init_process_group, on every rank.")
-        if self.world_size > 1 and self._ddp is None and not self.steps and distributed.wrapped_after(self.module):
-            raise PrivacyUsageError(
-                "the model was wrapped in DistributedDataParallel after make_private saw it bare; DDP would expect "
-                "gradients dpkit keeps to itself. Wrap first and pass the wrapper: "
-                "make_private(module=DistributedDataParallel(model), ...).")
+        if not self._wrapping_checked:  # once: the scan of the garbage collector's referrers is O(heap)
+            self._wrapping_checked = True
+            if distributed.wrapped_after(self.module):
+                raise PrivacyUsageError(
+                    "the model was wrapped in DistributedDataParallel after make_private saw it bare; DDP would "
+                    "expect gradients dpkit keeps to itself. Wrap first and pass the wrapper: "
+                    "make_private(module=DistributedDataParallel(model), ...).")
         if self._refused is not None:
             raise PrivacyUsageError(f"a backward pass of this step was refused ({self._refused}); nothing was "
                                     "released. Call optimizer.zero_grad() to drop the batch, then continue.")

@@ -142,3 +142,15 @@ def many(calls: list[tuple[str, dict]]) -> list:
         except Exception as err:  # refusals are results too
             out.append(err)
     return out
+
+
+def own_sampling() -> list[str]:
+    """The warnings of make_private(data_loader=None) under torch.distributed."""
+    model = build("ddp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=None, sample_rate=0.2, expected_batch_size=4.8,
+                                     noise_multiplier=1.0, max_grad_norm=1.0)
+    private.detach()
+    return [str(w.message) for w in caught]

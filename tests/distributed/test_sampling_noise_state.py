@@ -23,6 +23,7 @@ CALLS = {  # name: (function, kwargs), all run in one launch of 2 ranks
     "other-weights": ("train", {"wrap": "none", "weights_seed": "rank"}),
     "local-loader": ("train", {"wrap": "ddp", "loader": "local"}),
     "wrapped-after": ("train", {"wrap": "ddp-after"}),
+    "own-sampling": ("own_sampling", {}),
 }
 
 
@@ -117,3 +118,8 @@ def test_misuse_is_refused_on_every_rank(ranks, name, words):
 def test_a_distributed_checkpoint_is_refused_by_one_process(ranks):
     with pytest.raises(PrivacyUsageError, match="world size 2"):
         train(wrap="none", mode="auto", sigma=1.0, steps=1, state=ranks[0]["first-half"]["state"])
+
+
+def test_own_sampling_across_ranks_is_not_taken_on_trust_silently(ranks):
+    for r in ranks:
+        assert any("taken as global" in w and "DPDataLoader(..., distributed=True)" in w for w in r["own-sampling"])
