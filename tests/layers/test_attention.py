@@ -5,6 +5,8 @@ import pytest
 import torch
 from torch import nn
 
+from _samples import assert_samples
+
 from dpkit.errors import UnsupportedLayerError
 from dpkit.layers import attention
 from test_recurrent import assert_step_matches_loop, plugins  # noqa: F401 (a fixture)
@@ -89,12 +91,7 @@ def check(layer, rows, K, *, need_weights=False, weights_grad=False, average=Tru
     acts, bps = as_captured(layer, call_args(layer, qkv, kwargs, need_weights, average), grads)
     bps = bps if weights_grad else bps[0]
     got, norms = attention.grad_sampler(layer, acts, bps, K=K), attention.norm_sampler(layer, acts, bps, K=K)
-    names = {p: n for n, p in layer.named_parameters()}
-    assert got.keys() == expected.keys() == norms.keys()
-    for p, want in expected.items():
-        torch.testing.assert_close(got[p], want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{names[p]}: {m}")
-        torch.testing.assert_close(norms[p], want.flatten(1).norm(dim=1), rtol=1e-9, atol=1e-10,
-                                   msg=lambda m: f"norm of {names[p]}: {m}")
+    assert_samples(layer, got, norms, expected)
 
 
 @pytest.mark.parametrize("K", [1, 3])

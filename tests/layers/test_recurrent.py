@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from _samples import assert_samples
+
 from dpkit.errors import UnsupportedLayerError
 from dpkit.layers import recurrent
 
@@ -73,12 +75,7 @@ def check(layer, x, hx, grads, K, backprops_as_tuple=True):
     acts, bps = as_captured(layer, x, hx, grads)
     got = recurrent.grad_sampler(layer, acts, bps if backprops_as_tuple else bps[0], K=K)
     norms = recurrent.norm_sampler(layer, acts, bps if backprops_as_tuple else bps[0], K=K)
-    names = {p: n for n, p in layer.named_parameters()}
-    assert got.keys() == expected.keys() == norms.keys()
-    for p, want in expected.items():
-        torch.testing.assert_close(got[p], want, rtol=1e-9, atol=1e-10, msg=lambda m: f"{names[p]}: {m}")
-        torch.testing.assert_close(norms[p], want.flatten(1).norm(dim=1), rtol=1e-9, atol=1e-10,
-                                   msg=lambda m: f"norm of {names[p]}: {m}")
+    assert_samples(layer, got, norms, expected)
 
 
 @pytest.mark.parametrize("K", [1, 3])
