@@ -160,6 +160,8 @@ class PrivateTraining:
         self.overflow_skips = 0  # batches dropped for a loss-scale overflow (the scaler skipped their step)
         self.norm_mode = grad_sample_mode in NORM_MODES
         self._ghost_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._streamed: dict[nn.Parameter, torch.Tensor] = {}  # norms of the layers streamed in the pass in flight
+        self._streaming: bool | None = None  # whether the pass in flight streams (decided at its first record)
         self._in_ghost_backward = False
         self._wrapped: list[object] = []
         self._handles: list = []
@@ -193,9 +195,20 @@ class PrivateTraining:
                                  rescale=self.loss_reduction == "mean", keep_records=self.norm_mode,
                                  keep_outputs=self.mode == "ghost",
                                  grad_stand_ins=self.mode == "ghost",
-                                 on_backward_end=self._on_backward_end, form_on_arrival=early)
+                                 on_backward_end=self._on_backward_end, form_on_arrival=early,
+                                 on_arrival=self._stream if self._streams() else None)
         self.capturer.on_refusal = self._on_refusal
         self.capturer.batch_of = getattr(self.data_loader, "batch_of", None)
+
+    def _streams(self) -> bool:
+        """Whether bk and auto clip each layer the moment its output gradients arrive (streaming).
+
+        Possible when each parameter's factor depends on its own norm alone (the clipper has ``layer_factors``:
+        per-layer clipping), so no record has to wait for the rest of the backward pass. Not with a GradScaler,
+        whose overflow must drop the pass whole before anything is summed, nor under FSDP2.
+        """
+        return (self.mode in ("bk", "auto") and callable(getattr(self.clipper, "layer_factors", None))
+                and self.scaler is None and not self._sharded)
 
     def _make_loader(self, loader, poisson: bool, sample_rate, expected_batch_size):
         """The loader to train on, the sample rate q, and the expected batch size (the "mean" divisor)."""
@@ -499,7 +512,11 @@ class PrivateTraining:
                 "the next forward), or remove them from the optimizer.")
 
     # -- the step ----------------------------------------------------------------------
+    def _end_stream(self) -> None:
+        self._streamed, self._streaming = {}, None
+
     def _on_refusal(self, err: BaseException) -> None:
+        self._end_stream()
         self._refused = str(err).split(". ")[0][:300]
         self._after_virtual = False
         self.accumulator.reset()
@@ -589,8 +606,30 @@ class PrivateTraining:
             self._notify(norms, factors, per_example, before)
         self._show_scaler()
 
+    def _stream(self, cap) -> bool:
+        """Clip and sum one record as its output gradients arrive; False leaves it for the end of the pass.
+
+        The sums go straight into the step's buffers. Admission and the finiteness check still happen at the end
+        of the pass (``_clip_records``), over the whole norm table: a refused pass resets the buffers before
+        anything is released. A pass watched by ``dpkit_on_clip`` observers is not streamed, since they are
+        shown the pass's sums as a difference of the buffers.
+        """
+        if self._streaming is None:
+            self._streaming = not self._observed()
+        if not self._streaming:
+            return False
+        own = list(dict.fromkeys(cap.row.params.values()))
+        norms, materialised = bk.record_norms([cap], own, cap.rows // self.K, self.K, self.capturer)
+        scale = cap.rows if self.loss_reduction == "mean" else 1
+        factors = self.clipper.layer_factors(norms * scale, len(self.params))
+        self._streamed.update(zip(own, norms))
+        self.accumulator.add_sums(bk.record_sums([cap], own, factors * scale, self.K, materialised, self.capturer))
+        return True
+
     def _clip_records(self, records, rows: int) -> None:
         batch = rows // self.K
+        streamed = self._streamed
+        self._end_stream()
         loss_scale = self.scaler.scale if self.scaler is not None else 1.0
         if self.mode == "ghost" and not self._in_ghost_backward:
             raise PrivacyUsageError(
@@ -599,6 +638,11 @@ class PrivateTraining:
         tag = self._admit_pass()
         if self._admit(tag):
             norms, materialised = bk.record_norms(records, self.params, batch, self.K, self.capturer)
+            if streamed:  # the rows of the layers already clipped and summed as they arrived
+                norms = norms.to(torch.promote_types(norms.dtype, next(iter(streamed.values())).dtype))
+                for i, p in enumerate(self.params):
+                    if p in streamed:
+                        norms[i] = streamed[p]
             # The records hold the gradients of the loss as back-propagated: the mean's (times rows gives the
             # sum's) times a GradScaler's scale, divided out here, before any norm is compared with C.
             scale = (rows if self.loss_reduction == "mean" else 1) / loss_scale

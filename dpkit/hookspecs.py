@@ -51,6 +51,10 @@ class Clipper(Protocol):
     """Turns per-example norms into clip factors; may learn from the data and spend privacy (adaptive).
 
     ``dpkit.clipping.ClipperBase`` gives no-op defaults for everything but ``factors``.
+
+    A per-layer clipper whose row's factor depends on that row alone may also define ``layer_factors(norms,
+    total)``, the factors of some rows of the ``[total, B]`` table. Then ``bk`` and ``auto`` clip and sum each
+    layer the moment its output gradient arrives (streaming), so no layer's record outlives its backward pass.
     """
 
     per_layer: bool  # True: factors() gets [P, B] norms, one row per trainable parameter

@@ -118,6 +118,13 @@ class StepAccumulator:
 
     def add(self, sums: dict[nn.Parameter, Tensor] | Iterable[tuple[nn.Parameter, Tensor]], batch: int) -> None:
         """Add one backward pass's clipped sum over ``batch`` examples (a dict, or pairs formed one at a time)."""
+        self.add_sums(sums)
+        self.examples += batch
+        self.backward_passes += 1
+
+    def add_sums(self, sums: dict[nn.Parameter, Tensor] | Iterable[tuple[nn.Parameter, Tensor]]) -> None:
+        """Add clipped sums into the buffers without counting a backward pass: a pass streamed layer by layer
+        adds its parts here, and its end (``add``) counts it."""
         if not self.flats:
             self._allocate()
         for p, s in sums.items() if isinstance(sums, dict) else sums:
@@ -126,8 +133,6 @@ class StepAccumulator:
             else:  # the first sum of the step is copied in: the buffer is not zeroed beforehand
                 self._views[p].copy_(s)
                 self._written.add(id(p))
-        self.examples += batch
-        self.backward_passes += 1
 
     def current(self) -> dict[nn.Parameter, Tensor]:
         """The running sums of the parameters that have one."""

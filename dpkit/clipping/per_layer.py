@@ -23,7 +23,12 @@ class PerLayerClipper(ClipperBase):
         self.max_grad_norm = check_norm(max_grad_norm)
 
     def factors(self, norms: Tensor) -> Tensor:
-        bound = self.max_grad_norm / math.sqrt(max(norms.shape[0], 1))
+        return self.layer_factors(norms, norms.shape[0])
+
+    def layer_factors(self, norms: Tensor, total: int) -> Tensor:
+        """The factors of some rows of the ``[total, B]`` norm table. A row's factor depends on its own norm
+        alone, so bk and auto clip each layer the moment its gradient arrives (streaming)."""
+        bound = self.max_grad_norm / math.sqrt(max(total, 1))
         return (bound / (norms + STABILITY)).clamp(max=1.0)
 
 

@@ -123,7 +123,8 @@ class Capturer:
 
     def __init__(self, model: nn.Module, rows: list[LayerPlan], *, K: int, batch_first: bool, rescale: bool,
                  keep_records: bool, keep_outputs: bool, grad_stand_ins: bool,
-                 on_backward_end: Callable[..., None], form_on_arrival: Callable[[Capture], bool] | None = None):
+                 on_backward_end: Callable[..., None], form_on_arrival: Callable[[Capture], bool] | None = None,
+                 on_arrival: Callable[[Capture], bool] | None = None):
         self.model = model
         self.plan = rows
         self.K = K
@@ -133,6 +134,7 @@ class Capturer:
         self.keep_records = keep_records
         self.keep_outputs = keep_outputs
         self.form_on_arrival = form_on_arrival  # which records to turn into per-example gradients at once
+        self.on_arrival = on_arrival  # the engine's streaming clipper: True when it consumed the record
         self.on_backward_end = on_backward_end
         self.enabled = True
         self._computing = False  # recomputation (torch.func units) must not be captured again
@@ -457,6 +459,9 @@ class Capturer:
                 # Per-example gradients no bigger than the record: form them now and free the record.
                 cap.formed = self.compute(cap)
                 cap.release()
+            if self.on_arrival is not None and cap.squares is None and not self._shared(cap) and self.on_arrival(cap):
+                cap.release()  # clipped and summed already: no record outlives its layer's backward
+                return
             self.completed.append(cap)
             return
         scale = cap.rows if self.rescale else 1
