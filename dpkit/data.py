@@ -1,4 +1,5 @@
-"""Data for DP training: Poisson-sampled batches, K augmented copies, users' examples, physical micro-batches."""
+"""Data for DP training: Poisson-sampled batches, K augmented copies, users' examples, physical micro-batches,
+and the samplers correlated-noise mechanisms require (cyclic Poisson for BandMF, shuffled epochs for the tree)."""
 from __future__ import annotations
 
 import os
@@ -22,9 +23,10 @@ from torch.utils.data import (
     default_collate,
 )
 
-from dpkit.distributed import check_same, shared_seed
+from dpkit.distributed import check_same, digest, shared_seed
 from dpkit.distributed import rank as dist_rank
 from dpkit.distributed import world_size as dist_world_size
+from dpkit.errors import PrivacyUsageError
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -321,6 +323,97 @@ class CyclicPoissonLoader(DPDataLoader):
             raise ValueError(f"batch_size={batch_size} is more than a group of {len(dataset) // cycle_length} "
                              "examples holds; lower it or the cycle length.")
         return cls(dataset, rate, cycle_length, **kwargs)
+
+
+class ShuffledBatchSampler(Sampler[list[int]]):
+    """Fixed-size batches, one pass over the data per epoch: what tree aggregation (``noise="tree"``) requires.
+
+    Epoch ``e`` is a permutation of the ``N`` examples (from a seed and ``e``) cut into ``⌊N/B⌋`` batches of
+    ``B``; the ``N mod B`` left over sit that epoch out. Each example is in at most one batch per epoch, and the
+    schedule does not depend on the data. Its order need not be secret (the tree's accounting lets the adversary
+    know it), so the seed is saved with checkpoints also in secure mode, where it comes from the OS's CSPRNG.
+
+    ``position`` counts the batches handed out since the start; the loader advances it as it hands them out, so
+    batches that workers prefetched but nobody used do not count. Iterating starts at ``position`` and stops at
+    the end of its epoch: a loop that breaks off resumes the same epoch instead of drawing a new permutation,
+    which could put an example into one epoch twice.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, generator: torch.Generator | None = None,
+                 secure_mode: bool = False):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= num_samples:
+            raise ValueError(f"batch_size must be an int in [1, {num_samples}] (the dataset size), got {batch_size!r}")
+        if secure_mode and generator is not None:
+            raise ValueError("secure_mode=True draws the order's seed from the OS's CSPRNG; it takes no generator")
+        self.num_samples, self.batch_size, self.secure_mode = num_samples, batch_size, secure_mode
+        self.sample_rate = batch_size / num_samples
+        self.position = 0
+        if secure_mode:
+            self.seed = int.from_bytes(os.urandom(8), "little") >> 1
+        else:
+            self.seed = int(torch.randint(0, 2**62, (), generator=generator).item())
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def order(self, epoch: int) -> Tensor:
+        """Epoch ``epoch``'s permutation of the examples."""
+        return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(
+            digest((self.seed, "epoch", epoch))))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, first = divmod(self.position, len(self))  # read now, not when the first batch is asked for
+        order, size = self.order(epoch), self.batch_size
+        return iter([order[b * size:(b + 1) * size].tolist() for b in range(first, len(self))])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "position": self.position, "num_samples": self.num_samples,
+                "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the order and the position; refuses a state of another dataset size or batch size."""
+        mine = (self.num_samples, self.batch_size)
+        theirs = (state.get("num_samples"), state.get("batch_size"))
+        if theirs != mine:
+            raise ValueError(f"the sampler state is for (num_samples, batch_size) = {theirs}, this loader has {mine}")
+        seed, position = state.get("seed"), state.get("position")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (seed, position)):
+            raise ValueError(f"the sampler state's seed and position must be ints >= 0, got {seed!r}, {position!r}")
+        self.seed, self.position = seed, position
+
+
+class ShuffledBatchLoader(DPDataLoader):
+    """A :class:`DPDataLoader` of fixed-size shuffled batches (:class:`ShuffledBatchSampler`), ``len()`` the
+    batches of one epoch: the loader ``noise="tree"`` requires. One process only.
+
+    Its batches are not Poisson samples, so DP-SGD's accounting would under-report ε for them: it hands out
+    nothing until a mechanism whose accounting covers them has checked it (``dpkit.noise.tree.check_loader``,
+    which ``make_private(noise="tree")`` calls) and set ``accounted_for``. ``sample_rate`` is ``B/N``, so the
+    engine's expected batch size is ``B``.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, collate_fn: Callable | None = None,
+                 generator: torch.Generator | None = None, secure_mode: bool = False, **kwargs):
+        collate = collate_fn or default_collate
+        if isinstance(dataset, Multiplicity):
+            collate = collate_copies(collate)
+        sampler = ShuffledBatchSampler(len(dataset), batch_size, generator=generator, secure_mode=secure_mode)
+        self.sample_rate, self.secure_mode = sampler.sample_rate, secure_mode
+        self.batches_drawn = 0
+        self._handed: dict[int, tuple[weakref.ref, int]] = {}
+        self.world_size = 1
+        self.accounted_for = False
+        DataLoader.__init__(self, dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self.accounted_for:
+            raise PrivacyUsageError(
+                "ShuffledBatchLoader hands out fixed-size shuffled batches, which DP-SGD's Poisson accounting does "
+                "not cover (it would under-report epsilon). Train with make_private(..., noise='tree'), which checks "
+                "the loader and accounts for it, or use dpkit.DPDataLoader for noise='gaussian'.")
+        for batch in super().__iter__():
+            self.batch_sampler.position += 1
+            yield batch
 
 
 def _shared_generator(generator: torch.Generator | None) -> torch.Generator:

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dpkit.clipping.adaptive",
     "dpkit.noise.gaussian",
     "dpkit.noise.bandmf",
+    "dpkit.noise.tree",
     "dpkit.accountants.rdp",
     "dpkit.accountants.prv",
     "dpkit.accountants.gdp",
