@@ -623,7 +623,7 @@ class PrivateTraining:
         scale = cap.rows if self.loss_reduction == "mean" else 1
         factors = self.clipper.layer_factors(norms * scale, len(self.params))
         self._streamed.update(zip(own, norms))
-        self.accumulator.add_sums(bk.record_sums([cap], own, factors * scale, self.K, materialised, self.capturer))
+        self.accumulator.stream(bk.record_sums([cap], own, factors * scale, self.K, materialised, self.capturer))
         return True
 
     def _clip_records(self, records, rows: int) -> None:

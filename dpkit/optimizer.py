@@ -93,6 +93,7 @@ class StepAccumulator:
         self._views: dict[nn.Parameter, Tensor] = {}  # per parameter, a view into self.flats
         self.flats: list[tuple[Tensor, list[nn.Parameter]]] = []
         self._written: set[int] = set()  # ids of the parameters whose view holds a sum (the rest is garbage)
+        self._parts: dict[nn.Parameter, Tensor] = {}  # streamed sums of the pass in flight, before the buffers exist
         self.examples = 0
         self.backward_passes = 0
         self.observed: list[Tensor] = []  # the clipper's norms of each pass, shown to it at the step
@@ -122,17 +123,35 @@ class StepAccumulator:
         self.examples += batch
         self.backward_passes += 1
 
+    def stream(self, sums: Iterable[tuple[nn.Parameter, Tensor]]) -> None:
+        """One layer's clipped sums, formed while the backward pass is still running (streaming).
+
+        Before the step's buffers exist they are kept per parameter, as autograd keeps ``.grad``: allocating
+        every parameter's buffer at the first layer would add a whole model's gradient to the backward pass's
+        peak, when all activations are still alive. The pass's end (``add``) moves them into the buffers.
+        """
+        if self.flats:
+            self.add_sums(sums)
+            return
+        for p, s in sums:
+            self._parts[p] = self._parts[p] + s if p in self._parts else s
+
     def add_sums(self, sums: dict[nn.Parameter, Tensor] | Iterable[tuple[nn.Parameter, Tensor]]) -> None:
-        """Add clipped sums into the buffers without counting a backward pass: a pass streamed layer by layer
-        adds its parts here, and its end (``add``) counts it."""
+        """Add clipped sums into the buffers, with the streamed parts, without counting a backward pass."""
         if not self.flats:
             self._allocate()
+        while self._parts:  # popped, so each is freed once copied
+            p, part = self._parts.popitem()
+            self._add_one(p, part)
         for p, s in sums.items() if isinstance(sums, dict) else sums:
-            if id(p) in self._written:
-                self._views[p].add_(s)
-            else:  # the first sum of the step is copied in: the buffer is not zeroed beforehand
-                self._views[p].copy_(s)
-                self._written.add(id(p))
+            self._add_one(p, s)
+
+    def _add_one(self, p: nn.Parameter, s: Tensor) -> None:
+        if id(p) in self._written:
+            self._views[p].add_(s)
+        else:  # the first sum of the step is copied in: the buffer is not zeroed beforehand
+            self._views[p].copy_(s)
+            self._written.add(id(p))
 
     def current(self) -> dict[nn.Parameter, Tensor]:
         """The running sums of the parameters that have one."""
@@ -173,6 +192,7 @@ class StepAccumulator:
         """Forget the sums; the buffers are not reused (the last step's gradients are views of them)."""
         self._views = {}
         self.flats = []
+        self._parts = {}
         self._written = set()
         self.examples = 0
         self.backward_passes = 0
