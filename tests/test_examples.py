@@ -44,6 +44,14 @@ def test_augmented_convnet() -> None:
     assert float(summary["test_accuracy"]) > 0.3, summary  # 10 classes: chance is 0.1
 
 
+def test_bandmf_vs_dpsgd() -> None:
+    """The three mechanisms on the demo task for 20 steps: each calibrated to the target and learning."""
+    summary = run_example("bandmf_vs_dpsgd.py")
+    check_privacy(summary)
+    for mechanism in ("dpsgd", "bandmf", "tree"):
+        assert float(summary[f"demo_{mechanism}"]) > 0.3, summary  # 10 classes: chance is 0.1
+
+
 @pytest.mark.parametrize("mode", ["bk", "ghost"])
 def test_language_model(mode: str) -> None:
     summary = run_example("language_model.py", "--mode", mode)
@@ -63,6 +71,14 @@ def test_lora_finetune() -> None:
     assert summary["frozen_unchanged"] == "True", summary
     assert float(summary["accuracy_before"]) < 0.1, summary  # the base model never saw classes 5-9
     assert float(summary["accuracy_after"]) > 0.4, summary  # 5 classes: chance is 0.2
+
+
+def test_digits_clipping_over_seeds() -> None:
+    """digits.py's ``--clipping``/``--seeds``: the per-layer row of contrib/benchmarks/RESULTS.md comes from it."""
+    summary = run_example("digits.py", "--clipping", "per_layer", "--seeds", "1", quick=False)
+    check_privacy(summary)
+    assert summary["clipping"] == "per_layer" and summary["seeds"] == "1", summary
+    assert float(summary["mean_accuracy"]) > 0.3, summary  # 10 classes: chance is 0.1
 
 
 def test_author_level_lm() -> None:
