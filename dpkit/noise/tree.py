@@ -113,10 +113,6 @@ class TreeAggregation:
         self._binding: _Binding | None = None
         self._sampler: Any = None
 
-    @property
-    def epoch_length(self) -> int | None:
-        return None if self._binding is None else self._binding.epoch_length
-
     def check_loader(self, loader: object) -> None:
         check_loader(loader, self)
 
