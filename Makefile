@@ -5,10 +5,17 @@ BIN := $(VENV)/bin
 # The CPU build on these machines' disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
+# timm imports torchvision, whose only wheels on these machines' disk are CUDA builds: they fail to import beside
+# the CPU torch of .venv (and would break transformers' Trainer there), so timm's tests get a venv of their own,
+# with a matching torch and torchvision pair (a CUDA build that runs on the CPU; about 5.5 GB, built once).
+VENV_TIMM ?= .venv-timm
+BIN_TIMM := $(VENV_TIMM)/bin
+TIMM_TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 PLUGINS := plugins/dpkit-example-layer plugins/dpkit-transformers plugins/dpkit-timm
+PLUGIN_TESTS := plugins/dpkit-example-layer/tests plugins/dpkit-transformers/tests
 
-.PHONY: test test-core test-plugins demo bench venv clean
+.PHONY: test test-core test-plugins test-timm demo bench venv clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,14 +25,14 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-test: test-core test-plugins
+test: test-core test-plugins test-timm
 
 test-core: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
 
 # The plugin packages install like any third-party plugin (entry points), so the tutorial cannot rot. The
-# transformers plugin's test extra brings peft and accelerate (DPTrainer, LoRA); timm's would bring a CUDA
-# torchvision over the CPU torch, so its tests skip unless timm is installed by hand.
+# transformers plugin's test extra brings peft and accelerate (DPTrainer, LoRA). dpkit-timm installs here without
+# timm (it never imports it), so that `dpkit plugins` lists it; its tests run in test-timm.
 $(BIN)/.plugins: $(BIN)/.installed $(wildcard plugins/*/pyproject.toml)
 	$(BIN)/pip install -q $(foreach p,$(PLUGINS),-e "$(p)$(if $(findstring transformers,$(p)),[test])")
 	touch $@
@@ -34,7 +41,18 @@ test-plugins: $(BIN)/.plugins
 	$(BIN)/dpkit plugins | grep -q '^example_layer '
 	$(BIN)/dpkit plugins | grep -q '^transformers '
 	$(BIN)/dpkit plugins | grep -q '^timm '
-	$(BIN)/python -m pytest $(PYTEST_ARGS) $(foreach p,$(PLUGINS),$(p)/tests)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(PLUGIN_TESTS)
+
+# dpkit and dpkit-timm[test] (timm) over $(TIMM_TORCH_SPEC), in $(VENV_TIMM). DPKIT_REQUIRE_TIMM=1 makes the tests
+# fail, instead of skip, where timm cannot be imported.
+$(BIN_TIMM)/.installed: pyproject.toml plugins/dpkit-timm/pyproject.toml
+	$(PYTHON) -m venv $(VENV_TIMM)
+	$(BIN_TIMM)/pip install -q $(TIMM_TORCH_SPEC)
+	$(BIN_TIMM)/pip install -q -e . -e "plugins/dpkit-timm[test]" "pytest-xdist>=3"
+	touch $@
+
+test-timm: $(BIN_TIMM)/.installed
+	DPKIT_REQUIRE_TIMM=1 $(BIN_TIMM)/python -m pytest $(PYTEST_ARGS) plugins/dpkit-timm/tests
 
 demo: venv
 	$(BIN)/python contrib/examples/digits.py
@@ -46,4 +64,4 @@ bench: venv
 		--modes auto,bk,ghost,hooks --opacus | tee contrib/benchmarks/results/bench-cpu-small-$$(git rev-parse --short HEAD).md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_TIMM) build *.egg-info
