@@ -3,9 +3,9 @@
 
 Every configuration of a model trains its own copy on the same fixed-size batches; the configurations take
 turns one step at a time (round-robin), so that a slow spell on a shared machine hits them alike, and the table
-gives the median step time, its ratio to non-private training, and the peak memory of one step on the CPU: the
-peak resident set size above the size before the step (``VmHWM`` after resetting it, glibc's mmap threshold fixed
-so that freed tensors leave the resident set).
+gives the median step time, its ratio to non-private training, and the peak of live tensor bytes over one further
+step above those alive before it (``tensor_memory.py``: what ``torch.cuda.max_memory_allocated`` would count;
+that step runs under the counter, so it is not timed).
 
 Private configurations: dpkit in ``--modes`` with the recurrent and attention samplers registered
 (``dpkit.layers.recurrent``, ``dpkit.layers.attention``), dpkit ``auto`` without them (the ``torch.func``
@@ -13,20 +13,19 @@ fallback, as these layers ran before), and, if ``opacus`` is importable, Opacus 
 ``DPMultiheadAttention``. All use σ = 1, C = 1, flat clipping, plain SGD. A configuration that refuses the model
 is listed with its error. This is a benchmark, not a test: it asserts nothing.
 
-    python contrib/benchmarks/bench_recurrent.py --batch 64 --seq 64 --rounds 10
+    python contrib/benchmarks/bench_recurrent.py --batch 64 --seq 64 --rounds 10 --threads 1
+
+``--modes`` picks dpkit's modes (default hooks, ghost, bk, auto).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
 import time
 import warnings
-
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and __name__ == "__main__":  # before torch allocates anything
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch
 from torch import nn
@@ -36,7 +35,7 @@ from dpkit import registry
 from dpkit.layers import attention, recurrent
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench import _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402
+from tensor_memory import TensorMemory  # noqa: E402
 
 VOCAB, CLASSES = 5000, 10
 
@@ -69,10 +68,11 @@ class AttentionClassifier(nn.Module):
 
 def _dpkit(model: nn.Module, mode: str, batch: int, samplers: bool):
     registry.reset()
-    if samplers:
-        for module in (recurrent, attention):
-            if module.__name__ not in registry.BUILTIN_PLUGINS:
-                registry.register_plugin(module, name=module.__name__)
+    for module in (recurrent, attention):  # built-in plugins: registered unless the fallback is measured
+        if not samplers:
+            registry.unregister_plugin(module.__name__)
+        elif module.__name__ not in registry.BUILTIN_PLUGINS:
+            registry.register_plugin(module, name=module.__name__)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     private = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.01,
                                  expected_batch_size=batch, noise_multiplier=1.0, max_grad_norm=1.0,
@@ -148,27 +148,27 @@ def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str,
 
 def measure(configs: dict[str, object], x: torch.Tensor, y: torch.Tensor, warmup: int, rounds: int
             ) -> dict[str, tuple[float, int] | str]:
-    """Median ms per step and peak memory of one step, the configurations taking turns."""
+    """Median ms per step, the configurations taking turns, then each one's peak tensor bytes over one more step."""
     times: dict[str, list[float]] = {k: [] for k, v in configs.items() if callable(v)}
-    peaks: dict[str, int] = {}
     failed: dict[str, str] = {k: f"refused: {type(v).__name__}: {' '.join(str(v).split())[:160]}"
                               for k, v in configs.items() if not callable(v)}
     for r in range(warmup + rounds):
         for label in list(times):
-            step = configs[label]
-            base, reset = _rss_bytes(), _reset_peak_rss()
             start = time.perf_counter()
             try:
-                step(x, y)
+                configs[label](x, y)
             except Exception as err:
                 failed[label] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}"
                 del times[label]
                 continue
-            elapsed = time.perf_counter() - start
-            peak = _peak_rss_bytes(reset)[0] - base
             if r >= warmup:
-                times[label].append(elapsed * 1e3)
-                peaks[label] = max(peaks.get(label, 0), peak)
+                times[label].append((time.perf_counter() - start) * 1e3)
+    peaks = {}
+    for label in times:
+        gc.collect()
+        with TensorMemory() as mem:
+            configs[label](x, y)
+        peaks[label] = mem.peak - mem.entry
     return {**{k: (statistics.median(v), peaks[k]) for k, v in times.items()}, **failed}
 
 

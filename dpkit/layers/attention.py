@@ -50,10 +50,18 @@ def _projections(layer: nn.MultiheadAttention) -> tuple[list[nn.Parameter | None
     return weights, biases
 
 
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
 def _recompute(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | Sequence[Tensor | None]
                ) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor | None]]:
     """Inputs ``[x_q, x_k, x_v]``, their projections' gradients ``[dq, dk, dv]``, the heads' output (the input of
-    ``out_proj``), and the gradients of the appended ``bias_k``, ``bias_v`` (``[N, 1, E]``, or ``None``)."""
+    ``out_proj``), and the gradients of the appended ``bias_k``, ``bias_v`` (``[N, 1, E]``, or ``None``).
+
+    Self-attention through a packed weight (query, key and value one tensor) has one input and one gradient,
+    ``[dq | dk | dv]`` ``[N, L, 3E]``: the packed weight's gradient is then one Linear's, and its ghost norm needs
+    one Gram matrix of the input instead of three."""
     query, key, value, kpm, need_weights, attn_mask, average, is_causal = [*activations, *[None] * 8][:8]
     if query.dim() != 3:
         raise UnsupportedLayerError(f"{_name(layer)} got an unbatched query of shape {tuple(query.shape)}; feed [N, L, E].")
@@ -73,8 +81,14 @@ def _recompute(layer: nn.MultiheadAttention, activations: list, backprops: Tenso
         attn_mask = torch.ones(L, key.shape[1], dtype=torch.bool, device=query.device).triu(1)
     attn_mask, kpm = _float_mask(attn_mask, dtype), _float_mask(kpm, dtype)
     with torch.enable_grad():
-        q, k, v = (F.linear(x, w, b).requires_grad_() for x, w, b in zip((query, key, value), weights, biases))
-        leaves, kk, vv = [q, k, v], k, v
+        if layer.in_proj_weight is not None and _same(query, key, value):  # self-attention: q, k, v as one product
+            qkv = F.linear(query, layer.in_proj_weight.detach(), _detached(layer.in_proj_bias)).requires_grad_()
+            inputs, leaves = [query], [qkv]
+            q, k, v = qkv.chunk(3, -1)
+        else:
+            q, k, v = (F.linear(x, w, b).requires_grad_() for x, w, b in zip((query, key, value), weights, biases))
+            inputs, leaves = [query, key, value], [q, k, v]
+        kk, vv = k, v
         if layer.bias_k is not None:
             extra = [t.detach().expand(N, 1, E).clone().requires_grad_() for t in (layer.bias_k, layer.bias_v)]
             leaves += extra
@@ -99,7 +113,8 @@ def _recompute(layer: nn.MultiheadAttention, activations: list, backprops: Tenso
         found = torch.autograd.grad([o for o, g in zip(outputs, wanted) if g is not None],
                                     leaves, [g for g in wanted if g is not None], allow_unused=True)
     found = [torch.zeros_like(t) if d is None else d for t, d in zip(leaves, found)]
-    return [query, key, value], found[:3], out.detach(), (found[3:] or [None, None])
+    n = len(inputs)
+    return inputs, found[:n], out.detach(), (found[n:] or [None, None])
 
 
 def _parts(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | Sequence[Tensor | None]
@@ -138,14 +153,14 @@ def grad_sampler(layer: nn.MultiheadAttention, activations: list, backprops: Ten
         if p.requires_grad:
             blocks = [fold(g, K).sum(1) if a is None else torch.bmm(fold(g, K).transpose(1, 2), fold(a, K))
                       for a, g in pairs]
-            out[p] = torch.cat(blocks, 1).reshape(-1, *p.shape)
+            out[p] = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).reshape(-1, *p.shape)
     return out
 
 
 def norm_sampler(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | Sequence[Tensor | None],
                  K: int = 1) -> dict[nn.Parameter, Tensor]:
     """Per-example gradient norms ``[B]`` in at least float32; the q, k and v blocks of a packed weight are disjoint,
-    so its squared norm is theirs summed (one block of three when query, key and value are one tensor)."""
+    so its squared norm is theirs summed (one block when query, key and value are one tensor)."""
     if _empty(layer, activations):
         return {p: upcast(p.new_zeros(0)) for p in layer.parameters() if p.requires_grad}
     out = {}
@@ -154,9 +169,6 @@ def norm_sampler(layer: nn.MultiheadAttention, activations: list, backprops: Ten
             continue
         if pairs[0][0] is None:
             out[p] = torch.cat([upcast(fold(g, K)).sum(1) for _, g in pairs], 1).norm(dim=1)
-        elif len(pairs) == 3 and _same(*(a for a, _ in pairs)):
-            out[p] = weight_sq_norms(fold(pairs[0][0], K), fold(torch.cat([g for _, g in pairs], -1), K),
-                                     shared_input=True).sqrt()
         else:
             out[p] = sum(weight_sq_norms(fold(a, K), fold(g, K), shared_input=True) for a, g in pairs).sqrt()
     return out

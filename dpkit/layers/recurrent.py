@@ -3,10 +3,15 @@
 Every weight of a recurrent layer acts like a Linear applied at each time step: ``weight_ih`` to the step's input,
 ``weight_hh`` to the previous hidden state (``weight_hr`` to the LSTM's unprojected state), so an example's gradient
 is ``Σ_t dz_t a_tᵀ`` with ``dz_t`` the gradient of the step's gate pre-activations. The layer's output gradient does
-not give ``dz_t``: it takes back-propagation through time. The sampler recomputes the forward pass one layer at a
-time with the layer's own fused kernel (the hidden states, so that every gate is one batched matrix product over all
-steps), then runs the backward recursion by hand, vectorised over the batch and over both directions, in one loop
-over time per layer. The weights then reuse the Linear formulas (``weight_sq_norms``: ghost or instantiated norm).
+not give ``dz_t``: it takes back-propagation through time. The sampler replays the forward pass one level at a time,
+keeping the gates it needs (the input's share of every gate is one matrix product over all steps, the hidden
+state's one product per step), then runs the backward recursion by hand; both loops over time are vectorised over
+the batch and over both directions. Replaying the gates costs one forward pass; replaying only the hidden states
+with the fused kernel and forming the gates from them afterwards would cost two.
+
+The weights then reuse the Linear formulas (ghost or instantiated norm, as ``weight_sq_norms`` picks). Parameters
+whose gradients share ``dz`` (an LSTM's or Elman RNN's ``weight_ih`` and ``weight_hh``, and its two biases) share
+its Gram matrix and its sum over time.
 
 ``activations`` are ``forward``'s ``(input, hx)``; ``input`` batch-first ``[N, T, in]``. ``hx`` is the layer's
 ``[L·D, N, H]`` (a tuple ``(h0, c0)`` for LSTM), except that a tensor ``hx`` of a sequence-first layer
@@ -22,14 +27,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor, _VF, nn
+from torch import Tensor, nn
 
 from dpkit.errors import UnsupportedLayerError
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import fold, upcast, weight_sq_norms
+from dpkit.layers import _gram, fold, upcast, weight_sq_norms
 
 Recurrent = nn.RNN | nn.GRU | nn.LSTM
-_KERNELS = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+# One group of parameters whose gradients share the same dz, time-major ``[T, N, ·]`` in a direction's own time:
+# (dz, [(weight, its input)], [biases]).
+Group = tuple[Tensor, list[tuple[nn.Parameter, Tensor]], list[nn.Parameter]]
 
 
 def _refuse(layer: Recurrent, x: object) -> None:
@@ -64,15 +71,26 @@ def _output_grads(layer: Recurrent, backprops: Tensor | Sequence[Tensor | None])
     return (grads + [None, None])[:3]
 
 
-def _time_major(x: Tensor, dirs: int) -> Tensor:
-    """``[N, T, D·H]`` → ``[T, D, N, H]`` in each direction's own time: the reverse direction's steps reversed."""
-    N, T = x.shape[:2]
-    x = x.reshape(N, T, dirs, x.shape[-1] // dirs).permute(1, 2, 0, 3)
+def _own_time(x: Tensor, dirs: int) -> Tensor:
+    """``[T, N, k]`` in real time → ``[T, D, N, k]``, the same input in each direction's own time."""
+    return x[:, None] if dirs == 1 else torch.stack([x, x.flip(0)], 1)
+
+
+def _split_time(x: Tensor, dirs: int) -> Tensor:
+    """``[T, N, D·H]`` in real time → ``[T, D, N, H]``, each direction's part in its own time."""
+    T, N = x.shape[:2]
+    x = x.reshape(T, N, dirs, x.shape[-1] // dirs).transpose(1, 2)
     return x if dirs == 1 else torch.stack([x[:, 0], x[:, 1].flip(0)], 1)
 
 
+def _join_time(x: Tensor) -> Tensor:
+    """``[T, D, N, H]`` in each direction's own time → ``[T, N, D·H]`` in real time (the layer's output)."""
+    return x[:, 0] if x.shape[1] == 1 else torch.cat([x[:, 0], x[:, 1].flip(0)], -1)
+
+
 def _linear(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``a wᵀ + b`` per direction: ``[T, D, N, k]``, ``[D, G, k]``, ``[D, G]`` → ``[T, D, N, G]``."""
+    """``a wᵀ + b`` per direction, as one product over all steps: ``[T, D, N, k]``, ``[D, G, k]``, ``[D, G]`` →
+    ``[T, D, N, G]`` (a view of direction-major memory, which per-step slices read as well)."""
     T, D, N, k = a.shape
     flat = a.transpose(0, 1).reshape(D, T * N, k)
     out = torch.bmm(flat, w.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None], flat, w.transpose(1, 2))
@@ -86,34 +104,87 @@ def _weights(layer: Recurrent, level: int, dirs: int) -> dict[str, Tensor]:
             for i, n in enumerate(names[0])}
 
 
-def _flat_weights(layer: Recurrent, level: int, dirs: int) -> list[Tensor]:
-    return [getattr(layer, n).detach() for group in layer._all_weights[level * dirs:(level + 1) * dirs] for n in group]
+def _input_bias(w: dict[str, Tensor]) -> Tensor | None:
+    """The bias added to the input's share of the gates: both biases where they add (LSTM, Elman RNN)."""
+    return None if "bias_ih" not in w else w["bias_ih"] + w["bias_hh"]
 
 
-def _lstm(w: dict[str, Tensor], zih: Tensor, hprev: Tensor, c0: Tensor, g: Tensor, gh: Tensor | None,
-          gc: Tensor | None) -> tuple[Tensor, Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
-    """Back-propagation through time of one LSTM level (gates i, f, g, o).
+class _Level:
+    """One level's replayed forward pass (per cell: what its backward recursion reads), all ``[T, D, N, ·]`` in each
+    direction's own time, and ``h`` ``[T + 1, D, N, Hout]`` with ``h[0]`` the initial state."""
 
-    Returns the gate gradients (for ``weight_ih``, and for the level below), and the Linear-like parts.
+    def __init__(self, mode: str, w: dict[str, Tensor], a: Tensor, h0: Tensor, c0: Tensor | None):
+        self.a, self.w = a, w
+        T = a.shape[0]
+        self.h = a.new_empty(T + 1, *h0.shape)
+        self.h[0] = h0
+        if mode == "LSTM":
+            self._lstm(w, a, c0)
+        elif mode == "GRU":
+            self._gru(w, a)
+        else:
+            self._rnn(w, a, relu=mode == "RNN_RELU")
+
+    def _lstm(self, w: dict[str, Tensor], a: Tensor, c0: Tensor) -> None:
+        """Gates i, f, g, o (activated in place), ``c`` ``[T + 1, ...]`` and ``tanh(c)``; with a projection, the
+        unprojected state ``m = o tanh(c)``."""
+        T, H = a.shape[0], c0.shape[-1]
+        z, h, whh, whr = _linear(a, w["weight_ih"], _input_bias(w)), self.h, w["weight_hh"].mT, w.get("weight_hr")
+        c = a.new_empty(T + 1, *c0.shape)
+        c[0] = c0
+        tc = a.new_empty(T, *c0.shape)
+        m = a.new_empty(T, *c0.shape) if whr is not None else h[1:]
+        for t in range(T):
+            zt = z[t].baddbmm_(h[t], whh)
+            zt[..., :2 * H].sigmoid_()
+            zt[..., 2 * H:3 * H].tanh_()
+            zt[..., 3 * H:].sigmoid_()
+            torch.mul(zt[..., H:2 * H], c[t], out=c[t + 1]).addcmul_(zt[..., :H], zt[..., 2 * H:3 * H])
+            torch.mul(zt[..., 3 * H:], torch.tanh(c[t + 1], out=tc[t]), out=m[t])
+            if whr is not None:
+                torch.bmm(m[t], whr.mT, out=h[t + 1])
+        self.gates, self.c, self.tc, self.m = z, c, tc, m
+
+    def _gru(self, w: dict[str, Tensor], a: Tensor) -> None:
+        """``r``, ``z`` (sigmoid), ``n`` (tanh) and the hidden state's share of the gates, ``hh``."""
+        T, H = a.shape[0], self.h.shape[-1]
+        zih, h, whh = _linear(a, w["weight_ih"], w.get("bias_ih")), self.h, w["weight_hh"].mT
+        hh = a.new_empty(T, *h.shape[1:-1], 3 * H)
+        rz, n, diff = a.new_empty(T, *h.shape[1:-1], 2 * H), a.new_empty(T, *h.shape[1:]), torch.empty_like(h[0])
+        for t in range(T):
+            if "bias_hh" in w:
+                torch.baddbmm(w["bias_hh"][:, None], h[t], whh, out=hh[t])
+            else:
+                torch.bmm(h[t], whh, out=hh[t])
+            torch.add(zih[t, ..., :2 * H], hh[t, ..., :2 * H], out=rz[t]).sigmoid_()
+            torch.addcmul(zih[t, ..., 2 * H:], rz[t, ..., :H], hh[t, ..., 2 * H:], out=n[t]).tanh_()
+            torch.addcmul(n[t], rz[t, ..., H:], torch.sub(h[t], n[t], out=diff), out=h[t + 1])
+        self.rz, self.n, self.hh = rz, n, hh
+
+    def _rnn(self, w: dict[str, Tensor], a: Tensor, relu: bool) -> None:
+        z, h, whh = _linear(a, w["weight_ih"], _input_bias(w)), self.h, w["weight_hh"].mT
+        act = torch.Tensor.relu_ if relu else torch.Tensor.tanh_
+        for t in range(a.shape[0]):
+            act(torch.baddbmm(z[t], h[t], whh, out=h[t + 1]))
+        self.relu = relu
+
+
+def _lstm(s: _Level, g: Tensor, gh: Tensor | None, gc: Tensor | None) -> tuple[Tensor, list]:
+    """Back-propagation through time of one LSTM level: ``c_t = f c_{t-1} + i g``, ``m_t = o tanh(c_t)``.
+
+    Returns the gates' gradient (for the level below) and the level's groups ``(dz, [(kind, input)], [kinds])``.
     """
-    T, D, N, _ = hprev.shape
-    H = c0.shape[-1]
-    z = (zih + _linear(hprev, w["weight_hh"], w.get("bias_hh"))).reshape(T, D, N, 4, H)
-    i, f, o = z[:, :, :, (0, 1, 3)].sigmoid().unbind(3)
-    gg = z[:, :, :, 2].tanh()
-    c, ig = torch.empty_like(gg), i * gg
-    prev = c0
-    for t in range(T):  # c_t = f_t c_{t-1} + i_t g_t
-        prev = torch.addcmul(ig[t], f[t], prev, out=c[t])
-    tc = c.tanh()
-    cprev = torch.cat([c0[None], c[:-1]])
-    to_c = o * (1 - tc * tc)  # ∂c_t/∂m_t through h_t = o_t tanh(c_t), given the state's gradient
-    coef = torch.stack([gg * i * (1 - i), cprev * f * (1 - f), i * (1 - gg * gg), tc * o * (1 - o)], 3)
-    whh, whr = w["weight_hh"], w.get("weight_hr")
-    dz = torch.empty_like(coef)
+    T, D, N, H = s.tc.shape
+    dz = torch.addcmul(s.gates, s.gates, s.gates, value=-1).unflatten(-1, (4, H))  # s(1 - s): sigmoids' slopes
+    i, f, gg, o = s.gates.unflatten(-1, (4, H)).unbind(-2)
+    torch.addcmul(torch.ones((), dtype=gg.dtype, device=gg.device), gg, gg, value=-1, out=dz[..., 2, :])
+    for k, other in enumerate((gg, s.c[:-1], i, s.tc)):  # ∂z_k through the cell: times g, c_{t-1}, i, tanh(c)
+        dz[..., k, :].mul_(other)
+    to_c = torch.addcmul(o, o * s.tc, s.tc, value=-1)  # ∂c_t/∂m_t = o (1 - tanh²c), given m_t's gradient
+    whh, whr = s.w["weight_hh"], s.w.get("weight_hr")
     dhs = torch.empty_like(g) if whr is not None else None
     carry = gh if gh is not None else torch.zeros_like(g[0])
-    dc = gc if gc is not None else torch.zeros_like(c0)
+    dc = gc if gc is not None else torch.zeros_like(s.c[0])
     for t in reversed(range(T)):
         dh = g[t] + carry
         dm = dh
@@ -121,29 +192,25 @@ def _lstm(w: dict[str, Tensor], zih: Tensor, hprev: Tensor, c0: Tensor, g: Tenso
             dhs[t] = dh
             dm = torch.bmm(dh, whr)
         dc = torch.addcmul(dm * to_c[t], dc, f[t + 1]) if t + 1 < T else dc + dm * to_c[t]
-        torch.mul(coef[t, :, :, :3], dc[:, :, None], out=dz[t, :, :, :3])
-        torch.mul(coef[t, :, :, 3], dm, out=dz[t, :, :, 3])
+        dz[t, :, :, :3].mul_(dc[:, :, None])
+        dz[t, :, :, 3].mul_(dm)
         carry = torch.bmm(dz[t].reshape(D, N, 4 * H), whh)
     dz = dz.reshape(T, D, N, 4 * H)
-    parts = {"weight_hh": (hprev, dz), "bias_ih": (None, dz), "bias_hh": (None, dz)}
+    groups = [(dz, [("weight_ih", s.a), ("weight_hh", s.h[:-1])], ["bias_ih", "bias_hh"])]
     if whr is not None:
-        parts["weight_hr"] = (o * tc, dhs)
-    return dz, dz, parts
+        groups.append((dhs, [("weight_hr", s.m)], []))
+    return dz, groups
 
 
-def _gru(w: dict[str, Tensor], zih: Tensor, hprev: Tensor, g: Tensor, gh: Tensor | None
-         ) -> tuple[Tensor, Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
+def _gru(s: _Level, g: Tensor, gh: Tensor | None) -> tuple[Tensor, list]:
     """Back-propagation through time of one GRU level: ``n = tanh(a_in + r ⊙ a_hn)``, ``h = (1-z) n + z h_prev``."""
-    T, D, N, H = hprev.shape
-    zhh = _linear(hprev, w["weight_hh"], w.get("bias_hh")).reshape(T, D, N, 3, H)
-    zih = zih.reshape(T, D, N, 3, H)
-    r, z = (zih[:, :, :, :2] + zhh[:, :, :, :2]).sigmoid().unbind(3)
-    hn = zhh[:, :, :, 2]
-    n = (zih[:, :, :, 2] + r * hn).tanh()
+    T, D, N, H = s.n.shape
+    r, z = s.rz.unflatten(-1, (2, H)).unbind(-2)
+    hn, n, hprev = s.hh[..., 2 * H:], s.n, s.h[:-1]
     to_n = (1 - z) * (1 - n * n)
     to_r, to_z = to_n * hn * r * (1 - r), (hprev - n) * z * (1 - z)
     coef_hh = torch.stack([to_r, to_z, to_n * r], 3)
-    whh = w["weight_hh"]
+    whh = s.w["weight_hh"]
     dh_all, dzhh = torch.empty_like(g), torch.empty_like(coef_hh)
     carry = gh if gh is not None else torch.zeros_like(g[0])
     for t in reversed(range(T)):
@@ -152,72 +219,76 @@ def _gru(w: dict[str, Tensor], zih: Tensor, hprev: Tensor, g: Tensor, gh: Tensor
         carry = torch.baddbmm(dh * z[t], dzhh[t].reshape(D, N, 3 * H), whh)
     dzih = (torch.stack([to_r, to_z, to_n], 3) * dh_all[:, :, :, None]).reshape(T, D, N, 3 * H)
     dzhh = dzhh.reshape(T, D, N, 3 * H)
-    return dzih, dzhh, {"weight_hh": (hprev, dzhh), "bias_ih": (None, dzih), "bias_hh": (None, dzhh)}
+    return dzih, [(dzih, [("weight_ih", s.a)], ["bias_ih"]), (dzhh, [("weight_hh", hprev)], ["bias_hh"])]
 
 
-def _rnn(w: dict[str, Tensor], h: Tensor, hprev: Tensor, g: Tensor, gh: Tensor | None, relu: bool
-         ) -> tuple[Tensor, Tensor, dict[str, tuple[Tensor | None, Tensor]]]:
+def _rnn(s: _Level, g: Tensor, gh: Tensor | None) -> tuple[Tensor, list]:
     """Back-propagation through time of one Elman level, ``h = act(a)``: ``act'`` read off ``h`` itself."""
-    slope = (h > 0).to(h.dtype) if relu else 1 - h * h
-    whh, da = w["weight_hh"], torch.empty_like(g)
+    h = s.h[1:]
+    slope = (h > 0).to(h.dtype) if s.relu else 1 - h * h
+    whh, da = s.w["weight_hh"], torch.empty_like(g)
     carry = gh if gh is not None else torch.zeros_like(g[0])
     for t in reversed(range(h.shape[0])):
         torch.mul(g[t] + carry, slope[t], out=da[t])
         carry = torch.bmm(da[t], whh)
-    return da, da, {"weight_hh": (hprev, da), "bias_ih": (None, da), "bias_hh": (None, da)}
+    return da, [(da, [("weight_ih", s.a), ("weight_hh", s.h[:-1])], ["bias_ih", "bias_hh"])]
 
 
-def _parts(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Tensor | None]
-           ) -> Iterator[tuple[nn.Parameter, Tensor | None, Tensor]]:
-    """``(parameter, a, dz)`` per weight and bias: its gradient is ``Σ_t dz_t a_tᵀ`` (``Σ_t dz_t`` for a bias),
-    with ``a`` and ``dz`` ``[N, T, ·]`` in a direction's own time (the order of t does not matter to a sum)."""
+def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Tensor | None]) -> Iterator[Group]:
+    """The layer's parameter groups, one level and direction at a time: each weight's gradient is ``Σ_t dz_t a_tᵀ``,
+    each bias's ``Σ_t dz_t``, with ``dz`` and ``a`` ``[T, N, ·]`` in a direction's own time (the order of t does not
+    matter to a sum). Frozen and absent parameters are left out."""
     x, hx = [*activations, None][:2]
     _refuse(layer, x)
     dirs = 2 if layer.bidirectional else 1
     h0, c0 = _initial_state(layer, hx, x, dirs)
     g_out, g_h, g_c = _output_grads(layer, backprops)
-    levels, inputs, outputs = layer.num_layers, [], []
     with torch.no_grad():
-        for level in range(levels):  # the forward pass, one level at a time: each level's input and hidden states
-            state = h0[level * dirs:(level + 1) * dirs].contiguous()
-            if c0 is not None:
-                state = (state, c0[level * dirs:(level + 1) * dirs].contiguous())
-            inputs.append(x)
-            x = _KERNELS[layer.mode](x, state, _flat_weights(layer, level, dirs), layer.bias, 1, 0.0, False,
-                                     layer.bidirectional, True)[0]
-            outputs.append(x)
-        N, T = x.shape[:2]
-        g = _time_major(g_out, dirs) if g_out is not None else x.new_zeros(T, dirs, N, x.shape[-1] // dirs)
-        for level in reversed(range(levels)):
-            w = _weights(layer, level, dirs)
+        states, a = [], _own_time(x.transpose(0, 1), dirs)
+        for level in range(layer.num_layers):  # the forward pass, one level at a time
             hid = slice(level * dirs, (level + 1) * dirs)
-            a = inputs[level].transpose(0, 1)
-            a = a[:, None] if dirs == 1 else torch.stack([a, a.flip(0)], 1)
-            h = _time_major(outputs[level], dirs)
-            hprev = torch.cat([h0[hid][None], h[:-1]])
-            zih = _linear(a, w["weight_ih"], w.get("bias_ih"))
+            states.append(_Level(layer.mode, _weights(layer, level, dirs), a, h0[hid], c0[hid] if c0 is not None
+                                 else None))
+            if level + 1 < layer.num_layers:
+                a = _own_time(_join_time(states[-1].h[1:]), dirs)
+        T, N = x.shape[1], x.shape[0]
+        top = states[-1].h
+        g = _split_time(g_out.transpose(0, 1), dirs) if g_out is not None else top.new_zeros(top[1:].shape)
+        for level in reversed(range(layer.num_layers)):
+            s, hid = states.pop(), slice(level * dirs, (level + 1) * dirs)
             gh, gc = (g_h[hid] if g_h is not None else None), (g_c[hid] if g_c is not None else None)
             if layer.mode == "LSTM":
-                dzih, dzhh, parts = _lstm(w, zih, hprev, c0[hid], g, gh, gc)
+                dzih, groups = _lstm(s, g, gh, gc)
             elif layer.mode == "GRU":
-                dzih, dzhh, parts = _gru(w, zih, hprev, g, gh)
+                dzih, groups = _gru(s, g, gh)
             else:
-                dzih, dzhh, parts = _rnn(w, h, hprev, g, gh, layer.mode == "RNN_RELU")
-            parts["weight_ih"] = (a, dzih)
-            for kind, (acts, grad) in parts.items():
+                dzih, groups = _rnn(s, g, gh)
+            for dz, weights, biases in groups:
                 for d in range(dirs):
-                    name = f"{kind}_l{level}{'_reverse' if d else ''}"
-                    p = getattr(layer, name, None)
-                    if p is not None and p.requires_grad:
-                        yield p, None if acts is None else acts[:, d].transpose(0, 1), grad[:, d].transpose(0, 1)
-            if level:  # the gradient of the level below's output: Σ_d dz_d W_ih,d in each direction's time
-                down = torch.bmm(dzih.transpose(0, 1).reshape(dirs, T * N, -1), w["weight_ih"]).reshape(dirs, T, N, -1)
+                    suffix = f"_l{level}{'_reverse' if d else ''}"
+                    own = [(p, acts[:, d]) for kind, acts in weights
+                           if (p := getattr(layer, kind + suffix, None)) is not None and p.requires_grad]
+                    bias = [p for kind in biases if (p := getattr(layer, kind + suffix, None)) is not None
+                            and p.requires_grad]
+                    if own or bias:
+                        yield dz[:, d], own, bias
+            if level:  # the gradient of the level below's output, from every direction's gates
+                w_ih = s.w["weight_ih"]
+                down = torch.bmm(dzih.transpose(0, 1).reshape(dirs, T * N, -1), w_ih).reshape(dirs, T, N, -1)
                 down = down[0] if dirs == 1 else down[0] + down[1].flip(0)
-                g = _time_major(down.transpose(0, 1), dirs)
+                g = _split_time(down, dirs)
+
+
+def _fold(x: Tensor, K: int) -> Tensor:
+    """Time-major ``[T, B*K, d]`` → ``[B, K*T, d]``. All rows one example (bk's clipped sum) keeps the memory's order,
+    a view where ``fold`` would copy; any order serves, as long as ``dz`` and ``a`` are folded alike."""
+    if K == x.shape[1]:
+        return x.reshape(1, -1, x.shape[-1])
+    return fold(x.transpose(0, 1), K)
 
 
 def _empty(layer: Recurrent, activations: list) -> bool:
-    """An empty batch (B = 0): nothing to recompute, and the fused kernels refuse it."""
+    """An empty batch (B = 0): nothing to recompute."""
     _refuse(layer, activations[0])
     return activations[0].shape[0] == 0
 
@@ -228,21 +299,37 @@ def grad_sampler(layer: Recurrent, activations: list, backprops: Tensor | Sequen
     if _empty(layer, activations):
         return {p: p.new_zeros(0, *p.shape) for p in layer.parameters() if p.requires_grad}
     out = {}
-    for p, a, dz in _parts(layer, activations, backprops):
-        dz = fold(dz, K)
-        out[p] = dz.sum(1) if a is None else torch.bmm(dz.transpose(1, 2), fold(a, K))
+    for dz, weights, biases in _groups(layer, activations, backprops):
+        g = _fold(dz, K)
+        for p, a in weights:
+            out[p] = torch.bmm(g.transpose(1, 2), _fold(a, K))
+        if biases:
+            total = g.sum(1)
+            out.update((p, total if j == 0 else total.clone()) for j, p in enumerate(biases))
     return out
 
 
 def norm_sampler(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Tensor | None], K: int = 1
                  ) -> dict[nn.Parameter, Tensor]:
-    """Per-example gradient norms ``[B]``, in at least float32, each weight's by the cheaper of ghost and instantiated."""
+    """Per-example gradient norms ``[B]``, in at least float32, each weight's by the cheaper of ghost and instantiated;
+    weights of one ``dz`` share its Gram matrix, biases of one ``dz`` their norm."""
     if _empty(layer, activations):
         return {p: upcast(p.new_zeros(0)) for p in layer.parameters() if p.requires_grad}
     out = {}
-    for p, a, dz in _parts(layer, activations, backprops):
-        dz = fold(dz, K)
-        out[p] = upcast(dz).sum(1).norm(dim=1) if a is None else weight_sq_norms(fold(a, K), dz).sqrt()
+    for dz, weights, biases in _groups(layer, activations, backprops):
+        g = _fold(dz, K)
+        gram = None
+        for p, a in weights:
+            a = _fold(a, K)
+            T, d, q = a.shape[1], a.shape[2], g.shape[2]
+            if T * (q + d) < q * d:  # weight_sq_norms's rule; the Gram matrix of g formed once for the group
+                gram = _gram(g, False) if gram is None else gram
+                out[p] = (_gram(a, False) * gram).sum((1, 2)).clamp_min(0).sqrt()
+            else:
+                out[p] = weight_sq_norms(a, g).sqrt()
+        if biases:
+            norm = upcast(g).sum(1).norm(dim=1)
+            out.update((p, norm) for p in biases)
     return out
 
 

@@ -122,11 +122,33 @@ def test_variants(kwargs, batch_first):
     check(make(batch_first=batch_first, **kwargs), 6, 3, kpm=True, mask="2d-float", strided=True)
 
 
+@pytest.mark.parametrize("kwargs", [dict(add_bias_kv=True, add_zero_attn=True), dict(bias=False)],
+                         ids=["bias-kv-zero-attn", "no-bias"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_variants(kwargs, batch_first):
+    """The packed path (query, key and value one tensor: one projection, one [N, L, 3E] gradient) with the extras."""
+    check(make(batch_first=batch_first, **kwargs), 6, 3, self_attention=True, kpm=True, mask="2d-float",
+          strided=True, need_weights=True, weights_grad=True, average=False)
+
+
+def test_key_is_query_but_value_differs():
+    """Two of three inputs the same tensor: not self-attention, so each of q, k, v has its own input."""
+    layer = make(batch_first=True)
+    qkv, _ = draw(layer, 4, self_attention=True)
+    q, v = qkv[0], torch.randn_like(qkv[0])
+    g = torch.randn(4, L, E, dtype=torch.double)
+    expected = loop_reference(layer, (q, q, v), {}, False, True, [g, None], 2)
+    args = call_args(layer, (q, q, v), {}, False)
+    got, norms = attention.grad_sampler(layer, args, g, K=2), attention.norm_sampler(layer, args, g, K=2)
+    assert_samples(layer, got, norms, expected)
+
+
 def test_frozen_parameters_are_left_out():
     layer = make(batch_first=True)
     layer.in_proj_bias.requires_grad_(False)
     layer.out_proj.weight.requires_grad_(False)
     check(layer, 3, 1)
+    check(layer, 3, 1, self_attention=True)
 
 
 def test_float32_norms_within_1e_5():

@@ -16,9 +16,9 @@ from dpkit.layers import recurrent
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
-def make(cell: str, *, bias: bool = True, **kwargs) -> nn.Module:
+def make(cell: str, *, bias: bool = True, size: tuple[int, int] = (3, 4), **kwargs) -> nn.Module:
     torch.manual_seed(0)
-    layer = CELLS[cell](3, 4, bias=bias, **kwargs).double()
+    layer = CELLS[cell](*size, bias=bias, **kwargs).double()
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)  # not the default init's small range, which would hide a wrong gate formula
@@ -55,7 +55,7 @@ def as_captured(layer, x, hx, grads):
 
 def draw(layer, rows, T=5, *, hx=False, which=(0, 1, 2), strided=False):
     dirs = 2 if layer.bidirectional else 1
-    x = torch.randn(T, rows, 3, dtype=torch.double)
+    x = torch.randn(T, rows, layer.input_size, dtype=torch.double)
     x = x if not layer.batch_first else x.transpose(0, 1)  # non-contiguous for batch_first layers
     if strided:
         x = x.flip(-1)
@@ -119,13 +119,35 @@ def test_variants(cell):
                                    msg=lambda m: f"{name}: {m}")
 
 
-def test_frozen_parameters_are_left_out():
-    layer = make("gru", num_layers=2)
+@pytest.mark.parametrize("cell", CELLS)
+def test_frozen_parameters_are_left_out(cell):
+    """Also a frozen member of a group that shares dz (an LSTM's or RNN's weights and biases)."""
+    layer = make(cell, num_layers=2)
     layer.weight_hh_l0.requires_grad_(False)
     layer.bias_ih_l1.requires_grad_(False)
+    layer.weight_ih_l1.requires_grad_(False)
     x, hx, grads = draw(layer, 3)
     check(layer, x, hx, grads, K=1)
     assert layer.weight_hh_l0 not in recurrent.grad_sampler(layer, *as_captured(layer, x, hx, grads))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_ghost_norms(cell):
+    """Widths over a short sequence make the ghost norm the cheaper (T·(p+d) < p·d for every weight), so the Gram
+    matrix of dz, shared by the weights that read it, is what the norms come from."""
+    extra = dict(proj_size=8) if cell == "lstm" else {}
+    layer = make(cell, size=(16, 16), bidirectional=True, batch_first=True, **extra)
+    T = 4
+    assert all(T * (w.shape[0] + w.shape[1]) < w.numel() for n, w in layer.named_parameters() if "weight" in n)
+    check(layer, *draw(layer, 3, T=T, hx=True), K=1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_all_rows_one_example(cell, batch_first):
+    """K equal to the rows (how bk asks for a weighted sum): the rows are folded in the memory's own order."""
+    layer = make(cell, num_layers=2, bidirectional=True, batch_first=batch_first)
+    check(layer, *draw(layer, 4, hx=True), K=4)
 
 
 @pytest.mark.parametrize("cell", CELLS)
