@@ -275,6 +275,14 @@ class PrivateTraining:
         covers the gradient alone: a clipper that spends privacy too (adaptive's count) is outside its analysis."""
         check = getattr(self.noise, "check_loader", None)
         if check is None:
+            from dpkit.data import CyclicPoissonLoader, ShuffledBatchLoader
+
+            if isinstance(self.data_loader, (CyclicPoissonLoader, ShuffledBatchLoader)):
+                raise PrivacyUsageError(
+                    f"the data loader is a {type(self.data_loader).__name__}, whose sampling noise={self.noise_name!r} "
+                    "does not account for: it assumes Poisson sampling of the whole dataset at every step, while "
+                    "this loader visits each example at fixed steps. Use it with the mechanism it was made for "
+                    "(noise='bandmf' for CyclicPoissonLoader, noise='tree' for ShuffledBatchLoader), or a DPDataLoader.")
             return
         if not isinstance(self.clipper.dp_event(self.sample_rate), NoOpEvent):
             raise PrivacyUsageError(

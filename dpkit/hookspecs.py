@@ -90,7 +90,9 @@ class NoiseMechanism(Protocol):
 
     A mechanism whose privacy is not DP-SGD's may also define ``check_loader(loader)``, which raises unless
     the data loader samples as its accounting assumes, and ``calibrate(*, target_epsilon, target_delta,
-    steps, accountant)``, the noise multiplier for a target ε (see docs/correlated-noise.md).
+    steps, accountant)``, the noise multiplier for a target ε (see docs/correlated-noise.md). ``add`` may refuse
+    a step that breaks its accounting's assumptions, before writing anything (``"tree"``: one step per loader
+    batch). ``dp_event`` is not called when the noise multiplier is 0.
     """
 
     def add(self, clipped_sum: Tensor, *, std: float) -> Tensor: ...

@@ -240,3 +240,20 @@ def test_make_private_with_epsilon_calibrates_for_bandmf_and_noise_kwargs_reach_
     dp_sgd = dpkit.get_noise_multiplier(target_epsilon=2.0, target_delta=1e-5, sample_rate=0.1, steps=40)
     assert abs(private.noise_multiplier - dp_sgd) > 0.05
     private.detach()
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "bandmf"])
+def test_a_mechanisms_own_loader_is_refused_by_the_other_mechanisms(noise):
+    """A cyclic loader samples each example at rate q·L every L steps; DP-SGD's ledger would record rate q at
+    every step and under-report ε. A shuffled tree loader is likewise no Poisson sampler."""
+    from dpkit.data import ShuffledBatchLoader
+
+    dataset = TensorDataset(torch.randn(64, 4), torch.randint(0, 2, (64,)))
+    loaders = [ShuffledBatchLoader(dataset, 8)]
+    if noise == "gaussian":
+        loaders.append(CyclicPoissonLoader.from_batch_size(dataset, 8, 4))
+    for loader in loaders:
+        model = nn.Linear(4, 2)
+        with pytest.raises(PrivacyUsageError, match=type(loader).__name__):
+            dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, noise=noise)
