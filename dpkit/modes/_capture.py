@@ -19,6 +19,11 @@ A layer that does not see the batch (a position embedding looked up as
 ``arange(T)`` or ``[1, T]`` and broadcast) has its output expanded to the batch,
 so that each example's share of the gradient stays apart, and inputs shared by
 every example (an attention mask) are not split into examples.
+
+Under ``torch.compile`` every hook here runs eagerly (``_eager``): Dynamo graph-breaks at each one instead of
+tracing it, so the records, the stand-in swap and the tensor hooks are those of an uncompiled run, and the
+layers' own code between them is compiled. The batch trace does the same for each torch call it sees
+(``_Trace``). See docs/compile.md.
 """
 from __future__ import annotations
 
@@ -38,6 +43,37 @@ from dpkit.errors import PrivacyUsageError
 from dpkit.modes import functorch as fn_mode
 from dpkit.modes._trace import BatchTrace
 from dpkit.plan import LayerPlan
+
+
+_EAGER_REASON = ("dpkit's capture hooks keep Python records, swap parameters for stand-ins and register tensor "
+                 "hooks, which a compiled graph must not bake in, so they run eagerly between compiled pieces: "
+                 "under dpkit, compile without fullgraph=True (docs/compile.md)")
+
+
+def _eager(fn: Callable) -> Callable:
+    """A hook that Dynamo calls instead of tracing: traced, its side effects would be replayed or guarded away.
+
+    A graph break, not a skipped hook: the hook still runs at every call, between the compiled pieces.
+    """
+    return torch.compiler.disable(fn, reason=_EAGER_REASON)
+
+
+class _Trace(BatchTrace):
+    """The batch trace, safe under ``torch.compile``: each torch call it sees while Dynamo traces runs eagerly.
+
+    Dynamo inlines a torch function mode, and the trace keys its marks by ``id()`` of real tensors, which a
+    traced (fake) tensor cannot give. Uncompiled, the check costs one ``is_compiling()`` per torch call.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if torch.compiler.is_compiling():
+            return _traced_eagerly(self, func, types, args, kwargs)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@_eager
+def _traced_eagerly(trace: BatchTrace, func, types, args, kwargs):
+    return BatchTrace.__torch_function__(trace, func, types, args, kwargs)
 
 
 def _detach(x):
@@ -213,6 +249,7 @@ class Capturer:
     def _active(self) -> bool:
         return self._attached and self.enabled and not self._computing and torch.is_grad_enabled()
 
+    @_eager
     def start_forward(self, model: nn.Module, args, kwargs=None) -> None:
         """The model's forward pre-hook: the batch size hint, the batch trace, and the stand-ins of a unit that
         is the model. The model's tensor inputs with the batch's rows are the batch."""
@@ -222,7 +259,7 @@ class Capturer:
         self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
         self._input_dims = inputs[0].dim() if inputs else 0
         self._forward_batch = self.batch_of(inputs) if self.batch_of is not None else None
-        self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
+        self._trace = _Trace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
         self._trace.__enter__()
         for row in self.plan:
             if row.module is model:
@@ -243,11 +280,13 @@ class Capturer:
             return False
         return (hint > 1 and t.stride(dim) == 0) or (ndim and t.dim() >= self._input_dims)
 
+    @_eager
     def _end_forward(self, *_) -> None:
         if self._trace is not None:
             trace, self._trace = self._trace, None
             trace.__exit__(None, None, None)
 
+    @_eager
     def _expand(self, row: LayerPlan, module: nn.Module, args, kwargs) -> None:  # restored in _on_forward
         if not self._active():
             return
@@ -279,6 +318,7 @@ class Capturer:
                 del p.grad_sample
             module._parameters[name] = ExpandedWeight(p, rows, "sum")
 
+    @_eager
     def _stand_in(self, row: LayerPlan, module: nn.Module, args) -> None:
         """Run the unit on detached stand-ins of its parameters (restored by ``_on_forward``).
 
@@ -314,6 +354,7 @@ class Capturer:
         for owner, name, current in self._replaced.pop(id(row), ()):
             owner._parameters[name] = current
 
+    @_eager
     def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output):
         self._restore(row)
         if not self._active():
@@ -379,6 +420,7 @@ class Capturer:
         return [t for cap in live for t in cap.outputs]
 
     # -- backward --------------------------------------------------------------------
+    @_eager
     def _on_param_grad(self, p: nn.Parameter, grad: Tensor) -> None:
         if self.enabled and not self._computing:
             self.used_params.add(p)
@@ -390,6 +432,7 @@ class Capturer:
         self._queued = False
         self.on_refusal(err)
 
+    @_eager
     def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
         if not self.enabled or self._computing:
             return None
@@ -499,6 +542,7 @@ class Capturer:
     def _add(self, p: nn.Parameter, grad_sample: Tensor) -> None:
         self.grad_samples[p] = self.grad_samples[p] + grad_sample if p in self.grad_samples else grad_sample
 
+    @_eager
     def _backward_end(self) -> None:
         self._queued = False
         try:
