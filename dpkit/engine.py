@@ -461,6 +461,8 @@ class PrivateTraining:
         return ", ".join(part for part in (f"now trainable: {new}" if new else "",
                                            f"no longer trainable: {gone}" if gone else "") if part)
 
+    @torch.compiler.disable(reason="dpkit's forward checks and re-planning run eagerly: under dpkit, compile without "
+                                   "fullgraph=True (docs/compile.md)")
     def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
         if not self.enabled or not torch.is_grad_enabled() or self.capturer._computing:
             return

@@ -22,8 +22,8 @@ every example (an attention mask) are not split into examples.
 
 Under ``torch.compile`` every hook here runs eagerly (``_eager``): Dynamo graph-breaks at each one instead of
 tracing it, so the records, the stand-in swap and the tensor hooks are those of an uncompiled run, and the
-layers' own code between them is compiled. The batch trace does the same for each torch call it sees
-(``_Trace``). See docs/compile.md.
+layers' own code between them is compiled. The batch trace does the same for each torch call it sees. See
+docs/compile.md.
 """
 from __future__ import annotations
 
@@ -56,24 +56,6 @@ def _eager(fn: Callable) -> Callable:
     A graph break, not a skipped hook: the hook still runs at every call, between the compiled pieces.
     """
     return torch.compiler.disable(fn, reason=_EAGER_REASON)
-
-
-class _Trace(BatchTrace):
-    """The batch trace, safe under ``torch.compile``: each torch call it sees while Dynamo traces runs eagerly.
-
-    Dynamo inlines a torch function mode, and the trace keys its marks by ``id()`` of real tensors, which a
-    traced (fake) tensor cannot give. Uncompiled, the check costs one ``is_compiling()`` per torch call.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if torch.compiler.is_compiling():
-            return _traced_eagerly(self, func, types, args, kwargs)
-        return super().__torch_function__(func, types, args, kwargs)
-
-
-@_eager
-def _traced_eagerly(trace: BatchTrace, func, types, args, kwargs):
-    return BatchTrace.__torch_function__(trace, func, types, args, kwargs)
 
 
 def _detach(x):
@@ -259,7 +241,7 @@ class Capturer:
         self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
         self._input_dims = inputs[0].dim() if inputs else 0
         self._forward_batch = self.batch_of(inputs) if self.batch_of is not None else None
-        self._trace = _Trace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
+        self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
         self._trace.__enter__()
         for row in self.plan:
             if row.module is model:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import weakref
 
+import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
@@ -46,6 +47,11 @@ class BatchTrace(TorchFunctionMode):
         return False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if torch.compiler.is_compiling():  # Dynamo inlines the mode; marks need real tensors' ids
+            return _eagerly(self, func, args, kwargs)
+        return self._traced(func, args, kwargs)
+
+    def _traced(self, func, args, kwargs):
         out = func(*args, **(kwargs or {}))
         if self._marked and (self._any_batched(args) or (kwargs and self._any_batched(kwargs.values()))):
             if getattr(func, "__name__", "") in _FACTORIES:
@@ -64,3 +70,9 @@ class BatchTrace(TorchFunctionMode):
         elif isinstance(out, dict):
             for t in out.values():
                 self._mark_all(t)
+
+
+@torch.compiler.disable(reason="dpkit's batch trace keys its marks by real tensors, so each torch call it sees runs "
+                               "eagerly: under dpkit, compile without fullgraph=True (docs/compile.md)")
+def _eagerly(trace: BatchTrace, func, args, kwargs):
+    return trace._traced(func, args, kwargs)
