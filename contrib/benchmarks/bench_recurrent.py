@@ -3,7 +3,8 @@
 
 Every configuration of a model trains its own copy on the same fixed-size batches; the configurations take
 turns one step at a time (round-robin), so that a slow spell on a shared machine hits them alike, and the table
-gives the median step time, its ratio to non-private training, and the peak of live tensor bytes over one further
+gives the median step time (wall clock, and the process's CPU time, which a busy shared machine disturbs less),
+their ratios to non-private training, and the peak of live tensor bytes over one further
 step above those alive before it (``tensor_memory.py``: what ``torch.cuda.max_memory_allocated`` would count;
 that step runs under the counter, so it is not timed).
 
@@ -15,7 +16,9 @@ is listed with its error. This is a benchmark, not a test: it asserts nothing.
 
     python contrib/benchmarks/bench_recurrent.py --batch 64 --seq 64 --rounds 10 --threads 1
 
-``--modes`` picks dpkit's modes (default hooks, ghost, bk, auto).
+``--modes`` picks dpkit's modes (default hooks, ghost, bk, auto). Under each table, ``floor`` gives each mode's
+multiply-adds as a ratio to non-private training's: the ratio no CPU time can beat with the samplers as built, and
+what bk would need with the norm pass's gradients kept for the clipped sum, or with no replay at all.
 """
 from __future__ import annotations
 
@@ -147,14 +150,15 @@ def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str,
 
 
 def measure(configs: dict[str, object], x: torch.Tensor, y: torch.Tensor, warmup: int, rounds: int
-            ) -> dict[str, tuple[float, int] | str]:
-    """Median ms per step, the configurations taking turns, then each one's peak tensor bytes over one more step."""
-    times: dict[str, list[float]] = {k: [] for k, v in configs.items() if callable(v)}
+            ) -> dict[str, tuple[float, float, int] | str]:
+    """Median wall and CPU ms per step, the configurations taking turns, then each one's peak tensor bytes over one
+    more step."""
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k, v in configs.items() if callable(v)}
     failed: dict[str, str] = {k: f"refused: {type(v).__name__}: {' '.join(str(v).split())[:160]}"
                               for k, v in configs.items() if not callable(v)}
     for r in range(warmup + rounds):
         for label in list(times):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 configs[label](x, y)
             except Exception as err:
@@ -162,14 +166,52 @@ def measure(configs: dict[str, object], x: torch.Tensor, y: torch.Tensor, warmup
                 del times[label]
                 continue
             if r >= warmup:
-                times[label].append((time.perf_counter() - start) * 1e3)
+                times[label].append(((time.perf_counter() - start) * 1e3, (time.process_time() - cpu) * 1e3))
     peaks = {}
     for label in times:
         gc.collect()
         with TensorMemory() as mem:
             configs[label](x, y)
         peaks[label] = mem.peak - mem.entry
-    return {**{k: (statistics.median(v), peaks[k]) for k, v in times.items()}, **failed}
+    return {**{k: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v), peaks[k])
+               for k, v in times.items()}, **failed}
+
+
+def _norm_macs(T: int, p: int, widths: list[int]) -> int:
+    """One example's norm multiply-adds for weights of one output gradient ``[T, p]`` reading inputs ``[T, d]``: each
+    weight ghost (Gram matrices, the gradient's formed once) or instantiated, by the samplers' rule."""
+    ghost = [d for d in widths if T * (p + d) < p * d]
+    return (T * T * (p + sum(ghost)) if ghost else 0) + sum(T * p * d for d in widths if d not in ghost)
+
+
+def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]:
+    """Multiply-adds of a step, as ratios to non-private training: what each mode cannot do without (matrix products
+    only; elementwise work, the embedding and the classifier head left out of both sides).
+
+    ``replay``: what one sampler call recomputes from the record (the inputs and the output's gradient) to reach
+    the gates' or projections' gradients. ``bk``/``auto`` call the norm sampler and then the grad sampler on the
+    weighted gradients, so they replay twice; ``bk, dz kept`` is bk with the norm call's gradients reused for the
+    clipped sum, ``no replay`` what any exact method adds if the training's own backward handed over dz.
+    """
+    if name == "lstm":
+        G = 4 * d
+        training = 24 * B * T * d * d  # forward 8; backward 16: the fused kernel forms weight gradients in every mode
+        replay = 12 * B * T * d * d  # the gates (input and hidden shares) and the recursion's dz W_hh
+        norms, per_example, skipped = B * _norm_macs(T, G, [d, d]), 8 * B * T * d * d, 0
+        second = 16 * B * T * d * d
+    else:
+        E, L = d, T
+        training = 12 * B * L * E * E + 6 * B * L * L * E
+        replay = 4 * B * L * E * E + 6 * B * L * L * E  # q, k, v and g W_out; attention forward and backward
+        norms = B * (_norm_macs(L, 3 * E, [E]) + _norm_macs(L, E, [E]))
+        per_example = skipped = 4 * B * L * E * E  # the weight gradients: stand-ins skip training's own
+        second = 8 * B * L * E * E + 4 * B * L * L * E
+    sums = per_example
+    base = training - skipped
+    modes = {"bk/auto": base + 2 * replay + norms + sums, "bk, dz kept": base + replay + norms + sums,
+             "ghost": base + replay + norms + second, "hooks": base + replay + per_example,
+             "no replay": base + norms + sums}
+    return {"training GMAC": training / 1e9, **{k: v / training for k, v in modes.items()}}
 
 
 def main() -> None:
@@ -191,13 +233,16 @@ def main() -> None:
         x = torch.randint(0, VOCAB, (args.batch, args.seq))
         y = torch.randint(0, CLASSES, (args.batch,))
         results = measure(configurations(name, args.dim, args.batch, args.modes), x, y, args.warmup, args.rounds)
-        base = results["non-private"][0]
-        print(f"\n{name}\n{'configuration':<40} {'ms/step':>9} {'ratio':>7} {'peak MiB':>9}")
+        base, base_cpu = results["non-private"][:2]
+        print(f"\n{name}\n{'configuration':<40} {'ms/step':>9} {'ratio':>7} {'CPU ms':>9} {'ratio':>7} {'peak MiB':>9}")
         for label, res in results.items():
             if isinstance(res, str):
                 print(f"{label:<40} {res}")
             else:
-                print(f"{label:<40} {res[0]:9.1f} {res[0] / base:7.2f} {res[1] / 2**20:9.1f}")
+                print(f"{label:<40} {res[0]:9.1f} {res[0] / base:7.2f} {res[1]:9.1f} {res[1] / base_cpu:7.2f} "
+                      f"{res[2] / 2**20:9.1f}")
+        print("floor, multiply-adds as a ratio to training's: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in floor(name, args.batch, args.seq, args.dim).items()))
 
 
 if __name__ == "__main__":
