@@ -97,13 +97,15 @@ def _recompute(layer: nn.MultiheadAttention, activations: list, backprops: Tenso
         if layer.add_zero_attn:
             kk, vv = (F.pad(t, (0, 0, 0, 1)) for t in (kk, vv))
         S = kk.shape[1]
-        mask = torch.zeros((), dtype=dtype, device=query.device)
+        mask = None
         if attn_mask is not None:
             mask = F.pad(attn_mask, (0, pad)).reshape(-1, h, L, S) if attn_mask.dim() == 3 else F.pad(attn_mask, (0, pad))
         if kpm is not None:
-            mask = mask + F.pad(kpm, (0, pad)).reshape(N, 1, 1, S)
+            kpm = F.pad(kpm, (0, pad)).reshape(N, 1, 1, S)
+            mask = kpm if mask is None else mask + kpm
         heads = [t.unflatten(-1, (h, E // h)).transpose(1, 2) for t in (q, kk, vv)]
-        scores = torch.matmul(heads[0] * (E // h) ** -0.5, heads[1].transpose(2, 3)) + mask
+        scores = torch.matmul(heads[0] * (E // h) ** -0.5, heads[1].transpose(2, 3))
+        scores = scores if mask is None else scores + mask  # no pass over the scores where nothing is masked
         attn = scores.softmax(-1)
         out = torch.matmul(attn, heads[2]).transpose(1, 2).reshape(N, L, E)
         outputs, wanted = [out], [g_out @ layer.out_proj.weight.detach() if g_out is not None else None]
