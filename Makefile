@@ -57,11 +57,12 @@ test-timm: $(BIN_TIMM)/.installed
 demo: venv
 	$(BIN)/python contrib/examples/digits.py
 
-# A quick CPU table (about 2 minutes): the GPT-style model and the convnet, non-private and in dpkit's main modes
-# (Opacus as a column when installed), saved as one file per run under contrib/benchmarks/results/.
+# A quick CPU table (under 3 minutes): the GPT-style model and the convnet, non-private and in dpkit's main modes
+# (Opacus as a column when installed), time and peak tensor bytes; saved as contrib/benchmarks/results/cpu-small.md,
+# replacing the last run (git keeps the history).
 bench: venv
 	$(BIN)/python contrib/benchmarks/bench.py --model cpu-small --steps 5 --warmup 2 --threads 1 \
-		--modes auto,bk,ghost,hooks --opacus | tee contrib/benchmarks/results/bench-cpu-small-$$(git rev-parse --short HEAD).md
+		--modes auto,bk,ghost,hooks --opacus --save contrib/benchmarks/results
 
 clean:
 	rm -rf $(VENV) $(VENV_TIMM) build *.egg-info

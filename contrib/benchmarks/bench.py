@@ -12,21 +12,24 @@ Per configuration it reports
 * ms/step: the median, over the timed steps after ``--warmup`` untimed ones, of one full training step
   (``zero_grad``, forward, loss, ``backward``, ``optimizer.step``), and the same split into forward
   (model + loss), backward and step;
-* peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the steps (total, and above what was
-  allocated before the first step); on CPU the peak resident set size of the process during the steps
-  (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; ``ru_maxrss`` where that is refused),
-  total and above the resident size before the first step. The worker runs with a fixed glibc mmap threshold
-  so that freed tensors leave the resident set and the peak follows live tensors, not allocator caching;
-* the ratios of both to non-private training (CPU memory: of the increase above the pre-step resident size,
-  since the total is dominated by the torch libraries; CUDA memory: of the total peak).
+* peak memory in allocated tensor bytes, so that the CPU figure predicts the GPU's: on CUDA
+  ``torch.cuda.max_memory_allocated`` over the timed steps; on CPU the peak of live tensor bytes counted by
+  ``tensor_memory.TensorMemory`` over ``MEMORY_STEPS`` further steps (the count slows ops, so those steps are
+  not timed). Both include parameters, gradients, optimizer state and the batches. The process's resident
+  set is not reported: the torch libraries and glibc's caches dominate it and no GPU has them;
+* the ratios of both to non-private training (memory: of the total peak).
 
-Every DP configuration uses ``noise_multiplier=1.0``, ``max_grad_norm=1.0``, flat clipping, plain SGD and the
-loss of ``nn.CrossEntropyLoss`` through ``private.criterion`` (so ghost mode works). dpkit is driven through
-its public API only. Batches have a fixed size (no Poisson sampling) so that every step does the same work.
+Every DP configuration uses ``noise_multiplier=1.0``, ``max_grad_norm=1.0``, plain SGD and the loss of
+``nn.CrossEntropyLoss`` through ``private.criterion`` (so ghost mode works), with flat clipping unless
+``--clipping`` asks for more (each dpkit mode then runs once per clipping; Opacus runs flat). dpkit is driven
+through its public API only. Batches have a fixed size (no Poisson sampling) so that every step does the same
+work. ``--save DIR`` writes the printed table to ``DIR/<workload>.md``, one file per workload, so a new run
+replaces the last one of the same workload (git keeps the history).
 
 Examples::
 
     python contrib/benchmarks/bench.py --model cpu-small --repeat 3
+    python contrib/benchmarks/bench.py --model cpu-small --modes auto,bk --clipping flat,per_layer
     python contrib/benchmarks/bench.py --model gpt2-small --device cuda --batch 16 --seq 256 --opacus
     python contrib/benchmarks/bench.py --model gpt2-small --device cuda --batch 8 --seq 1024 --opacus
     python contrib/benchmarks/bench.py --model convnet --device cuda --batch 256 --opacus
@@ -49,46 +52,8 @@ HERE = Path(__file__).resolve().parent
 DPKIT_MODES = ("hooks", "functorch", "ew", "ghost", "bk", "auto")
 OPACUS_MODES = ("opacus-hooks", "opacus-ghost")
 DEFAULT_MODES = ",".join(DPKIT_MODES)
-
-
-# --------------------------------------------------------------------------- memory probes (worker side)
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is not None:
-        return kib * 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's resident-set high-water mark to the current resident size (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes(reset_ok: bool) -> tuple[int, str]:
-    kib = _status_kib("VmHWM") if reset_ok else None
-    if kib is not None:
-        return kib * 1024, "VmHWM (reset before the steps)"
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "ru_maxrss (whole process)"
+CLIPPINGS = ("flat", "per_layer")
+MEMORY_STEPS = 1  # CPU: steady-state steps counted by TensorMemory after the timed ones
 
 
 # --------------------------------------------------------------------------- one configuration (worker)
@@ -98,12 +63,14 @@ def run_config(cfg: dict) -> dict:
 
     sys.path.insert(0, str(HERE))
     from bench_models import build, loss_input, make_batches
+    from tensor_memory import TensorMemory
 
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     cuda = device.type == "cuda"
     name, mode, batch, seq = cfg["model"], cfg["mode"], cfg["batch"], cfg["seq"]
+    clipping = cfg.get("clipping", "flat")
     torch.manual_seed(0)
     model, kind = build(name, seq, untie=cfg.get("untie", False))
     model = model.to(device).train()
@@ -125,10 +92,10 @@ def run_config(cfg: dict) -> dict:
             warnings.simplefilter("ignore")
             private = dpkit.make_private(
                 module=model, optimizer=optimizer, data_loader=None, sample_rate=sample_rate, expected_batch_size=batch,
-                noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, clipping="flat",
+                noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode, clipping=clipping,
                 criterion=nn.CrossEntropyLoss(), noise_seed=0)
         criterion = private.criterion
-    elif mode in OPACUS_MODES:
+    elif mode in OPACUS_MODES and clipping == "flat":
         import warnings
 
         import opacus
@@ -149,8 +116,8 @@ def run_config(cfg: dict) -> dict:
                 runner, optimizer, _ = engine.make_private(
                     module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
                     max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks")
-    elif mode != "nonprivate":
-        raise SystemExit(f"unknown mode {mode!r}")
+    elif mode != "nonprivate" or clipping != "flat":
+        raise SystemExit(f"unknown configuration {mode!r} with {clipping!r} clipping")
 
     def loss_of(logits, y):
         if mode == "opacus-ghost" and kind == "gpt":
@@ -185,11 +152,6 @@ def run_config(cfg: dict) -> dict:
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        mem_base = torch.cuda.memory_allocated(device)
-        reset_ok = True
-    else:
-        mem_base = _rss_bytes()
-        reset_ok = _reset_peak_rss()
 
     losses, times = [], []
     total = cfg["warmup"] + cfg["steps"]
@@ -205,30 +167,36 @@ def run_config(cfg: dict) -> dict:
     if cuda:
         mem_peak, mem_how = torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
     else:
-        mem_peak, mem_how = _peak_rss_bytes(reset_ok)
+        gc.collect()
+        with TensorMemory() as counted:
+            for i in range(total, total + MEMORY_STEPS):
+                step(*batches[i % len(batches)])
+        mem_peak, mem_how = counted.peak, f"peak live tensor bytes over {MEMORY_STEPS} step(s) (tensor_memory.py)"
 
     def med(values):
         return 1e3 * statistics.median(values)
 
     return {
-        "model": name, "mode": mode, "batch": batch, "seq": seq if kind == "gpt" else None, "params": n_params,
+        "model": name, "mode": label(mode, clipping), "batch": batch, "seq": seq if kind == "gpt" else None, "params": n_params,
         "device": str(device), "threads": torch.get_num_threads(), "untie": cfg.get("untie", False), "torch": torch.__version__,
         "opacus": opacus_version, "steps": cfg["steps"], "warmup": cfg["warmup"], "wall_s": wall,
         "ms_step": med([sum(t[:3]) for t in times]), "ms_min": 1e3 * min(sum(t[:3]) for t in times),
         "cpu_ms_step": med([t[3] for t in times]),
         "ms_fwd": med([t[0] for t in times]), "ms_bwd": med([t[1] for t in times]),
         "ms_opt": med([t[2] for t in times]),
-        "mem_base": mem_base, "mem_peak": mem_peak, "mem_delta": max(mem_peak - mem_base, 0), "mem_how": mem_how,
+        "mem_peak": mem_peak, "mem_how": mem_how,
         "loss_first": losses[0], "loss_last": losses[-1],
     }
 
 
 # --------------------------------------------------------------------------- driver
+def label(mode: str, clipping: str) -> str:
+    """A configuration's row name: the mode, with the clipping when it is not flat."""
+    return mode if clipping == "flat" else f"{mode}+{clipping}"
+
+
 def spawn(cfg: dict, timeout: float) -> dict:
     env = dict(os.environ)
-    # A fixed mmap threshold (no glibc dynamic adjustment): freed large tensors are unmapped at once, so the
-    # resident set follows the live tensors and its peak means something.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     if not cfg.get("plugins"):
         # built-in layer plugins only: an installed package could override a built-in sampler (or fail to load)
         env["DPKIT_DISABLE_PLUGIN_AUTOLOAD"] = "1"
@@ -236,12 +204,13 @@ def spawn(cfg: dict, timeout: float) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return {**cfg, "error": f"timed out after {timeout:.0f}s"}
+        return {**cfg, "mode": label(cfg["mode"], cfg["clipping"]), "error": f"timed out after {timeout:.0f}s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-    return {**cfg, "error": (tail[-1] if tail else f"exit status {proc.returncode}")[:300]}
+    return {**cfg, "mode": label(cfg["mode"], cfg["clipping"]),
+            "error": (tail[-1] if tail else f"exit status {proc.returncode}")[:300]}
 
 
 def aggregate(results: list[dict]) -> list[dict]:
@@ -257,8 +226,6 @@ def aggregate(results: list[dict]) -> list[dict]:
         if not ok:
             out.append({"model": model, "mode": mode, "error": reps[-1]["error"], "reps": 0})
             continue
-        cuda = ok[0]["device"].startswith("cuda")
-        mem_key = "mem_peak" if cuda else "mem_delta"
         paired = [(r, base[(model, r.get("rep", 0))]) for r in ok if (model, r.get("rep", 0)) in base]
 
         def ratio(key, paired=paired):
@@ -274,16 +241,16 @@ def aggregate(results: list[dict]) -> list[dict]:
             "ms_step": med("ms_step"), "ms_lo": min(r["ms_step"] for r in ok), "ms_hi": max(r["ms_step"] for r in ok),
             "cpu_ms_step": med("cpu_ms_step"), "ms_min": med("ms_min"),
             "ms_fwd": med("ms_fwd"), "ms_bwd": med("ms_bwd"), "ms_opt": med("ms_opt"),
-            "mem_peak": med("mem_peak"), "mem_delta": med("mem_delta"), "mem_how": ok[0]["mem_how"],
+            "mem_peak": med("mem_peak"), "mem_how": ok[0]["mem_how"],
             "time_ratio": ratio("ms_step"), "cpu_ratio": ratio("cpu_ms_step"), "min_ratio": ratio("ms_min"),
-            "mem_ratio": ratio(mem_key), "loss_last": med("loss_last"), "error": None,
+            "mem_ratio": ratio("mem_peak"), "loss_last": med("loss_last"), "error": None,
         })
     return out
 
 
 def table(rows: list[dict]) -> str:
     def mib(b):
-        return f"{b / 2**20:,.0f}"
+        return f"{b / 2**20:,.1f}"
 
     def x(v):
         return f"{v:.2f}×" if v is not None else "–"
@@ -292,26 +259,23 @@ def table(rows: list[dict]) -> str:
     for model in dict.fromkeys(r["model"] for r in rows):
         group = [r for r in rows if r["model"] == model]
         first = next((r for r in group if not r["error"]), None)
-        cuda = first is not None and first["device"].startswith("cuda")
         if first is not None:
             shape = f"batch {first['batch']}" + (f", seq {first['seq']}" if first["seq"] else "")
             tie = ", LM head untied" if first["untie"] else ""
             lines.append(f"\n**{model}** ({first['params'] / 1e6:.2f}M params, {shape}{tie}, {first['device']}, "
                          f"{first['threads']} thread(s), {first['reps']} repetition(s); memory: {first['mem_how']})\n")
-        mem_label = "peak MiB (× peak)" if cuda else "peak RSS MiB / +MiB above pre-step (× of +)"
         lines.append(f"| mode | ms/step median (range over reps) | × time | CPU ms/step | × CPU | best ms/step | × best "
-                     f"| fwd / bwd / step ms | {mem_label} |")
-        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+                     "| fwd / bwd / step ms | peak MiB | × memory |")
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in group:
             if r["error"]:
-                lines.append(f"| {r['mode']} | failed: {r['error']} | | | | | | | |")
+                lines.append(f"| {r['mode']} | failed: {r['error']} | | | | | | | | |")
                 continue
             spread = f" ({r['ms_lo']:.1f}–{r['ms_hi']:.1f})" if r["reps"] > 1 else ""
-            mem = (f"{mib(r['mem_peak'])} ({x(r['mem_ratio'])})" if cuda
-                   else f"{mib(r['mem_peak'])} / +{mib(r['mem_delta'])} ({x(r['mem_ratio'])})")
             lines.append(f"| {r['mode']} | {r['ms_step']:.1f}{spread} | {x(r['time_ratio'])} | "
                          f"{r['cpu_ms_step']:.1f} | {x(r['cpu_ratio'])} | {r['ms_min']:.1f} | {x(r['min_ratio'])} | "
-                         f"{r['ms_fwd']:.1f} / {r['ms_bwd']:.1f} / {r['ms_opt']:.1f} | {mem} |")
+                         f"{r['ms_fwd']:.1f} / {r['ms_bwd']:.1f} / {r['ms_opt']:.1f} | {mib(r['mem_peak'])} | "
+                         f"{x(r['mem_ratio'])} |")
     return "\n".join(lines)
 
 
@@ -357,6 +321,19 @@ def environment(device: str) -> str:
     return "; ".join(parts)
 
 
+def workload(args: argparse.Namespace, clippings: list[str]) -> str:
+    """The saved file's name: the model group, an untied head, any shape given, a device other than the CPU,
+    any clipping but flat alone (``cpu-small``, ``gpt2-small-16x256-cuda``, ``cpu-small-flat+per_layer``)."""
+    parts = [args.model] + (["untied"] if args.untie else [])
+    if args.batch or args.seq:
+        parts.append(f"{args.batch or 'default'}x{args.seq or 'default'}")
+    if args.device != "cpu":
+        parts.append(args.device.split(":")[0])
+    if clippings != ["flat"]:
+        parts.append("+".join(clippings))
+    return "-".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
     parser.add_argument("--modes", default=DEFAULT_MODES,
                         help=f"comma-separated dpkit modes (default {DEFAULT_MODES}); non-private always runs")
+    parser.add_argument("--clipping", default="flat",
+                        help="comma-separated dpkit clippings, each dpkit mode runs with each: flat (default), "
+                             "per_layer; Opacus runs flat only")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--opacus", action="store_true", help="add Opacus hooks and ghost columns (if installed)")
     parser.add_argument("--repeat", type=int, default=1, help="round-robin repetitions of every configuration")
@@ -378,6 +358,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plugins", action="store_true",
                         help="let dpkit load installed plugin packages (default: built-in plugins only)")
     parser.add_argument("--json", type=Path, help="also write every raw result and the summary here")
+    parser.add_argument("--save", type=Path, metavar="DIR",
+                        help="also write the printed table to DIR/<workload>.md, replacing that workload's last run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -392,11 +374,15 @@ def main(argv: list[str] | None = None) -> None:
     bad = [m for m in modes if m not in ("nonprivate", *DPKIT_MODES, *OPACUS_MODES)]
     if bad:
         parser.error(f"unknown mode(s) {bad}; choose from {DPKIT_MODES} (and {OPACUS_MODES}, or just --opacus)")
+    clippings = [c.strip() for c in args.clipping.split(",") if c.strip()]
+    if not clippings or any(c not in CLIPPINGS for c in clippings):
+        parser.error(f"--clipping: choose from {CLIPPINGS}")
+    runs = [("nonprivate", "flat")] + [(m, c) for m in modes[1:] for c in (clippings if m in DPKIT_MODES else ["flat"])]
     if args.opacus:
         try:
             import opacus  # noqa: F401  (the benchmark's optional comparison, never dpkit's)
 
-            modes += [m for m in OPACUS_MODES if m not in modes]
+            runs += [(m, "flat") for m in OPACUS_MODES if m not in modes]
         except ImportError:
             print("--opacus: opacus is not installed; skipping its columns", file=sys.stderr)
 
@@ -411,18 +397,21 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     for rep in range(args.repeat):
         for cfg in configs:
-            for mode in modes:
-                r = spawn({**cfg, "mode": mode}, args.timeout)
+            for mode, clipping in runs:
+                r = spawn({**cfg, "mode": mode, "clipping": clipping}, args.timeout)
                 r["rep"] = rep
                 results.append(r)
-                msg = r.get("error") or f"{r['ms_step']:.1f} ms/step, peak {r['mem_peak'] / 2**20:.0f} MiB"
-                print(f"[rep {rep + 1}/{args.repeat}] {cfg['model']:<12} {mode:<13} {msg}", file=sys.stderr,
+                msg = r.get("error") or f"{r['ms_step']:.1f} ms/step, peak {r['mem_peak'] / 2**20:.1f} MiB"
+                print(f"[rep {rep + 1}/{args.repeat}] {cfg['model']:<12} {r['mode']:<18} {msg}", file=sys.stderr,
                       flush=True)
     summary = aggregate(results)
-    print(f"# {environment(args.device)}")
-    print(f"# command: python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}")
-    print(f"# total wall time {time.perf_counter() - t0:.0f} s")
-    print(table(summary))
+    report = "\n".join([f"# {environment(args.device)}",
+                        f"# command: python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}",
+                        f"# total wall time {time.perf_counter() - t0:.0f} s", table(summary)])
+    print(report)
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+        (args.save / f"{workload(args, clippings)}.md").write_text(report + "\n")
     if args.json:
         args.json.write_text(json.dumps({"environment": environment(args.device), "argv": sys.argv,
                                          "results": results, "summary": summary}, indent=1))
