@@ -9,8 +9,10 @@ freed pages that were not returned. This module counts tensor storage bytes inst
     with TensorMemory() as mem:                 # counts every tensor alive now, then tracks
         train_step()                            # zero_grad, forward, loss, backward, optimizer.step
     print(mem.peak, mem.entry, mem.live)        # bytes: the peak, and the live total at entry and now
+    print(mem.peak_op)                          # the aten op whose output reached the peak, e.g. "aten.mm.default"
 
-``mem.reset_peak()`` sets the peak to the live total, like ``torch.cuda.reset_peak_memory_stats``.
+``mem.reset_peak()`` sets the peak to the live total, like ``torch.cuda.reset_peak_memory_stats``. To see
+where a peak comes from, read ``mem.peak_op``, or reset the peak between the phases of a step.
 
 How it counts. At entry it finds every tensor reachable from Python (``gc.get_objects``: parameters,
 buffers, gradients, optimizer state, batches) and counts each distinct storage once. While inside, a
@@ -32,7 +34,7 @@ allocator's reserved cache), this count differs in three ways, all small for the
   including those inside autograd's backward formulas, are here.
 * At entry only tensors reachable from Python are found: enter with no autograd graph alive (at the start of
   a training step, as above). Storages resized from Python (``UntypedStorage.resize_``, as FSDP2 does) are
-  not seen.
+  not seen, nor are tensors without a storage of their own (sparse layouts, wrapper subclasses).
 
 Run ``python contrib/benchmarks/tensor_memory.py --self-check`` to check the count on a chain of Linear layers
 against a hand count and against the allocator events of ``torch.profiler`` (exits 1 on a mismatch).
@@ -59,6 +61,7 @@ class TensorMemory(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self.entry = 0
+        self.peak_op: str | None = None  # None while the peak is the live total at entry (or at a reset)
 
     def _count(self, t: torch.Tensor) -> None:
         try:
@@ -84,6 +87,7 @@ class TensorMemory(TorchDispatchMode):
     def reset_peak(self) -> None:
         """Set the peak to the bytes live now (``torch.cuda.reset_peak_memory_stats``)."""
         self.peak = self.live
+        self.peak_op = None
 
     def __enter__(self) -> TensorMemory:
         for obj in gc.get_objects():
@@ -94,9 +98,12 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
+        peak = self.peak
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 self._count(leaf)
+        if self.peak > peak:
+            self.peak_op = str(func)
         return out
 
 
@@ -120,7 +127,7 @@ def self_check() -> bool:
 
     With ``depth`` weights of ``w`` bytes and activations of ``a`` bytes (``w > 2a``): after backward the step
     holds the weights, their gradients, the input and the last output ``h``; the update ``weight -= lr * grad``
-    then makes one ``w``-sized product at a time, which is the peak. Backward holds less: gradients arrive one
+    then makes one ``w``-sized product at a time (``aten.mul``), which is the peak. Backward holds less: gradients arrive one
     layer at a time while the saved activations are released. On return ``h`` is freed.
     """
     torch.manual_seed(0)
@@ -138,19 +145,23 @@ def self_check() -> bool:
                 layer.weight -= 0.1 * layer.weight.grad
 
     w, a = width * width * 4, batch * width * 4
-    hand = {"entry": depth * w + a, "peak": (2 * depth + 1) * w + 2 * a, "exit": 2 * depth * w + a}
+    hand = {"entry": depth * w + a, "peak": (2 * depth + 1) * w + 2 * a, "exit": 2 * depth * w + a,
+            "peak op": "aten.mul.Tensor"}
     gc.collect()
     with TensorMemory() as mem:
         step()
-    counted = {"entry": mem.entry, "peak": mem.peak, "exit": mem.live}
+    counted = {"entry": mem.entry, "peak": mem.peak, "exit": mem.live, "peak op": mem.peak_op}
     for layer in layers:
         layer.weight.grad = None
     gc.collect()
     # the profiler sees every CPU allocation in the window, scalars wrapped into tensors inside ops included
     profiled = _profiler_peak(step)
     ok = counted == hand
+    def show(value: Any) -> str:
+        return f"{value:,} bytes" if isinstance(value, int) else str(value)
+
     for key in hand:
-        print(f"{key:>5}: counted {counted[key]:>9,} bytes, by hand {hand[key]:>9,}")
+        print(f"{key:>7}: counted {show(counted[key]):>15}, by hand {show(hand[key]):>15}")
     above = mem.peak - mem.entry
     close = abs(profiled - above) <= 64
     print(f"peak above entry: counted {above:,} bytes, torch.profiler's allocator events {profiled:,}")
