@@ -52,9 +52,10 @@ class Clipper(Protocol):
 
     ``dpkit.clipping.ClipperBase`` gives no-op defaults for everything but ``factors``.
 
-    A per-layer clipper whose row's factor depends on that row alone may also define ``layer_factors(norms,
-    total)``, the factors of some rows of the ``[total, B]`` table. Then ``bk`` and ``auto`` clip and sum each
-    layer the moment its output gradient arrives (streaming), so no layer's record outlives its backward pass.
+    A per-layer clipper whose row's factor depends on that row alone may also define
+    ``layer_factors(norms, total)``: the factors of some rows of the ``[total, B]`` table. Then ``bk`` and
+    ``auto`` clip and sum each layer the moment its output gradient arrives (streaming), so no layer's record
+    outlives its part of the backward pass.
     """
 
     per_layer: bool  # True: factors() gets [P, B] norms, one row per trainable parameter
@@ -89,10 +90,11 @@ class NoiseMechanism(Protocol):
     ``dp_event`` is called once per released step, after its ``add`` calls.
 
     A mechanism whose privacy is not DP-SGD's may also define ``check_loader(loader)``, which raises unless
-    the data loader samples as its accounting assumes, and ``calibrate(*, target_epsilon, target_delta,
-    steps, accountant)``, the noise multiplier for a target ε (see docs/correlated-noise.md). ``add`` may refuse
-    a step that breaks its accounting's assumptions, before writing anything (``"tree"``: one step per loader
-    batch). ``dp_event`` is not called when the noise multiplier is 0.
+    the data loader samples as its accounting assumes, and
+    ``calibrate(*, target_epsilon, target_delta, steps, accountant)``, the noise multiplier for a target ε
+    (see docs/correlated-noise.md). ``add`` may refuse a step that breaks its accounting's assumptions, before
+    writing anything (``"tree"``: one step per loader batch). ``dp_event`` is not called when the noise
+    multiplier is 0.
     """
 
     def add(self, clipped_sum: Tensor, *, std: float) -> Tensor: ...
