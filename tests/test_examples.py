@@ -52,6 +52,14 @@ def test_bandmf_vs_dpsgd() -> None:
         assert float(summary[f"demo_{mechanism}"]) > 0.3, summary  # 10 classes: chance is 0.1
 
 
+def test_correlated_noise_lm() -> None:
+    """The three mechanisms on the small LM for a few steps: each calibrated to the target, none diverging."""
+    summary = run_example("correlated_noise_lm.py")
+    check_privacy(summary)
+    for mechanism in ("dpsgd", "bandmf", "tree"):
+        assert float(summary[mechanism]) < math.log(256), summary  # below the uniform model's loss
+
+
 @pytest.mark.parametrize("mode", ["bk", "ghost"])
 def test_language_model(mode: str) -> None:
     summary = run_example("language_model.py", "--mode", mode)
