@@ -622,11 +622,13 @@ class PrivateTraining:
         The sums go straight into the step's buffers. Admission and the finiteness check still happen at the end
         of the pass (``_clip_records``), over the whole norm table: a refused pass resets the buffers before
         anything is released. A pass watched by ``dpkit_on_clip`` observers is not streamed, since they are
-        shown the pass's sums as a difference of the buffers.
+        shown the pass's sums as a difference of the buffers. ``auto`` streams only the records it formed on
+        arrival: the others are those whose per-example gradients outgrow the record, and their norms, taken
+        at the start of the backward pass, would add to its peak (a convnet's last convolution: 1.10× → 1.29×).
         """
         if self._streaming is None:
             self._streaming = not self._observed()
-        if not self._streaming:
+        if not self._streaming or (self.mode == "auto" and cap.formed is None):
             return False
         own = list(dict.fromkeys(cap.row.params.values()))
         norms, materialised = bk.record_norms([cap], own, cap.rows // self.K, self.K, self.capturer)

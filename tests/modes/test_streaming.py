@@ -189,3 +189,20 @@ def test_observers_see_the_same_step_unstreamed(fresh_registry):
     # summed before the snapshot): the update is that sum over the expected batch size, 4.
     names = [n for n, _ in private.module.named_parameters()]
     torch.testing.assert_close(bk_event.clipped_sum["mix.weight"], 4 * got[names.index("mix.weight")])
+
+
+def test_auto_streams_only_what_it_formed_on_arrival():
+    """A Linear over a short sequence with wide weights has per-example gradients larger than its record: auto
+    keeps that record for the end of the pass (its norm then costs memory after the activations are freed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.LayerNorm(64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                     noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="auto",
+                                     clipping="per_layer", sample_rate=0.5, expected_batch_size=4)
+    at_end = []
+    clip = private._clip_records
+    private._clip_records = lambda records, rows: (at_end.append([c.row.name for c in records]), clip(records, rows))
+    model(torch.randn(4, 2, 64)).square().sum(dim=(1, 2)).mean().backward()
+    assert at_end == [["0"]]  # the LayerNorm ("2") was formed, streamed and freed; the Linear waited
