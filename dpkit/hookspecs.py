@@ -29,6 +29,13 @@ class GradSampler(Protocol):
     output, both with ``B*K`` rows, an example's K copies adjacent. Returns, for
     each trainable parameter, a ``[B, *param.shape]`` tensor summed over the K
     copies and over positions; the engine divides by K.
+
+    A sampler that recomputes its layer (an LSTM, attention) may also carry
+    ``blocks(layer, activations, backprops)``, yielding each trainable parameter
+    with its gradient as Linear blocks ``[(a, g), ...]``: ``Σ_t g_t a_tᵀ`` per row
+    (``Σ_t g_t`` where ``a`` is ``None``), ``[B*K, positions, ·]``, stacked along
+    the parameter's first dimension. ``bk`` then takes the norms and the clipped
+    sum from one recomputation instead of calling the samplers twice.
     """
 
     def __call__(

@@ -184,7 +184,15 @@ def _same(*tensors: Tensor) -> bool:
 
 
 # Both read the attention weights' gradient too, and compute out_proj's parameters (a child forward never calls).
+def blocks(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | Sequence[Tensor | None]
+           ) -> Iterator[tuple[nn.Parameter, list[tuple[Tensor | None, Tensor]]]]:
+    """Each trainable parameter's gradient as Linear blocks (see :func:`_parts`): bk takes both the norms and the
+    clipped sum from them, so the attention is recomputed once a step."""
+    return ((p, pairs) for p, pairs in _parts(layer, activations, backprops) if p.requires_grad)
+
+
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
+grad_sampler.blocks = blocks
 grad_sampler.covers_children = norm_sampler.covers_children = True
 
 

@@ -333,8 +333,21 @@ def norm_sampler(layer: Recurrent, activations: list, backprops: Tensor | Sequen
     return out
 
 
+def blocks(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Tensor | None]
+           ) -> Iterator[tuple[nn.Parameter, list[tuple[Tensor | None, Tensor]]]]:
+    """Each trainable parameter's gradient as Linear blocks ``[(a, dz)]`` (``[(None, dz)]`` for a bias), batch
+    first: bk takes both the norms and the clipped sum from them, so the recurrence is replayed once a step."""
+    for dz, weights, biases in _groups(layer, activations, backprops):
+        g = dz.transpose(0, 1)
+        for p, a in weights:
+            yield p, [(a.transpose(0, 1), g)]
+        for p in biases:
+            yield p, [(None, g)]
+
+
 # Both read (output, h_n[, c_n]) gradients: a model that reads h_n has it in the example's gradient.
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
+grad_sampler.blocks = blocks
 
 
 @hookimpl

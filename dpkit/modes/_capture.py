@@ -76,6 +76,7 @@ class Capture:
     outputs: list[Tensor] = attrs.field(factory=list)  # kept in ghost mode for the norm pass
     squares: dict[nn.Parameter, Tensor] | None = None  # ghost: norms taken on arrival, the record freed
     formed: dict[nn.Parameter, Tensor] | None = None  # auto: small per-example gradients formed on arrival
+    blocks: dict[nn.Parameter, list] | None = None  # bk: a sampler's Linear blocks, kept instead of the record
     versions: list[int] = attrs.field(factory=list)
     input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
     unbatched: frozenset[int] = frozenset()  # ids of captured input tensors that do not derive from the batch
@@ -84,7 +85,7 @@ class Capture:
 
     def release(self) -> None:
         """Drop the recorded tensors: what the record was kept for has been computed from them."""
-        self.args, self.kwargs, self.grads = [], {}, []
+        self.args, self.kwargs, self.grads, self.blocks = [], {}, [], None
 
 
 def forward_arguments(module: nn.Module) -> list[tuple[str, object]]:

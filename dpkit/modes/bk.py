@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from dpkit.layers import contract, fold, reused_grams, upcast
+from dpkit.layers import contract, fold, reused_grams, upcast, weight_sq_norms
 from dpkit.modes import functorch as fn_mode
 from dpkit.modes._capture import Capture, Capturer
 
@@ -65,6 +65,16 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
             own = _own(row)
             by_norm = set() if row.norm_sampler is None else {
                 id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
+            blocks_of = getattr(row.sampler, "blocks", None)
+            if blocks_of is not None and cap.rows and len(by_norm) == len(own):
+                # The sampler's recomputation done once: its Linear blocks serve the norms and the clipped sum.
+                with capturer.quiet():
+                    blocks = row.call(_blocks_sampler(row.sampler), cap.args, cap.grads, K, cap.bdim == 0)
+                cap.release()
+                cap.blocks = blocks
+                for p, parts in blocks.items():
+                    add(squares, id(p), sum(_block_squares(a, g, K) for a, g in parts))
+                continue
             if by_norm:
                 with capturer.quiet():
                     got = row.call(row.norm_sampler, cap.args, cap.grads, K, cap.bdim == 0)
@@ -178,6 +188,11 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
     for cap in records:
         if cap.rows == 0:
             continue
+        if cap.blocks is not None:
+            for p, parts in cap.blocks.items():
+                yield p, _blocks_sum(parts, weights[index[id(p)]] if per_layer else weights).reshape(p.shape)
+            cap.release()
+            continue
         todo = [p for p in cap.row.local_params.values() if id(p) not in formed]
         # One call per distinct factor vector: flat clipping needs one, per-layer clipping one per parameter.
         groups = [[p] for p in todo] if per_layer else [todo] if todo else []
@@ -188,6 +203,31 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
                 if id(p) in wanted:
                     yield p, s
         cap.release()  # the record's last use: free it before the next sum
+
+
+def _blocks_sampler(sampler):
+    """``sampler.blocks`` in the shape ``LayerPlan.call`` calls samplers with (it reads the same outputs)."""
+    def blocks(layer: nn.Module, activations: list, backprops, K: int) -> dict[nn.Parameter, list]:
+        return dict(sampler.blocks(layer, activations, backprops))
+
+    blocks.all_outputs = getattr(sampler, "all_outputs", False)
+    return blocks
+
+
+def _block_squares(a: Tensor | None, g: Tensor, K: int) -> Tensor:
+    """``[B]`` squared norms of one block of the K-summed gradient: ``Σ_t g_t a_tᵀ``, or ``Σ_t g_t`` without ``a``."""
+    if a is None:
+        return upcast(fold(g, K)).sum(1).square().sum(1)
+    return weight_sq_norms(fold(a, K), fold(g, K))
+
+
+def _blocks_sum(parts: list, weights: Tensor) -> Tensor:
+    """Σ over rows of each row's weight times its gradient, block by block, stacked along the first dimension."""
+    sums = []
+    for a, g in parts:
+        wg = g * weights.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
+        sums.append(wg.flatten(0, -2).sum(0) if a is None else wg.flatten(0, -2).T @ a.flatten(0, -2).to(g.dtype))
+    return sums[0] if len(sums) == 1 else torch.cat(sums, 0)
 
 
 def _weighted_sum(cap: Capture, weights: Tensor, capturer: Capturer) -> dict[nn.Parameter, Tensor]:

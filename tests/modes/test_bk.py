@@ -1,11 +1,15 @@
 """Book-keeping details the equivalence tests do not see: layers reading one input share its Gram matrix."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _reference import dpkit_step
 from test_equivalence import reference
 from torch import nn
+
+import dpkit
 
 
 class SeparateQKV(nn.Module):
@@ -43,3 +47,53 @@ def test_the_input_gram_is_formed_once_for_its_three_projections(monkeypatch):
     monkeypatch.setattr(torch, "bmm", counting)
     dpkit_step(SeparateQKV(), torch.randn(5, 3, 8), torch.randint(0, 3, (5,)), mode="bk", C=0.1)
     assert len(grams) == 1
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("K", [1, 3])
+def test_samplers_with_blocks_are_recomputed_once_and_exact(clipping, K, monkeypatch):
+    """A grad sampler's ``blocks`` (LSTM, MultiheadAttention) gives bk the norms and the clipped sum from one
+    recomputation: one call per layer and step, and the step of hooks (itself checked against the loop)."""
+    from dpkit.layers import attention, recurrent
+
+    calls = []
+    for family in (recurrent, attention):
+        original = family.grad_sampler.blocks
+        monkeypatch.setattr(family.grad_sampler, "blocks",
+                            lambda *a, _original=original, **k: (calls.append(1), _original(*a, **k))[1])
+
+    class Sequence(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+            self.att = nn.MultiheadAttention(14, 2, batch_first=True)
+            self.out = nn.Linear(14, 3)
+
+        def forward(self, x):
+            h, _ = self.rnn(x)
+            a, _ = self.att(h, h, h)
+            return self.out(a.mean(1))
+
+    def update(mode):
+        torch.manual_seed(0)
+        model = Sequence()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            private = dpkit.make_private(module=model, optimizer=optimizer, noise_multiplier=0.0, max_grad_norm=0.3,
+                                         grad_sample_mode=mode, clipping=clipping, augmentation_multiplicity=K,
+                                         sample_rate=0.5, expected_batch_size=4, criterion=nn.CrossEntropyLoss())
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(4 * K, 6, 5, generator=gen)
+        y = torch.randint(0, 3, (4,), generator=gen).repeat_interleave(K)
+        before = [p.detach().clone() for p in model.parameters()]
+        private.criterion(model(x), y).backward()
+        optimizer.step()
+        return [b - p.detach() for b, p in zip(before, model.parameters())]
+
+    expected = update("hooks")
+    calls.clear()
+    got = update("bk")
+    assert len(calls) == 2
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e)
