@@ -505,6 +505,11 @@ class PrivateTraining:
         if self._refused is not None:
             raise PrivacyUsageError(f"a backward pass of this step was refused ({self._refused}); nothing was "
                                     "released. Call optimizer.zero_grad() to drop the batch, then continue.")
+        if self.capturer.pass_died:
+            raise PrivacyUsageError(
+                "a backward pass of this step stopped with an error before its end, so it was never clipped whole "
+                "(part of it may already be summed); nothing was released. Call optimizer.zero_grad() to drop the "
+                "batch, then continue.")
         change = self._trainable_change()
         if change is not None:
             raise PrivacyUsageError(f"the trainable parameters changed after the forward pass ({change}); "
@@ -537,6 +542,10 @@ class PrivateTraining:
 
         Records of forward passes not yet back-propagated stay: ``out = model(x); zero_grad(); backward()``.
         """
+        if self.enabled and self.capturer.pass_died:  # also between micro-batches: the whole step goes
+            self.capturer.drop_dead_pass()
+            self._end_stream()
+            self._after_virtual = False
         if not self.enabled or self._after_virtual:
             return
         self.accumulator.reset()

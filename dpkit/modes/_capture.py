@@ -218,6 +218,22 @@ class Capturer:
         self._end_forward()
         self.reset()
 
+    @property
+    def pass_died(self) -> bool:
+        """Whether a backward pass stopped with an error before its end: its end-of-pass callback never ran, so
+        it was neither clipped whole nor refused, and what it streamed may sit in the step's buffers."""
+        return self._queued and torch._C._current_graph_task_id() == -1
+
+    def drop_dead_pass(self) -> None:
+        """Forget a backward pass that stopped with an error; forward passes not yet back-propagated stay."""
+        self._queued = False
+        self.completed.clear()
+        self.grad_samples.clear()
+        self.used_params.clear()
+        self._pass_batches.clear()
+        self.batch_rows, self._calls = None, None
+        self.captures = [c for c in self.captures if not c.done]
+
     def reset(self) -> None:
         """Forget records of forward passes that no backward pass used (called after each step)."""
         self.captures.clear()
