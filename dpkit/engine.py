@@ -207,8 +207,9 @@ class PrivateTraining:
         per-layer clipping), so no record has to wait for the rest of the backward pass. Not with a GradScaler,
         whose overflow must drop the pass whole before anything is summed, nor under FSDP2.
         """
-        return (self.mode in ("bk", "auto") and callable(getattr(self.clipper, "layer_factors", None))
-                and self.scaler is None and not self._sharded)
+        return (self.mode in ("bk", "auto") and getattr(self.clipper, "per_layer", False)
+                and callable(getattr(self.clipper, "layer_factors", None)) and self.scaler is None
+                and not self._sharded)
 
     def _make_loader(self, loader, poisson: bool, sample_rate, expected_batch_size):
         """The loader to train on, the sample rate q, and the expected batch size (the "mean" divisor)."""

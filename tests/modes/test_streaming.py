@@ -206,3 +206,24 @@ def test_auto_streams_only_what_it_formed_on_arrival():
     private._clip_records = lambda records, rows: (at_end.append([c.row.name for c in records]), clip(records, rows))
     model(torch.randn(4, 2, 64)).square().sum(dim=(1, 2)).mean().backward()
     assert at_end == [["0"]]  # the LayerNorm ("2") was formed, streamed and freed; the Linear waited
+
+
+def test_a_flat_clipper_with_layer_factors_does_not_stream(fresh_registry):
+    """``layer_factors`` means per-row factors of the per-parameter table; a flat clipper's factors depend on the
+    whole model's norm, so one that defines it anyway must still wait for the end of the pass."""
+    from dpkit.clipping.flat import FlatClipper
+
+    class Confused(FlatClipper):
+        def layer_factors(self, norms, total):
+            return torch.ones_like(norms)
+
+    class Plugin:
+        @dpkit.hookimpl
+        def dpkit_clippers(self):
+            return {"confused": Confused}
+
+    fresh_registry.register_plugin(Plugin(), name="confused")
+    x, y = batch(4)
+    private = attach("bk", clipping="confused")
+    assert private.capturer.on_arrival is None
+    assert_same(update(private, (x, y)), update(attach("hooks", clipping="flat"), (x, y)))
