@@ -30,7 +30,7 @@ from dpkit.data import DPDataLoader, PoissonBatchSampler, check_loader
 from dpkit.errors import PluginOverrideWarning, PrivacyUsageError, UnsupportedModuleError
 from dpkit.events import ClipEvent, ComposedEvent, DpEvent, Ledger, NoOpEvent, PoissonSampledEvent
 from dpkit.modes import bk, ghost
-from dpkit.modes._capture import Capturer
+from dpkit.modes._capture import Capturer, eager
 from dpkit.optimizer import NonFiniteGradientError, StepAccumulator, privatize
 from dpkit.plan import MIXING, MODES, NORM_MODES, build_plan, layer_type
 
@@ -462,8 +462,8 @@ class PrivateTraining:
         return ", ".join(part for part in (f"now trainable: {new}" if new else "",
                                            f"no longer trainable: {gone}" if gone else "") if part)
 
-    @torch.compiler.disable(reason="dpkit's forward checks and re-planning run eagerly: under dpkit, compile without "
-                                   "fullgraph=True (docs/compile.md)")
+    @functools.partial(eager, reason="dpkit's forward checks and re-planning run eagerly: under dpkit, compile "
+                                     "without fullgraph=True (docs/compile.md)")
     def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
         if not self.enabled or not torch.is_grad_enabled() or self.capturer._computing:
             return

@@ -53,6 +53,17 @@ class LayerPlan:
     sampler: Callable | None = None
     norm_sampler: Callable | None = None
     norm_provider: str | None = None
+    # (owning module, attribute, parameter) for each local parameter: where ``call`` looks for what the module
+    # holds now, found once rather than by a dotted-path walk per sampler call
+    owners: tuple[tuple[nn.Module, str, nn.Parameter], ...] = attrs.field(
+        init=False, default=attrs.Factory(lambda self: self._find_owners(), takes_self=True))
+
+    def _find_owners(self) -> tuple[tuple[nn.Module, str, nn.Parameter], ...]:
+        found = []
+        for n, p in self.local_params.items():
+            path, _, leaf = n.rpartition(".")
+            found.append((self.module.get_submodule(path), leaf, p))
+        return tuple(found)
 
     @property
     def type_name(self) -> str:
@@ -127,10 +138,9 @@ class LayerPlan:
         out = sampler(self.module, args, list(grads) if every else grads[0], K)
         # Keyed by what the module holds now: the parameter, or under FSDP2 the one gathered for its backward.
         own = {id(p): p for p in self.local_params.values()}
-        for n, p in self.local_params.items():
-            path, _, leaf = n.rpartition(".")
-            current = self.module.get_submodule(path)._parameters.get(leaf)
-            if current is not None:
+        for owner, leaf, p in self.owners:
+            current = owner._parameters.get(leaf)
+            if current is not None and current is not p:
                 own[id(current)] = p
         return {own[id(k)]: g for k, g in out.items() if id(k) in own}
 

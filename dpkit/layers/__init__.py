@@ -55,7 +55,10 @@ def sum_examples(x: Tensor, K: int, keep: int) -> Tensor:
 
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32: norms of bf16/fp16 gradients are accumulated without losing them to rounding."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    return x if x.dtype in _WIDE else x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 _LAST_GRAM: contextvars.ContextVar[list | None] = contextvars.ContextVar("dpkit_last_gram", default=None)

@@ -20,7 +20,7 @@ A layer that does not see the batch (a position embedding looked up as
 so that each example's share of the gradient stays apart, and inputs shared by
 every example (an attention mask) are not split into examples.
 
-Under ``torch.compile`` every hook here runs eagerly (``_eager``): Dynamo graph-breaks at each one instead of
+Under ``torch.compile`` every hook here runs eagerly (``eager``): Dynamo graph-breaks at each one instead of
 tracing it, so the records, the stand-in swap and the tensor hooks are those of an uncompiled run, and the
 layers' own code between them is compiled. The batch trace does the same for each torch call it sees. See
 docs/compile.md.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -50,12 +51,57 @@ _EAGER_REASON = ("dpkit's capture hooks keep Python records, swap parameters for
                  "under dpkit, compile without fullgraph=True (docs/compile.md)")
 
 
-def _eager(fn: Callable) -> Callable:
+def eager(fn: Callable, reason: str = _EAGER_REASON) -> Callable:
     """A hook that Dynamo calls instead of tracing: traced, its side effects would be replayed or guarded away.
 
-    A graph break, not a skipped hook: the hook still runs at every call, between the compiled pieces.
+    A graph break, not a skipped hook: the hook still runs at every call, between the compiled pieces. Outside
+    compilation the hook is called directly: ``torch.compiler.disable``'s frame switching costs about 15 µs a call.
     """
-    return torch.compiler.disable(fn, reason=_EAGER_REASON)
+    disabled = torch.compiler.disable(fn, reason=reason)
+
+    @functools.wraps(fn)
+    def hook(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return hook
+
+
+def _untraced(fn: Callable) -> Callable:
+    """A forward-time hook of the Capturer, run outside the batch trace: its own torch calls need no marks, and
+    under a torch-function mode every tensor method written in Python (``register_hook``, ``__hash__``) takes
+    torch's slow dispatch path, which cost the hooks about 0.2 ms per layer."""
+
+    @functools.wraps(fn)
+    def hook(self: Capturer, *args, **kwargs):
+        trace = self._trace
+        if trace is None or not trace.suspend():
+            return fn(self, *args, **kwargs)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            trace.resume()
+
+    return hook
+
+
+_ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _tensors(tree: object) -> list[Tensor]:
+    """The tensors of a hook's arguments or a layer's output, in pytree's order. Plain tuples, lists and dicts and
+    scalars are walked by hand (pytree costs about 20 µs a call, several calls a layer); anything else by pytree."""
+    kind = type(tree)
+    if isinstance(tree, Tensor):
+        return [tree]
+    if kind is tuple or kind is list:
+        return [t for x in tree for t in _tensors(x)]
+    if kind is dict:
+        return [t for x in tree.values() for t in _tensors(x)]
+    if kind in _ATOMS:
+        return []
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, Tensor)]
 
 
 def _detach(x):
@@ -248,13 +294,13 @@ class Capturer:
     def _active(self) -> bool:
         return self._attached and self.enabled and not self._computing and torch.is_grad_enabled()
 
-    @_eager
+    @eager
     def start_forward(self, model: nn.Module, args, kwargs=None) -> None:
         """The model's forward pre-hook: the batch size hint, the batch trace, and the stand-ins of a unit that
         is the model. The model's tensor inputs with the batch's rows are the batch."""
         if not self._active() or self._trace is not None:
             return
-        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        inputs = _tensors((args, kwargs))
         self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
         self._input_dims = inputs[0].dim() if inputs else 0
         self._forward_batch = self.batch_of(inputs) if self.batch_of is not None else None
@@ -279,13 +325,14 @@ class Capturer:
             return False
         return (hint > 1 and t.stride(dim) == 0) or (ndim and t.dim() >= self._input_dims)
 
-    @_eager
+    @eager
     def _end_forward(self, *_) -> None:
         if self._trace is not None:
             trace, self._trace = self._trace, None
             trace.__exit__(None, None, None)
 
-    @_eager
+    @eager
+    @_untraced
     def _expand(self, row: LayerPlan, module: nn.Module, args, kwargs) -> None:  # restored in _on_forward
         if not self._active():
             return
@@ -296,7 +343,7 @@ class Capturer:
             raise PrivacyUsageError(
                 f"grad_sample_mode='ew' (ExpandedWeights) does not support autocast ({row.name!r} runs under "
                 f"{torch.get_autocast_dtype(device)}); use grad_sample_mode='auto', 'bk' or 'hooks'.")
-        first = next((t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)), None)
+        first = next(iter(_tensors((args, kwargs))), None)
         if first is not None and not self._from_batch(first):
             raise PrivacyUsageError(
                 f"{row.name!r} ({row.type_name}) reads an input that does not come from the batch (e.g. "
@@ -317,7 +364,8 @@ class Capturer:
                 del p.grad_sample
             module._parameters[name] = ExpandedWeight(p, rows, "sum")
 
-    @_eager
+    @eager
+    @_untraced
     def _stand_in(self, row: LayerPlan, module: nn.Module, args) -> None:
         """Run the unit on detached stand-ins of its parameters (restored by ``_on_forward``).
 
@@ -328,7 +376,7 @@ class Capturer:
         if not self._active():
             return
         grad = self.grad_stand_ins or not any(
-            t.requires_grad for t in pytree.tree_leaves(args) if isinstance(t, Tensor))
+            t.requires_grad for t in _tensors(args))
         made: dict[int, Tensor] = {}
         replaced = []
         for owner, name, p in self._slots[id(row)]:
@@ -353,7 +401,8 @@ class Capturer:
         for owner, name, current in self._replaced.pop(id(row), ()):
             owner._parameters[name] = current
 
-    @_eager
+    @eager
+    @_untraced
     def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output):
         self._restore(row)
         if not self._active():
@@ -367,20 +416,22 @@ class Capturer:
             leaves = [output]
             wanted = {0} if output.requires_grad else set()
         else:
-            leaves = [t for t in pytree.tree_leaves(output) if isinstance(t, Tensor)]
+            leaves = _tensors(output)
             wanted = {i for i, t in enumerate(leaves) if t.requires_grad}
         if not wanted:
             return None
         trace, hint = self._trace, self.batch_hint
-        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        inputs = _tensors((args, kwargs))
         # A unit recomputed per example (torch.func) shares an input unless it derives from the batch: an
         # attention mask is [T, T] also when T == B. A sampler layer's call is broadcast unless some input
         # derives from the batch or was built in its shape.
         batched = [self._from_batch(t, ndim=False) for t in inputs]
         call_batched = any(b or self._from_batch(t) for t, b in zip(inputs, batched))
-        args = [a.detach() if isinstance(a, Tensor) else pytree.tree_map(_detach, a) for a in args]
-        kwargs = {k: v.detach() if isinstance(v, Tensor) else pytree.tree_map(_detach, v) for k, v in kwargs.items()}
-        detached = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        args = [a.detach() if isinstance(a, Tensor) else a if type(a) in _ATOMS else pytree.tree_map(_detach, a)
+                for a in args]
+        kwargs = {k: v.detach() if isinstance(v, Tensor) else v if type(v) in _ATOMS else pytree.tree_map(_detach, v)
+                  for k, v in kwargs.items()}
+        detached = _tensors((args, kwargs))
         unbatched = frozenset(id(t) for t, b in zip(detached, batched) if not b)
         if row.uses_activations:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
@@ -419,7 +470,7 @@ class Capturer:
         return [t for cap in live for t in cap.outputs]
 
     # -- backward --------------------------------------------------------------------
-    @_eager
+    @eager
     def _on_param_grad(self, p: nn.Parameter, grad: Tensor) -> None:
         if self.enabled and not self._computing:
             self.used_params.add(p)
@@ -431,7 +482,7 @@ class Capturer:
         self._queued = False
         self.on_refusal(err)
 
-    @_eager
+    @eager
     def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
         if not self.enabled or self._computing:
             return None
@@ -541,7 +592,7 @@ class Capturer:
     def _add(self, p: nn.Parameter, grad_sample: Tensor) -> None:
         self.grad_samples[p] = self.grad_samples[p] + grad_sample if p in self.grad_samples else grad_sample
 
-    @_eager
+    @eager
     def _backward_end(self) -> None:
         self._queued = False
         try:

@@ -34,6 +34,18 @@ class BatchTrace(TorchFunctionMode):
         ref = self._marked.get(id(t))
         return ref is not None and ref() is t
 
+    def suspend(self) -> bool:
+        """Leave the torch-function stack while dpkit's own hooks run, if on top of it; ``True`` if it left."""
+        depth = torch._C._len_torch_function_stack()
+        if depth and torch._C._get_function_stack_at(depth - 1) is self:
+            torch._C._pop_torch_function_stack()
+            return True
+        return False
+
+    def resume(self) -> None:
+        """Back on the stack after ``suspend``."""
+        torch._C._push_on_torch_function_stack(self)
+
     def _any_batched(self, values) -> bool:
         for v in values:
             if isinstance(v, Tensor):
