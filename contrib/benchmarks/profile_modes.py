@@ -265,12 +265,20 @@ def section_opcount(name, modes, batch, seq, top):
 
 
 def _step_ms(step, steps: int, warmup: int = 5) -> float:
+    return _interleaved_ms([step], steps, warmup)[0]
+
+
+def _interleaved_ms(steps_of: list, steps: int, warmup: int = 5) -> list[float]:
+    """Median CPU ms per step of each ready step function, run round-robin so that a change in the machine's
+    load falls on all of them alike."""
     for _ in range(warmup):
-        step()
-    times: list = []
+        for step in steps_of:
+            step()
+    times: list[list] = [[] for _ in steps_of]
     for _ in range(steps):
-        step(times)
-    return 1e3 * statistics.median(sum(t) for t in times)
+        for step, t in zip(steps_of, times):
+            step(t)
+    return [1e3 * statistics.median(sum(x) for x in t) for t in times]
 
 
 def section_overhead(name, modes, steps):
@@ -281,20 +289,18 @@ def section_overhead(name, modes, steps):
     print(f"\n## overhead: {name} at batch {batch}" + (f" seq {seq}" if seq else "")
           + f" (tensor work negligible), CPU ms per step (median of {steps})")
     print("| mode | ms/step | extra over non-private |\n| --- | ---: | ---: |")
-    base = None
-    for mode in modes:
-        total = _step_ms(setup(name, mode, batch, seq), steps)
-        base = total if base is None else base
-        print(f"| {mode} | {total:.2f} | +{total - base:.2f} |")
+    totals = _interleaved_ms([setup(name, mode, batch, seq) for mode in modes], steps)
+    for mode, total in zip(modes, totals):
+        print(f"| {mode} | {total:.2f} | +{total - totals[0]:.2f} |")
     if kind != "gpt":
         return
     # How the fixed cost grows with depth: thin GPTs (d=64, vocab 256) of 2 and 12 blocks, batch 2 x 4 tokens.
     print(f"\nFixed cost against depth: GPT d=64, 2 heads, vocab 256, batch 2 x 4 tokens; CPU ms per step "
           f"(median of {steps}); captured layers = 6 per block + 4")
     print("| mode | 2 blocks | 12 blocks | per block | per captured layer |\n| --- | ---: | ---: | ---: | ---: |")
-    rows = {}
-    for mode in modes:
-        rows[mode] = [_step_ms(setup(name, mode, 2, 4, GPTConfig(n, 64, 2, 256, 16)), steps) for n in (2, 12)]
+    ready = [setup(name, mode, 2, 4, GPTConfig(n, 64, 2, 256, 16)) for mode in modes for n in (2, 12)]
+    ms = iter(_interleaved_ms(ready, steps))
+    rows = {mode: [next(ms), next(ms)] for mode in modes}
     base2, base12 = rows["nonprivate"]
     for mode, (t2, t12) in rows.items():
         extra = (t12 - base12) - (t2 - base2)
