@@ -6,7 +6,9 @@ import pytest
 import torch
 from _reference import clipped_sum, dpkit_step, per_example_grads, per_row_loss
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
+import dpkit
 from dpkit.errors import PrivacyUsageError
 
 
@@ -72,3 +74,59 @@ def test_expanded_weights_refuse_an_input_without_the_batch():
     torch.manual_seed(0)
     with pytest.raises(PrivacyUsageError, match="'wpe'.*does not come from the batch"):
         check(PositionLookup(), 5, "ew")
+
+
+class Passthrough(TorchFunctionMode):
+    """A user's torch-function mode that changes nothing; counts the calls it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class ModeInside(PositionLookup):
+    """The position lookup run under the user's mode, entered inside the forward: above dpkit's batch trace on the
+    stack while the layers' hooks run, so the trace cannot step aside for them."""
+
+    def forward(self, idx):
+        with Passthrough():
+            return super().forward(idx)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
+def test_a_user_mode_inside_the_forward_keeps_the_trace_exact(mode):
+    torch.manual_seed(0)
+    check(ModeInside(), 5, mode)  # T == B: only the trace tells wpe(arange(T)) from the batch
+
+
+@pytest.mark.parametrize("mode", ["bk", "auto"])
+def test_a_user_mode_around_the_step_keeps_the_trace_exact_and_sees_the_model(mode):
+    torch.manual_seed(0)
+    with Passthrough() as outer:
+        check(PositionLookup(), 5, mode)
+    assert outer.calls > 0
+    assert torch._C._len_torch_function_stack() == 0
+
+
+class FailsMidway(PositionLookup):
+    def forward(self, idx):
+        super().forward(idx)  # every layer's hooks ran, each leaving the trace and putting it back
+        raise RuntimeError("the user's forward fails")
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
+def test_a_forward_that_raises_leaves_no_mode_behind(mode):
+    """The trace is closed by the model's always-called forward hook, also when the forward raises."""
+    model = FailsMidway()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    private = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.5,
+                                 noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode=mode,
+                                 criterion=nn.CrossEntropyLoss(), expected_batch_size=5)
+    with pytest.raises(RuntimeError, match="fails"):
+        model(torch.randint(0, 11, (5, 5)))
+    assert torch._C._len_torch_function_stack() == 0
+    private.detach()
