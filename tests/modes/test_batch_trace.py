@@ -92,15 +92,35 @@ class ModeInside(PositionLookup):
     """The position lookup run under the user's mode, entered inside the forward: above dpkit's batch trace on the
     stack while the layers' hooks run, so the trace cannot step aside for them."""
 
+    seen: list[int] = []  # the calls the user's mode saw, per forward
+
     def forward(self, idx):
-        with Passthrough():
-            return super().forward(idx)
+        with Passthrough() as mode:
+            out = super().forward(idx)
+        ModeInside.seen.append(mode.calls)
+        return out
 
 
 @pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
 def test_a_user_mode_inside_the_forward_keeps_the_trace_exact(mode):
     torch.manual_seed(0)
     check(ModeInside(), 5, mode)  # T == B: only the trace tells wpe(arange(T)) from the batch
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
+def test_a_user_mode_inside_the_forward_stays_on_top(mode):
+    """dpkit's hooks never take the user's mode off the stack: it sees every call of the forward, and dpkit's."""
+    model, idx = ModeInside(), torch.randint(0, 11, (5, 5))
+    ModeInside.seen.clear()
+    model(idx)
+    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                 data_loader=None, sample_rate=0.5, noise_multiplier=0.0, max_grad_norm=1.0,
+                                 grad_sample_mode=mode, criterion=nn.CrossEntropyLoss(), expected_batch_size=5)
+    model(idx)
+    private.detach()
+    plain, private_calls = ModeInside.seen
+    assert private_calls >= plain
+    assert torch._C._len_torch_function_stack() == 0
 
 
 @pytest.mark.parametrize("mode", ["bk", "auto"])
