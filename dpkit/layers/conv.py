@@ -124,12 +124,26 @@ def norm_sampler(layer: Conv, activations: list[Tensor], backprops: Tensor, K: i
         g2 = g.permute(0, 2, 1, 4, 3).reshape(B * G, K * L, g.shape[3])
         out[layer.weight] = weight_sq_norms(a2, g2).reshape(B, G).sum(1).sqrt()
     elif layer.weight.requires_grad:
-        w = weight_grads(layer, upcast(activations[0]), upcast(backprops), K)
-        out[layer.weight] = w.reshape(w.shape[0], layer.weight.numel()).norm(dim=1)
+        out[layer.weight] = _instantiated_norms(layer, upcast(activations[0]), upcast(backprops), K)
     if layer.bias is not None and layer.bias.requires_grad:
         g = upcast(examples(backprops, K))
         out[layer.bias] = g.reshape(*g.shape[:3], math.prod(g.shape[3:])).sum((1, 3)).norm(dim=1)
     return out
+
+
+def _instantiated_norms(layer: Conv, x: Tensor, g: Tensor, K: int) -> Tensor:
+    """Per-example weight-gradient norms ``[B]`` from the gradients themselves, formed a few examples at a time.
+
+    All at once, a wide layer's gradients (``B·O·C·∏k`` entries) outgrow the record they come from (its input and
+    output gradient) several times over, at the backward pass's peak: in chunks whose gradients hold no more
+    entries than the record, the peak hardly moves. On the CPU the chunks are also faster: oneDNN's kernel with
+    one group per example slows down as the groups multiply (``contrib/benchmarks/RESULTS.md``)."""
+    B, numel = x.shape[0] // K, layer.weight.numel()
+    chunk = max(1, (x.numel() + g.numel()) // numel)
+    if B <= chunk:
+        return weight_grads(layer, x, g, K).reshape(B, numel).norm(dim=1)
+    return torch.cat([weight_grads(layer, x[i * K:(i + chunk) * K], g[i * K:(i + chunk) * K], K)
+                      .reshape(-1, numel).norm(dim=1) for i in range(0, B, chunk)])
 
 
 @hookimpl

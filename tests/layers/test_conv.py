@@ -49,6 +49,21 @@ def test_norm_ghost_path(groups):
     check_norm_sampler(layer, torch.randn(2, 16, 3, 3), K=2, sampler=conv.norm_sampler)
 
 
+@pytest.mark.parametrize("K, width, batch", [(1, 16, 7), (3, 32, 4)])
+def test_norm_instantiated_in_chunks_of_examples(K, width, batch, monkeypatch):
+    """A wide layer over a few positions: the instantiated norms (not the ghost ones), and the gradients of all the
+    examples outgrow the record, so they are formed 3 examples at a time: as many gradients as the record holds
+    entries (input and output gradient, 2·K·width·36 an example, against width²·9 a gradient)."""
+    layer = nn.Conv2d(width, width, 3, padding=1)
+    assert not conv._ghost_cheaper(layer, torch.zeros(K, width, 6, 6), K)
+    chunks = []
+    kernel = conv.weight_grads
+    monkeypatch.setattr(conv, "weight_grads", lambda *a: chunks.append(a[1].shape[0] // K) or kernel(*a))
+    check_norm_sampler(layer, torch.randn(batch, width, 6, 6), K=K, sampler=conv.norm_sampler,
+                       batch_sizes=(batch,))
+    assert max(chunks) == 3
+
+
 def test_norm_bf16():
     layer = nn.Conv2d(4, 8, 3, padding=1)
     check_norm_sampler(layer, torch.randn(2, 4, 6, 6), K=2, sampler=conv.norm_sampler, dtype=torch.bfloat16)
