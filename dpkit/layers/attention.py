@@ -191,8 +191,31 @@ def blocks(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | 
     return ((p, pairs) for p, pairs in _parts(layer, activations, backprops) if p.requires_grad)
 
 
+def linear_calls(layer: nn.MultiheadAttention, activations: list, backprops: Sequence[Tensor | None], x: Tensor,
+                 g: Tensor) -> tuple[Tensor, Tensor] | None:
+    """One ``F.linear`` call of ``F.multi_head_attention_forward`` batch-first, ``[N, positions, ·]``, or ``None``.
+
+    It projects sequence-first: the in-projections read the query, key or value themselves (``[L, N, ·]``, the same
+    views), the out-projection the heads' output ``[L*N, E]``, whose output gradient is the layer output's. Any
+    other call, or one these checks do not confirm, is ``None``: the record then falls back to the recomputation."""
+    query = activations[0]
+    if query.dim() != 3:
+        return None
+    N, L = query.shape[:2]
+    if x.dim() == 3 and x.shape[1] == N:
+        a = x.movedim(1, 0)
+        return (a, g.movedim(1, 0)) if any(_same(a, t) for t in activations[:3]) else None
+    if x.dim() == 2 and x.shape[0] == L * N:
+        a, g = (t.unflatten(0, (L, N)).movedim(1, 0) for t in (x, g))
+        g_out = backprops[0]
+        if g_out is None and not g.any() or g_out is not None and torch.equal(g, g_out):
+            return a, g
+    return None
+
+
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
 grad_sampler.blocks = blocks
+grad_sampler.linear_calls = linear_calls
 grad_sampler.covers_children = norm_sampler.covers_children = True
 
 
