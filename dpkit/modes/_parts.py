@@ -183,10 +183,10 @@ def blocks(parts: Parts, layout: Callable, own: list[nn.Parameter], layer: nn.Mo
         pair = layout(layer, activations, backprops, call.x, g)
         if pair is None:
             return {}
-        a, g = pair
-        if a.dtype != g.dtype:
-            wide = torch.promote_types(a.dtype, g.dtype)
-            a, g = a.to(wide), g.to(wide)
+        # Laid out batch-first in memory once: the norms and the clipped sum reshape them several times, and a
+        # strided gradient (MultiheadAttention's are sequence-first) made each reshape a copy, its sums slow.
+        wide = torch.promote_types(pair[0].dtype, pair[1].dtype)
+        a, g = (t.to(wide).contiguous() for t in pair)
         for ref, x in ((call.weight, a), (call.bias, None)):
             if ref is not None:
                 spans.setdefault(id(ref[0]), []).append((ref[1], ref[2], x, g))
