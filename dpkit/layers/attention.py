@@ -3,17 +3,24 @@
 Its weights are Linear maps: the in-projections (packed ``in_proj_weight``, or separate ``q/k/v_proj_weight`` when
 ``kdim``/``vdim`` differ) take the query, key and value, ``out_proj`` takes the heads' concatenated output. The
 out-projection's gradient needs that output, the in-projections' the gradients of q, k and v, and neither is in the
-captured record (the inputs and the output's gradient): the sampler recomputes the attention from the projected
-q, k and v and differentiates it once over the whole batch, then applies the Linear formulas (``weight_sq_norms``:
-ghost or instantiated norm). ``bias_k``/``bias_v`` (``add_bias_kv``) get their gradient as the appended key and value.
+captured record (the inputs and the output's gradient).
+
+In ``bk`` and ``auto`` they come from the real forward and backward: ``F.multi_head_attention_forward`` applies
+every weight through ``F.linear`` on (row blocks of) it, and the sampler says so with ``linear_calls``, which lays
+each recorded call out batch-first (dpkit/modes/_parts.py). bk takes norms and clipped sums from those blocks with
+no recomputation, and attention dropout is allowed there, since the real backward carries the real draws.
+Elsewhere (``hooks``, ``ghost``), and in bk/auto when the calls cannot cover the layer (``add_bias_kv``: ``bias_k``
+and ``bias_v`` are read by ``torch.cat``), the sampler recomputes the attention from the projected q, k and v and
+differentiates it once over the whole batch, then applies the Linear formulas (``weight_sq_norms``: ghost or
+instantiated norm). ``bias_k``/``bias_v`` get their gradient as the appended key and value.
 
 ``activations`` are ``forward``'s arguments ``(query, key, value, key_padding_mask, need_weights, attn_mask,
 average_attn_weights, is_causal)``, query, key and value batch-first; the masks of a sequence-first layer
 (``batch_first=False``) arrive with their first two dimensions swapped, as dpkit's capture relays every tensor of a
 sequence-first call. ``backprops`` is the output's gradient, or ``(output, attention weights)`` gradients (``None``
 where one got none). The out-projection's parameters are ``out_proj``'s, a child module the layer's ``forward``
-reads without calling it. Refused, naming the layer: attention dropout in training mode (its draws cannot be
-replayed) and unbatched inputs.
+reads without calling it. Refused by the recomputation, naming the layer: attention dropout in training mode (its
+draws cannot be replayed) and unbatched inputs.
 """
 from __future__ import annotations
 
