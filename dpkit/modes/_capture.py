@@ -247,8 +247,7 @@ class Capturer:
             else:
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._stand_in, row)))
                 if self._takes_parts(row):
-                    self._handles.append(row.module.register_forward_pre_hook(partial(self._open_parts, row),
-                                                                              with_kwargs=True))
+                    self._handles.append(row.module.register_forward_pre_hook(partial(self._open_parts, row)))
             # First among the layer's forward hooks: a user hook that returns a changed output (o * 10) runs after
             # it, on the output the layer computed, so the gradient reaching that output is the layer's own.
             handle = row.module.register_forward_hook(partial(self._on_forward, row), with_kwargs=True,
@@ -476,17 +475,11 @@ class Capturer:
 
     @eager
     @_untraced
-    def _open_parts(self, row: LayerPlan, module: nn.Module, args, kwargs) -> None:
-        """After ``_stand_in``: record the F.linear calls on the unit's trainable stand-ins until its forward ends.
-
-        A call whose input needs no gradient (a query straight from the data) has an output gradient only if its
-        weight needs one: then the stand-ins require grad, at the cost of their (unused) weight gradients."""
+    def _open_parts(self, row: LayerPlan, module: nn.Module, args) -> None:
+        """After ``_stand_in``: record the F.linear calls on the unit's trainable stand-ins until its forward ends."""
         if not self._active() or self._trace is None or id(row) not in self._replaced:
             return
         stands = {id(p): (owner._parameters[name], p) for owner, name, p in self._slots[id(row)] if p.requires_grad}
-        if any(t.is_floating_point() and not t.requires_grad for t in _tensors((args, kwargs))):
-            for stand, _ in stands.values():
-                stand.requires_grad_(True)
         self._spy.open(id(row), list(stands.values()))
         self._trace.spy = self._spy
 

@@ -135,11 +135,17 @@ class LinearSpy:
         return func(*args, **kwargs)
 
     def linear(self, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-        """``F.linear``, recording the call if it reads a stand-in."""
-        out = _LINEAR(input, weight, bias)
+        """``F.linear``, recording the call if it reads a stand-in.
+
+        A recorded call whose output would need no gradient (its input, a query straight from the data, needs none,
+        nor do the stand-ins) reads its weight through a leaf alias that requires grad, so that the backward hands
+        over its output gradient; autograd then also forms that alias's (unused) gradient, this call's only."""
         w, b = self._find(weight), self._find(bias)
         if w is None and b is None:
-            return out
+            return _LINEAR(input, weight, bias)
+        if not (input.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad):
+            weight = weight.detach().requires_grad_()
+        out = _LINEAR(input, weight, bias)
         parts = (w or b)[0]
         if w is not None and b is not None and w[0] is not b[0]:
             w[0].broken = b[0].broken = "one F.linear call read the parameters of two units"
