@@ -36,6 +36,16 @@ class GradSampler(Protocol):
     (``Σ_t g_t`` where ``a`` is ``None``), ``[B*K, positions, ·]``, stacked along
     the parameter's first dimension. ``bk`` then takes the norms and the clipped
     sum from one recomputation instead of calling the samplers twice.
+
+    A sampler whose layer's forward applies each trainable parameter only through
+    ``F.linear`` on it or on blocks of its whole rows (``nn.MultiheadAttention``)
+    may carry ``linear_calls(layer, activations, backprops, x, g)``: given one such
+    call's input ``x`` and output gradient ``g`` as the forward made them, it
+    returns them batch-first as a block ``(a, g)``, or ``None`` for a call it does
+    not recognise. ``bk`` and ``auto`` then take the blocks from the real forward
+    and backward, with no recomputation; a call it refuses, a parameter whose rows
+    the calls do not tile exactly, or one read other than as whole rows leaves
+    that layer call to the sampler.
     """
 
     def __call__(

@@ -189,9 +189,11 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
     only; elementwise work, the embedding and the classifier head left out of both sides).
 
     ``replay``: what one sampler call recomputes from the record (the inputs and the output's gradient) to reach
-    the gates' or projections' gradients. ``bk``/``auto`` call the norm sampler and then the grad sampler on the
-    weighted gradients, so they replay twice; ``bk, dz kept`` is bk with the norm call's gradients reused for the
-    clipped sum, ``no replay`` what any exact method adds if the training's own backward handed over dz.
+    the gates' or projections' gradients. For the LSTM, ``bk``/``auto`` call the norm sampler and then the grad
+    sampler on the weighted gradients, so they replay twice; ``bk, dz kept`` is bk with the norm call's gradients
+    reused for the clipped sum, ``no replay`` what any exact method adds if the training's own backward handed over
+    dz. MultiheadAttention's ``bk``/``auto`` take the projections' inputs and output gradients from the training's
+    own forward and backward (linear parts, dpkit/modes/_parts.py): no replay.
     """
     if name == "lstm":
         G = 4 * d
@@ -208,9 +210,12 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
         second = 8 * B * L * E * E + 4 * B * L * L * E
     sums = per_example
     base = training - skipped
-    modes = {"bk/auto": base + 2 * replay + norms + sums, "bk, dz kept": base + replay + norms + sums,
-             "ghost": base + replay + norms + second, "hooks": base + replay + per_example,
-             "no replay": base + norms + sums}
+    if name == "lstm":
+        modes = {"bk/auto": base + 2 * replay + norms + sums, "bk, dz kept": base + replay + norms + sums,
+                 "no replay": base + norms + sums}
+    else:  # linear parts: the real backward hands over the projections' output gradients
+        modes = {"bk/auto": base + norms + sums}
+    modes |= {"ghost": base + replay + norms + second, "hooks": base + replay + per_example}
     return {"training GMAC": training / 1e9, **{k: v / training for k, v in modes.items()}}
 
 

@@ -3,17 +3,24 @@
 Its weights are Linear maps: the in-projections (packed ``in_proj_weight``, or separate ``q/k/v_proj_weight`` when
 ``kdim``/``vdim`` differ) take the query, key and value, ``out_proj`` takes the heads' concatenated output. The
 out-projection's gradient needs that output, the in-projections' the gradients of q, k and v, and neither is in the
-captured record (the inputs and the output's gradient): the sampler recomputes the attention from the projected
-q, k and v and differentiates it once over the whole batch, then applies the Linear formulas (``weight_sq_norms``:
-ghost or instantiated norm). ``bias_k``/``bias_v`` (``add_bias_kv``) get their gradient as the appended key and value.
+captured record (the inputs and the output's gradient).
+
+In ``bk`` and ``auto`` they come from the real forward and backward: ``F.multi_head_attention_forward`` applies
+every weight through ``F.linear`` on (row blocks of) it, and the sampler says so with ``linear_calls``, which lays
+each recorded call out batch-first (dpkit/modes/_parts.py). bk takes norms and clipped sums from those blocks with
+no recomputation, and attention dropout is allowed there, since the real backward carries the real draws.
+Elsewhere (``hooks``, ``ghost``), and in bk/auto when the calls cannot cover the layer (``add_bias_kv``: ``bias_k``
+and ``bias_v`` are read by ``torch.cat``), the sampler recomputes the attention from the projected q, k and v and
+differentiates it once over the whole batch, then applies the Linear formulas (``weight_sq_norms``: ghost or
+instantiated norm). ``bias_k``/``bias_v`` get their gradient as the appended key and value.
 
 ``activations`` are ``forward``'s arguments ``(query, key, value, key_padding_mask, need_weights, attn_mask,
 average_attn_weights, is_causal)``, query, key and value batch-first; the masks of a sequence-first layer
 (``batch_first=False``) arrive with their first two dimensions swapped, as dpkit's capture relays every tensor of a
 sequence-first call. ``backprops`` is the output's gradient, or ``(output, attention weights)`` gradients (``None``
 where one got none). The out-projection's parameters are ``out_proj``'s, a child module the layer's ``forward``
-reads without calling it. Refused, naming the layer: attention dropout in training mode (its draws cannot be
-replayed) and unbatched inputs.
+reads without calling it. Refused by the recomputation, naming the layer: attention dropout in training mode (its
+draws cannot be replayed) and unbatched inputs.
 """
 from __future__ import annotations
 
@@ -191,8 +198,31 @@ def blocks(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | 
     return ((p, pairs) for p, pairs in _parts(layer, activations, backprops) if p.requires_grad)
 
 
+def linear_calls(layer: nn.MultiheadAttention, activations: list, backprops: Sequence[Tensor | None], x: Tensor,
+                 g: Tensor) -> tuple[Tensor, Tensor] | None:
+    """One ``F.linear`` call of ``F.multi_head_attention_forward`` batch-first, ``[N, positions, ·]``, or ``None``.
+
+    It projects sequence-first: the in-projections read the query, key or value themselves (``[L, N, ·]``, the same
+    views), the out-projection the heads' output ``[L*N, E]``, whose output gradient is the layer output's. Any
+    other call, or one these checks do not confirm, is ``None``: the record then falls back to the recomputation."""
+    query = activations[0]
+    if query.dim() != 3:
+        return None
+    N, L = query.shape[:2]
+    if x.dim() == 3 and x.shape[1] == N:
+        a = x.movedim(1, 0)
+        return (a, g.movedim(1, 0)) if any(_same(a, t) for t in activations[:3]) else None
+    if x.dim() == 2 and x.shape[0] == L * N:
+        a, g = (t.unflatten(0, (L, N)).movedim(1, 0) for t in (x, g))
+        g_out = backprops[0]
+        if g_out is None and not g.any() or g_out is not None and torch.equal(g, g_out):
+            return a, g
+    return None
+
+
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
 grad_sampler.blocks = blocks
+grad_sampler.linear_calls = linear_calls
 grad_sampler.covers_children = norm_sampler.covers_children = True
 
 

@@ -41,6 +41,7 @@ from torch.autograd import Variable
 from torch.utils import _pytree as pytree
 
 from dpkit.errors import PrivacyUsageError
+from dpkit.modes import _parts
 from dpkit.modes import functorch as fn_mode
 from dpkit.modes._trace import BatchTrace
 from dpkit.plan import LayerPlan
@@ -123,6 +124,7 @@ class Capture:
     squares: dict[nn.Parameter, Tensor] | None = None  # ghost: norms taken on arrival, the record freed
     formed: dict[nn.Parameter, Tensor] | None = None  # auto: small per-example gradients formed on arrival
     blocks: dict[nn.Parameter, list] | None = None  # bk: a sampler's Linear blocks, kept instead of the record
+    parts: _parts.Parts | None = None  # bk: the F.linear calls of a parts unit's forward, until processed
     versions: list[int] = attrs.field(factory=list)
     input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
     unbatched: frozenset[int] = frozenset()  # ids of captured input tensors that do not derive from the batch
@@ -231,6 +233,7 @@ class Capturer:
         owners = collections.Counter(id(p) for r in rows for p in dict.fromkeys(r.params.values()))
         self._tied_rows = {id(r) for r in rows if any(owners[id(p)] > 1 for p in r.params.values())}
         self._calls: collections.Counter | None = None  # calls per unit in the backward pass in flight
+        self._spy = _parts.LinearSpy()  # the F.linear calls of parts units (_parts.py)
 
     # -- attach / detach -------------------------------------------------------------
     def attach(self) -> None:
@@ -243,6 +246,8 @@ class Capturer:
                                                                           with_kwargs=True))
             else:
                 self._handles.append(row.module.register_forward_pre_hook(partial(self._stand_in, row)))
+                if self._takes_parts(row):
+                    self._handles.append(row.module.register_forward_pre_hook(partial(self._open_parts, row)))
             # First among the layer's forward hooks: a user hook that returns a changed output (o * 10) runs after
             # it, on the output the layer computed, so the gradient reaching that output is the layer's own.
             handle = row.module.register_forward_hook(partial(self._on_forward, row), with_kwargs=True,
@@ -405,6 +410,7 @@ class Capturer:
     @_untraced
     def _on_forward(self, row: LayerPlan, module: nn.Module, args, kwargs, output):
         self._restore(row)
+        parts = self._close_parts(row)
         if not self._active():
             return None
         if next(iter(module._forward_hooks)) != self._hook_ids[id(row)]:
@@ -456,7 +462,76 @@ class Capturer:
         self.captures.append(cap)
         for i in wanted:
             leaves[i].register_hook(partial(self._on_output_grad, cap, i))
+        if parts is not None and not expanded:
+            self._attach_parts(cap, parts)
         return output if expanded else None
+
+    # -- linear parts (_parts.py) ----------------------------------------------------
+    def _takes_parts(self, row: LayerPlan) -> bool:
+        """Whether bk/auto take this unit's gradients from its forward's F.linear calls (its sampler declares them).
+
+        Not for ghost (its second backward pass reweights the output gradients) nor a unit that is the model."""
+        return row.mode == "bk" and row.module is not self.model and hasattr(row.sampler, "linear_calls")
+
+    @eager
+    @_untraced
+    def _open_parts(self, row: LayerPlan, module: nn.Module, args) -> None:
+        """After ``_stand_in``: record the F.linear calls on the unit's trainable stand-ins until its forward ends."""
+        if not self._active() or self._trace is None or id(row) not in self._replaced:
+            return
+        stands = {id(p): (owner._parameters[name], p) for owner, name, p in self._slots[id(row)] if p.requires_grad}
+        self._spy.open(id(row), list(stands.values()))
+        self._trace.spy = self._spy
+
+    def _close_parts(self, row: LayerPlan) -> _parts.Parts | None:
+        parts = self._spy.close(id(row))
+        if not self._spy.active and self._trace is not None:
+            self._trace.spy = None
+        return parts
+
+    def _attach_parts(self, cap: Capture, parts: _parts.Parts) -> None:
+        """Make the record wait for the output gradient of each recorded call too (they arrive after its own)."""
+        cap.parts = parts
+        for i, call in enumerate(parts.calls):
+            out, call.out = call.out, None
+            if not out.requires_grad:  # its parameter rows would get no gradient here: leave it to the sampler
+                parts.broken = "an F.linear output needs no gradient"
+                continue
+            cap.pending.add(-1 - i)
+            out.register_hook(partial(self._on_part_grad, cap, i))
+
+    @eager
+    def _on_part_grad(self, cap: Capture, index: int, grad: Tensor) -> None:
+        if not self.enabled or self._computing:
+            return
+        try:
+            if cap.done:
+                raise PrivacyUsageError(
+                    f"backward() ran a second time through one forward pass of {cap.row.name!r} "
+                    f"({cap.row.type_name}). Each backward() must follow its own forward pass.")
+            cap.parts.calls[index].grad = grad
+            cap.pending.discard(-1 - index)
+            self._queue_end()
+            if not cap.pending:
+                self._process(cap)
+        except Exception as err:
+            self._refuse(err)
+            raise
+
+    def _take_parts(self, cap: Capture) -> None:
+        """The recorded calls as the record's Linear blocks, or nothing: then the sampler computes the record."""
+        parts, cap.parts = cap.parts, None
+        if parts is None or not cap.rows:
+            return
+        row = cap.row
+        own = [p for p in dict.fromkeys(row.params.values()) if p.requires_grad]
+
+        def assemble(layer: nn.Module, activations: list, backprops: list, K: int) -> dict:
+            return _parts.blocks(parts, row.sampler.linear_calls, own, layer, activations, backprops)
+
+        assemble.all_outputs = True
+        with self.quiet():
+            cap.blocks = row.call(assemble, cap.args, cap.grads, self.K, cap.bdim == 0) or None
 
     def live_outputs(self) -> list[Tensor] | None:
         """Outputs of the calls whose gradients have not arrived yet (ghost's norm pass differentiates to them).
@@ -539,6 +614,7 @@ class Capturer:
             )
         if cap.row.mode == "ew":
             return
+        self._take_parts(cap)
         if self.keep_records:
             # The norm modes apply the "mean" rescale to the norms and the clip weights (two scalars per
             # example) instead of to every output gradient.
@@ -585,6 +661,8 @@ class Capturer:
 
     def compute(self, cap: Capture) -> dict[nn.Parameter, Tensor]:
         """Per-example gradients ``[B, *p.shape]`` (K-summed) of one call."""
+        if cap.blocks is not None:
+            return _parts.per_example(cap.blocks, self.K)
         with self.quiet():
             batch_first = self.batch_first if not cap.row.uses_activations else cap.bdim == 0
             return cap.row.compute(cap.args, cap.kwargs, cap.grads, cap.rows, self.K, batch_first, cap.unbatched)

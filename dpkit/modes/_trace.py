@@ -10,6 +10,7 @@ come from ``x``). A layer whose inputs carry no mark did not see the batch.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -24,6 +25,9 @@ class BatchTrace(TorchFunctionMode):
     def __init__(self, inputs: list[Tensor]):
         super().__init__()
         self._marked: dict[int, weakref.ref] = {}
+        # Set by the capture while a unit whose sampler declares linear_calls runs: it runs each call instead, to
+        # record the F.linear calls on the unit's parameters (dpkit/modes/_parts.py). None otherwise: one check.
+        self.spy: Callable[[Callable, tuple, dict], object] | None = None
         for t in inputs:
             self._mark(t)
 
@@ -64,7 +68,7 @@ class BatchTrace(TorchFunctionMode):
         return self._traced(func, args, kwargs)
 
     def _traced(self, func, args, kwargs):
-        out = func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {})) if self.spy is None else self.spy(func, args, kwargs or {})
         if self._marked and (self._any_batched(args) or (kwargs and self._any_batched(kwargs.values()))):
             if getattr(func, "__name__", "") in _FACTORIES:
                 return out

@@ -66,14 +66,23 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
             by_norm = set() if row.norm_sampler is None else {
                 id(p) for p in own if len(users[id(p)]) == 1 or id(p) in crossed}
             blocks_of = getattr(row.sampler, "blocks", None)
-            if blocks_of is not None and cap.rows and len(by_norm) == len(own):
-                # The sampler's recomputation done once: its Linear blocks serve the norms and the clipped sum.
-                with capturer.quiet():
-                    blocks = row.call(_blocks_sampler(row.sampler), cap.args, cap.grads, K, cap.bdim == 0)
+            if len(by_norm) == len(own) and (cap.blocks is not None or (blocks_of is not None and cap.rows)):
+                # Linear blocks from the forward's own F.linear calls (cap.blocks), or from the sampler's recomputation
+                # done once: they serve the norms and the clipped sum.
+                blocks = cap.blocks
+                if blocks is None:
+                    with capturer.quiet():
+                        blocks = row.call(_blocks_sampler(row.sampler), cap.args, cap.grads, K, cap.bdim == 0)
                 cap.release()
                 cap.blocks = blocks
                 for p, parts in blocks.items():
                     add(squares, id(p), sum(_block_squares(a, g, K) for a, g in parts))
+                continue
+            if cap.blocks is not None:  # a parameter shared with another call: per-example gradients from the blocks
+                for p, g in capturer.compute(cap).items():
+                    key = id(p)
+                    materialised[key] = (p, materialised[key][1] + g) if key in materialised else (p, g)
+                cap.release()
                 continue
             if by_norm:
                 with capturer.quiet():
