@@ -14,6 +14,8 @@ Sections (``--sections``, comma-separated; all by default):
 * ``overhead`` – the same model at a tiny shape (batch 2, seq 4): what a step costs when the tensor work is
                  negligible, i.e. the fixed per-step price of hooks and bookkeeping.
 * ``overhead`` also measures how that fixed cost grows with depth (thin GPTs of 2 and 12 blocks).
+* ``threads``  – (not in the default list) the kernels of a GPT step at 1 and 2 threads: the model's products,
+                 dpkit's norm products and elementwise work, and the noise draw (which does not parallelise).
 * ``kernels``  – single computations at the model's shapes, written here: one elementwise pass over every
                  captured output gradient; ``opt_einsum.contract`` against ``torch.bmm``; for GPTs the two ways
                  to a Linear weight's per-example norm (ghost: two T×T Gram matrices; instantiated: the
@@ -268,9 +270,9 @@ def _step_ms(step, steps: int, warmup: int = 5) -> float:
     return _interleaved_ms([step], steps, warmup)[0]
 
 
-def _interleaved_ms(steps_of: list, steps: int, warmup: int = 5) -> list[float]:
-    """Median CPU ms per step of each ready step function, run round-robin so that a change in the machine's
-    load falls on all of them alike."""
+def _interleaved_ms(steps_of: list, steps: int, warmup: int = 5, phases: bool = False) -> list:
+    """Median CPU ms per step of each ready step function (or, with ``phases``, its forward, backward and step),
+    run round-robin so that a change in the machine's load falls on all of them alike."""
     for _ in range(warmup):
         for step in steps_of:
             step()
@@ -278,6 +280,8 @@ def _interleaved_ms(steps_of: list, steps: int, warmup: int = 5) -> list[float]:
     for _ in range(steps):
         for step, t in zip(steps_of, times):
             step(t)
+    if phases:
+        return [[1e3 * statistics.median(x[i] for x in t) for i in range(3)] for t in times]
     return [1e3 * statistics.median(sum(x) for x in t) for t in times]
 
 
@@ -299,14 +303,21 @@ def section_overhead(name, modes, steps):
           f"(median of {steps}); captured layers = 6 per block + 4")
     print("| mode | 2 blocks | 12 blocks | per block | per captured layer |\n| --- | ---: | ---: | ---: | ---: |")
     ready = [setup(name, mode, 2, 4, GPTConfig(n, 64, 2, 256, 16)) for mode in modes for n in (2, 12)]
-    ms = iter(_interleaved_ms(ready, steps))
-    rows = {mode: [next(ms), next(ms)] for mode in modes}
+    ms = iter(_interleaved_ms(ready, steps, phases=True))
+    split = {mode: [next(ms), next(ms)] for mode in modes}
+    rows = {mode: [sum(two), sum(twelve)] for mode, (two, twelve) in split.items()}
     base2, base12 = rows["nonprivate"]
     for mode, (t2, t12) in rows.items():
         extra = (t12 - base12) - (t2 - base2)
         note = "" if mode == "nonprivate" else f" (+{extra / 10:.2f} over non-private)"
         print(f"| {mode} | {t2:.1f} | {t12:.1f} | {(t12 - t2) / 10:.2f}{note} | "
               f"{'' if mode == 'nonprivate' else f'{extra / 60:.2f}'} |")
+    print("\nThe 12-block step by phase: CPU ms above non-private, and per captured layer (76)")
+    print("| mode | forward | backward | step | per layer |\n| --- | ---: | ---: | ---: | ---: |")
+    base = split["nonprivate"][1]
+    for mode in modes[1:]:
+        extra = [t - b for t, b in zip(split[mode][1], base)]
+        print(f"| {mode} | +{extra[0]:.2f} | +{extra[1]:.2f} | +{extra[2]:.2f} | {sum(extra) / 76:.2f} |")
     # what that fixed cost is made of: cProfile of the 12-block bk step, by own (not cumulative) time
     if "bk" in modes:
         step = setup(name, "bk", 2, 4, GPTConfig(12, 64, 2, 256, 16))
@@ -329,6 +340,45 @@ def section_overhead(name, modes, steps):
             cum = sum(v[3] for v in contract)
             print(f"\nopt_einsum.contract: {sum(v[1] for v in contract) / steps:.0f} calls/step, "
                   f"{1e3 * cum / steps:.1f} ms/step cumulative = {100 * cum / total:.0f}% of the step under cProfile")
+
+
+def section_threads(name: str, batch: int, seq: int) -> None:
+    """How one and two threads split the kernels of a step: the model's products, dpkit's norm products and
+    elementwise work, and the noise draw. Wall time, each kernel alternating between 1 and 2 threads."""
+    if SPECS[name][0] != "gpt":
+        return
+    d, vocab = SPECS[name][1]["d"], SPECS[name][1]["vocab"]
+    gen = torch.Generator().manual_seed(0)
+    a, g = torch.randn(batch, seq, d), torch.randn(batch, seq, 4 * d)
+    w, noise = torch.randn(4 * d, d), torch.empty(sum(p.numel() for p in build(name, seq)[0].parameters()))
+    kernels = {
+        f"model: x·Wᵀ [{batch * seq}×{d}]·[{d}×{4 * d}]": lambda: a.reshape(-1, d) @ w.T,
+        "model: weight gradient gᵀ·x": lambda: g.reshape(-1, 4 * d).T @ a.reshape(-1, d),
+        f"dpkit: Gram a·aᵀ per example [{batch}, {seq}, {seq}]": lambda: torch.bmm(a, a.transpose(1, 2)),
+        "dpkit: Gram g·gᵀ per example": lambda: torch.bmm(g, g.transpose(1, 2)),
+        "dpkit: ghost norm (Gram ∘ Gram).sum": lambda: (torch.bmm(a, a.transpose(1, 2)) * 2).sum((1, 2)),
+        f"dpkit: a row-weighted copy [{batch}, {seq}, {d}]": lambda: a * 2.0,
+        f"dpkit: the noise draw, {noise.numel():,} normals": lambda: noise.normal_(0, 1, generator=gen),
+    }
+    print(f"\n## threads: {name} kernels at batch {batch} × {seq}, wall ms (best of 3 alternations of 20 calls)")
+    print("| kernel | 1 thread | 2 threads | speed-up |\n| --- | ---: | ---: | ---: |")
+    saved = torch.get_num_threads()
+    for label, fn in kernels.items():
+        best = {1: float("inf"), 2: float("inf")}
+        for _ in range(3):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                best[threads] = min(best[threads], 1e3 * _wall(fn, 20))
+        print(f"| {label} | {best[1]:.3f} | {best[2]:.3f} | {best[1] / best[2]:.2f}× |")
+    torch.set_num_threads(saved)
+
+
+def _wall(fn, reps: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
 
 
 def _time(fn, reps: int) -> float:
@@ -536,6 +586,8 @@ def main() -> None:
         section_overhead(args.model, modes, 3 * args.steps)
     if "kernels" in sections:
         section_kernels(args.model, batch, seq, 3 * args.steps)
+    if "threads" in sections:
+        section_threads(args.model, batch, seq)
 
 
 if __name__ == "__main__":
