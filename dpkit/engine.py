@@ -446,13 +446,14 @@ class PrivateTraining:
                 f"layers={len(self.plan)})")
 
     # -- checks at every forward and step ----------------------------------------------
-    def _trainable(self) -> list[nn.Parameter]:
+    def _parameters(self) -> list[nn.Parameter]:
         if self._sharded:  # FSDP2 leaves gathered parameters in place after a forward without backward
             distributed.reshard(self.module)
-        return [p for p in self.module.parameters() if p.requires_grad]
+        return list(self.module.parameters())
 
-    def _trainable_change(self) -> str | None:
-        now = self._trainable()
+    def _trainable_change(self, params: list[nn.Parameter] | None = None) -> str | None:
+        """What changed in the set of trainable parameters since planning (``params``: the model's, if walked)."""
+        now = [p for p in (self._parameters() if params is None else params) if p.requires_grad]
         if len(now) == len(self._planned) and all(id(p) in self._planned for p in now):
             return None
         names = {id(p): n for n, p in self.module.named_parameters()}
@@ -511,11 +512,12 @@ class PrivateTraining:
                 "a backward pass of this step stopped with an error before its end, so it was never clipped whole "
                 "(part of it may already be summed); nothing was released. Call optimizer.zero_grad() to drop the "
                 "batch, then continue.")
-        change = self._trainable_change()
+        params = self._parameters()  # one walk of the model for both checks
+        change = self._trainable_change(params)
         if change is not None:
             raise PrivacyUsageError(f"the trainable parameters changed after the forward pass ({change}); "
                                     "change requires_grad between optimizer.step() and the next forward pass.")
-        model = {id(p) for p in self.module.parameters()}
+        model = {id(p) for p in params}
         raw = [p for g in self.optimizer.param_groups for p in g["params"]
                if id(p) not in self._planned and (p.grad is not None or id(p) not in model)]
         if raw:
