@@ -54,9 +54,20 @@ def shared_seed(seed: int | None) -> int:
     return int(value)
 
 
+def rank_seed(shared: int, rank: int) -> int:
+    """Rank ``rank``'s noise seed: 63 bits derived from the shared seed, whose low 32 bits differ between ranks.
+
+    torch's CPU generator keeps only a seed's low 32 bits, and two ranks on one stream would noise their slices
+    alike, so that the noise cancels in the difference of two released coordinates: hashed seeds collide with
+    probability ranks²/2³³, these never (below 2³² ranks)."""
+    base = digest((shared, "noise"))
+    return (base & ~0xFFFFFFFF) | ((base + rank) & 0xFFFFFFFF)
+
+
 def digest(obj: object) -> int:
     """A 63-bit hash of nested dicts, lists, tensors and scalars: to check that ranks hold the same state, and
-    to derive an independent stream's seed, e.g. ``digest((seed, "noise", rank))``."""
+    to derive an independent stream's seed (on the CPU, whose generator keeps 32 bits of a seed, only where
+    ``n²/2³³`` collisions for ``n`` streams do not matter, or with a generator that takes all 63)."""
     h = hashlib.sha256()
 
     def feed(x: object) -> None:

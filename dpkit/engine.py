@@ -123,7 +123,7 @@ class PrivateTraining:
         self.clipper = registry.lookup("dpkit_clippers", clipping, "clipping").value(
             max_grad_norm=clip, **(clipping_kwargs or {}))
         if self.world_size > 1 and not secure_mode:  # independent streams: each rank noises its own coordinates
-            noise_seed = distributed.digest((distributed.shared_seed(noise_seed), "noise", self.rank))
+            noise_seed = distributed.rank_seed(distributed.shared_seed(noise_seed), self.rank)
         self.noise = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(
             seed=noise_seed, secure_mode=secure_mode, **(noise_kwargs or {}))
         self.data_loader, self.sample_rate, self.expected_batch_size = self._make_loader(

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -49,7 +50,7 @@ from dpkit.events import DpEvent, GaussianEvent, NoOpEvent, SelfComposedEvent
 from dpkit.hookspecs import hookimpl
 from dpkit.noise.gaussian import GaussianNoise
 
-_CPU_CHUNK = 1 << 16  # coordinates drawn at a time on the CPU into a small buffer, as GaussianNoise does
+_CPU_CHUNK = 1 << 16  # coordinates of a node drawn at a time off the GPU
 
 
 def levels(epoch_length: int) -> int:
@@ -175,12 +176,20 @@ class TreeAggregation:
             if keep:
                 nodes[node] = value
             return
-        gen = torch.Generator(device=out.device).manual_seed(distributed.digest((self.seed, "tree", key, epoch, node)))
-        chunk = _CPU_CHUNK if out.device.type == "cpu" else max(out.numel(), 1)
-        buffer = torch.empty(min(chunk, out.numel()), device=out.device,
-                             dtype=torch.promote_types(out.dtype, torch.float32))
-        for part in out.split(chunk):  # the same chunks every time, so a regenerated node is the same draw
-            part.add_(buffer[: part.numel()].normal_(0, std, generator=gen), alpha=sign)
+        seed = distributed.digest((self.seed, "tree", key, epoch, node))
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        if out.device.type == "cuda":  # Philox keys on all 64 bits of the seed
+            gen = torch.Generator(device=out.device).manual_seed(seed)
+            out.add_(torch.empty(out.shape, device=out.device, dtype=dtype).normal_(0, std, generator=gen), alpha=sign)
+            return
+        # torch's CPU generator keeps the low 32 bits of a seed: among the ~10⁵ nodes of a long run two would then
+        # draw the same noise (birthday bound n²/2³³), correlated noise the accounting does not allow. PCG64 is
+        # seeded with all 63 bits.
+        rng = np.random.Generator(np.random.PCG64(seed))
+        kind = np.float64 if dtype == torch.float64 else np.float32
+        for part in out.split(_CPU_CHUNK):  # the same chunks every time, so a regenerated node is the same draw
+            draw = torch.from_numpy(rng.standard_normal(part.numel(), dtype=kind))
+            part.add_(draw.to(part.device).mul_(std), alpha=sign)
 
     def dp_event(self, noise_multiplier: float, sample_rate: float) -> DpEvent:
         """The epoch's ``L`` Gaussians at its first step, nothing at the others."""

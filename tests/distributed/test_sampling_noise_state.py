@@ -123,3 +123,16 @@ def test_a_distributed_checkpoint_is_refused_by_one_process(ranks):
 def test_own_sampling_across_ranks_is_not_taken_on_trust_silently(ranks):
     for r in ranks:
         assert any("taken as global" in w and "DPDataLoader(..., distributed=True)" in w for w in r["own-sampling"])
+
+
+def test_rank_noise_seeds_never_share_a_cpu_stream(monkeypatch):
+    """torch's CPU generator keeps only a seed's low 32 bits: two ranks on one stream would noise their slices
+    alike (the noise cancels in a difference of released coordinates). A hash whose low 32 bits agree for every
+    input must still give every rank its own stream."""
+    from dpkit import distributed
+
+    monkeypatch.setattr(distributed, "digest", lambda material: 7 + (hash(repr(material)) % 1000) * 2**32)
+    seeds = [distributed.rank_seed(12345, rank) for rank in range(64)]
+    assert len({s & 0xFFFFFFFF for s in seeds}) == 64 and all(0 <= s < 2**63 for s in seeds)
+    draws = {tuple(torch.randn(4, generator=torch.Generator().manual_seed(s)).tolist()) for s in seeds[:8]}
+    assert len(draws) == 8

@@ -406,3 +406,16 @@ def test_checkpoints_of_another_configuration_are_refused():
     with pytest.raises(PrivacyUsageError, match="batch size the checkpoint"):
         other_batch.load_state_dict(theirs)
     assert other_batch.noise._released == 0 and other_batch.data_loader.batch_sampler.position == 0
+
+
+def test_nodes_whose_seeds_share_their_low_32_bits_draw_independent_noise(monkeypatch):
+    """torch's CPU generator keeps only a seed's low 32 bits; over a long run's ~10⁵ nodes two hashed seeds would
+    agree there, and those nodes would carry the same noise. The nodes' draws must use every bit of the seed."""
+    mechanism, _ = _bound(4)
+    seeds = iter([5, 5 + 2**32])
+    monkeypatch.setattr(tree.distributed, "digest", lambda material: next(seeds))
+    first, second = (torch.zeros(20_000, dtype=torch.float64) for _ in range(2))
+    mechanism._apply(first, "k", 0, (0, 1), 1.0, sign=1, keep=False)
+    mechanism._apply(second, "k", 0, (0, 2), 1.0, sign=1, keep=False)
+    assert abs(torch.corrcoef(torch.stack([first, second]))[0, 1]) < 0.05
+    assert abs(first.std().item() - 1.0) < 0.05
