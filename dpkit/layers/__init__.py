@@ -53,6 +53,14 @@ def sum_examples(x: Tensor, K: int, keep: int) -> Tensor:
     return fold(x.reshape(*x.shape[: x.dim() - keep], math.prod(kept)), K).sum(1).reshape(-1, *kept)
 
 
+def block_grads(pairs: list[tuple[Tensor | None, Tensor]], K: int) -> Tensor:
+    """Per-example gradients of a parameter given as Linear blocks ``[(a, g), ...]`` (``Σ_t g_t a_tᵀ``, or
+    ``Σ_t g_t`` where ``a`` is ``None``) stacked along its first dimension: ``[B, rows, *rest]``, K-summed."""
+    blocks = [fold(g, K).sum(1) if a is None else torch.bmm(fold(g, K).transpose(1, 2), fold(a, K))
+              for a, g in pairs]
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+
+
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32: norms of bf16/fp16 gradients are accumulated without losing them to rounding."""
     return x if x.dtype in _WIDE else x.to(torch.promote_types(x.dtype, torch.float32))

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from dpkit.errors import UnsupportedLayerError
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import fold, upcast, weight_sq_norms
+from dpkit.layers import block_grads, fold, upcast, weight_sq_norms
 
 
 def _name(layer: nn.MultiheadAttention) -> str:
@@ -160,9 +160,7 @@ def grad_sampler(layer: nn.MultiheadAttention, activations: list, backprops: Ten
     out = {}
     for p, pairs in _parts(layer, activations, backprops):
         if p.requires_grad:
-            blocks = [fold(g, K).sum(1) if a is None else torch.bmm(fold(g, K).transpose(1, 2), fold(a, K))
-                      for a, g in pairs]
-            out[p] = (blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)).reshape(-1, *p.shape)
+            out[p] = block_grads(pairs, K).reshape(-1, *p.shape)
     return out
 
 

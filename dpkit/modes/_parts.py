@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpkit.errors import PrivacyUsageError
-from dpkit.layers import fold
+from dpkit.layers import block_grads
 
 _LINEAR = F.linear
 
@@ -212,9 +212,4 @@ def blocks(parts: Parts, layout: Callable, own: list[nn.Parameter], layer: nn.Mo
 
 def per_example(blocks: dict[nn.Parameter, list[tuple[Tensor | None, Tensor]]], K: int) -> dict[nn.Parameter, Tensor]:
     """Per-example gradients ``[B, *p.shape]`` (summed over the K copies) from Linear blocks."""
-    out = {}
-    for p, pairs in blocks.items():
-        rows = [fold(g, K).sum(1) if a is None else torch.bmm(fold(g, K).transpose(1, 2), fold(a, K))
-                for a, g in pairs]
-        out[p] = (rows[0] if len(rows) == 1 else torch.cat(rows, 1)).reshape(-1, *p.shape)
-    return out
+    return {p: block_grads(pairs, K).reshape(-1, *p.shape) for p, pairs in blocks.items()}
