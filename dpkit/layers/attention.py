@@ -188,7 +188,6 @@ def _same(*tensors: Tensor) -> bool:
                for t in tensors[1:])
 
 
-# Both read the attention weights' gradient too, and compute out_proj's parameters (a child forward never calls).
 def blocks(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | Sequence[Tensor | None]
            ) -> Iterator[tuple[nn.Parameter, list[tuple[Tensor | None, Tensor]]]]:
     """Each trainable parameter's gradient as Linear blocks (see :func:`_parts`): bk takes both the norms and the
@@ -218,6 +217,7 @@ def linear_calls(layer: nn.MultiheadAttention, activations: list, backprops: Seq
     return None
 
 
+# Both read the attention weights' gradient too, and compute out_proj's parameters (a child forward never calls).
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
 grad_sampler.blocks = blocks
 grad_sampler.linear_calls = linear_calls

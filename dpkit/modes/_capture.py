@@ -167,8 +167,7 @@ def _dense(grad: Tensor) -> Tensor:
 def _slots(row: LayerPlan) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """Where the unit's forward reads each planned parameter: (module, attribute, parameter), every tied slot."""
     if row.uses_activations or row.mode == "ew":
-        return [(row.module.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2], p)
-                for n, p in row.local_params.items()]
+        return list(row.owners)
     planned = {id(p) for p in row.params.values()}
     return [(m, n, p) for m in row.module.modules() for n, p in m._parameters.items()
             if p is not None and id(p) in planned]
@@ -497,26 +496,8 @@ class Capturer:
             if not out.requires_grad:  # its parameter rows would get no gradient here: leave it to the sampler
                 parts.broken = "an F.linear output needs no gradient"
                 continue
-            cap.pending.add(-1 - i)
-            out.register_hook(partial(self._on_part_grad, cap, i))
-
-    @eager
-    def _on_part_grad(self, cap: Capture, index: int, grad: Tensor) -> None:
-        if not self.enabled or self._computing:
-            return
-        try:
-            if cap.done:
-                raise PrivacyUsageError(
-                    f"backward() ran a second time through one forward pass of {cap.row.name!r} "
-                    f"({cap.row.type_name}). Each backward() must follow its own forward pass.")
-            cap.parts.calls[index].grad = grad
-            cap.pending.discard(-1 - index)
-            self._queue_end()
-            if not cap.pending:
-                self._process(cap)
-        except Exception as err:
-            self._refuse(err)
-            raise
+            cap.pending.add(-1 - i)  # negative: the i-th call's output, beside the unit's own outputs
+            out.register_hook(partial(self._on_output_grad, cap, -1 - i))
 
     def _take_parts(self, cap: Capture) -> None:
         """The recorded calls as the record's Linear blocks, or nothing: then the sampler computes the record."""
@@ -574,8 +555,11 @@ class Capturer:
                 f"({cap.row.type_name}). Each backward() must follow its own forward pass: run the "
                 "forward again, or sum the losses and call backward() once."
             )
-        relaid = _dense(grad)
-        cap.grads[index] = relaid
+        if index < 0:  # an F.linear call inside a parts unit (``_attach_parts``): kept as autograd gave it
+            cap.parts.calls[-1 - index].grad = relaid = grad
+        else:
+            relaid = _dense(grad)
+            cap.grads[index] = relaid
         cap.pending.discard(index)
         self._queue_end()
         if not cap.pending:
