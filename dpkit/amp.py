@@ -116,3 +116,30 @@ def unregistered(found: torch.amp.GradScaler | None, registered: torch.amp.GradS
             "of this step were clipped while still multiplied by the loss scale, so the step is not the one "
             "without a scaler, and nothing is released. Pass it to make_private(grad_scaler=scaler) "
             "(docs/mixed-precision.md).")
+
+
+class NoScaler:
+    """The controller's scaler link when make_private has no ``grad_scaler``: every pass unscaled, nothing shown."""
+
+    scaler = None
+    scale = 1.0
+
+    def attach(self) -> None:
+        pass
+
+    def detach(self) -> None:
+        pass
+
+    def start_pass(self) -> float:
+        return 1.0
+
+    def overflowed(self) -> bool:
+        return False
+
+    def show(self, params: Sequence[nn.Parameter], overflow: bool) -> None:
+        pass
+
+
+def link(scaler: torch.amp.GradScaler | None, active: Callable[[], bool]) -> ScalerLink | NoScaler:
+    """The controller's side of ``grad_scaler`` (or of none)."""
+    return NoScaler() if scaler is None else ScalerLink(scaler, active)

@@ -45,7 +45,7 @@ class BatchMemoryManager:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.private._skip_step, self.private._batch_tag = False, None
+        self.private.gate.leave_micro_batches()
 
     def __len__(self) -> int:
         return len(self.private.data_loader)
@@ -60,9 +60,9 @@ class BatchMemoryManager:
                 pieces = split_batch(batch, self.max_rows)
                 if self.private.world_size > 1:
                     pieces = _as_many_as_every_rank(batch, pieces)
-                self.private._batch_tag = (id(self), index)  # the pieces are one logical batch, whatever the loader
+                tag = (id(self), index)  # the pieces are one logical batch, whatever the loader
                 for i, piece in enumerate(pieces):
-                    self.private._skip_step = i < len(pieces) - 1
+                    self.private.gate.enter_micro_batch(tag, last=i == len(pieces) - 1)
                     yield piece
         finally:
-            self.private._skip_step, self.private._batch_tag = False, None
+            self.private.gate.leave_micro_batches()

@@ -56,11 +56,11 @@ def step_with_virtual_steps(private, batch):
     """What BatchMemoryManager does with one Poisson batch: a virtual step after every micro-batch but the last."""
     pieces = split_batch(batch, 2 * private.K)
     for i, (x, y) in enumerate(pieces):
-        private._skip_step = i < len(pieces) - 1
+        private.gate.enter_micro_batch("one batch", last=i == len(pieces) - 1)
         private.optimizer.zero_grad()
         private.criterion(private.module(x), y).backward()
         private.optimizer.step()
-    private._skip_step = False
+    private.gate.leave_micro_batches()
 
 
 # --- correct loops pass, and the bound is what they reach ----------------------------------------------------------

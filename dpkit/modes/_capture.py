@@ -203,7 +203,7 @@ class Capturer:
         self.on_arrival = on_arrival  # the engine's streaming clipper: True when it consumed the record
         self.on_backward_end = on_backward_end
         self.enabled = True
-        self._computing = False  # recomputation (torch.func units) must not be captured again
+        self.computing = False  # recomputation (torch.func units) must not be captured again
         self.captures: list[Capture] = []
         self.completed: list[Capture] = []
         self.grad_samples: dict[nn.Parameter, Tensor] = {}
@@ -296,7 +296,7 @@ class Capturer:
 
     # -- forward ---------------------------------------------------------------------
     def _active(self) -> bool:
-        return self._attached and self.enabled and not self._computing and torch.is_grad_enabled()
+        return self._attached and self.enabled and not self.computing and torch.is_grad_enabled()
 
     @eager
     def start_forward(self, model: nn.Module, args, kwargs=None) -> None:
@@ -528,7 +528,7 @@ class Capturer:
     # -- backward --------------------------------------------------------------------
     @eager
     def _on_param_grad(self, p: nn.Parameter, grad: Tensor) -> None:
-        if self.enabled and not self._computing:
+        if self.enabled and not self.computing:
             self.used_params.add(p)
             self._queue_end()
 
@@ -540,7 +540,7 @@ class Capturer:
 
     @eager
     def _on_output_grad(self, cap: Capture, index: int, grad: Tensor) -> Tensor | None:
-        if not self.enabled or self._computing:
+        if not self.enabled or self.computing:
             return None
         try:
             return self._take_output_grad(cap, index, grad)
@@ -637,11 +637,11 @@ class Capturer:
     @contextlib.contextmanager
     def quiet(self) -> Iterator[None]:
         """Switch capture off while units are recomputed (their hooks would fire again)."""
-        self._computing = True
+        self.computing = True
         try:
             yield
         finally:
-            self._computing = False
+            self.computing = False
 
     def compute(self, cap: Capture) -> dict[nn.Parameter, Tensor]:
         """Per-example gradients ``[B, *p.shape]`` (K-summed) of one call."""

@@ -8,7 +8,7 @@ is the clipped sum itself. It needs the per-example losses, hence the loss from
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -20,29 +20,27 @@ if TYPE_CHECKING:
     from dpkit.criterion import DPLoss
 
 
-class GhostHost(Protocol):
-    """What ghost clipping needs from its controller (the engine's ``PrivateTraining`` is one): the mode
-    depends on this, not on the controller."""
+class GhostPass:
+    """Ghost's state across its two passes: whether the norm pass is in flight, and the factors the controller's
+    end-of-pass step leaves here for the reweighting pass."""
 
-    capturer: Capturer
-    params: list[nn.Parameter]
-    K: int
-    _in_ghost_backward: bool  # set here during the norm pass, read by the controller's end-of-pass callback
-    _ghost_factors: tuple[Tensor, Tensor] | None  # left there by that callback: the norms and clip factors
+    def __init__(self) -> None:
+        self.active = False
+        self.factors: tuple[Tensor, Tensor] | None = None  # the clipper's norms and the clip factors
 
 
-def backward(private: GhostHost, loss: DPLoss) -> tuple[Tensor, Tensor, dict[nn.Parameter, Tensor]]:
+def backward(capturer: Capturer, params: list[nn.Parameter], K: int, state: GhostPass, loss: DPLoss
+             ) -> tuple[Tensor, Tensor, dict[nn.Parameter, Tensor]]:
     """Both passes for one loss; returns the clipper's norms, the factors and the clipped sums."""
-    capturer = private.capturer
     outputs = capturer.live_outputs()
     if outputs == []:
         raise PrivacyUsageError("this loss does not depend on a forward pass of the model since the last "
                                 "backward(); run the model on the batch first.")
-    private._in_ghost_backward, private._ghost_factors = True, None
+    state.active, state.factors = True, None
     # The planned parameters themselves get a gradient only from a use outside their module (modules run on
     # stand-ins): asking for it here makes the capture refuse such a use in this pass, before any clipping.
-    targets = (outputs if outputs is not None else [t for _, t in capturer.stand_ins]) + list(private.params)
-    try:  # the norm pass; the engine's end-of-backward callback leaves the factors in _ghost_factors
+    targets = (outputs if outputs is not None else [t for _, t in capturer.stand_ins]) + list(params)
+    try:  # the norm pass; the controller's end-of-pass step leaves the factors in state.factors
         torch.autograd.grad(loss.value, targets, retain_graph=True, allow_unused=True)
     except RuntimeError as err:
         if "use_reentrant" not in str(err):
@@ -52,20 +50,20 @@ def backward(private: GhostHost, loss: DPLoss) -> tuple[Tensor, Tensor, dict[nn.
             "checkpointing does not support. Use torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or "
             "grad_sample_mode='bk' (one backward pass, the same memory savings).") from err
     finally:
-        private._in_ghost_backward = False
-    if private._ghost_factors is None:
+        state.active = False
+    if state.factors is None:
         raise PrivacyUsageError("no layer of the model received a gradient from this loss.")
-    norms, factors = private._ghost_factors
-    weights = (factors / private.K).repeat_interleave(private.K).to(loss.per_row.dtype)
-    stash = {p: p.grad for p in private.params}
-    for p in private.params:
+    norms, factors = state.factors
+    weights = (factors / K).repeat_interleave(K).to(loss.per_row.dtype)
+    stash = {p: p.grad for p in params}
+    for p in params:
         p.grad = None
     capturer.enabled = False
     try:
         (loss.per_row * weights).sum().backward()
     finally:
         capturer.enabled = True
-        for p in private.params:
+        for p in params:
             p.grad = stash[p]
     sums: dict[nn.Parameter, Tensor] = {}
     for p, stand_in in capturer.stand_ins:

@@ -109,7 +109,7 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
         criterion(model(x), y).backward()
         optimizer.step()
         batch += i.tolist()
-        if pieces and private._skip_step:
+        if pieces and private.gate.virtual:
             continue  # a virtual step: the batch goes on
         grads.append({_name(n): _full(p.grad) for n, p in model.named_parameters()})
         batches.append(batch)

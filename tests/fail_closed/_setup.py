@@ -74,7 +74,7 @@ def assert_counted(p: dpkit.PrivateTraining, n: int) -> None:
     if p.noise_multiplier > 0:
         assert p.ledger.steps == n, f"ledger has {p.ledger.steps} steps, expected {n}"
     else:
-        assert p.ledger.steps == 0 and p._unbounded_steps == n and p.epsilon(1e-5) == float("inf")
+        assert p.ledger.steps == 0 and p.unbounded_steps == n and p.epsilon(1e-5) == float("inf")
 
 
 # -- what must not move on a refusal -------------------------------------------------------------------------------

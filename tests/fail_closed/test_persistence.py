@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dpkit
+from dpkit.engine import checkpoint
 from dpkit.errors import PrivacyUsageError
 
 from ._setup import Capture, batch, dataset, make, net, train_step
@@ -40,9 +41,31 @@ def test_checkpoint_of_another_configuration_is_refused(theirs, mine, match):
     assert_untouched(p, *before)
 
 
+def resealed(state):
+    """An edited checkpoint with its digest recomputed: the checks behind the digest must still refuse it."""
+    return {**state, "digest": checkpoint.digest(state)}
+
+
+def test_an_edited_or_corrupted_checkpoint_is_refused_by_its_digest():
+    state = trained(3).state_dict()
+    edited = copy.deepcopy(state)
+    edited["ledger"]["entries"][0][0]["event"]["noise_multiplier"] *= 10  # would report a smaller epsilon
+    p = make()
+    with pytest.raises(PrivacyUsageError, match="does not match its digest"):
+        p.load_state_dict(edited)
+    flipped = copy.deepcopy(state)
+    flipped["noise"]["generators"]["cpu"].view(-1)[7] ^= 1  # one bit of the noise generator's state
+    with pytest.raises(PrivacyUsageError, match="does not match its digest"):
+        p.load_state_dict(flipped)
+    assert p.steps == p.ledger.steps == 0
+    p.load_state_dict(state)
+    assert p.steps == 3
+
+
 def test_checkpoint_whose_steps_disagree_with_its_ledger_is_refused():
     state = trained(3).state_dict()
     state["steps"] = 1  # edited to report less privacy spent
+    state = resealed(state)
     p = make()
     with pytest.raises(PrivacyUsageError, match="says 1 steps, but its ledger records 3"):
         p.load_state_dict(state)
@@ -52,6 +75,7 @@ def test_checkpoint_whose_steps_disagree_with_its_ledger_is_refused():
 def test_checkpoint_with_negative_unbounded_steps_is_refused():
     state = trained(2).state_dict()
     state["steps"], state["unbounded_steps"] = 1, -1
+    state = resealed(state)
     p = make()
     with pytest.raises(PrivacyUsageError, match="ledger records 2"):
         p.load_state_dict(state)
@@ -77,6 +101,7 @@ def test_something_that_is_not_a_checkpoint_is_refused(bad):
 def test_malformed_ledger_is_refused():
     state = trained(1).state_dict()
     state["steps"] = "many"
+    state = resealed(state)
     p = make()
     with pytest.raises(ValueError, match="ledger or step count is malformed"):
         p.load_state_dict(state)

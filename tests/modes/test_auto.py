@@ -27,13 +27,13 @@ def records_at_backward_end(model, x, y):
                                  data_loader=None, sample_rate=0.1, expected_batch_size=4, noise_multiplier=1.0, max_grad_norm=1.0,
                                  grad_sample_mode="auto", criterion=nn.CrossEntropyLoss())
     seen = {}
-    clip = private._clip_records
+    clip = private.passes.clip_records
 
     def spy(records, rows):
         seen.update({cap.row.name: (cap.formed is not None, len(cap.args), len(cap.grads)) for cap in records})
         clip(records, rows)
 
-    private._clip_records = spy
+    private.passes.clip_records = spy
     private.criterion(model(x), y).backward()
     return seen
 

@@ -110,8 +110,8 @@ def test_no_record_outlives_its_layer(mode):
         return streamed(cap)
 
     capturer.on_arrival = spy
-    clip = private._clip_records
-    private._clip_records = lambda records, rows: (at_end.append(sorted(c.row.name for c in records)),
+    clip = private.passes.clip_records
+    private.passes.clip_records = lambda records, rows: (at_end.append(sorted(c.row.name for c in records)),
                                                    clip(records, rows))
     update(private, batch(4))
     assert len(held) == 2 and max(held) == 0  # mix and norm, each freed on arrival
@@ -202,8 +202,8 @@ def test_auto_streams_only_what_it_formed_on_arrival():
                                      noise_multiplier=0.0, max_grad_norm=1.0, grad_sample_mode="auto",
                                      clipping="per_layer", sample_rate=0.5, expected_batch_size=4)
     at_end = []
-    clip = private._clip_records
-    private._clip_records = lambda records, rows: (at_end.append([c.row.name for c in records]), clip(records, rows))
+    clip = private.passes.clip_records
+    private.passes.clip_records = lambda records, rows: (at_end.append([c.row.name for c in records]), clip(records, rows))
     model(torch.randn(4, 2, 64)).square().sum(dim=(1, 2)).mean().backward()
     assert at_end == [["0"]]  # the LayerNorm ("2") was formed, streamed and freed; the Linear waited
 

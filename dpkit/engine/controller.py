@@ -1,0 +1,401 @@
+"""``PrivateTraining``: the controller ``make_private`` returns. It owns the parts and routes the hooks to them.
+
+- the plan (``plan.py``) and the capture of each planned unit (``modes/_capture.py``);
+- the :class:`~dpkit.engine.gate.StepGate` (which sampled batch each pass belongs to, one release per batch);
+- :class:`~dpkit.engine.passes.PassEnd` (each backward pass clipped and summed into the step's accumulator);
+- the topology (one process, replicas or shards), the GradScaler link, the noise mechanism, the clipper and the
+  ledger. ``optimizer.step()`` runs the checks at release (``guards.py``), then ``privatize``: the clipped sum
+  plus noise, once.
+
+Nothing is wrapped: hooks go on the model and the optimizer, and ``detach()`` leaves both as they were.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from dpkit import amp, registry
+from dpkit.criterion import DPCriterion, DPLoss
+from dpkit.engine import checkpoint, guards
+from dpkit.engine.gate import Phase, StepGate
+from dpkit.engine.passes import PassEnd
+from dpkit.engine.sampling import Sampling
+from dpkit.engine.topology import Single
+from dpkit.errors import PrivacyUsageError
+from dpkit.events import ComposedEvent, DpEvent, Ledger, NoOpEvent, PoissonSampledEvent
+from dpkit.modes import bk
+from dpkit.modes._capture import Capturer, eager
+from dpkit.optimizer import StepAccumulator, privatize
+from dpkit.plan import NORM_MODES, build_plan
+
+ATTACHED: weakref.WeakSet[PrivateTraining] = weakref.WeakSet()  # controllers with hooks on a model
+
+
+def step_event(noise: DpEvent, clipper: DpEvent) -> DpEvent:
+    """One step's privacy event. A clipper that spends privacy (adaptive's noisy count) releases on the
+    same Poisson sample as the gradient, so both mechanisms go under one sampling event: composing two
+    independently sampled events would under-count ε."""
+    if isinstance(clipper, NoOpEvent):
+        return noise
+    if (isinstance(noise, PoissonSampledEvent) and isinstance(clipper, PoissonSampledEvent)
+            and noise.sample_rate == clipper.sample_rate):
+        return PoissonSampledEvent(noise.sample_rate, ComposedEvent((noise.event, clipper.event)))
+    return ComposedEvent((noise, clipper))
+
+
+class PrivateTraining:
+    """The controller ``make_private`` returns; unpacks to ``(module, optimizer, data_loader[, criterion])``.
+
+    Built by :func:`dpkit.make_private` once σ is final (calibrated first where a target ε is given), so that
+    every check sees the σ the run uses.
+    """
+
+    def __init__(self, *, module: nn.Module, optimizer: Optimizer, sampling: Sampling, topology: Single,
+                 noise, noise_name: str, clipper, clipping: str, accountant: str, noise_multiplier: float,
+                 max_grad_norm: float, mode: str, K: int, loss_reduction: str, batch_first: bool,
+                 criterion: nn.Module | None, secure_mode: bool, grad_scaler: torch.amp.GradScaler | None,
+                 public_buffers: frozenset[str] = frozenset()):
+        self.module, self.optimizer, self.topology = module, optimizer, topology
+        self.world_size, self.rank = topology.world_size, topology.rank
+        self.data_loader, self.sample_rate = sampling.loader, sampling.sample_rate
+        self.expected_batch_size, self.poisson_sampling = sampling.expected_batch_size, sampling.poisson
+        self.noise, self.noise_name, self.clipper, self.clipping = noise, noise_name, clipper, clipping
+        self.accountant, self.noise_multiplier, self.max_grad_norm = accountant, noise_multiplier, max_grad_norm
+        self.mode, self.K, self.loss_reduction, self.batch_first = mode, K, loss_reduction, batch_first
+        self.secure_mode, self.public_buffers = secure_mode, public_buffers
+        self.norm_mode = mode in NORM_MODES
+        self.positional = callable(getattr(noise, "check_loader", None))  # its analysis rests on positions
+        self.criterion = DPCriterion(criterion, loss_reduction, batch_first) if criterion is not None else None
+        if self.criterion is not None:
+            self.criterion.backward_fn = self.backward
+        self.ledger = Ledger()
+        self.steps = 0
+        self.unbounded_steps = 0  # steps with noise_multiplier=0: epsilon is infinite
+        self.overflow_skips = 0  # batches dropped for a loss-scale overflow (the scaler skipped their step)
+        self.gate = StepGate()
+        self.passes = PassEnd(self)
+        self.scaler = amp.link(grad_scaler, lambda: self.enabled)
+        if grad_scaler is not None and topology.world_size > 1:
+            raise PrivacyUsageError(
+                "grad_scaler= under torch.distributed is not supported yet: a loss-scale overflow on one rank "
+                "would skip the step there while the other ranks wait in the noised all-reduce. Use bf16 autocast "
+                "without a scaler (docs/mixed-precision.md).")
+        self._state_before: dict | None = None  # the model's state when the forward in flight started (invariant 3)
+        self._wrapped: list[object] = []
+        self._handles: list = []
+        self._build()
+        if not self.params:
+            raise ValueError("the model has no trainable parameters (every requires_grad is False); unfreeze the "
+                             "ones to train before make_private.")
+        guards.check_noise_range(noise_multiplier, clipper, self.params, self.expected_batch_size, loss_reduction)
+        guards.warn_overrides(self.plan, clipping, noise_name, accountant)
+        topology.check_at_make(repr((noise_multiplier, max_grad_norm, self.sample_rate, self.expected_batch_size,
+                                     mode, K, loss_reduction, checkpoint.config(self), len(self.params))),
+                               self.params)
+        self.attached = False
+        self.attach()
+
+    # -- construction ------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        """The plan, the capture hooks (not attached) and the step's accumulator, for the trainable set now."""
+        self.plan = build_plan(self.module, self.mode)
+        if self.topology.sharded:  # also when a changed trainable set is planned again
+            self.topology.check_plan(self.plan)
+        self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
+        self._planned = frozenset(id(p) for p in self.params)
+        self.accumulator = StepAccumulator(self.params, self.clipper, self.K)
+        early = functools.partial(bk.form_early, K=self.K) if self.mode == "auto" else None
+        self.capturer = Capturer(self.module, self.plan, K=self.K, batch_first=self.batch_first,
+                                 rescale=self.loss_reduction == "mean", keep_records=self.norm_mode,
+                                 keep_outputs=self.mode == "ghost", grad_stand_ins=self.mode == "ghost",
+                                 on_backward_end=self.passes.end, form_on_arrival=early,
+                                 on_arrival=self.passes.stream if self._streams() else None)
+        self.capturer.on_refusal = self.on_refusal
+        self.capturer.batch_of = getattr(self.data_loader, "batch_of", None)
+        self._state_watch = guards.StateWatch(self.module, self.public_buffers, self.topology)
+
+    def _streams(self) -> bool:
+        """Whether bk and auto clip each layer the moment its output gradients arrive (streaming).
+
+        Possible when each parameter's factor depends on its own norm alone (the clipper has ``layer_factors``:
+        per-layer clipping), so no record has to wait for the rest of the backward pass. Not with a GradScaler,
+        whose overflow must drop the pass whole before anything is summed, nor under FSDP2.
+        """
+        return (self.mode in ("bk", "auto") and getattr(self.clipper, "per_layer", False)
+                and callable(getattr(self.clipper, "layer_factors", None))
+                and isinstance(self.scaler, amp.NoScaler) and not self.topology.sharded)
+
+    # -- control -----------------------------------------------------------------------------------------------
+    def attach(self) -> None:
+        if self.attached:
+            return
+        guards.check_objects(self.module, self.optimizer, None, ATTACHED)
+        # Before FSDP2's own pre-forward hook, which swaps the root's sharded parameters for gathered ones.
+        self._handles = [self.module.register_forward_pre_hook(self._on_forward_start, with_kwargs=True,
+                                                               prepend=True),
+                         self.module.register_forward_hook(self._on_forward_end, always_call=True),
+                         self.optimizer.register_step_pre_hook(self._pre_step),
+                         self.optimizer.register_step_post_hook(self._post_step)]
+        self.capturer.attach()
+        self.scaler.attach()
+        for owner in (self.optimizer, self.module):
+            original = owner.zero_grad
+
+            @functools.wraps(original)
+            def zero_grad(*args, _original=original, **kwargs):
+                self._discard()
+                return _original(*args, **kwargs)
+
+            owner.__dict__["zero_grad"] = zero_grad
+            self._wrapped.append(owner)
+        self.attached = True
+        ATTACHED.add(self)
+
+    def enable(self) -> None:
+        """Resume private training after :meth:`disable`."""
+        self.capturer.enabled = True
+
+    def disable(self) -> None:
+        """Pause: forward, backward and step run as without dpkit (NOT private, not counted)."""
+        self.capturer.enabled = False
+        self._clear()
+        self.topology.sync_gradients(True)
+
+    @property
+    def enabled(self) -> bool:
+        return self.capturer.enabled
+
+    def detach(self) -> None:
+        """Remove every hook; the model and optimizer are as before ``make_private``."""
+        self.capturer.detach()
+        self.scaler.detach()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        for owner in self._wrapped:
+            owner.__dict__.pop("zero_grad", None)
+        self._wrapped = []
+        self._clear()
+        self.topology.sync_gradients(True)
+        self.attached = False
+        ATTACHED.discard(self)
+
+    @contextlib.contextmanager
+    def micro_batches(self) -> Iterator[None]:
+        """The backward passes inside are micro-batches of one logical batch, for loops without a data loader.
+
+        With ``data_loader=`` dpkit knows which batch each backward pass came from (``BatchMemoryManager`` splits
+        one batch into micro-batches); with ``data_loader=None`` a second backward pass before ``step()`` is
+        refused unless it is declared here, since accumulating several sampled batches into one step is a
+        different mechanism from the one the accountant counts.
+        """
+        with self.gate.batch(object()):
+            yield
+
+    def __iter__(self) -> Iterator[Any]:
+        yield self.module
+        yield self.optimizer
+        yield self.data_loader
+        if self.criterion is not None:
+            yield self.criterion
+
+    def __repr__(self) -> str:
+        return (f"PrivateTraining(mode={self.mode!r}, noise_multiplier={self.noise_multiplier}, "
+                f"max_grad_norm={self.max_grad_norm}, sample_rate={self.sample_rate:.4g}, steps={self.steps}, "
+                f"layers={len(self.plan)})")
+
+    # -- each forward ------------------------------------------------------------------------------------------
+    @functools.partial(eager, reason="dpkit's forward checks and re-planning run eagerly: under dpkit, compile "
+                                     "without fullgraph=True (docs/compile.md)")
+    def _on_forward_start(self, module: nn.Module, args, kwargs) -> None:
+        if not self.enabled or not torch.is_grad_enabled() or self.capturer.computing:
+            return
+        self.topology.sync_gradients(False)  # dpkit all-reduces the clipped sums itself
+        self._state_before = self._state_watch.snapshot()  # before any stand-in takes a parameter's slot
+        guards.refuse_mixing_layers(self.module)
+        change = guards.trainable_change(self.module, self._planned, self.params,
+                                         self.topology.parameters(self.module))
+        if change is not None:
+            if self.accumulator.backward_passes or self.capturer.captures:
+                raise PrivacyUsageError(
+                    f"the trainable parameters changed in the middle of a step ({change}). Change requires_grad "
+                    "between optimizer.step() and the next forward pass.")
+            warnings.warn(f"dpkit planned the model again: the trainable parameters changed ({change}).",
+                          stacklevel=3)
+            self.capturer.detach()
+            self._build()
+            self._state_before = self._state_watch.snapshot()  # of the modules as planned now
+            self.capturer.attach()
+            self.capturer.start_forward(module, args, kwargs)  # this forward's root hooks were taken before
+
+    @functools.partial(eager, reason="dpkit's forward checks run eagerly: under dpkit, compile without "
+                                     "fullgraph=True (docs/compile.md)")
+    def _on_forward_end(self, *_) -> None:
+        """Invariant 3: the forward moved none of the model's state (the release is the only way it may move)."""
+        before, self._state_before = self._state_before, None
+        if before is not None:
+            self._state_watch.refuse_moved(before)
+
+    # -- each backward pass ------------------------------------------------------------------------------------
+    def backward(self, loss: DPLoss) -> None:
+        """``loss.backward()`` of a loss from ``private.criterion``: one pass, or ghost's two."""
+        if self.mode != "ghost" or not self.enabled:
+            loss.value.backward()
+            return
+        self.passes.ghost_backward(loss)
+
+    def on_refusal(self, err: BaseException) -> None:
+        """A backward pass was refused: nothing of this step may be released until ``zero_grad()``."""
+        self.passes.end_stream()
+        self.gate.refuse(str(err).split(". ")[0][:300])
+        self.accumulator.reset()
+        self.scaler.show(self.params, overflow=False)  # so that scaler.step reaches step(), which says why
+
+    def _discard(self) -> None:
+        """``zero_grad()``: forget this step's clipped sums, except between the micro-batches of one batch.
+
+        Records of forward passes not yet back-propagated stay: ``out = model(x); zero_grad(); backward()``.
+        """
+        if self.enabled and self.capturer.pass_died:  # also between micro-batches: the whole step goes
+            self.capturer.drop_dead_pass()
+            self.passes.end_stream()
+            self.gate.forget_virtual()
+        if not self.enabled or not self.gate.discard():
+            return
+        self.accumulator.reset()
+        self.drop_grad_samples()
+
+    def drop_grad_samples(self) -> None:
+        for p in self.params:
+            if hasattr(p, "grad_sample"):
+                del p.grad_sample
+
+    # -- the release -------------------------------------------------------------------------------------------
+    def _check_release(self) -> None:
+        """Before any gradient is released: exactly the planned parameters will move, and nothing else."""
+        from dpkit import distributed
+
+        if distributed.world_size() != self.world_size:
+            raise PrivacyUsageError(
+                f"make_private ran with torch.distributed world size {self.world_size}, and it is now "
+                f"{distributed.world_size()}: the sample rate, the noise split and the ledger assume the first. "
+                "Call make_private after init_process_group, on every rank.")
+        self.topology.check_wrapping(self.module)
+        self.gate.check_release(self.accumulator.backward_passes)
+        if self.capturer.pass_died:
+            raise PrivacyUsageError(
+                "a backward pass of this step stopped with an error before its end, so it was never clipped whole "
+                "(part of it may already be summed); nothing was released. Call optimizer.zero_grad() to drop the "
+                "batch, then continue.")
+        params = self.topology.parameters(self.module)  # one walk of the model for both checks
+        change = guards.trainable_change(self.module, self._planned, self.params, params)
+        if change is not None:
+            raise PrivacyUsageError(f"the trainable parameters changed after the forward pass ({change}); "
+                                    "change requires_grad between optimizer.step() and the next forward pass.")
+        guards.refuse_stray_gradients(self.module, self.optimizer, self._planned, params)
+
+    def _pre_step(self, optimizer, args, kwargs) -> None:
+        if not self.enabled:
+            return
+        guards.refuse_closure(args, kwargs)
+        amp.refuse_fused(optimizer)
+        amp.unregistered(amp.calling_scaler(), self.scaler.scaler)
+        self._check_release()
+        if self.gate.virtual:
+            for p in self.params:
+                p.grad = None  # a virtual step: keep accumulating, update nothing
+            self.gate.enter_virtual()
+            return
+        guards.refuse_nothing_to_release(self.accumulator.backward_passes)
+        sampler = getattr(self.data_loader, "batch_sampler", None)
+        self.gate.check_once(self.steps, getattr(sampler, "position", None), self.positional, self.noise_name)
+        self.topology.check_in_step(self.steps, getattr(self.data_loader, "batches_drawn", -1))
+        flats = self.accumulator.buffers()
+        # Always the expected batch size: the actual one would show through the scale of the noise.
+        denominator = self.expected_batch_size if self.loss_reduction == "mean" else 1
+        for norms in self.accumulator.observed:
+            self.clipper.observe(norms)
+        noisy = privatize(flats, self.noise, self.noise_multiplier * self.clipper.sensitivity(), denominator,
+                          across_ranks=self.world_size > 1)
+        for p in self.params:
+            p.grad = noisy[p] if noisy[p].dtype == p.dtype else noisy[p].to(p.dtype)
+        self._record_step()
+
+    def step_event(self) -> DpEvent:
+        """The privacy event of one release of this run."""
+        return step_event(self.noise.dp_event(self.noise_multiplier, self.sample_rate),
+                          self.clipper.dp_event(self.sample_rate))
+
+    def _record_step(self) -> None:
+        if self.noise_multiplier == 0:
+            self.unbounded_steps += 1
+        else:
+            self.ledger.record(self.step_event())
+        self.clipper.end_step(self.noise, expected_batch_size=self.expected_batch_size)
+        self.gate.released()
+
+    def _post_step(self, optimizer, args, kwargs) -> None:
+        if not self.enabled or self.gate.phase is Phase.VIRTUAL:
+            return
+        self.steps += 1
+        self._clear()
+
+    def _clear(self) -> None:
+        self.accumulator.reset()
+        self.capturer.reset()
+        self.drop_grad_samples()
+
+    # -- privacy -----------------------------------------------------------------------------------------------
+    def epsilon(self, delta: float, accountant: str | None = None) -> float:
+        """ε spent so far at ``delta``, by ``accountant`` (default: the one chosen at make_private)."""
+        if self.unbounded_steps:
+            return math.inf
+        from dpkit.accounting import epsilon_of_ledger
+
+        return epsilon_of_ledger(self.ledger, delta, accountant or self.accountant)
+
+    def privacy_report(self, delta: float) -> str:
+        """ε at ``delta`` from every installed accountant, side by side (approximations labelled)."""
+        lines = [f"privacy after {self.steps} steps (sample rate {self.sample_rate:.4g}, noise multiplier "
+                 f"{self.noise_multiplier:g}, delta {delta:g}):"]
+        for name in sorted(registry.table("dpkit_accountants")):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    eps = f"{self.epsilon(delta, accountant=name):.4f}"
+                except Exception as err:  # one accountant failing must not hide the others
+                    eps = f"unavailable ({err})"
+            note = "  (approximation: may under-report)" if caught else ""
+            mark = "*" if name == self.accountant else " "
+            lines.append(f" {mark} {name:<12} epsilon = {eps}{note}")
+        return "\n".join(lines)
+
+    def audit_report(self, delta: float, confidence: float = 0.95):
+        """The accountant's ε next to the lower bounds an audit attached to this run measured (docs/auditing.md)."""
+        report = getattr(self.noise, "audit_report", None)
+        if report is None:
+            raise PrivacyUsageError("no audit is attached to this run: call dpkit.audit.CanaryAudit.attach(private) "
+                                    "before training, then private.audit_report(delta) (see docs/auditing.md).")
+        return report(delta, confidence)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to report the same ε and draw the same noise and batches.
+
+        Outside secure mode this holds the noise generator's state: whoever holds the checkpoint can regenerate
+        the noise and subtract it from the released model. Keep checkpoints as private as the data.
+        """
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; a checkpoint of another configuration, a corrupted one, or one whose
+        step count disagrees with its ledger, is refused before anything is changed."""
+        checkpoint.load_state_dict(self, state)

@@ -1,0 +1,220 @@
+"""The end of each backward pass, written once: admit → norms → factors → clipped sum → accumulate → observers.
+
+Three shapes of pass reach it: per-example gradients (``hooks``, ``functorch``, ``ew``), records whose norms and
+clipped sums are taken here (``bk``, ``auto``, and ``ghost``'s norm pass), and ghost's reweighted second pass,
+whose parameter gradient is the clipped sum itself. ``bk``/``auto`` may also stream: clip each record as its
+output gradients arrive (per-layer clipping), its sums straight into the step's buffers.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from dpkit import registry
+from dpkit.errors import PrivacyUsageError
+from dpkit.events import ClipEvent
+from dpkit.modes import bk, ghost
+from dpkit.optimizer import NonFiniteGradientError
+
+if TYPE_CHECKING:
+    from dpkit.criterion import DPLoss
+    from dpkit.engine.controller import PrivateTraining
+    from dpkit.modes._capture import Capture
+
+
+class PassEnd:
+    """What the controller does when a backward pass ends (or, streaming, when a record arrives)."""
+
+    def __init__(self, private: PrivateTraining):
+        self.private = private
+        self.streamed: dict[nn.Parameter, Tensor] = {}  # norms of the layers streamed in the pass in flight
+        self.streaming: bool | None = None  # whether the pass in flight streams (decided at its first record)
+        self.ghost = ghost.GhostPass()
+
+    def end_stream(self) -> None:
+        self.streamed, self.streaming = {}, None
+
+    # -- the pieces every pass shares ---------------------------------------------------------------------------
+    def _check_criterion_rows(self, rows: int) -> None:
+        criterion = self.private.criterion
+        crit_rows = criterion.rows if criterion is not None else None
+        if crit_rows is None:
+            return
+        criterion.rows = None  # checked once, against the backward pass it fed
+        if crit_rows != rows:
+            flattened = rows and crit_rows % rows == 0
+            raise PrivacyUsageError(
+                f"the loss has {crit_rows} rows but the model's layers saw {rows}; " + (
+                    f"it looks flattened ({crit_rows // rows} rows per example, as logits.reshape(-1, V) gives): "
+                    "keep one row per example, e.g. criterion(logits.transpose(1, 2), targets) with logits "
+                    "[B, T, V] and targets [B, T], so that each example's loss is the mean over its tokens."
+                    if flattened else "compute the loss on the same batch the model saw."))
+
+    def _admit(self) -> tuple[object, bool]:
+        """The pass's logical batch, and whether it joins the step (not after its batch overflowed)."""
+        p = self.private
+        drawn = getattr(p.data_loader, "batches_drawn", None)
+        batch = p.gate.admit(p.capturer.last_pass_batches, p.accumulator.backward_passes == 0, drawn)
+        if not p.gate.admits_after_overflow(batch):
+            p.scaler.show(p.params, overflow=True)
+            return batch, False
+        return batch, True
+
+    def _overflow(self, err: NonFiniteGradientError, batch: object) -> None:
+        """A non-finite per-example gradient: the loss scale's overflow drops the logical batch (the scaler then
+        skips its step and lowers the scale); any other is refused as without a scaler."""
+        p = self.private
+        if not p.scaler.overflowed():
+            raise err
+        p.accumulator.reset()
+        p.drop_grad_samples()
+        p.gate.drop(batch)
+        p.overflow_skips += 1
+        p.scaler.show(p.params, overflow=True)
+
+    def _snapshot(self) -> dict[nn.Parameter, Tensor] | None:
+        """The step's sums before a pass joins them, where ``dpkit_on_clip`` observers will be shown the pass's."""
+        return {q: s.clone() for q, s in self.private.accumulator.current().items()} if _observed() else None
+
+    def _finish(self, before, norms: Tensor, factors: Tensor, per_example: dict[nn.Parameter, Tensor] | None
+                ) -> None:
+        """The pass has joined the step: show it to the observers, and tell the scaler it did not overflow."""
+        if before is not None:
+            self._notify(norms, factors, per_example, before)
+        self.private.scaler.show(self.private.params, overflow=False)
+
+    # -- per-example gradients (hooks, functorch, ew) -----------------------------------------------------------
+    def end(self, result, rows: int) -> None:
+        """The capture's end-of-pass callback: per-example gradients, or the norm modes' records."""
+        p = self.private
+        self._check_criterion_rows(rows)
+        loss_scale = p.scaler.start_pass()
+        p.gate.pass_dropped = False
+        if p.norm_mode:
+            self.clip_records(result, rows)
+            return
+        batch, admitted = self._admit()
+        if not admitted:
+            return
+        if loss_scale != 1:
+            for q in list(result):  # one at a time, so the scaled gradient is freed before the next is divided
+                result[q] = result[q] / loss_scale
+        before = self._snapshot()
+        try:
+            norms, factors, per_example = p.accumulator.add_backward(result, rows)
+        except NonFiniteGradientError as err:
+            self._overflow(err, batch)
+            return
+        for q, g in per_example.items():
+            q.grad_sample = g
+        self._finish(before, norms, factors, per_example)
+
+    # -- records (bk, auto, ghost's norm pass) ------------------------------------------------------------------
+    def stream(self, cap: Capture) -> bool:
+        """Clip and sum one record as its output gradients arrive; False leaves it for the end of the pass.
+
+        Admission and the finiteness check still happen at the end of the pass, over the whole norm table: a
+        refused pass resets the buffers before anything is released. A pass watched by ``dpkit_on_clip``
+        observers is not streamed, since they are shown the pass's sums as a difference of the buffers. ``auto``
+        streams only the records it formed on arrival: the others' norms, taken at the start of the backward
+        pass, would add to its peak (a convnet's last convolution: 1.10× → 1.29×).
+        """
+        p = self.private
+        if self.streaming is None:
+            self.streaming = not _observed()
+        if not self.streaming or (p.mode == "auto" and cap.formed is None):
+            return False
+        own = list(dict.fromkeys(cap.row.params.values()))
+        norms, materialised = bk.record_norms([cap], own, cap.rows // p.K, p.K, p.capturer)
+        scale = cap.rows if p.loss_reduction == "mean" else 1
+        factors = p.clipper.layer_factors(norms * scale, len(p.params))
+        self.streamed.update(zip(own, norms))
+        p.accumulator.stream(bk.record_sums([cap], own, factors * scale, p.K, materialised, p.capturer))
+        return True
+
+    def clip_records(self, records, rows: int) -> None:
+        p = self.private
+        batch = rows // p.K
+        streamed = self.streamed
+        self.end_stream()
+        if p.mode == "ghost" and not self.ghost.active:
+            raise PrivacyUsageError(
+                "grad_sample_mode='ghost' reweights per-example losses in a second backward pass, so the loss "
+                "must come from private.criterion (make_private(criterion=...)); call loss.backward() on it.")
+        tag, admitted = self._admit()
+        if admitted:
+            norms, materialised = bk.record_norms(records, p.params, batch, p.K, p.capturer)
+            if streamed:  # the rows of the layers already clipped and summed as they arrived
+                norms = norms.to(torch.promote_types(norms.dtype, next(iter(streamed.values())).dtype))
+                for i, q in enumerate(p.params):
+                    if q in streamed:
+                        norms[i] = streamed[q]
+            # The records hold the gradients of the loss as back-propagated: the mean's (times rows gives the
+            # sum's) times a GradScaler's scale, divided out here, before any norm is compared with C.
+            scale = (rows if p.loss_reduction == "mean" else 1) / p.scaler.scale
+            try:
+                clipper_norms, factors = p.accumulator.clip_factors(norms * scale)
+            except NonFiniteGradientError as err:
+                self._overflow(err, tag)
+        if p.gate.pass_dropped:
+            if p.mode == "ghost":  # the reweighting pass still runs, with weight 0, to consume the forward
+                zero = torch.zeros(batch, device=p.params[0].device)
+                self.ghost.factors = (zero, zero)
+            return
+        if p.mode == "ghost":
+            self.ghost.factors = (clipper_norms, factors)
+            return
+        sums = bk.record_sums(records, p.params, factors * scale, p.K, materialised, p.capturer)
+        before = self._snapshot()
+        p.accumulator.add(sums, batch)
+        self._finish(before, clipper_norms, factors, None)
+
+    # -- ghost's two passes ------------------------------------------------------------------------------------
+    def ghost_backward(self, loss: DPLoss) -> None:
+        p = self.private
+        try:
+            norms, factors, sums = ghost.backward(p.capturer, p.params, p.K, self.ghost, loss)
+        except PrivacyUsageError as err:
+            p.on_refusal(err)
+            raise
+        if p.gate.pass_dropped:
+            return
+        if p.scaler.scale != 1:  # the reweighted loss was the scaled one
+            sums = {q: s / p.scaler.scale for q, s in sums.items()}
+            if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
+                err = NonFiniteGradientError(
+                    "the reweighted backward pass of ghost clipping gave a non-finite clipped sum from a non-finite "
+                    "loss, so nothing is released. Look for bad inputs or log(0) in the loss, then call "
+                    "optimizer.zero_grad() to drop the batch and go on.")
+                try:
+                    self._overflow(err, p.gate.step_batch)
+                except NonFiniteGradientError:
+                    p.on_refusal(err)
+                    raise
+                return
+        before = self._snapshot()
+        p.accumulator.add(sums, loss.per_row.shape[0] // p.K)
+        self._finish(before, norms, factors, None)
+
+    # -- observers ---------------------------------------------------------------------------------------------
+    def _notify(self, norms, factors, per_example, before) -> None:
+        p = self.private
+        names = {q: n for row in p.plan for n, q in row.params.items()}
+        sums = {names[q]: s - before.get(q, 0) for q, s in p.accumulator.current().items()}
+        grads = clipped = None
+        if per_example is not None:
+            grads, clipped = {}, {}
+            for i, q in enumerate(p.params):
+                if q in per_example:
+                    f = factors[i] if factors.dim() == 2 else factors
+                    grads[names[q]] = per_example[q]
+                    clipped[names[q]] = per_example[q] * f.reshape(-1, *[1] * (per_example[q].dim() - 1))
+        event = ClipEvent(step=p.steps, norms=norms, factors=factors, max_grad_norm=p.max_grad_norm,
+                          clipped_sum=sums, grad_samples=grads, clipped_grad_samples=clipped)
+        registry.plugin_manager().hook.dpkit_on_clip(event=event)
+
+
+def _observed() -> bool:
+    return bool(registry.plugin_manager().hook.dpkit_on_clip.get_hookimpls())
