@@ -1,0 +1,170 @@
+"""nn.RNN, nn.GRU and nn.LSTM fed a PackedSequence, against a loop over examples each run alone, unpacked, at its own
+length: the sampler directly, and one clipped step through every mode (flat and per-layer clipping, K = 1 and 3)."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from _samples import assert_samples
+
+import dpkit
+from dpkit.errors import UnsupportedLayerError
+from dpkit.layers import recurrent
+
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+SHAPES = {"seq-first": dict(), "2-layer-bidirectional": dict(num_layers=2, bidirectional=True, batch_first=True),
+          "3-layer-bidirectional-seq-first": dict(num_layers=3, bidirectional=True)}
+
+
+def make(cell: str, size: tuple[int, int] = (3, 4), **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    layer = CELLS[cell](*size, **kwargs).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)  # not the default init's small range, which would hide a wrong gate formula
+    return layer
+
+
+def lengths_for(rows: int, T: int, *, sorted_: bool) -> torch.Tensor:
+    """Lengths from 1 to T, the longest not first unless ``sorted_`` (enforce_sorted=True needs them descending)."""
+    lengths = torch.tensor([T - (3 * i + 1) % T for i in range(rows)])
+    lengths[rows // 2] = T
+    return lengths.sort(descending=True).values if sorted_ else lengths
+
+
+def pack(layer, x, lengths, enforce_sorted):
+    """``x`` batch-first ``[N, T, ·]``, packed as the layer reads it (a sequence-first layer packs ``[T, N, ·]``)."""
+    return pack_padded_sequence(x if layer.batch_first else x.transpose(0, 1), lengths,
+                                batch_first=layer.batch_first, enforce_sorted=enforce_sorted)
+
+
+def alone(layer, x, L, hx):
+    """One example of ``x`` ``[T, ·]``, unpacked, at its own length ``L``: (output ``[L, ·]``, h_n, c_n or None)."""
+    xb = x[:L][None] if layer.batch_first else x[:L][:, None]
+    out, state = layer(xb, hx)
+    h, c = state if isinstance(state, tuple) else (state, None)
+    return (out[0] if layer.batch_first else out[:, 0]), h, c
+
+
+def loop_reference(layer, x, lengths, hx, grads, K):
+    """Each example's gradient of Σ ⟨output, its gradient⟩ (+ h_n's, c_n's) summed over its K rows, each row run
+    alone. ``x`` and the output's gradient batch-first and padded; ``hx`` and h_n, c_n's gradients ``[L·D, N, ·]``."""
+    params = [p for p in layer.parameters() if p.requires_grad]
+    g_out, g_h, g_c = grads
+    out = []
+    for b in range(x.shape[0] // K):
+        total = [torch.zeros_like(p) for p in params]
+        for r in range(b * K, (b + 1) * K):
+            L = int(lengths[r])
+            h = None if hx is None else tuple(t[:, r:r + 1] for t in hx) if isinstance(hx, tuple) else hx[:, r:r + 1]
+            o, hn, cn = alone(layer, x[r], L, h)
+            loss = (o * g_out[r, :L]).sum() if g_out is not None else 0
+            loss = loss + ((hn * g_h[:, r:r + 1]).sum() if g_h is not None else 0)
+            loss = loss + ((cn * g_c[:, r:r + 1]).sum() if g_c is not None else 0)
+            total = [t + g for t, g in zip(total, torch.autograd.grad(loss, params))]
+        out.append(total)
+    return {p: torch.stack([g[i] for g in out]) for i, p in enumerate(params)}
+
+
+def as_captured(layer, packed, hx, grads):
+    """What the capture hands the sampler: the PackedSequence and ``hx`` (a tensor ``hx`` of a sequence-first layer
+    with its first two dimensions swapped), and the gradients of the output's tensor leaves ``(data, batch_sizes,
+    [sorted_indices, unsorted_indices,] h_n[, c_n])``, data's swapped under a sequence-first layer."""
+    g_out, g_h, g_c = grads
+    data = pack(layer, g_out, packed_lengths(packed), packed.sorted_indices is None).data if g_out is not None else None
+    indices = [None, None] if packed.sorted_indices is not None else []  # enforce_sorted=False
+    state = [g_h, g_c] if isinstance(layer, nn.LSTM) else [g_h]
+    if layer.batch_first:
+        return [packed, hx], [data, None, *indices, *state]
+    swap = lambda t: t.transpose(0, 1) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return [packed, swap(hx)], [swap(data), None, *indices, *state]
+
+
+def packed_lengths(packed):
+    sizes = packed.batch_sizes
+    lengths = (sizes[None, :] > torch.arange(int(sizes[0]))[:, None]).sum(1)
+    return lengths if packed.unsorted_indices is None else lengths[packed.unsorted_indices]
+
+
+def draw(layer, rows, T, *, sorted_, hx=True, which=(0, 1, 2)):
+    dirs, out = 2 if layer.bidirectional else 1, getattr(layer, "proj_size", 0) or layer.hidden_size
+    lengths = lengths_for(rows, T, sorted_=sorted_)
+    x = torch.randn(rows, T, layer.input_size, dtype=torch.double)
+    h0 = torch.randn(layer.num_layers * dirs, rows, out, dtype=torch.double) if hx else None
+    if hx and isinstance(layer, nn.LSTM):
+        h0 = (h0, torch.randn(layer.num_layers * dirs, rows, layer.hidden_size, dtype=torch.double))
+    grads = [torch.randn(rows, T, dirs * out, dtype=torch.double),
+             torch.randn(layer.num_layers * dirs, rows, out, dtype=torch.double),
+             torch.randn(layer.num_layers * dirs, rows, layer.hidden_size, dtype=torch.double)
+             if isinstance(layer, nn.LSTM) else None]
+    return x, lengths, h0, [g if i in which else None for i, g in enumerate(grads)]
+
+
+def check(layer, x, lengths, hx, grads, K, enforce_sorted):
+    expected = loop_reference(layer, x, lengths, hx, grads, K)
+    acts, bps = as_captured(layer, pack(layer, x, lengths, enforce_sorted), hx, grads)
+    got = recurrent.grad_sampler(layer, acts, bps, K=K)
+    norms = recurrent.norm_sampler(layer, acts, bps, K=K)
+    assert_samples(layer, got, norms, expected)
+    blocks = dict(recurrent.blocks(layer, acts, bps))  # bk's: Σ_t g_t a_tᵀ per row, summed over the K rows
+    for p, want in expected.items():
+        (a, g), = blocks[p]
+        row = (g.transpose(1, 2) @ a) if a is not None else g.sum(1)
+        torch.testing.assert_close(row.unflatten(0, (-1, K)).sum(1), want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_sampler_matches_the_loop(cell, shape, K, enforce_sorted):
+    layer = make(cell, **SHAPES[shape])
+    check(layer, *draw(layer, 3 * K, T=5, sorted_=enforce_sorted), K, enforce_sorted)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("which", [(0,), (1,), (2,)], ids=["output", "h_n", "c_n"])
+def test_one_output_gradient(cell, which):
+    """A final state's gradient alone: it enters at each example's own last step, in each direction."""
+    if which == (2,) and cell != "lstm":
+        pytest.skip("only an LSTM has c_n")
+    layer = make(cell, num_layers=2, bidirectional=True, batch_first=True)
+    check(layer, *draw(layer, 4, T=6, sorted_=False, hx=False, which=which), 2, False)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_variants(cell):
+    """No bias, relu, a projection (LSTM), all lengths equal to T (the packed path then equals the padded one)."""
+    extra = {"lstm": dict(proj_size=2), "rnn": dict(nonlinearity="relu"), "gru": {}}[cell]
+    layer = make(cell, bias=False, num_layers=2, bidirectional=True, **extra)
+    check(layer, *draw(layer, 4, T=5, sorted_=False), 1, False)
+    x, _, hx, grads = draw(layer, 3, T=4, sorted_=True)
+    check(layer, x, torch.full((3,), 4), hx, grads, 1, True)
+
+
+def test_padding_contributes_nothing():
+    """Whatever the padded input rows and output gradients hold, the per-example gradients are the same."""
+    layer = make("lstm", num_layers=2, bidirectional=True, batch_first=True)
+    x, lengths, hx, grads = draw(layer, 4, T=6, sorted_=False)
+    acts, bps = as_captured(layer, pack(layer, x, lengths, False), hx, grads)
+    mask = torch.arange(6)[None, :] >= lengths[:, None]
+    x2, g2 = x.clone(), grads[0].clone()
+    x2[mask], g2[mask] = 1e3, 1e3
+    acts2, bps2 = as_captured(layer, pack(layer, x2, lengths, False), hx, [g2, *grads[1:]])
+    torch.testing.assert_close(recurrent.grad_sampler(layer, acts2, bps2), recurrent.grad_sampler(layer, acts, bps),
+                               rtol=0, atol=0)
+
+
+def test_refusals_name_the_layer():
+    layer = make("gru", num_layers=2, dropout=0.5, batch_first=True)
+    x, lengths, _, grads = draw(layer, 2, T=4, sorted_=False)
+    acts, bps = as_captured(layer, pack(layer, x, lengths, False), None, grads)
+    with pytest.raises(UnsupportedLayerError, match="GRU.*dropout"):
+        recurrent.grad_sampler(layer, acts, bps)
+    with pytest.raises(UnsupportedLayerError, match="GRU.*list input"):
+        recurrent.norm_sampler(layer, [[x], None], bps)
