@@ -168,3 +168,115 @@ def test_refusals_name_the_layer():
         recurrent.grad_sampler(layer, acts, bps)
     with pytest.raises(UnsupportedLayerError, match="GRU.*list input"):
         recurrent.norm_sampler(layer, [[x], None], bps)
+
+
+# --- through the engine: one clipped step without noise equals a loop over examples run alone at their lengths ----
+
+MODES = ("hooks", "ghost", "bk", "auto")
+
+
+@pytest.fixture
+def plugins(fresh_registry):
+    """The recurrent sampler registered (under its own name, as the built-in would be)."""
+    fresh_registry.register_plugin(recurrent, name=recurrent.__name__)
+    return fresh_registry
+
+
+class Tagger(nn.Module):
+    """Packs a padded batch by its lengths and reads the packed output (summed over each example's steps) and the
+    final hidden state. Without lengths it runs the batch as it is: how the loop runs one example."""
+
+    def __init__(self, cell, *, batch_first=True, enforce_sorted=False, **kwargs):
+        super().__init__()
+        self.rnn = CELLS[cell](3, 4, batch_first=batch_first, **kwargs)
+        dirs = 2 if self.rnn.bidirectional else 1
+        self.fc = nn.Linear(4 * dirs + 4, 3)
+        self.enforce_sorted = enforce_sorted
+
+    def forward(self, x, lengths=None):
+        first = self.rnn.batch_first
+        seq = x if first else x.transpose(0, 1)
+        if lengths is not None:
+            seq = pack_padded_sequence(seq, lengths, batch_first=first, enforce_sorted=self.enforce_sorted)
+        out, hidden = self.rnn(seq)
+        if lengths is not None:
+            out = nn.utils.rnn.pad_packed_sequence(out, batch_first=first)[0]
+        h = hidden[0] if isinstance(hidden, tuple) else hidden
+        return self.fc(torch.cat([out.sum(1 if first else 0), h[-1]], 1))
+
+
+def clip(grads, C, per_layer):
+    """Each example's gradients clipped: flat to C, or each parameter to C/√P."""
+    if per_layer:
+        bound = C / len(grads) ** 0.5
+        return [t * min(1.0, bound / (t.norm().item() + 1e-6)) for t in grads]
+    f = min(1.0, C / (torch.sqrt(sum((t ** 2).sum() for t in grads)).item() + 1e-6))
+    return [t * f for t in grads]
+
+
+def loop_grads(model, x, lengths, y, K):
+    """Each example's gradient: the mean over its K rows, each row run alone, unpacked, at its own length."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for b in range(x.shape[0] // K):
+        rows = [torch.autograd.grad(nn.functional.cross_entropy(model(x[r:r + 1, :int(lengths[r])]), y[r:r + 1]),
+                                    params) for r in range(b * K, (b + 1) * K)]
+        out.append([sum(g) / K for g in zip(*rows)])
+    return out
+
+
+def private_step(model, x, lengths, y, *, mode, K, C, clipping, reduction):
+    """The update of one dpkit step (SGD, lr=1, no noise)."""
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.5,
+                                     noise_multiplier=0.0, max_grad_norm=C, grad_sample_mode=mode,
+                                     augmentation_multiplicity=K, loss_reduction=reduction, clipping=clipping,
+                                     criterion=nn.CrossEntropyLoss(), expected_batch_size=max(y.shape[0] // K, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with private.micro_batches():
+        private.criterion(model(x, lengths), y).backward()
+    opt.step()
+    private.detach()
+    return [b - a.detach() for b, a in zip(before, model.parameters())]
+
+
+def assert_step_matches_loop(model, x, lengths, y, *, mode, K, clipping="flat", reduction="sum"):
+    grads = loop_grads(model, x, lengths, y, K)
+    norms = sorted(torch.sqrt(sum((t ** 2).sum() for t in g)).item() for g in grads)
+    C = (norms[len(norms) // 2 - 1] + norms[len(norms) // 2]) / 2  # about half the examples are clipped
+    clipped = [clip(g, C, clipping == "per_layer") for g in grads]
+    expected = [sum(ts) / (len(grads) if reduction == "mean" else 1) for ts in zip(*clipped)]
+    assert any(not torch.equal(c, g) for cs, gs in zip(clipped, grads) for c, g in zip(cs, gs))  # some clipped
+    got = private_step(model, x, lengths, y, mode=mode, K=K, C=C, clipping=clipping, reduction=reduction)
+    for (name, _), g, e in zip(model.named_parameters(), got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9, msg=lambda m: f"{mode}, {name}: {m}")
+
+
+def batch(rows, T=5, *, sorted_=False):
+    torch.manual_seed(1)
+    x = torch.randn(rows, T, 3, dtype=torch.double)
+    return x, lengths_for(rows, T, sorted_=sorted_), torch.randint(0, 3, (rows,))
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("K,reduction", [(1, "sum"), (3, "mean")])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_modes_match_the_loop(plugins, cell, mode, K, reduction, clipping):
+    if mode == "ghost" and clipping == "per_layer":
+        pytest.skip("ghost refuses per-layer clipping")
+    torch.manual_seed(0)
+    model = Tagger(cell, num_layers=2, bidirectional=True).double()
+    assert_step_matches_loop(model, *batch(4 * K), mode=mode, K=K, clipping=clipping, reduction=reduction)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sorted_sequence_first(plugins, mode):
+    """enforce_sorted=True on a sequence-first layer with a projection: the data's gradient arrives swapped."""
+    torch.manual_seed(0)
+    model = Tagger("lstm", batch_first=False, enforce_sorted=True, proj_size=2).double()
+    model.fc = nn.Linear(2 + 2, 3).double()
+    assert_step_matches_loop(model, *batch(6, sorted_=True), mode=mode, K=2, reduction="mean")
