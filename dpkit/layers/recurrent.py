@@ -19,9 +19,9 @@ its Gram matrix and its sum over time.
 sequence-first call. ``backprops`` is the output's gradient, or the gradients of every output tensor
 ``(output, h_n[, c_n])`` (``None`` where one got none; ``h_n`` and ``c_n`` as the layer returns them).
 
-A ``PackedSequence`` input (rows: the time steps of every example, ``batch_sizes`` per step) is unpacked to the
-padded ``[T, N, ·]`` of the caller's (unsorted) order, zeros past each example's length ``L_b``. The reverse direction's
-own time is each example's reversal within its length (``L_b - 1 - t``), so in every direction an example's steps come
+A ``PackedSequence`` input (rows: the steps of every example, ``batch_sizes`` per step) is unpacked to the padded
+``[T, N, ·]`` of the caller's (unsorted) order, zeros past each example's length ``L_b``. The reverse direction's own
+time is each example's reversal within its length (``L_b - 1 - t``), so in every direction an example's steps come
 first and its padding after them: the replay runs on through the padding, which changes nothing before it, and
 ``h_n``/``c_n`` are the states after step ``L_b - 1``, where their gradients enter the backward recursion. A padded
 step gets no output gradient and passes none back, so its ``dz`` is exactly zero and it adds nothing. The capture

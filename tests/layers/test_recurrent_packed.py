@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from _samples import assert_samples
 
@@ -32,8 +32,8 @@ def make(cell: str, size: tuple[int, int] = (3, 4), **kwargs) -> nn.Module:
 
 def lengths_for(rows: int, T: int, *, sorted_: bool) -> torch.Tensor:
     """Lengths from 1 to T, the longest not first unless ``sorted_`` (enforce_sorted=True needs them descending)."""
-    lengths = torch.tensor([T - (3 * i + 1) % T for i in range(rows)])
-    lengths[rows // 2] = T
+    lengths = torch.tensor([T - (3 * i + 1) % T for i in range(rows)], dtype=torch.long)
+    lengths[rows // 2:rows // 2 + 1] = T
     return lengths.sort(descending=True).values if sorted_ else lengths
 
 
@@ -184,7 +184,8 @@ def plugins(fresh_registry):
 
 class Tagger(nn.Module):
     """Packs a padded batch by its lengths and reads the packed output (summed over each example's steps) and the
-    final hidden state. Without lengths it runs the batch as it is: how the loop runs one example."""
+    final hidden state. Without lengths it runs the batch as it is: how the loop runs one example, and how an empty
+    batch, which torch cannot pack, still gets its forward and backward pass (docs/modes.md)."""
 
     def __init__(self, cell, *, batch_first=True, enforce_sorted=False, **kwargs):
         super().__init__()
@@ -194,12 +195,13 @@ class Tagger(nn.Module):
         self.enforce_sorted = enforce_sorted
 
     def forward(self, x, lengths=None):
-        first = self.rnn.batch_first
-        seq = x if first else x.transpose(0, 1)
-        if lengths is not None:
+        first, seq = self.rnn.batch_first, x
+        if not isinstance(x, PackedSequence):  # a PackedSequence comes packed by the data pipeline
+            seq = x if first else x.transpose(0, 1)
+        if lengths is not None and len(lengths):  # torch packs no empty batch (Poisson sampling draws some)
             seq = pack_padded_sequence(seq, lengths, batch_first=first, enforce_sorted=self.enforce_sorted)
         out, hidden = self.rnn(seq)
-        if lengths is not None:
+        if isinstance(out, PackedSequence):
             out = nn.utils.rnn.pad_packed_sequence(out, batch_first=first)[0]
         h = hidden[0] if isinstance(hidden, tuple) else hidden
         return self.fc(torch.cat([out.sum(1 if first else 0), h[-1]], 1))
@@ -225,8 +227,8 @@ def loop_grads(model, x, lengths, y, K):
     return out
 
 
-def private_step(model, x, lengths, y, *, mode, K, C, clipping, reduction):
-    """The update of one dpkit step (SGD, lr=1, no noise)."""
+def private_step(model, x, lengths, y, *, mode, K, C, clipping, reduction, packed_input=False):
+    """The update of one dpkit step (SGD, lr=1, no noise); ``packed_input``: the model is fed the PackedSequence."""
     model = copy.deepcopy(model)
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     with warnings.catch_warnings():
@@ -237,20 +239,22 @@ def private_step(model, x, lengths, y, *, mode, K, C, clipping, reduction):
                                      criterion=nn.CrossEntropyLoss(), expected_batch_size=max(y.shape[0] // K, 1))
     before = [p.detach().clone() for p in model.parameters()]
     with private.micro_batches():
-        private.criterion(model(x, lengths), y).backward()
+        inputs = (pack(model.rnn, x, lengths, model.enforce_sorted),) if packed_input else (x, lengths)
+        private.criterion(model(*inputs), y).backward()
     opt.step()
     private.detach()
     return [b - a.detach() for b, a in zip(before, model.parameters())]
 
 
-def assert_step_matches_loop(model, x, lengths, y, *, mode, K, clipping="flat", reduction="sum"):
+def assert_step_matches_loop(model, x, lengths, y, *, mode, K, clipping="flat", reduction="sum", packed_input=False):
     grads = loop_grads(model, x, lengths, y, K)
     norms = sorted(torch.sqrt(sum((t ** 2).sum() for t in g)).item() for g in grads)
     C = (norms[len(norms) // 2 - 1] + norms[len(norms) // 2]) / 2  # about half the examples are clipped
     clipped = [clip(g, C, clipping == "per_layer") for g in grads]
     expected = [sum(ts) / (len(grads) if reduction == "mean" else 1) for ts in zip(*clipped)]
     assert any(not torch.equal(c, g) for cs, gs in zip(clipped, grads) for c, g in zip(cs, gs))  # some clipped
-    got = private_step(model, x, lengths, y, mode=mode, K=K, C=C, clipping=clipping, reduction=reduction)
+    got = private_step(model, x, lengths, y, mode=mode, K=K, C=C, clipping=clipping, reduction=reduction,
+                       packed_input=packed_input)
     for (name, _), g, e in zip(model.named_parameters(), got, expected):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9, msg=lambda m: f"{mode}, {name}: {m}")
 
@@ -280,3 +284,46 @@ def test_sorted_sequence_first(plugins, mode):
     model = Tagger("lstm", batch_first=False, enforce_sorted=True, proj_size=2).double()
     model.fc = nn.Linear(2 + 2, 3).double()
     assert_step_matches_loop(model, *batch(6, sorted_=True), mode=mode, K=2, reduction="mean")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_model_fed_the_packed_sequence(plugins, mode):
+    """Packed by the data pipeline, not in the model's forward: the model's input is the PackedSequence."""
+    torch.manual_seed(0)
+    model = Tagger("gru", bidirectional=True).double()
+    assert_step_matches_loop(model, *batch(6), mode=mode, K=3, reduction="mean", packed_input=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch(plugins, mode):
+    """torch refuses to pack an empty batch; run unpacked, as the docs say, its step is a zero update."""
+    model = Tagger("lstm", bidirectional=True).double()
+    x, lengths, y = batch(0)
+    with pytest.raises(RuntimeError, match="empty"):
+        pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    update = private_step(model, x, lengths, y, mode=mode, K=1, C=1.0, clipping="flat", reduction="mean")
+    assert all(torch.count_nonzero(t) == 0 for t in update)
+
+
+class Scaled(nn.Module):
+    """A parent with a parameter of its own and no sampler: auto recomputes it, RNN included, with torch.func."""
+
+    def __init__(self):
+        super().__init__()
+        self.tagger, self.scale = Tagger("gru"), nn.Parameter(torch.ones(()))
+        self.rnn, self.enforce_sorted = self.tagger.rnn, False
+
+    def forward(self, x, lengths=None):
+        return self.tagger(x, lengths) * self.scale
+
+
+@pytest.mark.parametrize("mode,make_model,packed_input", [("functorch", lambda: Tagger("lstm"), False),
+                                                          ("functorch", lambda: Tagger("lstm"), True),
+                                                          ("auto", Scaled, True)],
+                         ids=["functorch-packs-in-forward", "functorch-fed-packed", "auto-parent-unit"])
+def test_torch_func_refuses_naming_the_layer(plugins, mode, make_model, packed_input):
+    """torch.func cannot split a PackedSequence into examples: refused, naming the recurrent layer and the modes."""
+    x, lengths, y = batch(4)
+    with pytest.raises(UnsupportedLayerError, match=r"'(tagger\.)?rnn' read a PackedSequence.*'auto', 'bk', 'hooks'"):
+        private_step(make_model().double(), x, lengths, y, mode=mode, K=1, C=1.0, clipping="flat", reduction="sum",
+                     packed_input=packed_input)
