@@ -34,6 +34,7 @@ replay its random draws).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -310,7 +311,11 @@ def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Te
         flip, x = _flip, x.transpose(0, 1)
         g_out = g_out.transpose(0, 1) if g_out is not None else None
     else:  # the data's gradient arrives swapped under a sequence-first layer, as every tensor does
-        flip, x = packed.flip, packed.pad(x.data)
+        # The capture widens a call's tensors to one dtype, not a PackedSequence's data (under autocast the layer's
+        # output, so its gradients, can be narrower than its input): widen them here alike.
+        wide = functools.reduce(torch.promote_types, [t.dtype for t in (x.data, g_out, g_h, g_c) if t is not None])
+        g_out, g_h, g_c = (t.to(wide) if t is not None else None for t in (g_out, g_h, g_c))
+        flip, x = packed.flip, packed.pad(x.data.to(wide))
         g_out = packed.pad(g_out if layer.batch_first else g_out.transpose(0, 1)) if g_out is not None else None
     h0, c0 = _initial_state(layer, hx, x, dirs)
     T, N = x.shape[:2]

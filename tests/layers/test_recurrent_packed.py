@@ -147,6 +147,17 @@ def test_variants(cell):
     check(layer, x, torch.full((3,), 4), hx, grads, 1, True)
 
 
+def test_narrower_data_is_widened():
+    """Under autocast a packed call's data and its output's gradients can differ in dtype (the capture widens
+    tensors, not a PackedSequence's data): the sampler computes in the widest dtype."""
+    layer = make("lstm", num_layers=2, bidirectional=True, batch_first=True)
+    x, lengths, hx, grads = draw(layer, 3, T=4, sorted_=False)
+    x = x.float().double()  # the values float32 holds
+    expected = loop_reference(layer, x, lengths, hx, grads, 1)
+    acts, bps = as_captured(layer, pack(layer, x.float(), lengths, False), hx, grads)
+    assert_samples(layer, recurrent.grad_sampler(layer, acts, bps), recurrent.norm_sampler(layer, acts, bps), expected)
+
+
 def test_padding_contributes_nothing():
     """Whatever the padded input rows and output gradients hold, the per-example gradients are the same."""
     layer = make("lstm", num_layers=2, bidirectional=True, batch_first=True)
