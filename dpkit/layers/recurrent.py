@@ -52,13 +52,11 @@ Group = tuple[Tensor, list[tuple[nn.Parameter, Tensor]], list[nn.Parameter]]
 
 
 def _refuse(layer: Recurrent, x: object) -> None:
-    if isinstance(x, PackedSequence):
-        x = x.data[None]  # [Σ L_b, in] rows of steps: batched
-    if not isinstance(x, Tensor):
+    if not isinstance(x, Tensor | PackedSequence):
         raise UnsupportedLayerError(
             f"{layer!r} got a {type(x).__name__} input: its per-example gradients need an [N, T, in] tensor or a "
             "PackedSequence.")
-    if x.dim() != 3:
+    if isinstance(x, Tensor) and x.dim() != 3:
         raise UnsupportedLayerError(f"{layer!r} got an unbatched input of shape {tuple(x.shape)}; feed [N, T, in].")
     if layer.dropout and layer.training and layer.num_layers > 1:
         raise UnsupportedLayerError(
