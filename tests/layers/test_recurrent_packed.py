@@ -237,7 +237,8 @@ def private_step(model, x, lengths, y, *, mode, K, C, clipping, reduction, packe
                                      criterion=nn.CrossEntropyLoss(), expected_batch_size=max(y.shape[0] // K, 1))
     before = [p.detach().clone() for p in model.parameters()]
     with private.micro_batches():
-        inputs = (pack(model.rnn, x, lengths, model.enforce_sorted),) if packed_input else (x, lengths)
+        rnn = next(m for m in model.modules() if isinstance(m, nn.RNNBase))
+        inputs = (pack(rnn, x, lengths, getattr(model, "enforce_sorted", False)),) if packed_input else (x, lengths)
         private.criterion(model(*inputs), y).backward()
     opt.step()
     private.detach()
@@ -309,7 +310,6 @@ class Scaled(nn.Module):
     def __init__(self):
         super().__init__()
         self.tagger, self.scale = Tagger("gru"), nn.Parameter(torch.ones(()))
-        self.rnn, self.enforce_sorted = self.tagger.rnn, False
 
     def forward(self, x, lengths=None):
         return self.tagger(x, lengths) * self.scale
