@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An LSTM classifier and a self-attention classifier, non-private and private, timed in one process.
+"""An LSTM classifier (padded or packed) and a self-attention classifier, non-private and private, timed in one process.
 
 Every configuration of a model trains its own copy on the same fixed-size batches; the configurations take
 turns one step at a time (round-robin), so that a slow spell on a shared machine hits them alike, and the table
@@ -15,6 +15,10 @@ fallback, as these layers ran before), and, if ``opacus`` is importable, Opacus 
 is listed with its error. This is a benchmark, not a test: it asserts nothing.
 
     python contrib/benchmarks/bench_recurrent.py --batch 64 --seq 64 --rounds 10 --threads 1
+
+``lstm-packed`` is the LSTM classifier on variable-length sequences (lengths drawn from 1 to ``--seq``, id 0 pads):
+it packs them (``pack_padded_sequence``, unsorted) and reads the final state. It has no ``floor`` line: its training
+skips the padding, which the samplers replay.
 
 ``--modes`` picks dpkit's modes (default hooks, ghost, bk, auto). Under each table, ``floor`` gives each mode's
 multiply-adds as a ratio to non-private training's: the ratio no CPU time can beat with the samplers as built, and
@@ -32,6 +36,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import dpkit
 from dpkit import registry
@@ -53,6 +58,15 @@ class LSTMClassifier(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(self.emb(ids))
         return self.fc(out[:, -1])
+
+
+class PackedLSTMClassifier(LSTMClassifier):
+    """Variable-length text: the ids packed by their lengths (id 0 pads), the last state at each one's own end."""
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        lengths = (ids != 0).sum(1).cpu()
+        _, state = self.rnn(pack_padded_sequence(self.emb(ids), lengths, batch_first=True, enforce_sorted=False))
+        return self.fc(state[0][-1])
 
 
 class AttentionClassifier(nn.Module):
@@ -119,7 +133,7 @@ def _plain(model: nn.Module):
 
 def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str, object]:
     """Label → step function (or the error that refused it), each on its own copy of one initial model."""
-    make = {"lstm": LSTMClassifier, "mha": AttentionClassifier}[name]
+    make = {"lstm": LSTMClassifier, "lstm-packed": PackedLSTMClassifier, "mha": AttentionClassifier}[name]
     torch.manual_seed(0)
     state = make(d).state_dict()
 
@@ -133,8 +147,8 @@ def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str,
     try:
         from opacus.layers import DPLSTM, DPMultiheadAttention
 
-        layer = {"lstm": {"lstm": DPLSTM}, "mha": {"mha": DPMultiheadAttention}}[name]
-        builders[f"opacus hooks ({'DPLSTM' if name == 'lstm' else 'DPMultiheadAttention'})"] = \
+        layer = {"lstm": {"lstm": DPLSTM}, "mha": {"mha": DPMultiheadAttention}}[name.split("-")[0]]
+        builders[f"opacus hooks ({'DPLSTM' if name != 'mha' else 'DPMultiheadAttention'})"] = \
             lambda: _opacus(fresh(**layer), batch)
     except ImportError:
         pass
@@ -221,7 +235,7 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["lstm", "mha"], choices=["lstm", "mha"])
+    parser.add_argument("--models", nargs="+", default=["lstm", "mha"], choices=["lstm", "lstm-packed", "mha"])
     parser.add_argument("--modes", nargs="+", default=["hooks", "ghost", "bk", "auto"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=64)
@@ -235,7 +249,9 @@ def main() -> None:
           f"dim {args.dim}, median of {args.rounds} steps after {args.warmup}")
     for name in args.models:
         torch.manual_seed(1)
-        x = torch.randint(0, VOCAB, (args.batch, args.seq))
+        x = torch.randint(1 if name == "lstm-packed" else 0, VOCAB, (args.batch, args.seq))
+        if name == "lstm-packed":  # id 0 pads each sequence past its length
+            x[torch.arange(args.seq) >= torch.randint(1, args.seq + 1, (args.batch, 1))] = 0
         y = torch.randint(0, CLASSES, (args.batch,))
         results = measure(configurations(name, args.dim, args.batch, args.modes), x, y, args.warmup, args.rounds)
         base, base_cpu = results["non-private"][:2]
@@ -246,6 +262,8 @@ def main() -> None:
             else:
                 print(f"{label:<40} {res[0]:9.1f} {res[0] / base:7.2f} {res[1]:9.1f} {res[1] / base_cpu:7.2f} "
                       f"{res[2] / 2**20:9.1f}")
+        if name == "lstm-packed":
+            continue
         print("floor, multiply-adds as a ratio to training's: " + ", ".join(
             f"{k} {v:.3g}" for k, v in floor(name, args.batch, args.seq, args.dim).items()))
 

@@ -19,15 +19,27 @@ its Gram matrix and its sum over time.
 sequence-first call. ``backprops`` is the output's gradient, or the gradients of every output tensor
 ``(output, h_n[, c_n])`` (``None`` where one got none; ``h_n`` and ``c_n`` as the layer returns them).
 
-Refused, naming the layer: ``PackedSequence`` inputs (their rows are time steps, not examples), unbatched inputs,
-and dropout between layers in training mode (the recomputation cannot replay its random draws).
+A ``PackedSequence`` input (rows: the steps of every example, ``batch_sizes`` per step) is unpacked to the padded
+``[T, N, ·]`` of the caller's (unsorted) order, zeros past each example's length ``L_b``. The reverse direction's own
+time is each example's reversal within its length (``L_b - 1 - t``), so in every direction an example's steps come
+first and its padding after them: the replay runs on through the padding, which changes nothing before it, and
+``h_n``/``c_n`` are the states after step ``L_b - 1``, where their gradients enter the backward recursion. A padded
+step gets no output gradient and passes none back, so its ``dz`` is exactly zero and it adds nothing. The capture
+hands such a call the gradients of the packed output's leaves ``(data, batch_sizes, [sorted_indices,
+unsorted_indices,] h_n[, c_n])``; ``data``'s is ``[Σ L_b, D·H]`` (swapped, like every tensor, for a sequence-first
+layer).
+
+Refused, naming the layer: unbatched inputs, and dropout between layers in training mode (the recomputation cannot
+replay its random draws).
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
 
 from dpkit.errors import UnsupportedLayerError
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
@@ -40,12 +52,11 @@ Group = tuple[Tensor, list[tuple[nn.Parameter, Tensor]], list[nn.Parameter]]
 
 
 def _refuse(layer: Recurrent, x: object) -> None:
-    if not isinstance(x, Tensor):
+    if not isinstance(x, Tensor | PackedSequence):
         raise UnsupportedLayerError(
-            f"{layer!r} got a {type(x).__name__} input: its per-example gradients need [N, T, in] tensors whose "
-            "rows are the examples (a PackedSequence's rows are time steps). Pad the sequences instead "
-            "(nn.utils.rnn.pad_packed_sequence), or leave this layer to grad_sample_mode='auto' without this sampler.")
-    if x.dim() != 3:
+            f"{layer!r} got a {type(x).__name__} input: its per-example gradients need an [N, T, in] tensor or a "
+            "PackedSequence.")
+    if isinstance(x, Tensor) and x.dim() != 3:
         raise UnsupportedLayerError(f"{layer!r} got an unbatched input of shape {tuple(x.shape)}; feed [N, T, in].")
     if layer.dropout and layer.training and layer.num_layers > 1:
         raise UnsupportedLayerError(
@@ -55,8 +66,9 @@ def _refuse(layer: Recurrent, x: object) -> None:
 
 
 def _initial_state(layer: Recurrent, hx: object, x: Tensor, dirs: int) -> tuple[Tensor, Tensor | None]:
-    """``h0`` ``[L·D, N, Hout]`` (and the LSTM's ``c0`` ``[L·D, N, H]``), zeros where the call gave none."""
-    rows, out = x.shape[0], getattr(layer, "proj_size", 0) or layer.hidden_size
+    """``h0`` ``[L·D, N, Hout]`` (and the LSTM's ``c0`` ``[L·D, N, H]``), zeros where the call gave none; ``x``
+    time-major."""
+    rows, out = x.shape[1], getattr(layer, "proj_size", 0) or layer.hidden_size
     if hx is None:
         h0 = x.new_zeros(layer.num_layers * dirs, rows, out)
         return h0, (x.new_zeros(layer.num_layers * dirs, rows, layer.hidden_size) if layer.mode == "LSTM" else None)
@@ -65,27 +77,73 @@ def _initial_state(layer: Recurrent, hx: object, x: Tensor, dirs: int) -> tuple[
     return hx[0], hx[1]
 
 
-def _output_grads(layer: Recurrent, backprops: Tensor | Sequence[Tensor | None]) -> list[Tensor | None]:
-    """``[output, h_n, c_n]`` gradients, ``None`` for those absent."""
+def _output_grads(layer: Recurrent, backprops: Tensor | Sequence[Tensor | None], packed: bool
+                  ) -> list[Tensor | None]:
+    """``[output, h_n, c_n]`` gradients, ``None`` for those absent; a packed output's ``batch_sizes`` and indices,
+    which take no gradient, left out."""
     grads = [backprops] if isinstance(backprops, Tensor) else list(backprops)
+    if packed and len(grads) > 1:
+        grads = [grads[0], *grads[-(2 if layer.mode == "LSTM" else 1):]]
     return (grads + [None, None])[:3]
 
 
-def _own_time(x: Tensor, dirs: int) -> Tensor:
+class _Packed:
+    """Where a ``PackedSequence``'s rows sit in the padded time-major ``[T, N, ·]`` of the unsorted batch, and
+    each example's reversal within its length (the reverse direction's own time)."""
+
+    def __init__(self, seq: PackedSequence):
+        device, sizes = seq.data.device, seq.batch_sizes
+        T, N = len(sizes), int(sizes[0])
+        self.time = torch.repeat_interleave(torch.arange(T), sizes).to(device)
+        starts = (sizes.cumsum(0) - sizes).to(device)
+        rank = torch.arange(seq.data.shape[0], device=device) - starts[self.time]  # position in the sorted batch
+        self.example = rank if seq.sorted_indices is None else seq.sorted_indices[rank]
+        lengths = (sizes[None, :] > torch.arange(N)[:, None]).sum(1).to(device)  # in the sorted batch
+        self.lengths = lengths if seq.unsorted_indices is None else lengths[seq.unsorted_indices]
+        t = torch.arange(T, device=device)[:, None]
+        self.reverse = torch.where(t < self.lengths, self.lengths - 1 - t, t)  # [T, N]; padding stays put
+        self.columns = torch.arange(N, device=device)
+        self.shape = (T, N)
+
+    def pad(self, rows: Tensor) -> Tensor:
+        """``[Σ L_b, k]`` packed rows → ``[T, N, k]``, zeros past each example's length."""
+        out = rows.new_zeros(*self.shape, rows.shape[-1])
+        out[self.time, self.example] = rows
+        return out
+
+    def flip(self, x: Tensor) -> Tensor:
+        """``[T, N, ...]``: each example's steps reversed within its length, its padding left in place."""
+        return x[self.reverse, self.columns]
+
+    def at_ends(self, g: Tensor, grad: Tensor | None) -> Tensor:
+        """``g`` ``[T, D, N, k]`` plus ``grad`` ``[D, N, k]`` at each example's last step: a final state's gradient
+        enters where that example's recursion ends."""
+        if grad is not None:
+            D, N = grad.shape[:2]
+            index = ((self.lengths - 1)[None], torch.arange(D, device=g.device)[:, None], self.columns[None])
+            g = g.index_put(index, grad, accumulate=True)
+        return g
+
+
+def _flip(x: Tensor) -> Tensor:
+    return x.flip(0)
+
+
+def _own_time(x: Tensor, dirs: int, flip: Callable[[Tensor], Tensor]) -> Tensor:
     """``[T, N, k]`` in real time → ``[T, D, N, k]``, the same input in each direction's own time."""
-    return x[:, None] if dirs == 1 else torch.stack([x, x.flip(0)], 1)
+    return x[:, None] if dirs == 1 else torch.stack([x, flip(x)], 1)
 
 
-def _split_time(x: Tensor, dirs: int) -> Tensor:
+def _split_time(x: Tensor, dirs: int, flip: Callable[[Tensor], Tensor]) -> Tensor:
     """``[T, N, D·H]`` in real time → ``[T, D, N, H]``, each direction's part in its own time."""
     T, N = x.shape[:2]
     x = x.reshape(T, N, dirs, x.shape[-1] // dirs).transpose(1, 2)
-    return x if dirs == 1 else torch.stack([x[:, 0], x[:, 1].flip(0)], 1)
+    return x if dirs == 1 else torch.stack([x[:, 0], flip(x[:, 1])], 1)
 
 
-def _join_time(x: Tensor) -> Tensor:
+def _join_time(x: Tensor, flip: Callable[[Tensor], Tensor]) -> Tensor:
     """``[T, D, N, H]`` in each direction's own time → ``[T, N, D·H]`` in real time (the layer's output)."""
-    return x[:, 0] if x.shape[1] == 1 else torch.cat([x[:, 0], x[:, 1].flip(0)], -1)
+    return x[:, 0] if x.shape[1] == 1 else torch.cat([x[:, 0], flip(x[:, 1])], -1)
 
 
 def _linear(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -172,6 +230,8 @@ class _Level:
 def _lstm(s: _Level, g: Tensor, gh: Tensor | None, gc: Tensor | None) -> tuple[Tensor, list]:
     """Back-propagation through time of one LSTM level: ``c_t = f c_{t-1} + i g``, ``m_t = o tanh(c_t)``.
 
+    ``gc`` is ``c_n``'s gradient ``[D, N, H]``, or ``[T, D, N, H]`` by step (a packed call's, at each last step).
+
     Returns the gates' gradient (for the level below) and the level's groups ``(dz, [(kind, input)], [kinds])``.
     """
     T, D, N, H = s.tc.shape
@@ -184,7 +244,7 @@ def _lstm(s: _Level, g: Tensor, gh: Tensor | None, gc: Tensor | None) -> tuple[T
     whh, whr = s.w["weight_hh"], s.w.get("weight_hr")
     dhs = torch.empty_like(g) if whr is not None else None
     carry = gh if gh is not None else torch.zeros_like(g[0])
-    dc = gc if gc is not None else torch.zeros_like(s.c[0])
+    dc = gc if gc is not None and gc.dim() == 3 else torch.zeros_like(s.c[0])
     for t in reversed(range(T)):
         dh = g[t] + carry
         dm = dh
@@ -192,6 +252,8 @@ def _lstm(s: _Level, g: Tensor, gh: Tensor | None, gc: Tensor | None) -> tuple[T
             dhs[t] = dh
             dm = torch.bmm(dh, whr)
         dc = torch.addcmul(dm * to_c[t], dc, f[t + 1]) if t + 1 < T else dc + dm * to_c[t]
+        if gc is not None and gc.dim() == 4:  # packed: c_n's gradient enters at each example's last step
+            dc = dc + gc[t]
         dz[t, :, :, :3].mul_(dc[:, :, None])
         dz[t, :, :, 3].mul_(dm)
         carry = torch.bmm(dz[t].reshape(D, N, 4 * H), whh)
@@ -241,22 +303,36 @@ def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Te
     x, hx = [*activations, None][:2]
     _refuse(layer, x)
     dirs = 2 if layer.bidirectional else 1
+    packed = _Packed(x) if isinstance(x, PackedSequence) else None
+    g_out, g_h, g_c = _output_grads(layer, backprops, packed is not None)
+    if packed is None:
+        flip, x = _flip, x.transpose(0, 1)
+        g_out = g_out.transpose(0, 1) if g_out is not None else None
+    else:  # the data's gradient arrives swapped under a sequence-first layer, as every tensor does
+        # The capture widens a call's tensors to one dtype, not a PackedSequence's data (under autocast the layer's
+        # output, so its gradients, can be narrower than its input): widen them here alike.
+        wide = functools.reduce(torch.promote_types, [t.dtype for t in (x.data, g_out, g_h, g_c) if t is not None])
+        g_out, g_h, g_c = (t.to(wide) if t is not None else None for t in (g_out, g_h, g_c))
+        flip, x = packed.flip, packed.pad(x.data.to(wide))
+        g_out = packed.pad(g_out if layer.batch_first else g_out.transpose(0, 1)) if g_out is not None else None
     h0, c0 = _initial_state(layer, hx, x, dirs)
-    g_out, g_h, g_c = _output_grads(layer, backprops)
+    T, N = x.shape[:2]
     with torch.no_grad():
-        states, a = [], _own_time(x.transpose(0, 1), dirs)
+        states, a = [], _own_time(x, dirs, flip)
         for level in range(layer.num_layers):  # the forward pass, one level at a time
             hid = slice(level * dirs, (level + 1) * dirs)
             states.append(_Level(layer.mode, _weights(layer, level, dirs), a, h0[hid], c0[hid] if c0 is not None
                                  else None))
             if level + 1 < layer.num_layers:
-                a = _own_time(_join_time(states[-1].h[1:]), dirs)
-        T, N = x.shape[1], x.shape[0]
+                a = _own_time(_join_time(states[-1].h[1:], flip), dirs, flip)
         top = states[-1].h
-        g = _split_time(g_out.transpose(0, 1), dirs) if g_out is not None else top.new_zeros(top[1:].shape)
+        g = _split_time(g_out, dirs, flip) if g_out is not None else top.new_zeros(top[1:].shape)
         for level in reversed(range(layer.num_layers)):
             s, hid = states.pop(), slice(level * dirs, (level + 1) * dirs)
             gh, gc = (g_h[hid] if g_h is not None else None), (g_c[hid] if g_c is not None else None)
+            if packed is not None:  # the final states' gradients enter at each example's own last step
+                g, gh = packed.at_ends(g, gh), None
+                gc = packed.at_ends(s.c[1:].new_zeros(s.c[1:].shape), gc) if gc is not None else None
             if layer.mode == "LSTM":
                 dzih, groups = _lstm(s, g, gh, gc)
             elif layer.mode == "GRU":
@@ -275,8 +351,8 @@ def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Te
             if level:  # the gradient of the level below's output, from every direction's gates
                 w_ih = s.w["weight_ih"]
                 down = torch.bmm(dzih.transpose(0, 1).reshape(dirs, T * N, -1), w_ih).reshape(dirs, T, N, -1)
-                down = down[0] if dirs == 1 else down[0] + down[1].flip(0)
-                g = _split_time(down, dirs)
+                down = down[0] if dirs == 1 else down[0] + flip(down[1])
+                g = _split_time(down, dirs, flip)
 
 
 def _fold(x: Tensor, K: int) -> Tensor:
@@ -288,9 +364,10 @@ def _fold(x: Tensor, K: int) -> Tensor:
 
 
 def _empty(layer: Recurrent, activations: list) -> bool:
-    """An empty batch (B = 0): nothing to recompute."""
-    _refuse(layer, activations[0])
-    return activations[0].shape[0] == 0
+    """An empty batch (B = 0): nothing to recompute. (torch cannot pack one: a PackedSequence holds an example.)"""
+    x = activations[0]
+    _refuse(layer, x)
+    return not isinstance(x, PackedSequence) and x.shape[0] == 0
 
 
 def grad_sampler(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Tensor | None], K: int = 1

@@ -38,6 +38,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils import _pytree as pytree
 
 from dpkit.errors import PrivacyUsageError
@@ -150,6 +151,15 @@ def _rows_at(x: Tensor | None, dim: int) -> int:
     if x is None or x.dim() == 0:
         return 0
     return x.shape[dim] if x.dim() > dim else x.shape[0]
+
+
+def _call_rows(output: object, first: Tensor | None, dim: int) -> int:
+    """The rows of one unit call: its first output tensor's along ``dim``, except that an RNN fed a
+    ``PackedSequence`` returns one whose ``data`` rows are the steps of every example: it holds ``batch_sizes[0]``."""
+    head = output[0] if type(output) is tuple and output else output
+    if isinstance(head, PackedSequence):
+        return int(head.batch_sizes[0])  # torch packs no empty batch
+    return _rows_at(first, dim)
 
 
 def _dense(grad: Tensor) -> Tensor:
@@ -442,7 +452,7 @@ class Capturer:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]
             kwargs = {}
         out_dim = fn_mode.output_batch_dims(module, self.batch_first, leaves)[0]
-        rows = _rows_at(leaves[0], out_dim)
+        rows = _call_rows(output, leaves[0], out_dim)
         expanded = False
         if (trace is not None and not call_batched and isinstance(output, Tensor) and hint is not None
                 and row.mode != "ew"):

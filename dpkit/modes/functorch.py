@@ -58,6 +58,17 @@ def fill_defaults(unit: nn.Module, args: list, rows: int) -> list:
     return args
 
 
+def _packed_hint(unit: nn.Module) -> str:
+    """For a unit with recurrent layers: a PackedSequence (passed in, or packed in ``forward`` from the examples'
+    lengths) has the steps of every example as its rows, which torch.func cannot split into examples."""
+    names = [repr(n or "<root>") for n, m in unit.named_modules() if isinstance(m, nn.RNNBase)]
+    if not names:
+        return ""
+    return (f" If {', '.join(names)} read a PackedSequence: torch.func cannot split one into examples; "
+            "grad_sample_mode='auto', 'bk', 'hooks' and 'ghost' read it with the RNN, GRU and LSTM samplers (the "
+            "recurrent layer its own unit: a parent layer with parameters of its own needs a sampler too).")
+
+
 def _split(x, dim: int | None, rows: int, K: int, unbatched: frozenset[int] = frozenset()):
     """[.., B*K, ..] at ``dim`` → [.., B, K, ..] so that vmap over ``dim`` sees one example's K rows."""
     if dim is None or not isinstance(x, Tensor) or x.dim() <= dim or x.shape[dim] != rows or id(x) in unbatched:
@@ -85,6 +96,9 @@ def per_example_grads(
     names = list(params)
     if not names:
         return {}
+    if any(isinstance(v, nn.utils.rnn.PackedSequence) for v in (*args, *kwargs.values())):
+        raise UnsupportedLayerError(f"torch.func cannot recompute {type(unit).__name__} one example at a time: it "
+                                    f"is fed a PackedSequence, whose rows are steps, not examples.{_packed_hint(unit)}")
     if rows == 0:
         return {p: p.new_zeros((0, *p.shape)) for p in params.values()}
     arg_dim, named_dims = batch_dims(unit, batch_first)
@@ -150,7 +164,8 @@ def _batched(unit: nn.Module, one_example: Callable, flat: tuple[Tensor, ...], n
             f"{str(err).splitlines()[0][:300]}. Custom autograd.Functions without setup_context, activation "
             "checkpointing (saved-tensor hooks) and inputs whose rows are not the examples (EmbeddingBag with "
             "offsets) are beyond it; with grad_sample_mode='functorch' the whole model is one unit, so use "
-            "grad_sample_mode='auto' or 'hooks', which recompute only the layers no plugin covers.") from err
+            f"grad_sample_mode='auto' or 'hooks', which recompute only the layers no plugin covers.{_packed_hint(unit)}"
+        ) from err
     return {params[n]: torch.stack([g[i] for g in per_example]) for i, n in enumerate(names)}
 
 
