@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -116,6 +117,13 @@ class DPTrainer(Trainer):
                 f"DPTrainer(privacy=...) takes a dpkit_transformers.PrivacyArguments, got {type(privacy).__name__}: "
                 "give PrivacyArguments(noise_multiplier=...) or PrivacyArguments(target_epsilon=...) (from a dict: "
                 "PrivacyArguments(**d)); for training without DP, use transformers.Trainer.")
+        # Before Trainer's __init__, which creates the Hub repository with push_to_hub, and asks an unsized
+        # dataset for max_steps.
+        given = inspect.signature(Trainer.__init__).bind_partial(self, *args, **kwargs).arguments
+        if given.get("args") is not None:
+            check_outside(privacy.state_dir, given["args"].output_dir, given["args"].push_to_hub)
+        if given.get("train_dataset") is not None:
+            check_dataset(given["train_dataset"])
         super().__init__(*args, **kwargs)
         if not hasattr(self, "loss_is_scaled_for_ga"):
             raise ImportError("DPTrainer needs a transformers Trainer with `loss_is_scaled_for_ga`; upgrade transformers")
@@ -132,9 +140,7 @@ class DPTrainer(Trainer):
             raise PrivacyUsageError("DPTrainer runs in one process per device (torchrun, DistributedDataParallel); "
                                     "DeepSpeed, FSDP and nn.DataParallel through Trainer are not supported. Use "
                                     "dpkit.make_private with FSDP2's fully_shard directly (docs/distributed.md).")
-        if self.train_dataset is not None:
-            check_dataset(self.train_dataset)
-        check_outside(privacy.state_dir, self.args.output_dir, self.args.push_to_hub)
+        check_outside(privacy.state_dir, self.args.output_dir, self.args.push_to_hub)  # Trainer's default args
         self.privacy = privacy
         self.criterion = criterion or nn.CrossEntropyLoss(label_smoothing=self.args.label_smoothing_factor)
         self.private: PrivateTraining | None = None
