@@ -177,11 +177,13 @@ def test_the_causal_lm_shift_survives_torch_compile(tmp_path):
     assert _causal_lm(model) and _causal_lm(torch.compile(model))
 
     runs = []
-    for compiled in (False, True):  # the eager backend: dynamo's wrapper and tracing, without inductor's cost
-        run, released = trainer(tmp_path / str(compiled), max_steps=1, torch_compile=compiled,
-                                torch_compile_backend="eager"), ReleasedGradients()
+    # The eager backend: dynamo's wrapper and tracing, without inductor's cost (naming a backend turns
+    # torch_compile on, so the plain run names none).
+    for compiled in ({}, {"torch_compile": True, "torch_compile_backend": "eager"}):
+        run, released = trainer(tmp_path / str(bool(compiled)), max_steps=1, **compiled), ReleasedGradients()
         run.add_callback(released)
         run.train()
+        assert isinstance(run.model_wrapped, type(torch.compile(model))) == bool(compiled)
         runs.append(released.steps[0])
     for plain, compiled in zip(*runs):
         torch.testing.assert_close(compiled, plain, rtol=1e-5, atol=1e-7)
