@@ -37,16 +37,23 @@ def gpt2() -> GPT2LMHeadModel:
 
 
 def train(output_dir: str, noise_multiplier: float = 1.0, max_steps: int = 20, batch_size: int = 2,
-          accumulation: int = 2, examples: int = 64, learning_rate: float = 0.1) -> DPTrainer:
-    """Train and return the trainer; the expected batch is ``batch_size * accumulation`` per process."""
-    args = TrainingArguments(output_dir=output_dir, per_device_train_batch_size=batch_size,
-                             gradient_accumulation_steps=accumulation, max_steps=max_steps, optim="sgd",
-                             learning_rate=learning_rate, lr_scheduler_type="constant", weight_decay=0.0,
-                             logging_steps=max(1, max_steps // 4), save_strategy="no", report_to=[], seed=0,
-                             use_cpu=True, disable_tqdm=True, ddp_timeout=120)  # a finite wait for a lost process
-    privacy = PrivacyArguments(max_grad_norm=0.5, noise_multiplier=noise_multiplier, noise_seed=3)
-    trainer = DPTrainer(model=gpt2(), args=args, train_dataset=Counting(examples), privacy=privacy)
-    trainer.train()
+          accumulation: int = 2, examples: int = 64, state_dir: str | None = None,
+          resume_from_checkpoint: str | None = None, **overrides) -> DPTrainer:
+    """Train and return the trainer; the expected batch is ``batch_size * accumulation`` per process.
+
+    ``overrides`` go to ``TrainingArguments`` (``save_strategy="steps"``, ...); ``state_dir`` is a private folder
+    for the privacy state of each checkpoint.
+    """
+    settings = dict(output_dir=output_dir, per_device_train_batch_size=batch_size,
+                    gradient_accumulation_steps=accumulation, max_steps=max_steps, optim="sgd", learning_rate=0.1,
+                    lr_scheduler_type="constant", weight_decay=0.0, logging_steps=max(1, max_steps // 4),
+                    save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+                    ddp_timeout=120)  # a finite wait for a lost process
+    privacy = PrivacyArguments(max_grad_norm=0.5, noise_multiplier=noise_multiplier, noise_seed=3,
+                               state_dir=state_dir)
+    trainer = DPTrainer(model=gpt2(), args=TrainingArguments(**{**settings, **overrides}),
+                        train_dataset=Counting(examples), privacy=privacy)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 
 

@@ -1,5 +1,6 @@
 """DPTrainer under ``torchrun --nproc-per-node 2`` (gloo, CPU) is the core's distributed DP-SGD: one Poisson
-sample over all ranks, the clipped sum of one process with the whole batch, noise drawn once, the same ε.
+sample over all ranks, the clipped sum of one process with the whole batch, noise drawn once, the same ε; and
+a checkpoint resumes it exactly.
 
 The ranks run the README's example (``examples/torchrun_gpt2.py``); the reference is the same example in this
 process with the whole expected batch (``per_device_train_batch_size`` times 2).
@@ -47,11 +48,17 @@ def torchrun(folder: str, timeout: float = 300) -> list[dict]:
 def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
     ranks = torchrun(str(tmp_path / "ranks"))
     for rank in ranks[1:]:  # the replicas agree bit for bit: every rank received the same noised sum
-        for sigma in (0.0, 1.0):
-            assert rank[sigma]["steps"] == ranks[0][sigma]["steps"] and rank[sigma]["world_size"] == WORLD
-            for name, weight in rank[sigma]["weights"].items():
-                assert torch.equal(weight, ranks[0][sigma]["weights"][name]), name
-    assert ranks[0][0.0]["steps"] == 3 and ranks[0][1.0]["steps"] == 1
+        for key, result in rank.items():
+            assert result["steps"] == ranks[0][key]["steps"] and result["world_size"] == WORLD
+            for name, weight in result["weights"].items():
+                assert torch.equal(weight, ranks[0][key]["weights"][name]), (key, name)
+    assert [ranks[0][key]["steps"] for key in (0.0, 1.0, "straight", "resumed")] == [3, 1, 2, 2]
+
+    # A checkpoint (its privacy state in a private state_dir, gathered from every rank) resumes the same run.
+    straight, resumed = ranks[0]["straight"], ranks[0]["resumed"]
+    assert resumed["epsilon"] == straight["epsilon"]
+    for name, weight in resumed["weights"].items():
+        assert torch.equal(weight, straight["weights"][name]), name
 
     # σ = 0: the same global Poisson batches and the same clipped step as one process with the whole batch.
     whole = train(str(tmp_path / "whole"), noise_multiplier=0.0, max_steps=3, batch_size=2 * WORLD)
