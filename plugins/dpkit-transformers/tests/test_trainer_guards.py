@@ -42,20 +42,17 @@ class LoggingLoss(DPTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def varied_lengths(n: int) -> Counting:
-    """Examples of different lengths (padding ignored), where a batch-wide denominator differs from each own."""
-    data = Counting(n)
-    for i in range(n):
-        data.ids[i, T - i % 4:] = 0
-    data.__class__ = type("Varied", (Counting,), {"__getitem__": lambda self, i: {
-        "input_ids": self.ids[i], "attention_mask": (torch.arange(T) < T - i % 4).long(),
-        "labels": torch.where(torch.arange(T) < T - i % 4, self.ids[i], -100)}})
-    return data
+class VariedLengths(Counting):
+    """Examples of 5 to 8 tokens (the rest padding, ignored): a batch-wide denominator differs from each own."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item, real = super().__getitem__(i), torch.arange(T) < T - i % 4
+        return {**item, "attention_mask": real.long(), "labels": torch.where(real, item["labels"], -100)}
 
 
 @pytest.mark.parametrize("cls", [ModelsOwnLoss, HuggingFacesLoss])
 def test_a_loss_normalised_over_the_batch_is_refused(tmp_path, cls):
-    run = cls(model=gpt2(), args=training_args(tmp_path, max_steps=1), train_dataset=varied_lengths(32),
+    run = cls(model=gpt2(), args=training_args(tmp_path, max_steps=1), train_dataset=VariedLengths(32),
               privacy=PRIVACY)
     with pytest.raises(PrivacyUsageError, match=f"{cls.__name__}.compute_loss returned a Tensor"):
         run.train()
