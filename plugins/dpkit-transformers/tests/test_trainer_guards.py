@@ -11,6 +11,7 @@ import torch
 from test_trainer import ReleasedGradients, T, VOCAB, Counting, gpt2, trainer, training_args
 from transformers import DataCollatorWithFlattening, Trainer
 
+import dpkit
 from dpkit.errors import PrivacyUsageError
 from dpkit_transformers import DPTrainer, PrivacyArguments
 from dpkit_transformers._checkpoints import save_atomic
@@ -82,7 +83,7 @@ def test_a_collator_that_packs_examples_into_one_row_is_refused(tmp_path):
     run = DPTrainer(model=gpt2(), args=training_args(tmp_path, max_steps=1, per_device_train_batch_size=8,
                                                      gradient_accumulation_steps=1, remove_unused_columns=False),
                     train_dataset=Lists(), data_collator=DataCollatorWithFlattening(), privacy=PRIVACY)
-    with pytest.raises(PrivacyUsageError, match=r"turned \d+ sampled examples into 1 rows"):
+    with pytest.raises(PrivacyUsageError, match=r"WithFlattening\) turned \d+ sampled examples into 1 rows"):
         run.train()
     assert run.private.steps == 0
 
@@ -102,6 +103,12 @@ def test_an_iterable_dataset_is_refused(tmp_path, max_steps):
     with pytest.raises(PrivacyUsageError, match=r"train_dataset=...\) got a Stream without len\(\)"):
         DPTrainer(model=gpt2(), args=training_args(tmp_path, max_steps=max_steps), train_dataset=Stream(),
                   privacy=PRIVACY)
+
+
+def test_a_dataset_of_k_rows_per_example_is_refused(tmp_path):
+    data = dpkit.Multiplicity(torch.utils.data.TensorDataset(torch.arange(8)), lambda x: x, K=2)
+    with pytest.raises(PrivacyUsageError, match="dpkit.Multiplicity, whose items are K rows"):
+        DPTrainer(model=gpt2(), args=training_args(tmp_path), train_dataset=data, privacy=PRIVACY)
 
 
 @pytest.mark.parametrize("name", ["gradient_accumulation_steps", "per_device_train_batch_size"])

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, IterableDataset
 
-from dpkit import DPDataLoader, PrivateTraining
+from dpkit import DPDataLoader, Multiplicity, PrivateTraining
 from dpkit.errors import PrivacyUsageError
 
 IGNORE_INDEX = -100  # Hugging Face's label for tokens without a loss (padding, prompts)
@@ -51,15 +51,15 @@ class OneRowPerExample:
     or one example several times: the sensitivity the noise is calibrated to would no longer hold.
     """
 
-    def __init__(self, collate: Callable[[list[Any]], Any]):
-        self.collate = collate
+    def __init__(self, collate: Callable[[list[Any]], Any], name: str):
+        self.collate, self.name = collate, name  # name: the user's collator (Trainer may wrap it)
 
     def __call__(self, examples: list[Any]) -> Any:
         batch = self.collate(examples)
         got = rows(batch)
         if got != len(examples):
             raise PrivacyUsageError(
-                f"the data_collator ({type(self.collate).__name__}) turned {len(examples)} sampled examples into "
+                f"the data_collator ({self.name}) turned {len(examples)} sampled examples into "
                 f"{got} rows: DP-SGD clips each row as one example, so the rows the model sees must be the examples "
                 "the loader sampled. Use a collator that pads each example to its own row (e.g. "
                 "DataCollatorWithPadding or default_data_collator), not one that packs or flattens them.")
@@ -73,6 +73,11 @@ def check_dataset(dataset: Any) -> None:
             f"DPTrainer(train_dataset=...) got a {type(dataset).__name__} without len() and indexing: Poisson "
             "sampling draws each example independently, so it needs a map-style dataset. Materialise it first "
             "(e.g. datasets.Dataset.from_generator, or .take(n) into a list).")
+    if isinstance(dataset, Multiplicity):
+        raise PrivacyUsageError(
+            f"DPTrainer(train_dataset=...) got a dpkit.{type(dataset).__name__}, whose items are K rows of one "
+            "example (or user): DPTrainer clips every row as an example of its own, so one would count K times. "
+            "Train it with dpkit.make_private(augmentation_multiplicity=K) in a loop of your own.")
     if len(dataset) == 0:
         raise PrivacyUsageError("DPTrainer(train_dataset=...) is empty: there is nothing to sample from")
 

@@ -170,7 +170,7 @@ class DPTrainer(Trainer):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         generator = None if self.privacy.secure_mode else torch.Generator().manual_seed(seed)
         loader = DPDataLoader(dataset, min(1.0, self._train_batch_size * G * world / len(dataset)),
-                              collate_fn=OneRowPerExample(collator), generator=generator,
+                              collate_fn=OneRowPerExample(collator, _name(self.data_collator)), generator=generator,
                               secure_mode=self.privacy.secure_mode, distributed=world > 1,
                               num_workers=self.args.dataloader_num_workers,
                               pin_memory=self.args.dataloader_pin_memory)
@@ -276,6 +276,10 @@ class DPTrainer(Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         check_outside(self.privacy.state_dir, self.args.output_dir, push_to_hub=True)  # never push the noise state
         super()._push_from_checkpoint(checkpoint_folder)
+
+
+def _name(collator: Any) -> str:
+    return getattr(collator, "__name__", type(collator).__name__)
 
 
 def _causal_lm(model: nn.Module) -> bool:
