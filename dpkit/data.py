@@ -2,6 +2,7 @@
 and the samplers correlated-noise mechanisms require (cyclic Poisson for BandMF, shuffled epochs for the tree)."""
 from __future__ import annotations
 
+import math
 import os
 import warnings
 import weakref
@@ -125,16 +126,11 @@ class ByUser(Multiplicity):
             raise ValueError(f"max_per_user must be an int >= 1, got {max_per_user!r}")
         if contribution not in ("sum", "mean"):
             raise ValueError(f"contribution must be 'sum' or 'mean', got {contribution!r}")
-        users = torch.as_tensor(users)
-        if users.shape != (len(dataset),):
-            raise ValueError(f"users must give one user id per example ({len(dataset)}), got shape "
-                             f"{tuple(users.shape)}")
-        ids, owner = torch.unique(users, return_inverse=True)
-        gen = torch.Generator().manual_seed(seed)
+        ids, groups = _group_by_user(users, len(dataset))
         self.rows: list[Tensor] = []
-        for u in range(len(ids)):
-            mine = (owner == u).nonzero().flatten()
-            if len(mine) > max_per_user:  # a fixed, data-independent subset
+        for uid, mine in zip(ids, groups):
+            if len(mine) > max_per_user:  # a fixed, data-independent subset, drawn from the seed and this user alone
+                gen = torch.Generator().manual_seed(digest(("ByUser", seed, uid)))
                 mine = mine[torch.randperm(len(mine), generator=gen)[:max_per_user]].sort().values
             self.rows.append(mine)
         self.dataset, self.K, self.user_ids, self.contribution = dataset, max_per_user, ids, contribution
@@ -150,6 +146,27 @@ class ByUser(Multiplicity):
         weight[:n] = k if self.contribution == "sum" else k / n
         fields = [torch.stack([torch.as_tensor(item[f]) for item in picked]) for f in range(len(picked[0]))]
         return (*fields, weight)
+
+
+def _group_by_user(users: Any, n: int) -> tuple[list, list[Tensor]]:
+    """The distinct user ids, sorted, and each one's example indices. Ids may be ints, floats or strings; a NaN id
+    is refused (NaN equals nothing, so each would become a user of its own)."""
+    if isinstance(users, Tensor):
+        users = users.tolist()
+    users = list(users)
+    if len(users) != n:
+        raise ValueError(f"users must give one user id per example ({n}), got {len(users)}")
+    if any(isinstance(u, float) and math.isnan(u) for u in users):
+        raise ValueError("users contains NaN ids: give every example a real user id (NaN equals nothing, so each "
+                         "NaN would count as a user of its own).")
+    groups: dict[Any, list[int]] = {}
+    for i, u in enumerate(users):
+        groups.setdefault(u, []).append(i)
+    try:
+        ids = sorted(groups)
+    except TypeError as err:
+        raise TypeError(f"users mixes id types that cannot be ordered ({err}); give ints or strings, not both") from err
+    return ids, [torch.tensor(groups[u], dtype=torch.long) for u in ids]
 
 
 def collate_copies(collate: Callable = default_collate) -> Callable:

@@ -6,7 +6,7 @@ It lives beside the controller rather than in ``data.py``: it drives the control
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -14,8 +14,8 @@ from torch.utils import _pytree as pytree
 from dpkit.data import split_batch
 from dpkit.errors import PrivacyUsageError
 
-if TYPE_CHECKING:
-    from dpkit.engine import PrivateTraining
+Controller = Any  # a dpkit.engine.PrivateTraining; not imported, which would close an import circle
+
 
 
 def _as_many_as_every_rank(batch, pieces: list) -> list:
@@ -34,7 +34,7 @@ class BatchMemoryManager:
     step: the clipped sums accumulate and nothing is updated or counted.
     """
 
-    def __init__(self, private: PrivateTraining, max_physical_batch_size: int):
+    def __init__(self, private: Controller, max_physical_batch_size: int):
         if not (isinstance(max_physical_batch_size, int) and max_physical_batch_size >= 1):
             raise ValueError(f"max_physical_batch_size must be an int >= 1, got {max_physical_batch_size!r}")
         if private.data_loader is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -17,15 +17,15 @@ from dpkit.data import PoissonBatchSampler
 from dpkit.errors import PrivacyUsageError
 from dpkit.events import Ledger
 
-if TYPE_CHECKING:
-    from dpkit.engine.controller import PrivateTraining
+Controller = Any  # a dpkit.engine.PrivateTraining; not imported, which would close an import circle
+
 
 STATE_FORMAT = 3  # 1 had no "config"; 2 no digest, no overflow count, no σ, C or q in "config"
 _PARTS = ("format", "config", "ledger", "steps", "unbounded_steps", "noise", "clipper", "optimizer",
           "overflow_skips", "digest")
 
 
-def config(private: PrivateTraining) -> dict[str, Any]:
+def config(private: Controller) -> dict[str, Any]:
     """The settings a checkpoint must share with the run that loads it: its ledger was counted under them."""
     return {"clipping": private.clipping, "noise": private.noise_name, "accountant": private.accountant,
             "secure_mode": private.secure_mode, "noise_multiplier": private.noise_multiplier,
@@ -42,7 +42,7 @@ def digest(state: dict[str, Any]) -> int:
     return distributed.digest({k: state[k] for k in _DIGESTED if k in state})
 
 
-def state_dict(private: PrivateTraining) -> dict[str, Any]:
+def state_dict(private: Controller) -> dict[str, Any]:
     """Outside secure mode this holds the noise generator's state: whoever holds the checkpoint can regenerate
     the noise and subtract it from the released model. Keep checkpoints as private as the data."""
     state = {"format": STATE_FORMAT, "config": config(private), "ledger": private.ledger.state_dict(),
@@ -57,7 +57,7 @@ def state_dict(private: PrivateTraining) -> dict[str, Any]:
     return state
 
 
-def load_state_dict(private: PrivateTraining, state: dict[str, Any]) -> None:
+def load_state_dict(private: Controller, state: dict[str, Any]) -> None:
     _check_whole(private, state)
     if state.get("world_size", 1) != private.topology.world_size:
         raise PrivacyUsageError(
@@ -99,7 +99,7 @@ def load_state_dict(private: PrivateTraining, state: dict[str, Any]) -> None:
     private.ledger, private.steps, private.unbounded_steps, private.overflow_skips = ledger, steps, unbounded, skips
 
 
-def _check_whole(private: PrivateTraining, state: dict[str, Any]) -> None:
+def _check_whole(private: Controller, state: dict[str, Any]) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"a dpkit checkpoint is a dict from private.state_dict(), got {type(state).__name__}")
     if isinstance(state.get("format"), int) and state["format"] != STATE_FORMAT:

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dpkit import amp, registry
+from dpkit import amp
 from dpkit.criterion import DPCriterion, DPLoss
-from dpkit.engine import checkpoint, guards
+from dpkit.engine import checkpoint, guards, report
 from dpkit.engine.gate import Phase, StepGate
 from dpkit.engine.passes import PassEnd
 from dpkit.engine.sampling import Sampling
@@ -33,7 +33,7 @@ from dpkit.engine.topology import Single
 from dpkit.errors import PrivacyUsageError
 from dpkit.events import ComposedEvent, DpEvent, Ledger, NoOpEvent, PoissonSampledEvent
 from dpkit.modes import bk
-from dpkit.modes._capture import Capturer, eager
+from dpkit.modes._capture import Arrival, Capturer, eager
 from dpkit.optimizer import StepAccumulator, privatize
 from dpkit.plan import NORM_MODES, build_plan
 
@@ -50,6 +50,18 @@ def step_event(noise: DpEvent, clipper: DpEvent) -> DpEvent:
             and noise.sample_rate == clipper.sample_rate):
         return PoissonSampledEvent(noise.sample_rate, ComposedEvent((noise.event, clipper.event)))
     return ComposedEvent((noise, clipper))
+
+
+def _run_before_zero_grad(owner: nn.Module | Optimizer, discard) -> None:
+    """``owner.zero_grad()`` also drops the step's clipped sums (an instance attribute, removed by ``detach``)."""
+    original = owner.zero_grad
+
+    @functools.wraps(original)
+    def zero_grad(*args, **kwargs):
+        discard()
+        return original(*args, **kwargs)
+
+    owner.__dict__["zero_grad"] = zero_grad
 
 
 class PrivateTraining:
@@ -111,25 +123,22 @@ class PrivateTraining:
         if self.topology.sharded:  # also when a changed trainable set is planned again
             self.topology.check_plan(self.plan)
         self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
-        self._planned = frozenset(id(p) for p in self.params)
+        self.planned = frozenset(id(p) for p in self.params)
         self.accumulator = StepAccumulator(self.params, self.clipper, self.K)
-        early = functools.partial(bk.form_early, K=self.K) if self.mode == "auto" else None
+        arrival = Arrival("norms" if self.mode == "ghost" else "records" if self.norm_mode else "per_example",
+                          form=functools.partial(bk.form_early, K=self.K) if self.mode == "auto" else None,
+                          stream=self.passes.stream if self._streams() else None)
         self.capturer = Capturer(self.module, self.plan, K=self.K, batch_first=self.batch_first,
-                                 rescale=self.loss_reduction == "mean", keep_records=self.norm_mode,
-                                 keep_outputs=self.mode == "ghost", grad_stand_ins=self.mode == "ghost",
-                                 on_backward_end=self.passes.end, form_on_arrival=early,
-                                 on_arrival=self.passes.stream if self._streams() else None)
+                                 rescale=self.loss_reduction == "mean", arrival=arrival,
+                                 on_backward_end=self.passes.end)
         self.capturer.on_refusal = self.on_refusal
         self.capturer.batch_of = getattr(self.data_loader, "batch_of", None)
         self._state_watch = guards.StateWatch(self.module, self.public_buffers, self.topology)
 
     def _streams(self) -> bool:
-        """Whether bk and auto clip each layer the moment its output gradients arrive (streaming).
-
-        Possible when each parameter's factor depends on its own norm alone (the clipper has ``layer_factors``:
-        per-layer clipping), so no record has to wait for the rest of the backward pass. Not with a GradScaler,
-        whose overflow must drop the pass whole before anything is summed, nor under FSDP2.
-        """
+        """Whether bk and auto clip each layer as its output gradients arrive: when each parameter's factor depends
+        on its own norm alone (per-layer ``layer_factors``); not with a GradScaler, whose overflow drops the pass
+        whole, nor under FSDP2."""
         return (self.mode in ("bk", "auto") and getattr(self.clipper, "per_layer", False)
                 and callable(getattr(self.clipper, "layer_factors", None))
                 and isinstance(self.scaler, amp.NoScaler) and not self.topology.sharded)
@@ -148,14 +157,7 @@ class PrivateTraining:
         self.capturer.attach()
         self.scaler.attach()
         for owner in (self.optimizer, self.module):
-            original = owner.zero_grad
-
-            @functools.wraps(original)
-            def zero_grad(*args, _original=original, **kwargs):
-                self._discard()
-                return _original(*args, **kwargs)
-
-            owner.__dict__["zero_grad"] = zero_grad
+            _run_before_zero_grad(owner, self._discard)
             self._wrapped.append(owner)
         self.attached = True
         ATTACHED.add(self)
@@ -191,13 +193,9 @@ class PrivateTraining:
 
     @contextlib.contextmanager
     def micro_batches(self) -> Iterator[None]:
-        """The backward passes inside are micro-batches of one logical batch, for loops without a data loader.
-
-        With ``data_loader=`` dpkit knows which batch each backward pass came from (``BatchMemoryManager`` splits
-        one batch into micro-batches); with ``data_loader=None`` a second backward pass before ``step()`` is
-        refused unless it is declared here, since accumulating several sampled batches into one step is a
-        different mechanism from the one the accountant counts.
-        """
+        """The backward passes inside are micro-batches of one logical batch (loops without a data loader, where a
+        second backward pass before ``step()`` is otherwise refused: several sampled batches in one step are not
+        the mechanism the accountant counts)."""
         with self.gate.batch(object()):
             yield
 
@@ -222,7 +220,7 @@ class PrivateTraining:
         self.topology.sync_gradients(False)  # dpkit all-reduces the clipped sums itself
         self._state_before = self._state_watch.snapshot()  # before any stand-in takes a parameter's slot
         guards.refuse_mixing_layers(self.module)
-        change = guards.trainable_change(self.module, self._planned, self.params,
+        change = guards.trainable_change(self.module, self.planned, self.params,
                                          self.topology.parameters(self.module))
         if change is not None:
             if self.accumulator.backward_passes or self.capturer.captures:
@@ -280,36 +278,13 @@ class PrivateTraining:
                 del p.grad_sample
 
     # -- the release -------------------------------------------------------------------------------------------
-    def _check_release(self) -> None:
-        """Before any gradient is released: exactly the planned parameters will move, and nothing else."""
-        from dpkit import distributed
-
-        if distributed.world_size() != self.world_size:
-            raise PrivacyUsageError(
-                f"make_private ran with torch.distributed world size {self.world_size}, and it is now "
-                f"{distributed.world_size()}: the sample rate, the noise split and the ledger assume the first. "
-                "Call make_private after init_process_group, on every rank.")
-        self.topology.check_wrapping(self.module)
-        self.gate.check_release(self.accumulator.backward_passes)
-        if self.capturer.pass_died:
-            raise PrivacyUsageError(
-                "a backward pass of this step stopped with an error before its end, so it was never clipped whole "
-                "(part of it may already be summed); nothing was released. Call optimizer.zero_grad() to drop the "
-                "batch, then continue.")
-        params = self.topology.parameters(self.module)  # one walk of the model for both checks
-        change = guards.trainable_change(self.module, self._planned, self.params, params)
-        if change is not None:
-            raise PrivacyUsageError(f"the trainable parameters changed after the forward pass ({change}); "
-                                    "change requires_grad between optimizer.step() and the next forward pass.")
-        guards.refuse_stray_gradients(self.module, self.optimizer, self._planned, params)
-
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled:
             return
         guards.refuse_closure(args, kwargs)
         amp.refuse_fused(optimizer)
         amp.unregistered(amp.calling_scaler(), self.scaler.scaler)
-        self._check_release()
+        guards.check_release(self)
         if self.gate.virtual:
             for p in self.params:
                 p.grad = None  # a virtual step: keep accumulating, update nothing
@@ -365,19 +340,7 @@ class PrivateTraining:
 
     def privacy_report(self, delta: float) -> str:
         """ε at ``delta`` from every installed accountant, side by side (approximations labelled)."""
-        lines = [f"privacy after {self.steps} steps (sample rate {self.sample_rate:.4g}, noise multiplier "
-                 f"{self.noise_multiplier:g}, delta {delta:g}):"]
-        for name in sorted(registry.table("dpkit_accountants")):
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    eps = f"{self.epsilon(delta, accountant=name):.4f}"
-                except Exception as err:  # one accountant failing must not hide the others
-                    eps = f"unavailable ({err})"
-            note = "  (approximation: may under-report)" if caught else ""
-            mark = "*" if name == self.accountant else " "
-            lines.append(f" {mark} {name:<12} epsilon = {eps}{note}")
-        return "\n".join(lines)
+        return report.privacy_report(self, delta)
 
     def audit_report(self, delta: float, confidence: float = 0.95):
         """The accountant's ε next to the lower bounds an audit attached to this run measured (docs/auditing.md)."""

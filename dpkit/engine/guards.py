@@ -15,13 +15,13 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dpkit import registry
+from dpkit import distributed, registry
 from dpkit.accountants._base import _real
 from dpkit.errors import PluginOverrideWarning, PrivacyUsageError, UnsupportedModuleError
 from dpkit.events import NoOpEvent
@@ -30,6 +30,8 @@ from dpkit.plan import MIXING, MODES, layer_type
 if TYPE_CHECKING:
     from dpkit.hookspecs import Clipper, NoiseMechanism
     from dpkit.plan import LayerPlan
+
+Controller = Any  # a dpkit.engine.PrivateTraining; not imported, which would close an import circle
 
 
 # -- at make ---------------------------------------------------------------------------------------------------
@@ -250,6 +252,28 @@ class StateWatch:
 
 
 # -- at each release -------------------------------------------------------------------------------------------
+def check_release(private: Controller) -> None:
+    """Before any gradient is released: exactly the planned parameters will move, and nothing else."""
+    if distributed.world_size() != private.world_size:
+        raise PrivacyUsageError(
+            f"make_private ran with torch.distributed world size {private.world_size}, and it is now "
+            f"{distributed.world_size()}: the sample rate, the noise split and the ledger assume the first. "
+            "Call make_private after init_process_group, on every rank.")
+    private.topology.check_wrapping(private.module)
+    private.gate.check_release(private.accumulator.backward_passes)
+    if private.capturer.pass_died:
+        raise PrivacyUsageError(
+            "a backward pass of this step stopped with an error before its end, so it was never clipped whole "
+            "(part of it may already be summed); nothing was released. Call optimizer.zero_grad() to drop the "
+            "batch, then continue.")
+    params = private.topology.parameters(private.module)  # one walk of the model for both checks
+    change = trainable_change(private.module, private.planned, private.params, params)
+    if change is not None:
+        raise PrivacyUsageError(f"the trainable parameters changed after the forward pass ({change}); "
+                                "change requires_grad between optimizer.step() and the next forward pass.")
+    refuse_stray_gradients(private.module, private.optimizer, private.planned, params)
+
+
 def refuse_closure(args, kwargs) -> None:
     if kwargs.get("closure") is not None or any(callable(a) for a in args[1:]):  # args[0] is the optimizer
         raise PrivacyUsageError(

@@ -7,7 +7,7 @@ output gradients arrive (per-layer clipping), its sums straight into the step's 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -20,14 +20,15 @@ from dpkit.optimizer import NonFiniteGradientError
 
 if TYPE_CHECKING:
     from dpkit.criterion import DPLoss
-    from dpkit.engine.controller import PrivateTraining
     from dpkit.modes._capture import Capture
+
+Controller = Any  # a dpkit.engine.PrivateTraining; not imported, which would close an import circle
 
 
 class PassEnd:
     """What the controller does when a backward pass ends (or, streaming, when a record arrives)."""
 
-    def __init__(self, private: PrivateTraining):
+    def __init__(self, private: Controller):
         self.private = private
         self.streamed: dict[nn.Parameter, Tensor] = {}  # norms of the layers streamed in the pass in flight
         self.streaming: bool | None = None  # whether the pass in flight streams (decided at its first record)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import attrs
 import pytest
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ def test_no_record_outlives_its_layer(mode):
     """When a layer's gradient arrives, every record before it has been freed; only the tied weight's two
     calls wait for the end of the pass."""
     private = attach(mode)
-    capturer, streamed = private.capturer, private.capturer.on_arrival
+    capturer, streamed = private.capturer, private.capturer.arrival.stream
     assert streamed is not None
     held, at_end = [], []
 
@@ -109,7 +110,7 @@ def test_no_record_outlives_its_layer(mode):
                         and c.row.name not in ("emb", "head")))
         return streamed(cap)
 
-    capturer.on_arrival = spy
+    capturer.arrival = attrs.evolve(capturer.arrival, stream=spy)
     clip = private.passes.clip_records
     private.passes.clip_records = lambda records, rows: (at_end.append(sorted(c.row.name for c in records)),
                                                    clip(records, rows))
@@ -119,10 +120,10 @@ def test_no_record_outlives_its_layer(mode):
 
 
 def test_flat_clipping_and_a_scaler_do_not_stream():
-    assert attach("bk", clipping="flat").capturer.on_arrival is None
+    assert attach("bk", clipping="flat").capturer.arrival.stream is None
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    assert attach("auto", grad_scaler=scaler).capturer.on_arrival is None
-    assert attach("bk").capturer.on_arrival is not None
+    assert attach("auto", grad_scaler=scaler).capturer.arrival.stream is None
+    assert attach("bk").capturer.arrival.stream is not None
 
 
 @pytest.mark.parametrize("mode", STREAMING)
@@ -225,5 +226,5 @@ def test_a_flat_clipper_with_layer_factors_does_not_stream(fresh_registry):
     fresh_registry.register_plugin(Plugin(), name="confused")
     x, y = batch(4)
     private = attach("bk", clipping="confused")
-    assert private.capturer.on_arrival is None
+    assert private.capturer.arrival.stream is None
     assert_same(update(private, (x, y)), update(attach("hooks", clipping="flat"), (x, y)))
