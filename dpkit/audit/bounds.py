@@ -1,35 +1,32 @@
-"""Privacy auditing: an empirical lower bound on epsilon from what one training run released.
+"""The statistics of an audit: from right guesses about canaries to lower bounds on epsilon.
 
 An accountant's epsilon is an upper bound, proven for the mechanism as specified. An audit measures a *lower*
 bound from what the implementation actually released: m canaries, each included in the run with probability
-1/2, a score per canary computed from the release, guesses of which canaries were included (only the k highest
-and k lowest scores; the rest abstain), and a hypothesis test that turns the number of right guesses into
-"this run is not (epsilon, delta)-DP for any epsilon below the bound", at a confidence level. A bound above the
-accountant's epsilon proves a bug (in the noise, the sampling or the accounting); a bound below it proves
-nothing about privacy (docs/auditing.md).
+1/2, a score per canary computed from the release, guesses of which canaries were included (the r scores
+farthest from a threshold, by their side of it; the rest abstain), and a hypothesis test that turns the number
+of right guesses into "this run is not (epsilon, delta)-DP for any epsilon below the bound", at a confidence
+level. A bound above the accountant's epsilon proves a bug; a bound below it proves nothing (docs/auditing.md).
 
-Two tests, both on counts of right guesses:
+Three tests, all on counts of right guesses:
 
 - **one-run** (Steinke, Nasr, Jagielski 2023, "Privacy Auditing with One (1) Training Run", main theorem,
   p-value as in their App. D): if the run is (ε, δ)-DP, P[≥ v right of r guesses] is at most
   P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ·α, with α = max_i P[v-i ≤ Binomial < v] / i. It assumes nothing
   beyond (ε, δ)-DP.
-- **f-DP** (Mahloujifar, Melis, Chaudhuri 2024, "Auditing f-Differential Privacy in One Run", their
-  recursion with abstentions): tests the trade-off curve of μ-Gaussian DP, which is tighter; the largest μ
+- **f-DP (ε, δ)** (Mahloujifar, Melis, Chaudhuri 2024, "Auditing f-Differential Privacy in One Run", their
+  recursion with abstentions, for any trade-off curve) on the curve of (ε, δ)-DP itself,
+  f(x) = max(0, 1 - δ - e^ε x, e^-ε (1 - δ - x)). (ε, δ)-DP *is* f-DP for that curve, so this test, too,
+  assumes nothing else; it pays far less for δ than the one-run test's 2mδ term, which is what lets many
+  canaries help.
+- **f-DP Gaussian**: the same recursion on the trade-off curve of μ-Gaussian DP, tighter still; the largest μ
   refuted is reported as the epsilon of μ-GDP at delta. It refutes "the run is as private as a Gaussian
   mechanism with this (ε, δ)", which DP-SGD's composed curve only approximately is.
-
-:class:`CanaryAudit` runs the white-box test on DP-SGD: Dirac canaries (one coordinate set to the clipping
-bound C) join the clipped sum like examples, each Poisson-sampled at the run's rate, so the accountant's epsilon
-covers each of them, and each is scored from the released noisy sums.
 """
 from __future__ import annotations
 
 import functools
 import math
-import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
 
 import attrs
 import numpy as np
@@ -37,20 +34,13 @@ import torch
 from scipy import optimize, special, stats
 from torch import Tensor
 
-from dpkit import distributed
-from dpkit.errors import PrivacyUsageError
-
-if TYPE_CHECKING:
-    from dpkit.engine import PrivateTraining
-    from dpkit.events import DpEvent
-
 __all__ = [
-    "AuditReport", "CanaryAudit", "LowerBound", "ScoreAudit", "audit_in_out", "audit_scores", "bundled_audit",
+    "LowerBound", "ScoreAudit", "approx_dp_epsilon", "approx_dp_refutes", "audit_in_out", "audit_scores",
     "fdp_epsilon", "fdp_mu", "fdp_refutes", "gdp_epsilon", "guess_counts", "one_run_epsilon", "one_run_p_value",
-    "run_bundled_audit",
 ]
 
 _MU_GRID = np.geomspace(1e-3, 100.0, 97)  # the μ the f-DP search tries first, then refines between two of them
+_EPS_GRID = np.concatenate([[0.0], np.geomspace(1e-3, 64.0, 96)])  # the same for the ε of (ε, δ)
 
 
 # --- the tests on counts -------------------------------------------------------------------------------------------
@@ -112,30 +102,59 @@ def one_run_epsilon(canaries: int, guesses: int, correct: int, delta: float, con
     return lo
 
 
-def _fdp_refuted(canaries: int, guesses: int, correct: int, mus: np.ndarray, significance: float) -> np.ndarray:
-    """For each μ, whether ``correct`` right of ``guesses`` refutes μ-GDP (Mahloujifar et al., with abstentions).
+def _refuted(canaries: int, guesses: int, correct: int, curve: Callable[[np.ndarray], np.ndarray],
+             significance: float, size: int) -> np.ndarray:
+    """For each of ``size`` claims, whether ``correct`` right of ``guesses`` refutes it (Mahloujifar et al., with
+    abstentions); ``curve(y)`` is f(1 - y) for each claim's trade-off curve f, vectorised over the claims.
 
     The recursion bounds, from the trade-off curve, how much probability the outcomes with i = correct-1, ..., 0
     right guesses must carry if those with ``correct`` or more carried ``significance``; when the total exceeds
-    what is possible (guesses / canaries), the outcome is less likely than ``significance``. The inverse of the
-    μ-GDP blow-up is y -> Φ(Φ⁻¹(y) - μ), decreasing in μ, so the refuted μ form an interval [0, μ*).
+    what is possible (guesses / canaries), the outcome is less likely than ``significance``. Both masses only
+    grow, so a claim stops changing once its total exceeds that (refuted) or a step leaves it unchanged (a fixed
+    point: every later step would too).
     """
-    right = np.full(mus.shape, significance * correct / canaries)
-    wrong = np.full(mus.shape, significance * (guesses - correct) / canaries)
+    right = np.full(size, significance * correct / canaries)
+    wrong = np.full(size, significance * (guesses - correct) / canaries)
+    limit = guesses / canaries
     for i in range(correct - 1, -1, -1):
-        grown = np.maximum(wrong, special.ndtr(special.ndtri(right) - mus))
-        if np.array_equal(grown, wrong):
-            break  # a fixed point: nothing changes in the remaining steps
+        grown = np.maximum(wrong, curve(right))
+        settled = (grown == wrong) | (right + wrong > limit)
+        if settled.all():
+            break
         right = np.minimum(right + i / (guesses - i) * (grown - wrong), 1.0)
         wrong = grown
-    return right + wrong > guesses / canaries
+    return right + wrong > limit
+
+
+def _gdp_curve(mus: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """μ-GDP: f(x) = Φ(Φ⁻¹(1 - x) - μ), so f(1 - y) = Φ(Φ⁻¹(y) - μ), decreasing in μ: refuted μ form [0, μ*)."""
+    return lambda right: special.ndtr(special.ndtri(right) - mus)
+
+
+def _approx_dp_curve(epsilons: np.ndarray, delta: float) -> Callable[[np.ndarray], np.ndarray]:
+    """(ε, δ)-DP: f(x) = max(0, 1 - δ - e^ε x, e^-ε (1 - δ - x)), decreasing in ε: refuted ε form [0, ε*)."""
+    grow, shrink = np.exp(epsilons), np.exp(-epsilons)
+    return lambda right: np.maximum(np.maximum(shrink * (right - delta), 1 - delta - grow * (1 - right)), 0.0)
+
+
+def _largest_refuted(grid: np.ndarray, refuted_on: Callable[[np.ndarray], np.ndarray]) -> float:
+    """The largest value of an interval [0, x*) of refuted claims, found on ``grid`` then refined 128-fold
+    between two of its points; always a refuted value (0 when even the grid's first is not)."""
+    refuted = refuted_on(grid)
+    if not refuted[0]:
+        return 0.0
+    last = int(np.flatnonzero(refuted)[-1])
+    if last == len(grid) - 1:
+        return float(grid[-1])
+    fine = np.linspace(grid[last], grid[last + 1], 129)
+    return float(fine[np.flatnonzero(refuted_on(fine))[-1]])
 
 
 def fdp_refutes(canaries: int, guesses: int, correct: int, mu: float, confidence: float = 0.95) -> bool:
     """Whether ``correct`` right of ``guesses`` refutes μ-Gaussian DP at ``confidence``."""
     _check_counts(canaries, guesses, correct)
     _check_level(confidence, 0.0)
-    return bool(_fdp_refuted(canaries, guesses, correct, np.array([float(mu)]), 1 - confidence)[0])
+    return bool(_refuted(canaries, guesses, correct, _gdp_curve(np.array([float(mu)])), 1 - confidence, 1)[0])
 
 
 @functools.lru_cache(maxsize=4096)
@@ -143,18 +162,33 @@ def fdp_mu(canaries: int, guesses: int, correct: int, confidence: float = 0.95) 
     """The largest μ found whose μ-GDP the outcome refutes (to 0.1% relative), 0 when none; at most 100."""
     _check_counts(canaries, guesses, correct)
     _check_level(confidence, 0.0)
-    significance = 1 - confidence
     if correct == 0:
         return 0.0
-    refuted = _fdp_refuted(canaries, guesses, correct, _MU_GRID, significance)
-    if not refuted[0]:
+    return _largest_refuted(_MU_GRID, lambda mus: _refuted(canaries, guesses, correct, _gdp_curve(mus),
+                                                           1 - confidence, mus.size))
+
+
+def approx_dp_refutes(canaries: int, guesses: int, correct: int, epsilon: float, delta: float,
+                      confidence: float = 0.95) -> bool:
+    """Whether ``correct`` right of ``guesses`` refutes (ε, δ)-DP at ``confidence`` (the f-DP recursion)."""
+    _check_counts(canaries, guesses, correct)
+    _check_level(confidence, delta)
+    curve = _approx_dp_curve(np.array([float(epsilon)]), delta)
+    return bool(_refuted(canaries, guesses, correct, curve, 1 - confidence, 1)[0])
+
+
+@functools.lru_cache(maxsize=4096)
+def approx_dp_epsilon(canaries: int, guesses: int, correct: int, delta: float, confidence: float = 0.95) -> float:
+    """The f-DP (ε, δ) lower bound: the largest ε found whose (ε, δ)-DP the outcome refutes, 0 when none.
+
+    Assumes nothing beyond (ε, δ)-DP, like :func:`one_run_epsilon`; at most 64 (then more canaries are needed).
+    """
+    _check_counts(canaries, guesses, correct)
+    _check_level(confidence, delta)
+    if correct == 0:
         return 0.0
-    last = int(np.flatnonzero(refuted)[-1])
-    if last == len(_MU_GRID) - 1:
-        return float(_MU_GRID[-1])
-    fine = np.linspace(_MU_GRID[last], _MU_GRID[last + 1], 129)
-    refuted = _fdp_refuted(canaries, guesses, correct, fine, significance)
-    return float(fine[np.flatnonzero(refuted)[-1]])
+    return _largest_refuted(_EPS_GRID, lambda eps: _refuted(canaries, guesses, correct,
+                                                            _approx_dp_curve(eps, delta), 1 - confidence, eps.size))
 
 
 def gdp_epsilon(mu: float, delta: float) -> float:
@@ -193,83 +227,109 @@ def fdp_epsilon(canaries: int, guesses: int, correct: int, delta: float, confide
 class LowerBound:
     """One test's empirical lower bound: the run is not (epsilon, delta)-DP, with probability ``confidence``."""
 
-    method: str  # "one-run" (Steinke et al. 2023) or "f-DP" (Mahloujifar et al. 2024, Gaussian curve)
+    method: str  # "one-run" (Steinke et al.), "f-DP (eps, delta)" or "f-DP" (Gaussian curve; Mahloujifar et al.)
     epsilon: float
     delta: float
     confidence: float
     canaries: int  # m, each included with probability 1/2
-    guesses: int  # r: the highest ceil(r/2) scores guessed in, the lowest floor(r/2) out, the rest abstain
+    guesses: int  # r: the r scores farthest from the threshold, guessed by their side of it; the rest abstain
     correct: int  # of the r guesses
+    family: str = "scores"  # the score family that gave this bound (CanaryAudit has two)
 
 
 @attrs.frozen
 class ScoreAudit:
-    """Both tests on the same scores; each took the best of the same guess counts, Bonferroni-corrected."""
+    """The three tests on the same scores; each took the best of every family and guess count, Bonferroni-corrected
+    so that each bound, and ``proven`` (the two assumption-free tests together), holds at the stated confidence."""
 
     one_run: LowerBound
+    approx_dp: LowerBound
     fdp: LowerBound
 
     @property
+    def proven(self) -> float:
+        """The larger assumption-free bound (one-run or f-DP (ε, δ)): above the claimed ε, a proven violation."""
+        return max(self.one_run.epsilon, self.approx_dp.epsilon)
+
+    @property
     def epsilon(self) -> float:
-        """The larger of the two bounds."""
-        return max(self.one_run.epsilon, self.fdp.epsilon)
+        """The largest of the three bounds."""
+        return max(self.proven, self.fdp.epsilon)
 
 
 def guess_counts(canaries: int) -> tuple[int, ...]:
-    """The guess counts tried, fixed before any score is seen: m, m/2, m/4, ... (10 at most, each >= 1)."""
-    return tuple(sorted({max(1, round(canaries / 2**j)) for j in range(10)}, reverse=True))
+    """The guess counts tried, fixed before any score is seen: m, m/√2, m/2, ... (24 at most, each >= 1)."""
+    return tuple(sorted({max(1, round(canaries / 2 ** (j / 2))) for j in range(24)}, reverse=True))
 
 
-def _right_guesses(scores: np.ndarray, included: np.ndarray, counts: Sequence[int]) -> list[int]:
-    """For each r: right guesses when the top ceil(r/2) scores are guessed in and the bottom floor(r/2) out.
+def _right_guesses(scores: np.ndarray, included: np.ndarray, counts: Sequence[int], threshold: float) -> list[int]:
+    """For each r: right guesses when the r scores farthest from ``threshold`` are guessed in above it, out below.
 
-    Ties are broken by canary index, which does not depend on the inclusion bits.
+    Ties in distance are broken by canary index, which does not depend on the inclusion bits.
     """
-    order = np.argsort(scores, kind="stable")
-    ranked = included[order]
-    right = []
-    for r in counts:
-        top, bottom = (r + 1) // 2, r // 2
-        right.append(int(ranked[len(ranked) - top:].sum()) + int((~ranked[:bottom]).sum()))
-    return right
+    order = np.argsort(-np.abs(scores - threshold), kind="stable")
+    right = (scores > threshold) == included
+    return [int(right[order[:r]].sum()) for r in counts]
+
+
+def _as_scores(scores: Sequence[float] | np.ndarray | Tensor) -> np.ndarray:
+    if isinstance(scores, Tensor):
+        return scores.detach().cpu().double().numpy()
+    return np.asarray(scores, dtype=np.float64)
 
 
 def audit_scores(scores: Sequence[float] | np.ndarray | Tensor, included: Sequence[bool] | np.ndarray | Tensor, *,
-                 delta: float, confidence: float = 0.95) -> ScoreAudit:
+                 delta: float, confidence: float = 0.95, threshold: float | None = None,
+                 families: Sequence[str] | None = None) -> ScoreAudit:
     """Lower bounds on ε at ``delta`` from canary scores (higher: more likely included) and inclusion bits.
 
-    Valid when each canary was included independently with probability 1/2 and the scores were computed from
-    what the run released, without the inclusion bits. Every guess count of :func:`guess_counts` is tried, each
-    test at significance (1 - confidence) / len(counts), so the best of them holds at ``confidence``.
+    ``scores`` is one score per canary, or a (k, m) array of k score families (each a different attack on the
+    same canaries). Each family guesses "in" above ``threshold`` and "out" below it, for its r scores farthest
+    from it (None: the median of its finite scores; a log-likelihood ratio's natural threshold is 0). Valid when
+    each canary was included independently with probability 1/2 and the scores were computed from what the run
+    released, without the inclusion bits. Every family and guess count of :func:`guess_counts` is tried; the two
+    assumption-free tests share the significance 1 - confidence (each try at (1 - confidence) / (2·k·counts)),
+    the Gaussian f-DP test has its own, so ``proven`` and each bound hold at ``confidence``.
     """
-    scores = np.asarray(torch.as_tensor(scores).detach().cpu().double() if isinstance(scores, Tensor) else scores,
-                        dtype=np.float64)
+    scores = _as_scores(scores)
+    scores = scores[None, :] if scores.ndim == 1 else scores
     included = np.asarray(included.detach().cpu() if isinstance(included, Tensor) else included)
-    if scores.ndim != 1 or included.shape != scores.shape or scores.size == 0:
-        raise ValueError(f"scores and included must be 1-D of the same non-zero length, got {scores.shape} and "
-                         f"{included.shape}")
+    if scores.ndim != 2 or included.shape != scores.shape[1:] or scores.size == 0:
+        raise ValueError(f"scores must be 1-D, or 2-D with one row per score family, with one score per canary; "
+                         f"got scores of shape {scores.shape} and included of shape {included.shape}")
     if included.dtype != np.bool_:
         raise ValueError(f"included must hold booleans (the canaries' inclusion bits), got {included.dtype}")
     if np.isnan(scores).any():
         raise ValueError("scores hold NaN; a NaN cannot be ranked")
+    names = list(families) if families is not None else [f"scores {k}" if len(scores) > 1 else "scores"
+                                                          for k in range(len(scores))]
+    if len(names) != len(scores):
+        raise ValueError(f"{len(scores)} score families need as many names, got {len(names)}")
     _check_level(confidence, delta)
     if delta == 0:
         raise ValueError("delta must be > 0: the f-DP bound converts μ-GDP to epsilon at delta, infinite at 0")
-    m = scores.size
+    m = scores.shape[1]
     counts = guess_counts(m)
-    right = _right_guesses(scores, included, counts)
-    level = 1 - (1 - confidence) / len(counts)
-    bounds = {}
-    for method, bound in (("one-run", one_run_epsilon), ("f-DP", fdp_epsilon)):
-        found = [(bound(m, r, v, delta, level), r, v) for r, v in zip(counts, right)]
-        eps, r, v = max(found, key=lambda t: (t[0], -t[1]))
-        bounds[method] = LowerBound(method=method, epsilon=eps, delta=delta, confidence=confidence, canaries=m,
-                                    guesses=r, correct=v)
-    return ScoreAudit(one_run=bounds["one-run"], fdp=bounds["f-DP"])
+    tries = len(scores) * len(counts)
+    proof_level, gauss_level = 1 - (1 - confidence) / (2 * tries), 1 - (1 - confidence) / tries
+    found: dict[str, list[tuple[float, int, int, str]]] = {"one-run": [], "f-DP (eps, delta)": [], "f-DP": []}
+    for row, name in zip(scores, names):
+        finite = row[np.isfinite(row)]
+        cut = float(np.median(finite)) if threshold is None and finite.size else (threshold or 0.0)
+        for r, v in zip(counts, _right_guesses(row, included, counts, cut)):
+            found["one-run"].append((one_run_epsilon(m, r, v, delta, proof_level), r, v, name))
+            found["f-DP (eps, delta)"].append((approx_dp_epsilon(m, r, v, delta, proof_level), r, v, name))
+            found["f-DP"].append((fdp_epsilon(m, r, v, delta, gauss_level), r, v, name))
+    best = {}
+    for method, tried in found.items():
+        eps, r, v, name = max(tried, key=lambda t: (t[0], -t[1]))
+        best[method] = LowerBound(method=method, epsilon=eps, delta=delta, confidence=confidence, canaries=m,
+                                  guesses=r, correct=v, family=name)
+    return ScoreAudit(one_run=best["one-run"], approx_dp=best["f-DP (eps, delta)"], fdp=best["f-DP"])
 
 
 def audit_in_out(in_scores: Sequence[float] | np.ndarray, out_scores: Sequence[float] | np.ndarray, *,
-                 delta: float, confidence: float = 0.95) -> ScoreAudit:
+                 delta: float, confidence: float = 0.95, threshold: float | None = None) -> ScoreAudit:
     """:func:`audit_scores` from the scores of the included and of the left-out canaries.
 
     The canaries must still have been split by independent fair coins: the test counts on that randomness.
@@ -277,273 +337,4 @@ def audit_in_out(in_scores: Sequence[float] | np.ndarray, out_scores: Sequence[f
     in_scores, out_scores = np.asarray(in_scores, dtype=np.float64), np.asarray(out_scores, dtype=np.float64)
     scores = np.concatenate([in_scores, out_scores])
     included = np.concatenate([np.ones(in_scores.size, bool), np.zeros(out_scores.size, bool)])
-    return audit_scores(scores, included, delta=delta, confidence=confidence)
-
-
-# --- gradient canaries in DP-SGD -----------------------------------------------------------------------------------
-
-@attrs.frozen
-class AuditReport:
-    """The accountant's epsilon next to the audit's lower bounds; ``str()`` is the printed report."""
-
-    accountant: str
-    accountant_epsilon: float
-    bounds: ScoreAudit
-    steps: int
-    sample_rate: float
-    noise_multiplier: float
-    included: int  # canaries that were in the run
-
-    @property
-    def violated(self) -> bool:
-        """The assumption-free one-run bound exceeds the accountant's epsilon: a proven bug."""
-        return self.bounds.one_run.epsilon > self.accountant_epsilon
-
-    @property
-    def suspect(self) -> bool:
-        """The f-DP bound exceeds it: a bug, unless the run is less private than a Gaussian mechanism of that ε."""
-        return self.bounds.fdp.epsilon > self.accountant_epsilon
-
-    def __str__(self) -> str:
-        one, fdp = self.bounds.one_run, self.bounds.fdp
-        lines = [
-            f"privacy audit after {self.steps} steps (sample rate {self.sample_rate:.4g}, noise multiplier "
-            f"{self.noise_multiplier:g}, {one.canaries} gradient canaries, {self.included} included), delta "
-            f"{one.delta:g}, confidence {one.confidence:.0%}:",
-            f"  accountant {self.accountant:<6} epsilon <= {self.accountant_epsilon:.4f}  (proven upper bound)",
-        ]
-        for bound, label in ((one, "one-run"), (fdp, "f-DP   ")):
-            lines.append(f"  audit {label}     epsilon >= {bound.epsilon:.4f}  ({bound.correct} of {bound.guesses} "
-                         "guesses right)")
-        if self.violated:
-            verdict = ("VIOLATION: the one-run lower bound exceeds the accountant's epsilon; the run leaks more than "
-                       "it claims (check the noise plugin, the sampling and the accountant)")
-        elif self.suspect:
-            verdict = ("SUSPECT: the f-DP lower bound exceeds the accountant's epsilon: the run is less private than "
-                       "a Gaussian mechanism with that epsilon, which full-batch DP-SGD cannot be and subsampled "
-                       "DP-SGD should not be (the one-run bound assumes nothing; more canaries would settle it)")
-        else:
-            verdict = ("consistent: no lower bound exceeds the accountant's epsilon (this does not prove the run "
-                       "private; see docs/auditing.md)")
-        lines.append("  " + verdict)
-        return "\n".join(lines)
-
-
-class CanaryAudit:
-    """White-box audit of a DP-SGD run: Dirac gradient canaries in the clipped sum, scored from the release.
-
-    Installed as ``private.noise`` around the run's noise mechanism (same interface), so the engine is untouched:
-    at each step, before delegating ``add`` on a clipped-sum buffer, it adds C·e_j for each included canary j that
-    the step samples (probability q, the run's sample rate), exactly as an example whose clipped gradient is C·e_j
-    would be added; after, it reads the released noisy sum at those coordinates. Each canary is thus an example
-    the accountant counts. A canary's score is the log-likelihood ratio, under the claimed mechanism (Gaussian
-    noise of the step's std, inclusion with probability q), of the released value minus the other examples'
-    clipped sum, summed over steps; a coordinate whose values lie on {0, C} at every step got no noise and is
-    scored by what it shows (included when it ever showed C). Subtracting the other examples' sum is fair: DP's
-    adversary knows every other example, and the accountant's bound holds whatever their sampling.
-    """
-
-    def __init__(self, private: PrivateTraining, noise: Any, canaries: int, generator: torch.Generator):
-        self.private, self.noise, self.canaries = private, noise, canaries
-        self._generator = generator
-        total = sum(p.numel() for p in private.params)
-        picked = torch.randperm(total, generator=generator)[:canaries]
-        self.included = torch.rand(canaries, generator=generator) < 0.5
-        starts = np.cumsum([0] + [p.numel() for p in private.params])
-        owner = np.searchsorted(starts, picked.numpy(), side="right") - 1
-        # per parameter (by id, the parameter kept so the id stays its own): its canaries, their indices in it
-        self._where: dict[int, tuple[Any, Tensor, Tensor]] = {}
-        for k, p in enumerate(private.params):
-            mine = np.flatnonzero(owner == k)
-            if mine.size:
-                self._where[id(p)] = (p, torch.as_tensor(mine), picked[mine] - int(starts[k]))
-        self._llr = torch.zeros(canaries, dtype=torch.float64)
-        self._exact = torch.ones(canaries, dtype=torch.bool)  # every value so far on the lattice {0, C}
-        self._showed = torch.zeros(canaries, dtype=torch.bool)  # some value equalled C exactly
-        self._steps = torch.zeros(canaries, dtype=torch.int64)
-
-    @classmethod
-    def attach(cls, private: PrivateTraining, canaries: int = 1000, *, seed: int | None = None) -> CanaryAudit:
-        """Put ``canaries`` Dirac canaries on distinct random coordinates of ``private``'s trainable parameters.
-
-        Attach before the first step to audit the whole run (the report compares with the accountant's epsilon
-        of every step it counted). Refused under torch.distributed with world size > 1, on a run that already
-        has an audit (two audits' canaries would share coordinates), and when there are fewer coordinates than
-        canaries. ``seed`` makes the canaries' coordinates, inclusion and sampling reproducible.
-        """
-        _refuse_distributed(private)
-        if isinstance(private.noise, CanaryAudit):
-            raise PrivacyUsageError("this run already has a CanaryAudit attached; a second one's canaries would "
-                                    "collide with the first's coordinates. Use the one attached, or detach() it.")
-        if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 1:
-            raise ValueError(f"canaries must be an int >= 1, got {canaries!r}")
-        total = sum(p.numel() for p in private.params)
-        if canaries > total:
-            raise ValueError(f"{canaries} canaries need as many distinct coordinates, and the trainable parameters "
-                             f"have {total}: two canaries on one coordinate would collide. Use fewer canaries.")
-        seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        audit = cls(private, private.noise, canaries, torch.Generator().manual_seed(seed))
-        private.noise = audit
-        return audit
-
-    def detach(self) -> None:
-        """Give the run its own noise mechanism back; the scores so far are kept."""
-        if self.private.noise is self:
-            self.private.noise = self.noise
-
-    # -- the noise mechanism's interface, delegated ------------------------------------------------------------------
-    @property
-    def seed(self) -> Any:
-        return self.noise.seed
-
-    @seed.setter
-    def seed(self, value: Any) -> None:
-        self.noise.seed = value
-
-    @property
-    def secure_mode(self) -> bool:
-        return self.noise.secure_mode
-
-    def __getattr__(self, name: str) -> Any:  # e.g. generator(device), which adaptive clipping draws from
-        if name.startswith("__") or name == "noise":
-            raise AttributeError(name)
-        return getattr(self.noise, name)
-
-    def dp_event(self, noise_multiplier: float, sample_rate: float) -> DpEvent:
-        return self.noise.dp_event(noise_multiplier, sample_rate)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.noise.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.noise.load_state_dict(state)
-
-    def add(self, clipped_sum: Tensor, *, std: float) -> Tensor:
-        """Canaries into the clipped sum, the run's noise, then the released values at the canaries read back."""
-        _refuse_distributed(self.private)
-        flats = self.private.accumulator.flats
-        group = next((g for flat, g in flats if flat is clipped_sum), None)
-        if group is None:
-            raise PrivacyUsageError("CanaryAudit: the noise was asked to noise a tensor that is not one of the step's "
-                                    "clipped-sum buffers; the audit cannot tell which canaries it holds.")
-        trainable = {id(p) for _, g in flats for p in g}
-        if not trainable.issuperset(self._where):
-            raise PrivacyUsageError("CanaryAudit: a parameter holding canaries is no longer trainable, so its canaries "
-                                    "are no longer released; attach a new audit after changing requires_grad.")
-        rows, index = self._canaries_in(group)
-        if not rows.numel():
-            return self.noise.add(clipped_sum, std=std)
-        flat = clipped_sum.view(-1)
-        index = index.to(flat.device)
-        C, q = float(self.private.clipper.sensitivity()), float(self.private.sample_rate)
-        sampled = self.included[rows] & (torch.rand(rows.numel(), generator=self._generator) < q)
-        others = flat[index].detach().to("cpu", torch.float64)  # the other examples' clipped sum there
-        flat[index] += (sampled.to(torch.float64) * C).to(flat.device, flat.dtype)
-        noisy = self.noise.add(clipped_sum, std=std)
-        shown = noisy.reshape(-1)[index].detach().to("cpu", torch.float64) - others
-        self._score(rows, shown, others, C, q, std)
-        return noisy
-
-    def _canaries_in(self, group: list[Any]) -> tuple[Tensor, Tensor]:
-        """The canaries on the parameters of one buffer, and their positions in it."""
-        rows, index, offset = [], [], 0
-        for p in group:
-            if id(p) in self._where:
-                mine, local = self._where[id(p)][1:]
-                rows.append(mine)
-                index.append(local + offset)
-            offset += p.numel()
-        empty = torch.zeros(0, dtype=torch.int64)
-        return (torch.cat(rows), torch.cat(index)) if rows else (empty, empty)
-
-    def _score(self, rows: Tensor, shown: Tensor, others: Tensor, C: float, q: float, std: float) -> None:
-        tol = 1e-5 * (others.abs() + C)  # rounding of the float32 sums, far below any noise worth the name
-        on_c = (shown - C).abs() <= tol
-        self._exact[rows] &= on_c | (shown.abs() <= tol)
-        self._showed[rows] |= on_c
-        self._steps[rows] += 1
-        if std > 0:
-            a = (C * shown - C * C / 2) / (std * std)
-            llr = a if q >= 1 else torch.logaddexp(torch.full_like(a, math.log1p(-q)), math.log(q) + a)
-        else:
-            llr = shown  # no noise claimed: epsilon is infinite anyway
-        self._llr[rows] += llr
-
-    # -- results -------------------------------------------------------------------------------------------------------
-    def scores(self) -> Tensor:
-        """Each canary's score (higher: more likely included), from the released values only."""
-        exact = self._exact & (self._steps > 0)
-        decided = torch.where(self._showed, math.inf, -math.inf)
-        return torch.where(exact, decided, self._llr)
-
-    def bounds(self, delta: float, confidence: float = 0.95) -> ScoreAudit:
-        """The one-run and f-DP lower bounds on ε at ``delta`` from the scores so far."""
-        return audit_scores(self.scores(), self.included, delta=delta, confidence=confidence)
-
-    def report(self, delta: float, confidence: float = 0.95) -> AuditReport:
-        """The run's accountant epsilon next to the measured lower bounds (``print`` it)."""
-        if not int(self._steps.max()):
-            raise PrivacyUsageError("CanaryAudit.report: no step has been taken since attach, nothing was released.")
-        return AuditReport(accountant=self.private.accountant, accountant_epsilon=self.private.epsilon(delta),
-                           bounds=self.bounds(delta, confidence), steps=self.private.steps,
-                           sample_rate=self.private.sample_rate, noise_multiplier=self.private.noise_multiplier,
-                           included=int(self.included.sum()))
-
-
-def _refuse_distributed(private: PrivateTraining) -> None:
-    if distributed.world_size() > 1 or private.world_size > 1:
-        raise PrivacyUsageError("CanaryAudit does not support torch.distributed with world size > 1 yet: each rank "
-                                "noises its own slice of the sum, and the canaries' values would be read before the "
-                                "ranks' sums are added. Audit a single-process run.")
-
-
-# --- a bundled run ------------------------------------------------------------------------------------------------
-
-def bundled_audit(*, steps: int = 100, canaries: int = 1000, noise_multiplier: float = 10.0,
-                  sample_rate: float = 1.0, delta: float = 1e-5, confidence: float = 0.95, noise: str = "gaussian",
-                  accountant: str = "prv", seed: int = 0) -> AuditReport:
-    """Train a small MLP on synthetic data with an audit attached and return the report.
-
-    Full-batch (``sample_rate=1``) by default: a Dirac canary's summed score is then the optimal test, so the
-    lower bound gets closest to the accountant's epsilon. ``noise`` names the noise plugin to audit.
-    """
-    import dpkit  # the engine imports plugins lazily; so does the audit
-
-    gen = torch.Generator().manual_seed(seed)
-    n, d = 512, 24
-    x = torch.randn(n, d, generator=gen)
-    y = (x @ torch.randn(d, generator=gen) > 0).long()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torch.nn.Sequential(torch.nn.Linear(d, 96), torch.nn.ReLU(), torch.nn.Linear(96, 2))
-    loader = dpkit.DPDataLoader(torch.utils.data.TensorDataset(x, y), sample_rate,
-                                generator=torch.Generator().manual_seed(seed))
-    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-                                 data_loader=loader, noise_multiplier=noise_multiplier, max_grad_norm=1.0,
-                                 criterion=torch.nn.CrossEntropyLoss(), noise=noise, accountant=accountant,
-                                 noise_seed=seed, grad_sample_mode="hooks")
-    model, optimizer, loader, criterion = private
-    audit = CanaryAudit.attach(private, canaries=canaries, seed=seed)
-    try:
-        done = 0
-        while done < steps:
-            for xb, yb in loader:
-                optimizer.zero_grad()
-                criterion(model(xb), yb).backward()
-                optimizer.step()
-                done += 1
-                if done == steps:
-                    break
-        return audit.report(delta, confidence)
-    finally:
-        audit.detach()
-        private.detach()
-
-
-def run_bundled_audit(*, steps: int = 100, canaries: int = 1000, noise_multiplier: float = 10.0,
-                      sample_rate: float = 1.0, delta: float = 1e-5, confidence: float = 0.95,
-                      noise: str = "gaussian", accountant: str = "prv", seed: int = 0) -> str:
-    """:func:`bundled_audit`'s report as text, for ``dpkit audit``."""
-    return str(bundled_audit(steps=steps, canaries=canaries, noise_multiplier=noise_multiplier,
-                             sample_rate=sample_rate, delta=delta, confidence=confidence, noise=noise,
-                             accountant=accountant, seed=seed))
+    return audit_scores(scores, included, delta=delta, confidence=confidence, threshold=threshold)
