@@ -237,8 +237,14 @@ class CanaryAudit:
         return self._tape.scores()
 
     def bounds(self, delta: float, confidence: float = 0.95) -> ScoreAudit:
-        """The lower bounds on ε at ``delta`` from both score families so far (log-likelihood ratios: threshold 0)."""
-        return audit_scores(self.scores(), self.included, delta=delta, confidence=confidence, threshold=0.0,
+        """The lower bounds on ε at ``delta`` from both score families so far.
+
+        Full batch, the scores are Gaussian log-likelihood ratios whose sign is the best guess whatever the noise's
+        true scale, so the guesses split at 0; subsampled, the claimed ratio weighs a step's evidence by the claimed
+        noise, and the median of the scores is the sturdier split (too little noise makes 0 far too cautious).
+        """
+        threshold = 0.0 if float(self.private.sample_rate) >= 1 else None
+        return audit_scores(self.scores(), self.included, delta=delta, confidence=confidence, threshold=threshold,
                             families=FAMILIES)
 
     def report(self, delta: float, confidence: float = 0.95) -> AuditReport:
