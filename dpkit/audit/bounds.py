@@ -322,7 +322,7 @@ def audit_scores(scores: Sequence[float] | np.ndarray | Tensor, included: Sequen
             found["f-DP"].append((fdp_epsilon(m, r, v, delta, gauss_level), r, v, name))
     best = {}
     for method, tried in found.items():
-        eps, r, v, name = max(tried, key=lambda t: (t[0], -t[1]))
+        eps, r, v, name = max(tried, key=lambda t: (t[0], t[1]))  # ties: the most guesses
         best[method] = LowerBound(method=method, epsilon=eps, delta=delta, confidence=confidence, canaries=m,
                                   guesses=r, correct=v, family=name)
     return ScoreAudit(one_run=best["one-run"], approx_dp=best["f-DP (eps, delta)"], fdp=best["f-DP"])

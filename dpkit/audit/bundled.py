@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from dpkit.audit.canary import AuditReport, CanaryAudit
+from dpkit import registry
+from dpkit.audit.canary import AuditReport, CanaryAudit, refuse_correlated
 from dpkit.audit.scoring import REFERENCES
 
 __all__ = ["bundled_audit", "run_bundled_audit"]
@@ -30,6 +31,7 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
     """
     import dpkit  # the training code, imported when an audit trains (never when dpkit.audit is imported)
 
+    refuse_correlated(registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed))  # before training
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(_EXAMPLES, _FEATURES, generator=gen)
     y = (x @ torch.randn(_FEATURES, generator=gen) > 0).long()

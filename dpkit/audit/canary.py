@@ -19,7 +19,7 @@ from dpkit.audit.bounds import ScoreAudit, audit_scores
 from dpkit.audit.scoring import REFERENCES, Tape
 from dpkit.errors import PrivacyUsageError
 
-__all__ = ["AuditReport", "CanaryAudit", "Trainable"]
+__all__ = ["AuditReport", "CanaryAudit", "Trainable", "refuse_correlated"]
 
 FAMILIES = ("claimed", "whitened")
 
@@ -138,12 +138,7 @@ class CanaryAudit:
         if isinstance(private.noise, CanaryAudit):
             raise PrivacyUsageError("this run already has a CanaryAudit attached; a second one's canaries would "
                                     "collide with the first's coordinates. Use the one attached, or detach() it.")
-        if getattr(private.noise, "check_loader", None) is not None:
-            raise PrivacyUsageError(
-                f"CanaryAudit cannot audit the noise mechanism {type(private.noise).__name__}: it has its own sampling "
-                "rule (check_loader), as correlated noise (tree, bandmf) has, while the audit's canaries are "
-                "Poisson-sampled at every step and its tests assume noise independent across steps, so the "
-                "accountant's epsilon would not cover them. Audit noise='gaussian' (or an independent-noise plugin).")
+        refuse_correlated(private.noise)
         if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 1:
             raise ValueError(f"canaries must be an int >= 1, got {canaries!r}")
         total = sum(p.numel() for p in private.params)
@@ -259,6 +254,20 @@ class CanaryAudit:
     def audit_report(self, delta: float, confidence: float = 0.95) -> AuditReport:
         """:meth:`report`, under the name ``PrivateTraining.audit_report`` looks up on its noise mechanism."""
         return self.report(delta, confidence)
+
+
+def refuse_correlated(mechanism: Any) -> None:
+    """Refuse a noise mechanism with its own sampling rule (``check_loader``): correlated noise (tree, bandmf).
+
+    Its accounting covers examples that join the steps its loader picks, not canaries Poisson-sampled at every
+    step, and the scores' tests assume noise independent across steps; the audit would compare unlike things.
+    """
+    if getattr(mechanism, "check_loader", None) is not None:
+        raise PrivacyUsageError(
+            f"CanaryAudit cannot audit the noise mechanism {type(mechanism).__name__}: it has its own sampling rule "
+            "(check_loader), as correlated noise (tree, bandmf) has, while the audit's canaries are Poisson-sampled "
+            "at every step and its tests assume noise independent across steps, so the accountant's epsilon would "
+            "not cover them. Audit noise='gaussian' or another independent-noise plugin (docs/auditing.md).")
 
 
 def _refuse_distributed(private: Trainable) -> None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from dpkit.cli._common import EXIT_NO, EXIT_OK, add_json, count, emit, positive
+from dpkit.cli._common import EXIT_NO, EXIT_OK, EXIT_USAGE, CommandError, add_json, count, emit, positive
+from dpkit.errors import PrivacyUsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,12 +23,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 1 when an assumption-free bound (one-run or f-DP (ε, δ)) exceeds the accountant's ε: a proven violation."""
+    """Exit 1 when an assumption-free bound (one-run or f-DP (ε, δ)) exceeds the accountant's ε: a proven violation;
+    2 for a configuration the audit refuses (a correlated-noise mechanism), which is no verdict on the plugin."""
     from dpkit.audit import bundled_audit
 
-    report = bundled_audit(steps=args.steps, canaries=args.canaries, noise_multiplier=args.noise_multiplier,
-                           sample_rate=args.sample_rate, delta=args.delta, noise=args.noise,
-                           accountant=args.accountant, seed=args.seed)
+    try:
+        report = bundled_audit(steps=args.steps, canaries=args.canaries, noise_multiplier=args.noise_multiplier,
+                               sample_rate=args.sample_rate, delta=args.delta, noise=args.noise,
+                               accountant=args.accountant, seed=args.seed)
+    except PrivacyUsageError as err:
+        raise CommandError(str(err), EXIT_USAGE) from err
     emit({"accountant_epsilon": report.accountant_epsilon, "one_run_epsilon": report.bounds.one_run.epsilon,
           "approx_dp_epsilon": report.bounds.approx_dp.epsilon,
           "fdp_epsilon": report.bounds.fdp.epsilon, "violated": report.violated, "suspect": report.suspect,
