@@ -56,3 +56,16 @@ def test_sign_guessing_reaches_every_canary():
     bounds = audit.audit_scores(np.where(included, 5.0, -5.0), included, delta=1e-5, threshold=0.0)
     for bound in (bounds.one_run, bounds.approx_dp, bounds.fdp):
         assert bound.guesses == bound.correct == 1000
+
+
+@pytest.mark.parametrize(("m", "r", "eps", "delta"), [(400, 100, 1.0, 1e-2), (1000, 250, 2.0, 1e-3), (1000, 250, 1.0, 1e-5)])
+def test_with_abstentions_it_refutes_a_true_claim_at_most_alpha_of_the_time(m, r, eps, delta):
+    """The same mechanism, guessed by an attacker that abstains: the k revealed canaries are guessed first (all
+    right), then r - k of the randomized ones. The exact law of the right guesses mixes binomials over k."""
+    refuted = np.array([audit.approx_dp_refutes(m, r, v, eps, delta) for v in range(r + 1)])
+    rr, total = special.expit(eps), 0.0
+    for k in range(m + 1):
+        revealed = min(k, r)
+        right = revealed + np.arange(r - revealed + 1)
+        total += stats.binom.pmf(k, m, delta) * stats.binom.pmf(right - revealed, r - revealed, rr)[refuted[right]].sum()
+    assert total <= ALPHA and (total > 0.01 or m * delta > 1)  # tight unless the canaries share a lot of δ
