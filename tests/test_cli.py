@@ -492,7 +492,8 @@ def test_audit_reports_both_bounds_below_the_accountant_and_exits_1_on_a_violati
 
     class Report:  # a violating audit, without training a broken plugin here (tests/audit does that)
         violated, suspect, accountant_epsilon, steps = True, True, 1.0, 5
-        bounds = types.SimpleNamespace(one_run=types.SimpleNamespace(epsilon=4.0), fdp=types.SimpleNamespace(epsilon=6.0))
+        bounds = types.SimpleNamespace(one_run=types.SimpleNamespace(epsilon=4.0), approx_dp=types.SimpleNamespace(epsilon=5.0),
+                                       fdp=types.SimpleNamespace(epsilon=6.0))
 
         def __str__(self):
             return "VIOLATION"

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from dpkit.cli._common import EXIT_NO, EXIT_OK, add_json, count, emit, positive
+from dpkit.cli._common import EXIT_NO, EXIT_OK, EXIT_USAGE, CommandError, add_json, count, emit, positive
+from dpkit.errors import PrivacyUsageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="audit a noise plugin and accountant on a bundled model (docs/auditing.md)")
     p.add_argument("--steps", type=count, default=100, help="full-batch steps (default 100)")
-    p.add_argument("--canaries", type=count, default=1000, help="Dirac gradient canaries (default 1000)")
+    p.add_argument("--canaries", type=count, default=100_000,
+                   help="Dirac gradient canaries (default 100000: enough to prove noise at half its claimed std)")
     p.add_argument("--noise-multiplier", type=positive, default=10.0)
     p.add_argument("--sample-rate", type=positive, default=1.0)
     p.add_argument("--delta", type=positive, default=1e-5)
@@ -21,13 +23,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Exit 1 when the assumption-free one-run bound exceeds the accountant's ε (a proven violation)."""
+    """Exit 1 when an assumption-free bound (one-run or f-DP (ε, δ)) exceeds the accountant's ε: a proven violation;
+    2 for a configuration the audit refuses (a correlated-noise mechanism), which is no verdict on the plugin."""
     from dpkit.audit import bundled_audit
 
-    report = bundled_audit(steps=args.steps, canaries=args.canaries, noise_multiplier=args.noise_multiplier,
-                           sample_rate=args.sample_rate, delta=args.delta, noise=args.noise,
-                           accountant=args.accountant, seed=args.seed)
+    try:
+        report = bundled_audit(steps=args.steps, canaries=args.canaries, noise_multiplier=args.noise_multiplier,
+                               sample_rate=args.sample_rate, delta=args.delta, noise=args.noise,
+                               accountant=args.accountant, seed=args.seed)
+    except PrivacyUsageError as err:
+        raise CommandError(str(err), EXIT_USAGE) from err
     emit({"accountant_epsilon": report.accountant_epsilon, "one_run_epsilon": report.bounds.one_run.epsilon,
+          "approx_dp_epsilon": report.bounds.approx_dp.epsilon,
           "fdp_epsilon": report.bounds.fdp.epsilon, "violated": report.violated, "suspect": report.suspect,
           "steps": report.steps, "canaries": args.canaries}, str(report), args.json)
     return EXIT_NO if report.violated else EXIT_OK

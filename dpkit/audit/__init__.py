@@ -1,0 +1,25 @@
+"""Privacy auditing: an empirical lower bound on epsilon from what one training run released.
+
+An accountant's epsilon is an upper bound, proven for the mechanism as specified; an audit measures a lower bound
+from what the implementation released. A bound above the accountant's epsilon proves a bug; a bound below it
+proves nothing about privacy (docs/auditing.md).
+
+- :mod:`dpkit.audit.bounds`: the statistics only, from canary scores and inclusion bits to lower bounds;
+- :mod:`dpkit.audit.scoring` and :mod:`dpkit.audit.canary`: :class:`CanaryAudit`, gradient canaries in a DP-SGD
+  run, typed against a small Protocol of the controller (no training code imported);
+- :mod:`dpkit.audit.bundled`: the bundled run behind ``dpkit audit``.
+"""
+from __future__ import annotations
+
+from dpkit.audit.bounds import (
+    LowerBound, ScoreAudit, approx_dp_epsilon, approx_dp_refutes, audit_in_out, audit_scores, fdp_epsilon, fdp_mu,
+    fdp_refutes, gdp_epsilon, guess_counts, one_run_epsilon, one_run_p_value,
+)
+from dpkit.audit.bundled import bundled_audit, run_bundled_audit
+from dpkit.audit.canary import AuditReport, CanaryAudit, Trainable
+
+__all__ = [
+    "AuditReport", "CanaryAudit", "LowerBound", "ScoreAudit", "Trainable", "approx_dp_epsilon", "approx_dp_refutes",
+    "audit_in_out", "audit_scores", "bundled_audit", "fdp_epsilon", "fdp_mu", "fdp_refutes", "gdp_epsilon",
+    "guess_counts", "one_run_epsilon", "one_run_p_value", "run_bundled_audit",
+]
