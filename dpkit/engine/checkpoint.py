@@ -30,7 +30,15 @@ def config(private: Controller) -> dict[str, Any]:
     return {"clipping": private.clipping, "noise": private.noise_name, "accountant": private.accountant,
             "secure_mode": private.secure_mode, "noise_multiplier": private.noise_multiplier,
             "max_grad_norm": private.max_grad_norm, "sample_rate": private.sample_rate,
-            "augmentation_multiplicity": private.K}
+            "augmentation_multiplicity": private.K, "dataset_size": _dataset_size(private.data_loader)}
+
+
+def _dataset_size(loader) -> int | None:
+    """A cyclic or shuffled loader's partition is drawn over the dataset: another size redraws it."""
+    try:
+        return len(loader.dataset) if loader is not None else None
+    except TypeError:
+        return None
 
 
 _DIGESTED = ("format", "config", "ledger", "steps", "unbounded_steps", "noise", "clipper", "overflow_skips",

@@ -96,6 +96,8 @@ class PrivateTraining:
         self.gate = StepGate()
         self.passes = PassEnd(self)
         self.scaler = amp.link(grad_scaler, lambda: self.enabled)
+        if grad_scaler is not None and grad_scaler.is_enabled() and not grad_scaler.get_scale() > 0:
+            raise ValueError(f"grad_scaler's scale is {grad_scaler.get_scale()!r}: it must be > 0 (init_scale=).")
         if grad_scaler is not None and topology.world_size > 1:
             raise PrivacyUsageError(
                 "grad_scaler= under torch.distributed is not supported yet: a loss-scale overflow on one rank "
@@ -110,8 +112,10 @@ class PrivateTraining:
                              "ones to train before make_private.")
         guards.check_noise_range(noise_multiplier, clipper, self.params, self.expected_batch_size, loss_reduction)
         guards.warn_overrides(self.plan, clipping, noise_name, accountant)
-        topology.check_at_make(repr((noise_multiplier, max_grad_norm, self.sample_rate, self.expected_batch_size,
-                                     mode, K, loss_reduction, checkpoint.config(self), len(self.params))),
+        topology.check_at_make({**checkpoint.config(self), "grad_sample_mode": mode,
+                                "expected_batch_size": self.expected_batch_size, "loss_reduction": loss_reduction,
+                                "data_loader": type(self.data_loader).__name__, "trainable tensors": len(self.params),
+                                "trainable names": [n for n, p in module.named_parameters() if p.requires_grad]},
                                self.params)
         self.attached = False
         self.attach()

@@ -59,12 +59,20 @@ class Replicated(Single):
             return seed
         return distributed.rank_seed(distributed.shared_seed(seed), self.rank)  # each rank noises its own slice
 
-    def check_at_make(self, settings: str, params: list[nn.Parameter]) -> None:
+    def check_at_make(self, settings: dict[str, Any], params: list[nn.Parameter]) -> None:
         if self.world_size == 1:  # FSDP2 over one process
             return
-        distributed.check_same(
-            torch.tensor([distributed.digest(settings)]), "make_private's arguments",
-            "Call make_private with the same arguments (and the same data loader size) on every rank.")
+        try:
+            distributed.check_same(torch.tensor([distributed.digest(settings)]), "make_private's arguments", "")
+        except PrivacyUsageError:
+            every: list[Any] = [None] * self.world_size
+            dist.all_gather_object(every, settings)
+            differ = sorted({k for theirs in every for k in settings if theirs.get(k) != settings[k]})
+            values = ", ".join(f"{k}: " + " / ".join(f"rank {r} {theirs.get(k)!r}" for r, theirs in enumerate(every))
+                               for k in differ)
+            raise PrivacyUsageError(
+                f"make_private's arguments differ between ranks ({values}). Call make_private with the same "
+                "arguments (and the same data loader size) on every rank.") from None
         distributed.check_same(  # sharded (FSDP2) parameters have no replicas to compare
             distributed.fingerprint([p for p in params if not distributed.is_sharded(p)]),
             "the trainable parameters",

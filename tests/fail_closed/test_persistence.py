@@ -111,7 +111,7 @@ def test_malformed_ledger_is_refused():
 def test_checkpoint_of_a_run_without_a_poisson_loader_into_one_with_it_is_refused():
     state = trained(1).state_dict()  # data_loader=None: no sampler state
     p = make(data_loader=torch.utils.data.DataLoader(dataset(), batch_size=8))
-    with pytest.raises(PrivacyUsageError, match="data sampling"):
+    with pytest.raises(PrivacyUsageError, match="data sampling|dataset_size=None there"):
         p.load_state_dict(state)
 
 
@@ -178,3 +178,38 @@ def test_secure_mode_refuses_a_noise_seed_or_ignores_it():
     train_step(p2, x, y)
     assert not torch.equal(torch.cat([g.flatten() for g in c1.first.values()]),
                            torch.cat([g.flatten() for g in c2.first.values()]))
+
+
+def test_overflow_skips_survive_a_resume():
+    """The docs tell users to check overflow_skips == 0 before stating their guarantee: a resume must keep it."""
+    p = trained(2)
+    p.overflow_skips = 3
+    state = p.state_dict()
+    q = make()
+    q.load_state_dict(state)
+    assert q.overflow_skips == 3
+
+
+def test_checkpoint_of_another_dataset_size_is_refused():
+    state = trained(1, data_loader=torch.utils.data.DataLoader(dataset(32), batch_size=8)).state_dict()
+    p = make(data_loader=torch.utils.data.DataLoader(dataset(64), batch_size=16))  # the same q, another dataset
+    with pytest.raises(PrivacyUsageError, match="dataset_size=32 there, 64 here"):
+        p.load_state_dict(state)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    p = trained(1)
+    path = tmp_path / "private.pt"
+    dpkit.engine.save(p.state_dict(), path)
+    first = torch.load(path, weights_only=False)
+
+    def killed(obj, f, *a, **kw):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process dies mid-save
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dpkit.engine.save(p.state_dict(), path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False)["steps"] == first["steps"]  # the previous checkpoint is whole
+    assert [f.name for f in tmp_path.iterdir()] == ["private.pt"]  # no temporary file left behind

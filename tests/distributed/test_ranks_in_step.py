@@ -1,0 +1,70 @@
+"""Ranks that fall out of step are refused on every rank, naming the rank; ranks that disagree name the argument."""
+from __future__ import annotations
+
+from tests.distributed import _launch
+
+
+def _skipping_rank(skipper: int) -> str:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import dpkit
+    from dpkit.errors import PrivacyUsageError
+    from tests.distributed._workers import build, data
+
+    model = build("none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=dpkit.DPDataLoader(data(), 0.3, distributed=True),
+                                     noise_multiplier=0.0, max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    batches = iter(private.data_loader)
+
+    def step():
+        x, y, _ = next(batches)
+        private.optimizer.zero_grad()
+        private.criterion(model(x), y).backward()
+        private.optimizer.step()
+
+    step()
+    if torch.distributed.get_rank() == skipper:
+        next(batches)  # "zero_grad() and go on" on one rank only: its next batch pairs with the others' current
+    try:
+        step()
+    except PrivacyUsageError as err:
+        return str(err)
+    return "released"
+
+
+def _differing_sigma(_) -> str:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import dpkit
+    from tests.distributed._workers import build, data
+
+    model = build("none")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               data_loader=dpkit.DPDataLoader(data(), 0.3, distributed=True),
+                               noise_multiplier=1.0 + torch.distributed.get_rank(), max_grad_norm=1.0,
+                               criterion=nn.CrossEntropyLoss())
+    except dpkit.PrivacyUsageError as err:
+        return str(err)
+    return "made"
+
+
+def test_a_rank_that_skips_a_batch_is_refused_on_every_rank():
+    for message in _launch.run(_skipping_rank, 2, 1):
+        assert "differ between rank 0 and rank(s) [1]" in message and "skipped" in message
+
+
+def test_ranks_that_differ_in_sigma_name_the_argument():
+    for message in _launch.run(_differing_sigma, 2, None):
+        assert "noise_multiplier: rank 0 1.0 / rank 1 2.0" in message
