@@ -103,7 +103,7 @@ class PrivateTraining:
                 "grad_scaler= under torch.distributed is not supported yet: a loss-scale overflow on one rank "
                 "would skip the step there while the other ranks wait in the noised all-reduce. Use bf16 autocast "
                 "without a scaler (docs/mixed-precision.md).")
-        self._state_before: dict | None = None  # the model's state when the forward in flight started (invariant 3)
+        self._state_before: list | None = None  # the model's state when the forward in flight started (invariant 3)
         self._wrapped: list[object] = []
         self._handles: list = []
         self._build()

@@ -212,36 +212,31 @@ class StateWatch:
     """
 
     def __init__(self, module: nn.Module, public: frozenset[str], topology) -> None:
-        self.slots: list[tuple[str, dict]] = []
+        self.names: list[str] = []
+        self.slots: list[tuple[dict, str]] = []  # (the module's _parameters or _buffers, the attribute)
         if topology.sharded:
             return
         ddp = topology.ddp
         buffers = ddp is None or not getattr(ddp, "broadcast_buffers", False)
         for prefix, m in module.named_modules():
-            for name in m._parameters:
-                self.slots.append((f"{prefix}.{name}" if prefix else name, m._parameters))
-            if buffers:
-                for name in m._buffers:
-                    full = f"{prefix}.{name}" if prefix else name
-                    if full not in public:
-                        self.slots.append((full, m._buffers))
+            kinds = (m._parameters, m._buffers) if buffers else (m._parameters,)
+            for table in kinds:
+                for key, t in table.items():
+                    full = f"{prefix}.{key}" if prefix else key
+                    if t is not None and full not in public and not t.is_inference():
+                        self.names.append(full)
+                        self.slots.append((table, key))
 
-    def snapshot(self) -> dict[str, tuple[object, int]]:
-        out = {}
-        for name, slot in self.slots:
-            t = slot.get(name.rsplit(".", 1)[-1])
-            out[name] = (t, t._version if isinstance(t, torch.Tensor) and not t.is_inference() else -1)
+    def snapshot(self) -> list[tuple[object, int]]:
+        out = []
+        for table, key in self.slots:
+            t = table.get(key)
+            out.append((t, t._version if t is not None else -1))
         return out
 
-    def refuse_moved(self, before: dict[str, tuple[object, int]]) -> None:
-        moved = []
-        for name, slot in self.slots:
-            if name not in before:  # a module added since (planned again at this forward)
-                continue
-            t, version = before[name]
-            now = slot.get(name.rsplit(".", 1)[-1])
-            if now is not t or (version >= 0 and now._version != version):
-                moved.append(name)
+    def refuse_moved(self, before: list[tuple[object, int]]) -> None:
+        moved = [name for name, (table, key), (t, version) in zip(self.names, self.slots, before)
+                 if table.get(key) is not t or (t is not None and t._version != version)]
         if moved:
             raise PrivacyUsageError(
                 f"{sorted(moved)[:5]} changed during the model's forward (an in-place renorm such as "
