@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-from scipy import optimize
-
 from dpkit import registry
 from dpkit.accountants._base import MAX_COUNT, check_count, check_delta, check_rate, check_sigma, real
 from dpkit.events import GaussianEvent, Ledger, PoissonSampledEvent
@@ -123,6 +121,7 @@ def get_noise_multiplier(
         if lo < math.log(_SIGMA_RANGE[0]):
             return math.exp(hi)  # even tiny noise meets the target
     goal = target_epsilon - epsilon_tolerance / 2
+    from scipy import optimize  # on use: get_epsilon and `dpkit epsilon` need none of it
     if math.isfinite(eps(lo)) and eps(lo) > goal > eps(hi):  # an infinite end: bisection alone
         guess = optimize.brentq(lambda s: eps(s) - goal, lo, hi, xtol=1e-6)
         lo, hi = (guess, hi) if eps(guess) > target_epsilon else (lo, guess)
