@@ -203,3 +203,25 @@ def test_importing_dpkit_leaves_the_engine_for_first_use():
             "'scipy.special', 'scipy.signal'} & set(sys.modules))); from dpkit import make_private; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["[]", "ok"]
+
+
+def _load_api_generator():
+    spec = importlib.util.spec_from_file_location("gen_api_reference", ROOT / "docs" / "gen_api_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_api_md_is_current():
+    rendered = _load_api_generator().render()
+    assert (ROOT / "docs" / "api.md").read_text(encoding="utf-8") == rendered, (
+        "docs/api.md is out of date with the docstrings: run python docs/gen_api_reference.py")
+
+
+def test_api_md_documents_every_public_name():
+    import dpkit
+
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    for name in dpkit.__all__ + ["testing.check_sensitivity", "accounting.get_epsilon", "audit.CanaryAudit"]:
+        assert f"### `dpkit.{name}`" in text, name
+    assert "#### `PrivateTraining.privacy_report`" in text
