@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-from scipy import optimize
-
 from dpkit import registry
 from dpkit.accountants._base import MAX_COUNT, check_count, check_delta, check_rate, check_sigma, real
 from dpkit.events import GaussianEvent, Ledger, PoissonSampledEvent
@@ -38,15 +36,25 @@ def epsilon_of_ledger(ledger: Ledger, delta: float, accountant: str = "prv") -> 
 
 
 def get_epsilon(
-    *, accountant: str = "prv", noise_multiplier: float, sample_rate: float, steps: int, delta: float
+    *,
+    accountant: str = "prv",
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int | None = None,
+    epochs: float | None = None,
+    delta: float,
 ) -> float:
     """Epsilon after ``steps`` DP-SGD steps with Poisson rate ``sample_rate`` and noise ``noise_multiplier``.
 
-    Numbers may be Python or numpy scalars or 0-d tensors. Every argument is checked before
-    the accountant runs: a non-number is a TypeError, a value out of range a ValueError,
-    each naming the argument.
+    ``epochs`` instead of ``steps`` means ``steps = ceil(epochs / sample_rate)``, as in
+    :func:`get_noise_multiplier`, so the two answer the same question both ways. Numbers may be Python or
+    numpy scalars or 0-d tensors. Every argument is checked before the accountant runs: a non-number is a
+    TypeError, a value out of range a ValueError, each naming the argument.
     """
-    event = PoissonSampledEvent(check_rate(sample_rate), GaussianEvent(check_sigma(noise_multiplier)))
+    rate = check_rate(sample_rate)
+    event = PoissonSampledEvent(rate, GaussianEvent(check_sigma(noise_multiplier)))
+    if epochs is not None or steps is None:  # exactly one of the two, as get_noise_multiplier asks
+        steps = _steps_of(steps, epochs, rate)
     steps, delta = check_count(steps, "steps"), check_delta(delta)
     return float(make_accountant(accountant).compose(event, steps).epsilon(delta))
 
@@ -66,7 +74,10 @@ def _steps_of(steps: int | None, epochs: float | None, sample_rate: float) -> in
         if check_count(steps, "steps") == 0:
             raise ValueError("steps must be >= 1: with no steps no noise is needed")
         return check_count(steps, "steps")
-    n_steps = math.ceil(_positive(epochs, "epochs") / sample_rate)
+    epochs = _positive(epochs, "epochs")
+    if sample_rate == 0:
+        raise ValueError("sample_rate must be > 0 with epochs=: at sample_rate=0 an epoch never ends")
+    n_steps = math.ceil(epochs / sample_rate)
     if n_steps > MAX_COUNT:
         raise ValueError(f"epochs={epochs!r} at sample_rate={sample_rate} is {n_steps:.3g} steps, more than 2**53")
     return n_steps
@@ -123,6 +134,7 @@ def get_noise_multiplier(
         if lo < math.log(_SIGMA_RANGE[0]):
             return math.exp(hi)  # even tiny noise meets the target
     goal = target_epsilon - epsilon_tolerance / 2
+    from scipy import optimize  # on use: get_epsilon and `dpkit epsilon` need none of it
     if math.isfinite(eps(lo)) and eps(lo) > goal > eps(hi):  # an infinite end: bisection alone
         guess = optimize.brentq(lambda s: eps(s) - goal, lo, hi, xtol=1e-6)
         lo, hi = (guess, hi) if eps(guess) > target_epsilon else (lo, guess)

@@ -91,7 +91,7 @@ def test_epochs_mean_ceil_of_epochs_over_rate():
 
 def test_search_keeps_a_feasible_end_whatever_the_root_finder_returns(monkeypatch):
     # Brent's answer may land on the infeasible side of a jump; the result must not.
-    monkeypatch.setattr(accounting.optimize, "brentq", lambda f, lo, hi, **kw: lo + 1e-9)
+    monkeypatch.setattr("scipy.optimize.brentq", lambda f, lo, hi, **kw: lo + 1e-9)  # imported on use
     sigma = accounting.get_noise_multiplier(
         target_epsilon=2.0, target_delta=1e-5, sample_rate=0.01, steps=1000, accountant="rdp"
     )

@@ -39,6 +39,14 @@ def dropout():
 def broken():
     raise RuntimeError("no GPU here")
 
+def lstm():
+    return nn.Sequential(nn.LSTM(4, 4))
+
+def frozen():
+    model = nn.Linear(4, 2)
+    model.requires_grad_(False)
+    return model
+
 def not_a_model():
     return 42
 
@@ -241,6 +249,34 @@ def test_check_says_once_that_batchnorm_is_refused_by_every_mode(capsys, models)
     assert "every mode: UnsupportedModuleError" in out and "the mode refuses other layers" not in out
 
 
+def test_check_names_the_one_mode_that_refuses(capsys, models):
+    """An LSTM is refused by ew alone: the report said "every mode" whenever the refusals shared one message."""
+    code, out, _ = run(capsys, "check", "dpkit_cli_models:lstm")
+    assert code == 0
+    assert "\n  ew: UnsupportedLayerError" in out and "every mode" not in out
+
+
+def test_check_refuses_a_frozen_model_as_make_private_does(capsys, models):
+    model = nn.Linear(4, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                           data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 4))),
+                           noise_multiplier=1.0, max_grad_norm=1.0)
+    code, report = run_json(capsys, "check", "dpkit_cli_models:frozen")
+    assert code == 1 and not any(s["ok"] for s in report["modes"].values())
+    out = run(capsys, "check", "dpkit_cli_models:frozen")[1]
+    assert "every mode: ValueError: the model has no trainable parameters" in out and " ok " not in out
+
+
+def test_check_says_what_its_memory_leaves_out(capsys, models):
+    """bk and ghost showed bytes next to hooks' kibibytes, with nothing saying their inputs were not counted."""
+    code, out, _ = run(capsys, "check", "dpkit_cli_models:mlp")
+    assert code == 0 and "(what DP adds; see Not counted)" in out
+    assert "Not counted, in any mode: the activations" in out and "B x T x width per layer" in out
+    assert [line.split()[-1] for line in out.splitlines() if line.startswith(("ghost ", "bk "))] == ["(*)"] * 2
+    assert "B x T x width" in run_json(capsys, "check", "dpkit_cli_models:mlp")[1]["not_counted"]
+
+
 def test_check_warns_about_dropout_that_torch_func_would_recompute(capsys, models):
     code, report = run_json(capsys, "check", "dpkit_cli_models:dropout", "--mode", "functorch", "--mode", "hooks",
                             "--mode", "auto")
@@ -287,7 +323,7 @@ def fake_accounting(monkeypatch):
 
     def get_epsilon(**kwargs):
         calls.append(("get_epsilon", kwargs))
-        if kwargs["steps"] == 13:
+        if kwargs.get("steps") == 13:
             raise ValueError("no analysis for 13 steps")
         return 1.25
 
@@ -318,6 +354,61 @@ def test_noise_with_epochs_or_steps(capsys, fake_accounting):
                                                             "epochs": 2.5})
     run(capsys, "noise", "--epsilon", "3", "--delta", "1e-5", "-q", "0.004", "--steps", "50")
     assert fake_accounting[-1][1]["steps"] == 50 and "epochs" not in fake_accounting[-1][1]
+
+
+@pytest.mark.parametrize("sigma", ["--sigma", "--noise-multiplier"])
+@pytest.mark.parametrize("delta", ["--delta", "--target-delta"])
+def test_epsilon_takes_the_python_names_and_epochs(capsys, fake_accounting, sigma, delta):
+    code, _, _ = run(capsys, "epsilon", sigma, "2", "--sample-rate", "0.01", "--epochs", "3", delta, "1e-6")
+    assert code == 0
+    assert fake_accounting == [("get_epsilon", {"accountant": "prv", "noise_multiplier": 2.0, "sample_rate": 0.01,
+                                                "epochs": 3.0, "delta": 1e-6})]
+
+
+@pytest.mark.parametrize("epsilon", ["--epsilon", "--target-epsilon"])
+@pytest.mark.parametrize("delta", ["--delta", "--target-delta"])
+def test_noise_takes_the_python_names(capsys, fake_accounting, epsilon, delta):
+    assert run(capsys, "noise", epsilon, "4", delta, "1e-6", "-q", "0.5", "-T", "7")[0] == 0
+    assert fake_accounting == [("get_noise_multiplier", {"target_epsilon": 4.0, "target_delta": 1e-6,
+                                                         "sample_rate": 0.5, "accountant": "prv", "steps": 7})]
+
+
+def _actions():
+    """(command, action) for every option of every command."""
+    parser = cli.build_parser()
+    [sub] = [a for a in parser._actions if a.dest == "command"]
+    return [(name, a) for name, p in sub.choices.items() for a in p._actions if a.option_strings]
+
+
+@pytest.mark.parametrize("command, action", _actions(), ids=lambda x: x if isinstance(x, str) else x.dest)
+def test_every_option_is_described_with_its_default(command, action):
+    if action.help == "show this help message and exit":
+        return
+    assert action.help and len(action.help) > 10, f"dpkit {command} {action.option_strings[0]} has no description"
+    if not (action.required or action.nargs == 0 or action.default is None):
+        assert "%(default)s" in action.help, f"dpkit {command} {action.option_strings[0]} hides its default"
+
+
+def test_epsilon_for_epochs_is_epsilon_for_their_steps(capsys):
+    """ceil(epochs / q) steps, as get_noise_multiplier counts them."""
+    query = ["--noise-multiplier", "1.3", "-q", "0.03", "--delta", "1e-5", "--accountant", "rdp"]
+    by_epochs = run_json(capsys, "epsilon", *query, "--epochs", "2")[1]["epsilon"]
+    assert by_epochs == run_json(capsys, "epsilon", *query, "--steps", "67")[1]["epsilon"]
+    assert by_epochs == dpkit.get_epsilon(accountant="rdp", noise_multiplier=1.3, sample_rate=0.03, epochs=2,
+                                          delta=1e-5)
+    with pytest.raises(ValueError, match="exactly one of steps= and epochs="):
+        dpkit.get_epsilon(noise_multiplier=1.3, sample_rate=0.03, delta=1e-5)
+    with pytest.raises(ValueError, match="exactly one of steps= and epochs="):
+        dpkit.get_epsilon(noise_multiplier=1.3, sample_rate=0.03, steps=5, epochs=1, delta=1e-5)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["epsilon", "--help"], ["noise", "--help"], ["check", "--help"]])
+def test_help_imports_no_training_engine(argv):
+    """`dpkit --help` took 9 s under load: it imported the engine and, through it, torch's compiler stack."""
+    code = ("import sys; from dpkit import cli\ntry: cli.main(sys.argv[1:])\nexcept SystemExit: pass\n"
+            "print('LOADED', sorted({'dpkit.engine', 'torch._dynamo', 'scipy.special'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines()[-1] == "LOADED []"
 
 
 def test_accounting_errors_exit_1(capsys, fake_accounting):

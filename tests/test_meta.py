@@ -169,3 +169,59 @@ def test_every_builtin_layer_has_both_samplers():
     grads = {t for h, t, _ in rows if h == "dpkit_grad_samplers"}
     norms = {t for h, t, _ in rows if h == "dpkit_norm_samplers"}
     assert grads == norms
+
+
+# -- the package's surface: names, version, what importing it costs ------------------------------
+def test_every_public_name_resolves_and_dir_lists_it():
+    import dpkit
+
+    listed = dir(dpkit)
+    for name in dpkit.__all__:
+        assert getattr(dpkit, name) is not None and name in listed
+    for name in ("get_epsilon", "get_noise_multiplier", "testing", "audit", "accounting", "__version__"):
+        assert name in listed
+    assert callable(dpkit.fix) and dpkit.testing.check_grad_sampler and dpkit.audit.CanaryAudit
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        dpkit.nothing
+
+
+def test_version_is_the_distributions():
+    import dpkit
+    from importlib import metadata
+
+    assert dpkit.__version__ == metadata.version("dpkit")
+    assert re.fullmatch(r"\d+\.\d+\.\d+\S*", dpkit.__version__)
+
+
+def test_importing_dpkit_leaves_the_engine_for_first_use():
+    """`import dpkit` cost 1.8x `import torch`: the engine's hooks imported torch's compiler stack eagerly.
+    The engine (and audit, testing, scipy) load on first use; make_private still resolves from the package."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dpkit; print(sorted({'dpkit.engine', 'dpkit.audit', 'dpkit.testing', 'torch._dynamo', "
+            "'scipy.special', 'scipy.signal'} & set(sys.modules))); from dpkit import make_private; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "ok"]
+
+
+def _load_api_generator():
+    spec = importlib.util.spec_from_file_location("gen_api_reference", ROOT / "docs" / "gen_api_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_api_md_is_current():
+    rendered = _load_api_generator().render()
+    assert (ROOT / "docs" / "api.md").read_text(encoding="utf-8") == rendered, (
+        "docs/api.md is out of date with the docstrings: run python docs/gen_api_reference.py")
+
+
+def test_api_md_documents_every_public_name():
+    import dpkit
+
+    text = (ROOT / "docs" / "api.md").read_text(encoding="utf-8")
+    for name in dpkit.__all__ + ["testing.check_sensitivity", "accounting.get_epsilon", "audit.CanaryAudit"]:
+        assert f"### `dpkit.{name}`" in text, name
+    assert "#### `PrivateTraining.privacy_report`" in text

@@ -27,16 +27,20 @@ two-sided bound in :func:`epsilon_bounds` (Azuma-Hoeffding, as in Gopi, Lee, Wut
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import attrs
 import numpy as np
-from scipy import fft, signal, special
+
+# scipy is imported where it is used, not here: these modules load with every plugin manager (make_private,
+# `dpkit plugins`), and scipy.signal alone costs a quarter of a second, more than the rest of a first query.
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
 _FAR = 38.0          # standard deviations beyond which a Gaussian has no float64 mass
 _U = float(np.finfo(float).eps)
 _SHORT = 4096        # grids this short are cheap to convolve: not worth coarsening
+_LFILTER_FROM = 1 << 16  # longer grids' tail sums use scipy.signal.lfilter (same numbers, a faster loop)
 
 
 @attrs.frozen(eq=False)
@@ -122,6 +126,8 @@ def leaf(q: float, sigma: float, remove: bool, step: float, tail: float, max_cel
     off an end of the x-line, sent to +infinity (high losses) or up into the grid (low
     losses). The step is doubled while the grid would exceed ``max_cells`` (time, memory).
     """
+    from scipy import special
+
     remove = remove or q == 1.0
     z = -special.ndtri(tail)
     x_lo = 1 - z * sigma if q == 1.0 else -_FAR * sigma  # q < 1: no float64 mass is left below
@@ -196,6 +202,8 @@ def convolve(a: Pmf, b: Pmf, extended: bool = False) -> Pmf:
 
     ``extended``: FFT in long double, for ~2000x less noise at ~3.5x the time.
     """
+    from scipy import fft
+
     if a.step != b.step:
         raise ValueError("convolve needs PLDs on the same grid")
     dtype = np.longdouble if extended else np.float64
@@ -258,8 +266,21 @@ def _tail_sums(p: Pmf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     losses = (p.start + np.arange(len(p.probs))) * p.step
     decay = math.exp(-p.step)
     tail = np.cumsum(p.probs[::-1])[::-1]
-    weighted = signal.lfilter([decay], [1.0, -decay], p.probs[::-1])[::-1]
-    return losses, tail, weighted
+    return losses, tail, decayed_sums(p.probs[::-1], decay)[::-1]
+
+
+def decayed_sums(x: np.ndarray, decay: float) -> np.ndarray:
+    """``y[n] = decay * x[n] + decay * y[n-1]``, as ``scipy.signal.lfilter([decay], [1, -decay], x)`` computes it.
+
+    The same two products and one sum per entry, so the same floats; a Python loop spares short grids (all but
+    refined ones) the import of scipy.signal.
+    """
+    if len(x) >= _LFILTER_FROM or x.dtype != np.float64:
+        from scipy import signal
+
+        return signal.lfilter([decay], [1.0, -decay], x)
+    sums = itertools.accumulate(x.tolist(), lambda y, xn: decay * xn + decay * y, initial=0.0)
+    return np.fromiter(itertools.islice(sums, 1, None), dtype=x.dtype, count=len(x))
 
 
 def delta_at(p: Pmf, eps: float) -> float:

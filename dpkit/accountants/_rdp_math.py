@@ -20,7 +20,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy import special
+
+# scipy.special is imported where it is used: this module loads with every plugin manager (see _pld).
 
 _GRID_BUDGET = 1 << 22  # trapezoid nodes times exponents in one integral (~32 MiB per array)
 
@@ -38,6 +39,8 @@ def _log_a_integer(q: float, sigma: float, alpha: int) -> float:
     The binomial weights sum to 1 and the k = 0, 1 exponents are 0, so A - 1 is a sum
     of positive terms over k >= 2: no cancellation, even when A is within 1e-12 of 1.
     """
+    from scipy import special
+
     k = np.arange(2, alpha + 1)
     c = k * (k - 1) / (2 * sigma**2)
     log_binom = special.gammaln(alpha + 1) - special.gammaln(k + 1) - special.gammaln(alpha - k + 1)
@@ -68,6 +71,8 @@ def _log_moments(q: float, sigma: float, exponents: np.ndarray, u: np.ndarray) -
     Near zero it integrates ``e^(e l) - 1 - e (e^l - 1) >= 0`` instead (the last term has
     mean zero), so the result keeps its relative precision rather than drowning in 1.
     """
+    from scipy import special
+
     step = u[1] - u[0]
     loss = np.logaddexp(math.log1p(-q), math.log(q) + u / sigma - 1 / (2 * sigma**2))
     log_weight = -0.5 * u**2 - 0.5 * math.log(2 * math.pi) + math.log(step)

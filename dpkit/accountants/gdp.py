@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import warnings
 
-from scipy import optimize, special
-
 from dpkit.accountants._base import SIGMA_MIN, SampledGaussianAccountant, check_delta
 from dpkit.hookspecs import hookimpl
 
@@ -23,6 +21,8 @@ def gdp_delta(mu: float, eps: float) -> float:
     ``e^eps phi(b) = phi(a)``, so the second term is ``phi(a) Phi(b) / phi(b)``, written with
     ``erfcx``: no ``e^eps`` to overflow, however large mu is.
     """
+    from scipy import special  # on use: this module loads with every plugin manager (see _pld)
+
     a = -eps / mu + mu / 2
     b = a - mu
     scaled = math.exp(-0.5 * a * a) * 0.5 * special.erfcx(-b / math.sqrt(2))  # b <= -mu/2 < 0
@@ -40,6 +40,8 @@ def gdp_epsilon(mu: float, delta: float) -> float:
         high *= 2
         if math.isinf(high):
             return math.inf
+    from scipy import optimize
+
     return optimize.brentq(lambda eps: gdp_delta(mu, eps) - delta, 0.0, high, xtol=1e-12, rtol=1e-12)
 
 

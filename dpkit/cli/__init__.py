@@ -4,9 +4,13 @@
 
     dpkit plugins [--json]
     dpkit check MODULE:FACTORY [--mode MODE ...] [--batch-size B] [--json]
-    dpkit epsilon --sigma S --sample-rate Q --steps T --delta D [--accountant prv] [--json]
-    dpkit noise --epsilon E --delta D --sample-rate Q (--steps T | --epochs N) [--accountant prv] [--json]
+    dpkit epsilon --noise-multiplier S --sample-rate Q (--steps T | --epochs N) --delta D [--accountant prv] [--json]
+    dpkit noise --target-epsilon E --target-delta D --sample-rate Q (--steps T | --epochs N) [--accountant prv]
     dpkit audit [--steps T] [--canaries M] [--noise-multiplier S] [--noise NAME] [--json]
+
+Options carry the Python API's keyword names (``--noise-multiplier``, ``--target-epsilon``, ``--target-delta``);
+the short forms ``--sigma``, ``--epsilon`` and ``--delta`` work too. ``dpkit COMMAND --help`` describes every
+option with its default; it imports neither the training engine nor scipy, so it answers at once.
 
 Why a command and not only an API: a user deciding between modes, or a plugin author checking that an
 installed package is picked up, wants the answer before writing a training loop. Each command is one module

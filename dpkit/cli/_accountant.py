@@ -5,16 +5,38 @@ import argparse
 import math
 from typing import Any
 
-from dpkit.cli._common import (EXIT_NO, EXIT_PLUGIN, EXIT_USAGE, CommandError, delta_value, plugin_kind,
-                               plugin_version, probability, tables)
+from dpkit.cli._common import (EXIT_NO, EXIT_PLUGIN, EXIT_USAGE, CommandError, count, delta_value, plugin_kind,
+                               plugin_version, positive, probability, tables)
 from dpkit.errors import DPKitError, PluginError
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    """The arguments both commands take: delta, sample rate and accountant."""
-    parser.add_argument("--delta", type=delta_value, required=True, help="target delta, e.g. 1e-5 (below 1/N)")
-    parser.add_argument("--sample-rate", "-q", type=probability, required=True, help="Poisson sampling rate q")
-    parser.add_argument("--accountant", default="prv", help="accountant plugin name (default prv)")
+def add_common(parser: argparse.ArgumentParser, delta_name: str) -> None:
+    """The arguments both commands take: the run's length, delta, sample rate and accountant.
+
+    Each option answers to the Python keyword's name too (``--noise-multiplier``, ``--target-delta``): a flag
+    copied from a script's ``get_epsilon(...)`` call works as written.
+    """
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--steps", "-T", type=count, metavar="T", help="number of optimizer steps (this or --epochs)")
+    group.add_argument("--epochs", type=positive, metavar="N",
+                        help="number of epochs: steps = ceil(epochs / sample rate), as in the Python API")
+    flags = ("--delta", "--target-delta") if delta_name == "delta" else ("--target-delta", "--delta")
+    parser.add_argument(*flags, dest="delta", type=delta_value, required=True, metavar="DELTA",
+                        help="delta of (epsilon, delta)-DP, e.g. 1e-5; keep it below 1/(dataset size) (required)")
+    parser.add_argument("--sample-rate", "-q", type=probability, required=True, metavar="Q",
+                        help="Poisson sampling rate: expected batch size / dataset size (required)")
+    parser.add_argument("--accountant", default="prv", metavar="NAME",
+                        help="accountant plugin: prv (tight upper bound), rdp (looser upper bound) or gdp "
+                             "(approximation, can under-report); see `dpkit plugins` (default: %(default)s)")
+
+
+def length(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"steps": T}`` or ``{"epochs": N}``, whichever was given."""
+    return {"steps": args.steps} if args.steps is not None else {"epochs": args.epochs}
+
+
+def length_text(args: argparse.Namespace) -> str:
+    return f"{args.steps} steps" if args.steps is not None else f"{args.epochs:g} epochs"
 
 
 def _accounting():

@@ -46,10 +46,9 @@ def plugin_version(name: str) -> str:
 
 
 def dpkit_version() -> str:
-    try:
-        return metadata.version("dpkit")
-    except metadata.PackageNotFoundError:
-        return "(source)"
+    import dpkit
+
+    return dpkit.__version__
 
 
 def human(n: float) -> str:
@@ -96,7 +95,7 @@ def hook_failure(hook: str, err: Exception) -> CommandError:
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
 def _number(kind: type, low: float, high: float, low_open: bool, high_open: bool):

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,17 @@ MEMORY_NOTES = {
     "hooks": "p.grad_sample for every parameter: B x parameter count x dtype bytes",
     "ew": "like hooks: ExpandedWeights materialises per-example gradients",
     "functorch": "per-example gradients of every parameter at once, plus vmap's per-example forward recompute",
-    "ghost": "norm-sampled layers keep B norms plus their inputs and output gradients (~B x T x width), "
-             "which grows with sequence length, not with parameter count",
-    "bk": "as ghost, in one backward pass",
-    "auto": "per layer, whichever sampler the plan picked",
+    "ghost": "B norms per norm-sampled layer (*)",
+    "bk": "as ghost, in one backward pass (*)",
+    "auto": "per layer, whichever sampler the plan picked (*: where it picked a norm sampler)",
 }
+NOT_COUNTED = ("Not counted, in any mode: the activations autograd keeps for the backward pass (as much as "
+               "without DP). (*) A norm sampler also works on its layer's input and output gradient, about "
+               "B x T x width per layer (T: sequence length or spatial size), which depends on inputs that "
+               "dpkit check does not see; for long sequences or large images it can exceed hooks' "
+               "per-example gradients.")
+FROZEN = ("ValueError: the model has no trainable parameters (every requires_grad is False), and make_private "
+          "refuses it. Unfreeze the parameters to train (p.requires_grad_(True)) before make_private.")
 _MODE = "\0mode\0"  # where a refusal names its mode, so that refusals differing only there are printed once
 
 
@@ -39,8 +46,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("factory", metavar="MODULE:FACTORY",
                    help="a model or a no-argument function returning one: pkg.module:make or path/file.py:make")
     p.add_argument("--mode", action="append", choices=plan.MODES,
-                   help="check only this mode (repeatable); exit 1 if any named mode refuses the model")
-    p.add_argument("--batch-size", "-B", type=count, default=32, help="B for memory estimates (default 32)")
+                   help="check only this mode (repeatable; default: every mode); exit 1 if a named mode refuses "
+                        "the model")
+    p.add_argument("--batch-size", "-B", type=count, default=32,
+                   help="batch size B of the memory estimates (default: %(default)s)")
     add_json(p)
     p.set_defaults(run=run)
 
@@ -119,7 +128,11 @@ def _rows(rows: plan.Plan, B: int) -> list[dict[str, Any]]:
 def report(model: nn.Module, modes: Sequence[str], B: int) -> dict[str, Any]:
     tables()  # a broken plugin is an environment problem (exit 4), not a property of one mode
     summary: dict[str, dict[str, Any]] = {}
+    frozen = not any(p.requires_grad for p in model.parameters())
     for mode in modes:
+        if frozen:  # make_private's own refusal, before any plan is built
+            summary[mode] = {"ok": False, "error": FROZEN, "bytes": None, "warnings": [], "plan": None}
+            continue
         try:
             rows = plan.build_plan(model, mode)
         except DPKitError as err:
@@ -129,7 +142,8 @@ def report(model: nn.Module, modes: Sequence[str], B: int) -> dict[str, Any]:
             table = _rows(rows, B)
             summary[mode] = {"ok": True, "error": None, "bytes": sum(r["bytes"] for r in table),
                              "warnings": _recompute_warnings(rows), "plan": table}
-    return {"model": type_label(type(model)), "batch_size": B, "layers": _layers(model), "modes": summary}
+    return {"model": type_label(type(model)), "batch_size": B, "layers": _layers(model), "modes": summary,
+            "not_counted": NOT_COUNTED}
 
 
 def _recompute_warnings(rows: plan.Plan) -> list[str]:
@@ -154,9 +168,8 @@ def _refusals(modes: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         if not s["ok"]:
             groups.setdefault(s["error"].replace(f"grad_sample_mode={mode!r}", f"grad_sample_mode={_MODE}"),
                               []).append(mode)
-    every = len(groups) == 1 and set(modes) == set(plan.MODES)
-    return [("every mode" if every else ", ".join(group), error.replace(_MODE, " or ".join(map(repr, group))))
-            for error, group in groups.items()]
+    return [("every mode" if set(group) == set(plan.MODES) else ", ".join(group),
+             error.replace(_MODE, " or ".join(map(repr, group)))) for error, group in groups.items()]
 
 
 def format_report(found: dict[str, Any]) -> str:
@@ -170,10 +183,11 @@ def format_report(found: dict[str, Any]) -> str:
             lines += ["", f"grad_sample_mode={mode!r}: the plan make_private would build",
                       plan.format_table(plan.Plan.HEADER + ("memory",), cells, indent="  ")]
     if any(s["ok"] for s in modes.values()):
-        lines += ["", f"{'mode':<10} {'status':<8} per-example state for B={B}"]
+        lines += ["", f"{'mode':<10} {'status':<8} per-example state for B={B} (what DP adds; see Not counted)"]
         for mode, s in modes.items():
             status = f"{human(s['bytes']):<12} {MEMORY_NOTES[mode]}" if s["ok"] else "- (see Refused below)"
             lines.append(f"{mode:<10} {'ok' if s['ok'] else 'refused':<8} {status}")
+        lines += [""] + textwrap.wrap(NOT_COUNTED, width=110)
     warned = [(m, w) for m, s in modes.items() for w in s["warnings"]]
     if warned:
         lines += ["", "Warnings:"] + [f"  {mode}: {warning}" for mode, warning in warned]

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 import attrs
 import numpy as np
 import torch
-from scipy import optimize, signal
 from torch import Tensor
 
 from dpkit import distributed
@@ -52,6 +51,8 @@ def normalized(coefficients: Sequence[float]) -> tuple[float, ...]:
 
 def prefix_sum_error(coefficients: Sequence[float], steps: int) -> float:
     """Total squared error ``‖A C⁻¹‖_F²`` of the ``steps`` prefix sums (SGD's iterates) at unit column norm."""
+    from scipy import signal  # on use: this plugin loads with every plugin manager, and scipy.signal costs ~0.25 s
+
     c = np.asarray(normalized(coefficients))
     impulse = np.zeros(steps)
     impulse[0] = 1.0
@@ -61,6 +62,8 @@ def prefix_sum_error(coefficients: Sequence[float], steps: int) -> float:
 
 def optimized_coefficients(bands: int, steps: int) -> tuple[float, ...]:
     """Bands that minimise :func:`prefix_sum_error` for a run of ``steps``, from the square root's (L-BFGS)."""
+    from scipy import optimize
+
     start = sqrt_coefficients(bands)
     if bands == 1:
         return start
