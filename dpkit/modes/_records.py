@@ -27,11 +27,14 @@ def eager(fn: Callable, reason: str = _EAGER_REASON) -> Callable:
     A graph break, not a skipped hook: the hook still runs at every call, between the compiled pieces. Outside
     compilation the hook is called directly: ``torch.compiler.disable``'s frame switching costs about 15 µs a call.
     """
-    disabled = torch.compiler.disable(fn, reason=reason)
+    disabled = None  # made on first use: torch.compiler.disable imports torch._dynamo (about a second)
 
     @functools.wraps(fn)
     def hook(*args, **kwargs):
+        nonlocal disabled
         if torch.compiler.is_compiling():
+            if disabled is None:
+                disabled = torch.compiler.disable(fn, reason=reason)
             return disabled(*args, **kwargs)
         return fn(*args, **kwargs)
 
