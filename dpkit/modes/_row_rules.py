@@ -58,8 +58,10 @@ def op_name(func: Callable) -> str:
     if qual.startswith(("TensorBase.", "Tensor.")):
         return f"torch.Tensor.{name}"
     module = getattr(func, "__module__", None) or "torch"
-    if module.startswith("torch.nn.functional"):
+    if module.startswith(("torch.nn.functional", "torch._C._nn")):
         return f"torch.nn.functional.{name}"
+    if not module.startswith("torch"):  # a user's function (rowwise)
+        return f"{module}.{qual or name}"
     return f"{module if module.startswith('torch.') else 'torch'}.{name}"
 
 
