@@ -274,19 +274,27 @@ def contract(func, specs: list[str], out_spec: str, operands: list, tr) -> objec
 def _mm(na: int, nb: int) -> tuple[str, str, str]:
     if na == 1 and nb == 1:
         return "k", "k", ""
-    lead = _LEAD[:max(na, nb) - 2] if min(na, nb) >= 2 else _LEAD[:max(na, nb) - 2]
+    lead = _LEAD[:max(na, nb) - 2]
     a = "k" if na == 1 else lead[len(lead) - (na - 2):] + "ik"
     b = "k" if nb == 1 else lead[len(lead) - (nb - 2):] + "km"
     return a, b, lead + ("i" if na > 1 else "") + ("m" if nb > 1 else "")
 
 
+def _nd(t: Tensor) -> int:
+    """``t.dim()``, also for a weight that is a tensor subclass answering few calls (ExpandedWeight)."""
+    if type(t) is Tensor or type(t) is torch.nn.Parameter:
+        return t.dim()
+    with torch._C.DisableTorchFunctionSubclass():
+        return torch.Tensor.dim(t)
+
+
 def _right(spec: str, t) -> str:
-    return spec[len(spec) - t.dim():] if isinstance(t, Tensor) else spec
+    return spec[len(spec) - _nd(t):] if isinstance(t, Tensor) else spec
 
 
 def matmul(tr, func, args, kwargs, out, found):
     a, b = (args[1], args[0]) if func.__name__ == "__rmatmul__" else (args[0], args[1])
-    sa, sb, so = _mm(a.dim(), b.dim())
+    sa, sb, so = _mm(_nd(a), _nd(b))
     return contract(func, [sa, sb], so, [a, b], tr)
 
 
@@ -307,17 +315,17 @@ def fixed(*specs: str):
 
 def linear(tr, func, args, kwargs, out, found):
     x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
-    lead = _LEAD[:x.dim() - 1]
-    return contract(func, [lead + "k", "ok"[2 - w.dim():], "o"], lead + ("o" if w.dim() == 2 else ""), [x, w, b], tr)
+    lead = _LEAD[:_nd(x) - 1]
+    return contract(func, [lead + "k", "ok"[2 - _nd(w):], "o"], lead + ("o" if _nd(w) == 2 else ""), [x, w, b], tr)
 
 
 def bilinear(tr, func, args, kwargs, out, found):
-    lead = _LEAD[:args[0].dim() - 1]
+    lead = _LEAD[:_nd(args[0]) - 1]
     return contract(func, [lead + "i", lead + "j", "oij", "o"], lead + "o", list(args[:4]), tr)
 
 
 def cdist(tr, func, args, kwargs, out, found):
-    lead = _LEAD[:max(args[0].dim(), args[1].dim()) - 2]
+    lead = _LEAD[:max(_nd(args[0]), _nd(args[1])) - 2]
     return contract(func, [_right(lead + "pm", args[0]), _right(lead + "rm", args[1])], lead + "pr",
                     list(args[:2]), tr)
 
@@ -325,7 +333,7 @@ def cdist(tr, func, args, kwargs, out, found):
 def attention(tr, func, args, kwargs, out, found):
     """scaled_dot_product_attention: softmax(q k^T) v per leading (batch, head) index."""
     q = args[0]
-    lead = _LEAD[:q.dim() - 2]
+    lead = _LEAD[:_nd(q) - 2]
     mask = _arg(args, kwargs, 3, "attn_mask")
     specs = [lead + "le", _right(lead + "se", args[1]), _right(lead + "sf", args[2]), _right(lead + "ls", mask)]
     return contract(func, specs, lead + "lf", [q, args[1], args[2], mask], tr)
@@ -333,16 +341,16 @@ def attention(tr, func, args, kwargs, out, found):
 
 def inner(tr, func, args, kwargs, out, found):
     a, b = args[0], args[1]
-    sa, sb = _LEAD[:a.dim() - 1] + "k", "0123456789"[:b.dim() - 1] + "k"
+    sa, sb = _LEAD[:_nd(a) - 1] + "k", "0123456789"[:_nd(b) - 1] + "k"
     return contract(func, [sa, sb], sa[:-1] + sb[:-1], [a, b], tr)
 
 
 def tensordot(tr, func, args, kwargs, out, found):
     a, b = args[0], args[1]
     dims = _arg(args, kwargs, 2, "dims", 2)
-    sa, sb = list("abcdefghijklmnop"[:a.dim()]), list("0123456789qrstuvw"[:b.dim()])
+    sa, sb = list("abcdefghijklmnop"[:_nd(a)]), list("0123456789qrstuvw"[:_nd(b)])
     if isinstance(dims, int):
-        pairs = [(a.dim() - dims + i, i) for i in range(dims)]
+        pairs = [(_nd(a) - dims + i, i) for i in range(dims)]
     elif isinstance(dims, (list, tuple)) and len(dims) == 2:
         da, db = ([d] if isinstance(d, int) else list(d) for d in dims)
         pairs = list(zip(da, db))
@@ -362,9 +370,9 @@ def einsum(tr, func, args, kwargs, out, found):
     terms = lhs.split(",")
     if len(terms) != len(ops) or not all(isinstance(t, Tensor) for t in ops):
         return generic(tr, func, args, kwargs, out, found)
-    ell = max((t.dim() - len(s) + 3 for s, t in zip(terms, ops) if "..." in s), default=0)
+    ell = max((_nd(t) - len(s) + 3 for s, t in zip(terms, ops) if "..." in s), default=0)
     pool = "0123456789"[:ell]
-    specs = [s.replace("...", pool[ell - (t.dim() - len(s) + 3):]) for s, t in zip(terms, ops)]
+    specs = [s.replace("...", pool[ell - (_nd(t) - len(s) + 3):]) for s, t in zip(terms, ops)]
     if "->" not in eq:
         letters = "".join(terms).replace("...", "")
         rhs = "..." + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))

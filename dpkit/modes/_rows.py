@@ -64,6 +64,15 @@ def mha(tr, func, args, kwargs, out, found):
     return [(1, g), (0, g)]
 
 
+def embedding_bag(tr, func, args, kwargs, out, found):
+    """F.embedding_bag: with offsets, flat indices are grouped into bags, and each bag is one example (dpkit's
+    EmbeddingBag samplers take the bags as the rows); without, rows of a 2-d input are bags."""
+    x = args[0]
+    if x.dim() == 1 and _arg(args, kwargs, 2, "offsets") is not None:
+        return (0, 1)
+    return R.generic(tr, func, args, kwargs, out, found)
+
+
 _LOSS_POS = {"cross_entropy": 6, "nll_loss": 6, "mse_loss": 4, "l1_loss": 4, "smooth_l1_loss": 4,
              "binary_cross_entropy": 5, "binary_cross_entropy_with_logits": 5, "kl_div": 4}
 
@@ -209,6 +218,7 @@ RULES: dict[str, Callable] = {
     **_names(R.leading(1), "conv1d", "conv_transpose1d"), **_names(R.leading(2), "conv2d", "conv_transpose2d"),
     **_names(R.leading(3), "conv3d", "conv_transpose3d"),
     **_names(rnn, "lstm", "gru", "rnn_tanh", "rnn_relu"), "multi_head_attention_forward": mha,
+    "embedding_bag": embedding_bag,
     **_names(loss, "cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss",
              "binary_cross_entropy", "binary_cross_entropy_with_logits", "kl_div", "poisson_nll_loss",
              "gaussian_nll_loss", "soft_margin_loss", "multilabel_soft_margin_loss", "margin_ranking_loss",
