@@ -125,8 +125,10 @@ def generic(tr, func, args, kwargs, out, found):
 
 def pointwise(tr, func, args, kwargs, out, found):
     """Elementwise with broadcasting: batch dims align from the right, and all batched inputs must agree."""
-    o = _first_out(out)
+    o = out if type(out) is Tensor else _first_out(out)
     nd = o.dim() if o is not None else found[0][0].dim()
+    if len(found) == 1 and found[0][0].dim() == nd:  # the common case: one batched operand, same dims
+        return found[0][1]
     state = None
     for u, (d, g) in found:
         cand = (d + nd - u.dim(), g)
@@ -315,6 +317,9 @@ def fixed(*specs: str):
 
 def linear(tr, func, args, kwargs, out, found):
     x, w, b = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if len(found) == 1 and found[0][0] is x:  # the common case: a batched input, the layer's own weights
+        s = found[0][1]
+        return s if s[0] != x.dim() - 1 else mix(func, "sums over the batch dimension (the input's last dim)")
     lead = _LEAD[:_nd(x) - 1]
     return contract(func, [lead + "k", "ok"[2 - _nd(w):], "o"], lead + ("o" if _nd(w) == 2 else ""), [x, w, b], tr)
 

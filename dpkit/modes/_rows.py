@@ -246,6 +246,8 @@ def state_of(tr, func: Callable, args: tuple, kwargs: dict, out, found: list, ru
              ) -> object:
     """The state of a call's output(s): one state, or a list with one per element of a tuple output. ``rule``
     replaces the table's (``rowwise``)."""
+    if len(found) == 1 and type(found[0][1]) is tuple:  # the common case
+        return (rule or _CACHE.get(func) or rule_for(func))(tr, func, args, kwargs, out, found)
     special = None
     for _, s in found:
         if type(s) is not tuple:

@@ -145,8 +145,12 @@ class BatchTrace(TorchFunctionMode):
             return out
         if self._trusted:
             self._mark_all(target, TRUSTED)
+            return out
+        state = state_of(self, func, args, kwargs or {}, target, found)
+        if (type(state) is tuple or state is FREE) and type(target) is Tensor:  # the common case, no walk
+            self._marked[id(target)] = (weakref.ref(target), state)
         else:
-            self.settle(func, args, kwargs or {}, target, found)
+            self._settle(func, target, state)
         return out
 
     def _check_backward(self, func, args: tuple, kwargs: dict) -> None:
@@ -159,8 +163,11 @@ class BatchTrace(TorchFunctionMode):
 
     def settle(self, func: Callable, args: tuple, kwargs: dict, out: object, found: list,
                rule: Callable | None = None) -> None:
-        """Mark a call's outputs with their state, and refuse one that mixes examples and needs a gradient."""
-        state = state_of(self, func, args, kwargs, out, found, rule)
+        """Mark a call's outputs with their state (``rule``'s, else the table's), and refuse one that mixes
+        examples and needs a gradient."""
+        self._settle(func, out, state_of(self, func, args, kwargs, out, found, rule))
+
+    def _settle(self, func: Callable, out: object, state: object) -> None:
         if type(state) is list:
             for o, s in zip(out if isinstance(out, (tuple, list)) else (out,), state):
                 if s is not None:
