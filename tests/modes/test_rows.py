@@ -310,3 +310,88 @@ def test_a_trace_without_batch_dim_only_marks():
 def test_one_example_cannot_mix():
     out, trace = traced(lambda x: lin(x) - lin(x).mean(0), x2[:1])
     assert trace.batched(out)
+
+
+# -- where the batch dim goes: exact states ----------------------------------------------------------------------
+q4 = torch.randn(B, 2, T, D, dtype=torch.float64)  # [B, heads, T, d]
+
+
+@pytest.mark.parametrize("name, fn, x, state", [
+    ("transpose", lambda x: x.transpose(0, 2), x3, (2, 1)),
+    ("T", lambda x: x.T, x2, (1, 1)),
+    ("mT", lambda x: x.mT, x3, (0, 1)),
+    ("permute", lambda x: x.permute(1, 2, 0), x3, (2, 1)),
+    ("movedim", lambda x: x.movedim(0, -1), x3, (2, 1)),
+    ("unsqueeze-squeeze", lambda x: x.unsqueeze(0).unsqueeze(2).squeeze(0), x3, (0, 1)),
+    ("flatten-merges-tokens", lambda x: x.flatten(0, 1), x3, (0, T)),
+    ("unflatten-back", lambda x: x.flatten(0, 1).unflatten(0, (B, T)), x3, (0, 1)),
+    ("reshape-later-dims", lambda x: x.reshape(B, T * D), x3, (0, 1)),
+    ("leading-broadcast-matmul", lambda x: x @ x.transpose(-1, -2), q4, (0, 1)),
+    ("matmul-with-weight", lambda x: x @ torch.randn(D, 5, dtype=torch.float64), x3, (0, 1)),
+    ("weight-times-inputT", lambda x: torch.randn(5, D, dtype=torch.float64) @ x.T, x2, (1, 1)),
+    ("einsum-per-example", lambda x: torch.einsum("bhtd,bhsd->bhts", x, x), q4, (0, 1)),
+    ("einsum-ellipsis", lambda x: torch.einsum("...td,...sd->...ts", x, x), q4, (0, 1)),
+    ("bmm", lambda x: torch.bmm(x, x.transpose(1, 2)), x3, (0, 1)),
+    ("stack", lambda x: torch.stack([x, x], 1), x2, (0, 1)),
+    ("stack-front", lambda x: torch.stack([x, x]), x2, (1, 1)),
+    ("cat-features", lambda x: torch.cat([x, torch.zeros(B, 2, dtype=torch.float64)], 1), x2, (0, 1)),
+    ("index-none-ellipsis", lambda x: x[None, ..., 0], x3, (1, 1)),
+    ("advanced-later-dims", lambda x: x[:, torch.tensor([0, 2])], x3, (0, 1)),
+    ("advanced-split", lambda x: x[torch.arange(B), :, torch.tensor([1, 2, 3, 4])], x3, (0, 1)),
+    ("table-lookup-by-batch", lambda i: torch.randn(V, D, dtype=torch.float64)[i], idx, (0, 1)),
+    ("split-features", lambda x: x.split(3, dim=-1)[1], x3, (0, 1)),
+    ("select-token", lambda x: x.select(1, 0), x3, (0, 1)),
+    ("sum-tokens", lambda x: x.sum(1), x3, (0, 1)),
+    ("max-tokens", lambda x: x.max(dim=1).values, x3, (0, 1)),
+    ("mean-keepdim", lambda x: x.mean((1, 2), keepdim=True), x3, (0, 1)),
+    ("one-hot", lambda i: F.one_hot(i, V), idx, (0, 1)),
+    ("pad", lambda x: F.pad(x, (1, 1, 2, 0)), x3, (0, 1)),
+    ("pad-batch", lambda x: F.pad(x, (0, 0, 0, 0, 1, 0)), x3, None),
+    ("sum-all", lambda x: x.sum(), x3, "summed"),
+    ("sum-batch-then-features", lambda x: x.sum(0).sum(), x3, "summed"),
+    ("unknown-op-keeps-rows", lambda x: torch.nn.functional.hardtanh(x).clamp(0), x3, (0, 1)),
+    ("new-zeros-not-from-batch", lambda x: x.new_zeros(B, T), x3, "unmarked"),
+])
+def test_where_the_batch_dim_goes(name, fn, x, state):
+    out, trace = traced(fn, x)
+    got = trace.state(out)
+    if state is None:
+        assert type(got) is Mixed
+    elif state == "summed":
+        assert type(got) is Summed
+    elif state == "unmarked":
+        assert got is None
+    else:
+        assert got == state
+
+
+def test_backward_with_a_gradient_per_row():
+    per_row, trace = traced(lambda x: lin(x).sum(1), x2)
+    with trace:
+        per_row.backward(torch.ones(B, dtype=torch.float64))
+    with pytest.raises(RowMixingError, match="gradient passed to backward"):
+        with trace:
+            per_row = lin(x2).sum(1)
+            per_row.backward(per_row.detach().flip(0))
+
+
+def test_autograd_grad_of_a_loss_is_checked():
+    y = torch.randint(0, 2, (B,))
+    trace = BatchTrace([x2, y], batch_dim=0)
+    with trace:
+        z = lin(x2)[:, :2]
+        torch.autograd.grad(F.cross_entropy(z, y, reduction="sum"), lin.weight)  # a sum: fine
+        with pytest.raises(RowMixingError, match="divides by a quantity computed from the batch"):
+            torch.autograd.grad(F.cross_entropy(z, y, reduction="sum") / (y + 1).sum(), lin.weight)
+
+
+def test_check_loss_refuses_a_loss_handed_over_mixed():
+    with torch.no_grad():
+        mixed, source = traced(lambda x: lin(x).flip(0).sum(1), x2)
+    trace = BatchTrace([], batch_dim=0)
+    trace.adopt([mixed], source=source)
+    with pytest.raises(RowMixingError, match="not a plain sum of per-example losses.*flip over dim 0"):
+        trace.check_loss(mixed)
+    summed, source = traced(lambda x: lin(x).sum(), x2)
+    trace.adopt([summed], source=source)
+    trace.check_loss(summed)
