@@ -58,6 +58,8 @@ def op_name(func: Callable) -> str:
     if qual.startswith(("TensorBase.", "Tensor.")):
         return f"torch.Tensor.{name}"
     module = getattr(func, "__module__", None) or "torch"
+    if module in ("torch._C._linalg", "torch._C._special"):
+        return f"torch.{module[9:]}.{name.split('_', 1)[1]}"
     if module.startswith(("torch.nn.functional", "torch._C._nn")):
         return f"torch.nn.functional.{name}"
     if not module.startswith("torch"):  # a user's function (rowwise)
@@ -140,7 +142,7 @@ def pointwise(tr, func, args, kwargs, out, found):
     return state
 
 
-def reduction(pos: int | None, summed: bool = False):
+def reduction(pos: int | None, summed: bool = False, default=None):
     """sum, mean, max, std, norm...: over the batch dim a sum or mean is a ``Summed`` loss, anything else mixes."""
     def rule(tr, func, args, kwargs, out, found):
         x = args[0]
@@ -148,7 +150,7 @@ def reduction(pos: int | None, summed: bool = False):
         if isinstance(other, Tensor) or tr.state(x) is None:  # torch.max(a, b): elementwise
             return pointwise(tr, func, args, kwargs, out, found)
         d, g = tr.state(x)
-        dims = _dims(_arg(args, kwargs, pos, "dim", kwargs.get("axis")), x.dim())
+        dims = _dims(_arg(args, kwargs, pos, "dim", kwargs.get("axis", default)), x.dim())
         if dims is None or d in dims:
             if summed:
                 return Summed(f"{op_name(func)}{where()}")

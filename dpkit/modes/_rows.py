@@ -178,7 +178,8 @@ RULES: dict[str, Callable] = {
     **_names(R.reduction(1), "nanmean", "prod", "amax", "amin", "max", "min", "argmax", "argmin", "logsumexp",
              "all", "any", "std", "var", "std_mean", "var_mean", "median", "nanmedian", "mode", "count_nonzero",
              "aminmax"),
-    **_names(R.reduction(2), "norm", "vector_norm", "quantile", "nanquantile", "kthvalue"),
+    **_names(R.reduction(2), "norm", "linalg_vector_norm", "linalg_norm", "quantile", "nanquantile", "kthvalue"),
+    "linalg_matrix_norm": R.reduction(2, default=(-2, -1)),
     # along a dim: every output entry reads the whole line along it
     **_names(R.along(1), "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp"),
     **_names(R.along(1, R._softmax_dim), "softmax", "log_softmax", "softmin"),

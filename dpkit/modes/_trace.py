@@ -24,6 +24,7 @@ from dpkit.modes._rows import FREE, TRUSTED, Mixed, refusal, state_of
 
 _FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "new_empty_strided"})
 _BACKWARD, _SETITEM, _GRAD = torch.Tensor.backward, torch.Tensor.__setitem__, torch.autograd.grad
+_AUTOGRAD_BACKWARD = torch.autograd.backward
 
 
 class BatchTrace(TorchFunctionMode):
@@ -128,7 +129,7 @@ class BatchTrace(TorchFunctionMode):
         return self._traced(func, args, kwargs)
 
     def _traced(self, func, args, kwargs):
-        if (func is _BACKWARD or func is _GRAD) and self._marked:
+        if (func is _BACKWARD or func is _GRAD or func is _AUTOGRAD_BACKWARD) and self._marked:
             self._check_backward(func, args, kwargs or {})
         out = func(*args, **(kwargs or {})) if self.spy is None else self.spy(func, args, kwargs or {})
         if not self._marked:
@@ -154,12 +155,17 @@ class BatchTrace(TorchFunctionMode):
         return out
 
     def _check_backward(self, func, args: tuple, kwargs: dict) -> None:
+        """Tensor.backward, torch.autograd.backward and torch.autograd.grad: each loss, with its gradient."""
         if func is _BACKWARD:
             self.check_loss(args[0], kwargs.get("gradient", args[1] if len(args) > 1 else None))
             return
-        outputs = kwargs.get("outputs", args[0] if args else ())
-        for t in [outputs] if isinstance(outputs, Tensor) else outputs:
-            self.check_loss(t)
+        first, second = ("outputs", "grad_outputs") if func is _GRAD else ("tensors", "grad_tensors")
+        losses = kwargs.get(first, args[0] if args else ())
+        grads = kwargs.get(second, args[1] if len(args) > 1 and func is not _GRAD else None)
+        losses = [losses] if isinstance(losses, Tensor) else list(losses)
+        grads = [grads] if isinstance(grads, Tensor) else list(grads) if grads is not None else [None] * len(losses)
+        for loss, grad in zip(losses, grads):
+            self.check_loss(loss, grad)
 
     def settle(self, func: Callable, args: tuple, kwargs: dict, out: object, found: list,
                rule: Callable | None = None) -> None:

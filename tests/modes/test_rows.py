@@ -395,3 +395,48 @@ def test_check_loss_refuses_a_loss_handed_over_mixed():
     summed, source = traced(lambda x: lin(x).sum(), x2)
     trace.adopt([summed], source=source)
     trace.check_loss(summed)
+
+
+def test_timm_style_in_place_mixup_and_cutmix_are_refused_at_the_model():
+    x = torch.randn(B, 3, 4, 4, dtype=torch.float64)
+    loader = BatchTrace([x], batch_dim=0)
+    with loader:
+        x.mul_(0.7).add_(x.flip(0).mul_(0.3))  # timm's Mixup, in place
+    with pytest.raises(RowMixingError, match="flip over dim 0"):
+        loader.refuse_mixed([x], where="the model's input")
+    x = torch.randn(B, 3, 4, 4, dtype=torch.float64)
+    loader = BatchTrace([x], batch_dim=0)
+    with loader:
+        x[:, :, 1:3, 1:3] = x.flip(0)[:, :, 1:3, 1:3]  # CutMix
+    with pytest.raises(RowMixingError, match="flip over dim 0"):
+        loader.refuse_mixed([x], where="the model's input")
+
+
+def test_a_seq_first_attention_fed_batch_first_is_refused():
+    mha = nn.MultiheadAttention(D, 2)  # expects [T, B, E]
+    refused(lambda x: mha(x, x, x)[0], x3, match="attends across the batch dimension")
+
+
+def test_autograd_backward_checks_the_loss():
+    with torch.no_grad():
+        mixed, source = traced(lambda x: lin(x).flip(0), x2)
+    trace = BatchTrace([x2], batch_dim=0)
+    with trace:
+        per_row = lin(x2)
+        torch.autograd.backward([per_row], [torch.ones_like(per_row)])
+        with pytest.raises(RowMixingError, match="gradient passed to backward"):
+            torch.autograd.backward([lin(x2)], [x2.flip(0)])
+
+
+@pytest.mark.parametrize("fn, ok", [
+    (lambda x: torch.linalg.vector_norm(lin(x), dim=-1), True),
+    (lambda x: torch.linalg.vector_norm(lin(x), dim=0), False),
+    (lambda x: torch.linalg.matrix_norm(lin(x).view(B, 2, D // 2)), True),
+    (lambda x: lin(x).norm(2, -1), True),
+    (lambda x: lin(x).norm(), False),
+])
+def test_norms_along_features_pass_and_over_the_batch_are_refused(fn, ok):
+    if ok:
+        traced(fn, x2)
+    else:
+        refused(fn, x2, match="norm reduces over dim 0")
