@@ -1,4 +1,5 @@
-"""Row provenance rules (used by ``_rows.py``): which dimension of a tensor holds the batch's examples, or that its rows mix examples.
+"""Row provenance rules (used by ``_rows.py``): which dimension of a tensor holds the batch's examples, or that
+its rows mix examples.
 
 DP-SGD bounds one example's influence by clipping its gradient, which is only that example's if loss row *i*
 depends on example *i* alone (its K augmented copies included). The batch trace (``_trace.py``) gives every tensor
@@ -173,8 +174,8 @@ def along(pos: int | None, default=None, varargs: bool = False):
         value = _arg(args, kwargs, pos, "dim", _arg(args, kwargs, None, "dims", default))
         if varargs and len(args) > 2:
             value = args[1:]
-        if callable(value):
-            value = value(x)
+        if value is None and callable(default):  # softmax's implicit dim
+            value = default(x)
         dims = _dims(value, x.dim())
         if dims is None or s[0] in dims:
             return mix(func, f"over dim {s[0] if dims else 'None (all dims)'}, the batch dimension")

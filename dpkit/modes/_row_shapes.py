@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpkit.modes._row_rules import FREE, Mixed, _arg, _dims, _first_out, generic, mix
+from dpkit.modes._row_rules import Mixed, _arg, _dims, _first_out, generic, mix
 
 
 # -- indexing ----------------------------------------------------------------------------------------------------
@@ -86,28 +86,67 @@ def getitem(tr, func, args, kwargs, out, found):
 
 
 def setitem(tr, func, args, kwargs, out, found):
-    """``x[idx] = v``: the selection must keep examples apart and the value must line up with it."""
-    x, value = args[0], args[2]
-    sel = getitem(tr, func, (x, args[1]), {}, x[args[1]], [f for f in found if f[0] is not value])
-    sv = tr.state(value) if isinstance(value, Tensor) else None
-    sx = tr.state(x)
-    if isinstance(sel, Mixed):
-        return sel if sv is not None or isinstance(sx, tuple) else sel
-    if sv is not None:
-        nd = x[args[1]].dim()
-        if not isinstance(sel, tuple) or (sv[0] + nd - value.dim(), sv[1]) != sel:
-            return mix(func, "writes rows of the batch into other examples' rows")
-    return sx if isinstance(sx, tuple) else (sel if isinstance(sel, tuple) else None)
+    """``x[idx] = v``: writing a constant moves no example's data (``labels[labels == pad] = -100``), unless the
+    positions come from other examples; a batched value must land in the rows of its own examples."""
+    x, idx, value = args[0], args[1], args[2]
+    sx, sv = tr.state(x), tr.state(value) if isinstance(value, Tensor) else None
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    p = 0
+    for item in items:
+        s = tr.state(item) if isinstance(item, Tensor) else None
+        if s is not None and not (item.dtype == torch.bool and isinstance(sx, tuple) and p <= sx[0] < p + item.dim()
+                                  and s == (sx[0] - p, sx[1])):
+            return mix(func, "writes at positions chosen by the batch's data, not aligned with the rows written")
+        p += item.dim() if isinstance(item, Tensor) and item.dtype == torch.bool else \
+            0 if item is None or isinstance(item, bool) else 1
+    if sv is None:
+        return sx if isinstance(sx, tuple) else None
+    sel = getitem(tr, func, (x, idx), {}, x[idx], [f for f in found if f[0] is not value]) if sx is not None \
+        else _written(x, items, sv, value, func)
+    if not isinstance(sel, tuple):
+        return sel
+    if sx is None:
+        return sel
+    if (sv[0] + x[idx].dim() - value.dim(), sv[1]) != sel:
+        return mix(func, "writes rows of the batch into other examples' rows")
+    return sx
 
 
-def dim_op(pos: int, keeps: bool):
+def _written(x: Tensor, items: list, sv: tuple, value: Tensor, func) -> object:
+    """The state of a tensor not from the batch once a batched value is written into it with basic indexing
+    (``out = x.new_zeros(...); out[:, 0] = h``): the dim of ``out`` that the value's batch dim lands on."""
+    if any(isinstance(i, (Tensor, list)) for i in items):
+        return mix(func, "writes the batch through a tensor index")
+    n_used = sum(0 if i is None or i is Ellipsis or isinstance(i, bool) else 1 for i in items)
+    dims, p = [], 0  # the dim of x behind each dim of the selection (None: a new one)
+    for item in items:
+        if item is Ellipsis:
+            dims += list(range(p, p + x.dim() - n_used))
+            p += x.dim() - n_used
+        elif item is None or isinstance(item, bool):
+            dims.append(None)
+        else:
+            if isinstance(item, slice):
+                dims.append(p)
+            p += 1
+    dims += list(range(p, x.dim()))
+    j = sv[0] + len(dims) - value.dim()
+    at = dims[j] if 0 <= j < len(dims) else None
+    if at is None or x.shape[at] != value.shape[sv[0]]:
+        return mix(func, "writes the batch into part of a dimension")
+    return (at, sv[1])
+
+
+def dim_op(pos: int, keeps: bool, default: int | None = 0):
     """index_select, narrow, select, split, chunk, unbind, gather, scatter, index_add...: an op along ``dim``;
     along the batch dim it selects or moves examples (``keeps``: a full narrow/split is still the batch)."""
     def rule(tr, func, args, kwargs, out, found):
         x, s = args[0], tr.state(args[0])
-        dim = _arg(args, kwargs, pos, "dim", 0)
+        dim = _arg(args, kwargs, pos, "dim", default)
         if not isinstance(s, tuple):
             return generic(tr, func, args, kwargs, out, found)
+        if dim is None:  # take_along_dim without dim: flattened
+            return mix(func, "flattens the batch with the other dims")
         if isinstance(dim, int) and dim % x.dim() == s[0]:
             o = _first_out(out)
             if not (keeps and o is not None and o.shape[s[0]] == x.shape[s[0]] and not isinstance(out, tuple)):
@@ -139,10 +178,17 @@ def reshape(tr, func, args, kwargs, out, found):
         if stride % acc == 0 and o.shape[k] == examples * (stride // acc) and (examples != 1 or o.shape[k] != 1):
             return (k, stride // acc)
         acc *= o.shape[k]
-    if examples <= 1:
-        return (0, o.shape[0]) if o.dim() else mix(func, "merges the batch dimension away")
     return mix(func, f"reshapes {tuple(x.shape)} (batch along dim {d}) to {tuple(o.shape)}, which interleaves "
                      "examples; merge the batch dim only with the dims after it")
+
+
+def diagonal(tr, func, args, kwargs, out, found):
+    """diagonal(offset, dim1, dim2): entries [i, i] of two dims, moved to the end."""
+    x, (d, g) = args[0], tr.state(args[0])
+    pair = {_arg(args, kwargs, 2, "dim1", 0) % x.dim(), _arg(args, kwargs, 3, "dim2", 1) % x.dim()}
+    if d in pair:
+        return mix(func, f"takes a diagonal along dim {d}, the batch dimension")
+    return (d - sum(1 for k in pair if k < d), g)
 
 
 def transpose(tr, func, args, kwargs, out, found):
@@ -196,9 +242,7 @@ def unsqueeze(tr, func, args, kwargs, out, found):
 def squeeze(tr, func, args, kwargs, out, found):
     x, (d, g) = args[0], tr.state(args[0])
     dims = _dims(_arg(args, kwargs, 1, "dim"), x.dim())
-    gone = [k for k in range(x.dim()) if x.shape[k] == 1 and (dims is None or k in dims)]
-    if d in gone:
-        return FREE  # one example with one entry: nothing to mix it with
+    gone = [k for k in range(x.dim()) if x.shape[k] == 1 and (dims is None or k in dims) and k != d]
     return (d - sum(1 for k in gone if k < d), g)
 
 

@@ -165,7 +165,8 @@ logical_xor logit long lt masked_fill maximum minimum mish mul multiply nan_to_n
 prelu rad2deg rand_like randint_like randn_like reciprocal relu relu6 remainder requires_grad_ round rrelu rsqrt
 rsub selu sgn sigmoid sign signbit silu sin sinc sinh softplus softshrink softsign sqrt square sub subtract tan tanh
 tanhshrink threshold to tril triu true_divide trunc type type_as where xlogy zero_ zeros_like bool byte char short
-cpu cuda celu logaddexp logaddexp2 positive real imag conj resolve_conj resolve_neg view_as_real sigmoid_ tanh_""".split()
+cpu cuda celu logaddexp logaddexp2 positive real imag conj resolve_conj resolve_neg view_as_real sigmoid_
+tanh_""".split()
 _DUNDERS = "add sub mul truediv floordiv mod pow and or xor lshift rshift".split()
 
 RULES: dict[str, Callable] = {
@@ -204,10 +205,10 @@ RULES: dict[str, Callable] = {
     "inner": R.inner, "tensordot": R.tensordot, "einsum": R.einsum, "scaled_dot_product_attention": R.attention,
     # indexing and shapes
     "__getitem__": S.getitem, "__setitem__": S.setitem,
-    **_names(S.dim_op(1, keeps=False), "index_select", "gather", "take_along_dim", "scatter", "scatter_add",
-             "scatter_reduce", "index_add", "index_copy", "index_fill", "index_reduce", "select", "unbind",
-             "diagonal"),
-    **_names(S.dim_op(1, keeps=True), "narrow", "split", "chunk", "tensor_split", "split_with_sizes"),
+    **_names(S.dim_op(1, keeps=False), "index_select", "gather", "scatter", "scatter_add", "scatter_reduce",
+             "index_add", "index_copy", "index_fill", "index_reduce", "select", "unbind"),
+    "take_along_dim": S.dim_op(2, keeps=False, default=None), "narrow": S.dim_op(1, keeps=True), "diagonal": S.diagonal,
+    **_names(S.dim_op(2, keeps=True), "split", "chunk", "tensor_split", "split_with_sizes"),
     **_names(S.reshape, "reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "ravel"),
     **_names(S.transpose, "transpose", "swapaxes", "swapdims", "t"),
     **_names(S.permute, "permute"), **_names(S.movedim, "movedim", "moveaxis"),

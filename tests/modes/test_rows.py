@@ -440,3 +440,29 @@ def test_norms_along_features_pass_and_over_the_batch_are_refused(fn, ok):
         traced(fn, x2)
     else:
         refused(fn, x2, match="norm reduces over dim 0")
+
+
+@pytest.mark.parametrize("name, fn, x, state", [
+    ("mask-constant", lambda x: x.masked_fill(x > 0, 0.0), x3, (0, 1)),
+    ("setitem-mask-constant", lambda y: (lambda t: (t.__setitem__(t == 3, -100), t)[1])(y.clone()), idx, (0, 1)),
+    ("setitem-some-rows-constant", lambda x: (lambda t: (t.__setitem__(slice(0, 2), 0.0), t)[1])(x.clone()), x2,
+     (0, 1)),
+    ("setitem-into-new-buffer", lambda x: (lambda t: (t.__setitem__((slice(None), 0), x[:, 1]), t)[1])(
+        x.new_zeros(T, B, D).transpose(0, 1)), x3, (0, 1)),
+    ("setitem-rows-from-others", lambda x: (lambda t: (t.__setitem__(slice(None), x.flip(0)), t)[1])(x.clone()), x2,
+     None),
+    ("setitem-at-batch-chosen-rows", lambda y: (lambda t: (t.__setitem__(y[:, 0], 1.0), t)[1])(
+        torch.zeros(V, dtype=torch.float64)), idx, None),
+    ("split-positional-dim", lambda x: x.split(2, 2)[0], x3, (0, 1)),
+    ("chunk-batch", lambda x: x.chunk(2, 0)[0], x3, None),
+    ("take-along-flat", lambda x: torch.take_along_dim(x, torch.zeros(1, dtype=torch.long)), x2, None),
+    ("take-along-features", lambda x: torch.take_along_dim(x, x.argmax(-1, keepdim=True), dim=-1), x2, (0, 1)),
+    ("diagonal-tokens", lambda x: x.view(B, T, T, 1).diagonal(0, 1, 2), x3[..., :T].contiguous(), (0, 1)),
+    ("diagonal-batch", lambda x: x.diagonal(), x2, None),
+    ("softmax-implicit", lambda x: F.softmax(x, None, _stacklevel=5), x2, (0, 1)),
+])
+@pytest.mark.filterwarnings("ignore:Implicit dimension choice")
+def test_where_the_batch_dim_goes_when_written_and_split(name, fn, x, state):
+    out, trace = traced(fn, x)
+    got = trace.state(out)
+    assert (type(got) is Mixed) if state is None else got == state
