@@ -107,13 +107,22 @@ def _first_out(out) -> Tensor | None:
 
 
 # -- families ----------------------------------------------------------------------------------------------------
-def generic(tr, func, args, kwargs, out, found):
-    """An op dpkit has no rule for: the output keeps the batch dim of the first batched input if it has as many
-    entries there, and every batched input agrees on it (same dim from the left or the right)."""
+def agree(func, found: list) -> object:
+    """The batched inputs' common state: the same dim counted from the left or from the right, or Mixed."""
     t, (d, g) = found[0]
     for u, s in found[1:]:
         if s[1] != g or (s[0] != d and s[0] - u.dim() != d - t.dim()):
             return mix(func, f"combines the batch held along dim {d} of one input and dim {s[0]} of another")
+    return (d, g)
+
+
+def generic(tr, func, args, kwargs, out, found):
+    """An op dpkit has no rule for: the output keeps the batch dim of the first batched input if it has as many
+    entries there, and every batched input agrees on it (same dim from the left or the right)."""
+    agreed = agree(func, found)
+    if type(agreed) is Mixed:
+        return agreed
+    t, (d, g) = found[0]
     states = []
     for o in out if isinstance(out, (tuple, list)) else (out,):
         if not isinstance(o, Tensor):

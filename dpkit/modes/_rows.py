@@ -86,25 +86,19 @@ def loss(tr, func, args, kwargs, out, found):
     legacy = [kwargs.get(k) for k in ("size_average", "reduce")]
     if any(v is not None for v in legacy):
         reduction = torch.nn._reduction.legacy_get_string(*legacy)
-    classes = name in ("cross_entropy", "nll_loss")
-    if classes and isinstance(target, Tensor) and not target.is_floating_point():
-        sx, st = tr.state(x), tr.state(target)
-        rows = None
-        if sx is not None:
-            if x.dim() == 1 or sx[0] == 1:
-                return mix(func, "takes its classes along the batch dimension")
-            rows = (0 if sx[0] == 0 else sx[0] - 1, sx[1])
-        if st is not None and rows not in (None, st):
-            return mix(func, "pairs each input row with another example's target")
-        rows = rows or st
-        if len(found) > (sx is not None) + (st is not None):
-            return mix(func, "has batched class weights")
+    if name in ("cross_entropy", "nll_loss"):
+        rows = _class_rows(tr, func, x, target, found)
+    elif name == "ctc_loss":  # log_probs [T, N, C], targets [N, S]: one loss per N
+        g = found[0][1][1]
+        rows = (0, g) if tr.state(x) in (None, (1, g)) and tr.state(target) in (None, (0, g)) else \
+            mix(func, "takes the batch along the wrong dim (log_probs are [T, N, C])")
+    elif reduction == "none":
+        rows = (R.pointwise if name in _LOSS_POS else R.generic)(tr, func, args, kwargs, out, found)
     else:
-        rows = R.pointwise(tr, func, args[:2], {}, out, found) if classes or name in _LOSS_POS else \
-            R.generic(tr, func, args, kwargs, out, found)
+        rows = R.agree(func, found)
     if reduction == "none" or not isinstance(rows, tuple):
         return rows
-    if classes and reduction == "mean" and tr.state(target) is not None:
+    if name in ("cross_entropy", "nll_loss") and reduction == "mean" and tr.state(target) is not None:
         ignore = _arg(args, kwargs, 4, "ignore_index", -100)
         weight = _arg(args, kwargs, 2, "weight")
         if weight is not None or (not target.is_floating_point() and bool((target == ignore).any())):
@@ -115,12 +109,33 @@ def loss(tr, func, args, kwargs, out, found):
     return Summed(f"{op_name(func)}(reduction={reduction!r}){R.where()}")
 
 
+def _class_rows(tr, func, x: Tensor, target, found: list) -> object:
+    """cross_entropy / nll_loss's rows: the input's without its class dim 1, which the target (class indices, or
+    probabilities shaped like the input) must match."""
+    sx, st = tr.state(x), tr.state(target) if isinstance(target, Tensor) else None
+    rows = None
+    if sx is not None:
+        if x.dim() == 1 or sx[0] == 1:
+            return mix(func, "takes its classes along the batch dimension")
+        rows = (0 if sx[0] == 0 else sx[0] - 1, sx[1])
+    if st is not None:
+        probabilities = target.is_floating_point() and target.dim() == x.dim()
+        as_rows = (0 if st[0] == 0 else st[0] - 1, st[1]) if probabilities and st[0] != 1 else \
+            None if probabilities else st
+        if as_rows is None or rows not in (None, as_rows):
+            return mix(func, "pairs each input row with another example's target")
+        rows = as_rows
+    if len(found) > (sx is not None) + (st is not None):
+        return mix(func, "has batched class weights")
+    return rows
+
+
 # -- a sum over the rows (the loss being formed) -----------------------------------------------------------------
 _SUM_KEEP = frozenset({"neg", "__neg__", "__pos__", "clone", "to", "float", "double", "half", "bfloat16", "type",
                        "contiguous", "detach", "reshape", "view", "squeeze", "unsqueeze", "flatten", "sum", "mean",
                        "nansum", "add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__",
                        "__isub__", "sub_", "rsub", "mul", "__mul__", "__rmul__", "__imul__", "mul_", "div",
-                       "__truediv__", "__itruediv__", "div_", "true_divide", "__get__"})
+                       "__truediv__", "__itruediv__", "div_", "true_divide", "__get__", "stack", "cat"})
 
 
 def summed(tr, func, args, kwargs, out, found):

@@ -466,3 +466,22 @@ def test_where_the_batch_dim_goes_when_written_and_split(name, fn, x, state):
     out, trace = traced(fn, x)
     got = trace.state(out)
     assert (type(got) is Mixed) if state is None else got == state
+
+
+@pytest.mark.parametrize("name, loss_fn", [
+    ("soft-targets-none", lambda z, y: F.cross_entropy(z.transpose(1, 2), F.one_hot(y, V).double().transpose(1, 2),
+                                                       reduction="none").sum()),
+    ("soft-targets-mean", lambda z, y: F.cross_entropy(z[:, 0], F.one_hot(y[:, 0], V).double())),
+    ("triplet-mean", lambda z, y: F.triplet_margin_loss(z[:, 0], z[:, 1], z[:, 2])),
+    ("kl-batchmean", lambda z, y: F.kl_div(z.log_softmax(-1), F.one_hot(y, V).double(), reduction="batchmean")),
+    ("stacked-losses", lambda z, y: torch.stack([z.pow(2).sum(), z.abs().sum()]).sum()),
+])
+def test_more_row_wise_losses_pass(name, loss_fn):
+    torch.manual_seed(0)
+    loss_of(LM(), idx, torch.randint(1, V, (B, T)), loss_fn)
+
+
+def test_soft_targets_from_other_examples_are_refused():
+    with pytest.raises(RowMixingError, match="flip"):
+        loss_of(LM(), idx, torch.randint(1, V, (B, T)),
+                lambda z, y: F.cross_entropy(z[:, 0], F.one_hot(y[:, 0], V).double().flip(0)))
