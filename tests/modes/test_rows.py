@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dpkit
+from dpkit.criterion import DPCriterion, DPLoss
 from dpkit.errors import PrivacyUsageError, RowMixingError
 from dpkit.modes._rows import Mixed, Summed, rowwise
 from dpkit.modes._trace import BatchTrace
@@ -199,13 +199,13 @@ def test_a_row_wise_loss_passes(name, loss_fn):
 def test_the_dpkit_criterion_is_row_wise():
     y = torch.randint(0, V, (B, T))
     y[0, 1] = -100
-    crit = dpkit.criterion.DPCriterion(nn.CrossEntropyLoss()) if hasattr(dpkit, "criterion") else None
+    crit = DPCriterion(nn.CrossEntropyLoss())
     model = LM()
     trace = BatchTrace([idx, y], batch_dim=0)
     with trace:
         per_row = crit.per_example(model(idx).transpose(1, 2), y)
         trace.refuse_mixed([per_row], where="the per-example losses")
-        per_row.sum().backward()
+        DPLoss(per_row, "mean").backward()
     assert trace.state(per_row) == (0, 1)
 
 
@@ -485,3 +485,26 @@ def test_soft_targets_from_other_examples_are_refused():
     with pytest.raises(RowMixingError, match="flip"):
         loss_of(LM(), idx, torch.randint(1, V, (B, T)),
                 lambda z, y: F.cross_entropy(z[:, 0], F.one_hot(y[:, 0], V).double().flip(0)))
+
+
+def test_a_function_declared_row_wise_must_keep_the_rows():
+    @rowwise
+    def pooled(h):
+        return h.sum(0, keepdim=True)  # one row for the whole batch: not row-wise, whatever it declares
+
+    refused(lambda x: pooled(lin(x)), x2, match="pooled turns the batch's 4 rows")
+
+
+def test_rowwise_finds_the_trace_under_a_user_mode_and_runs_plainly_without_one():
+    from torch.overrides import TorchFunctionMode
+
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    centre = rowwise(lambda h: h - h.mean(1, keepdim=True))
+    trace = BatchTrace([x2], batch_dim=0)
+    with trace, Passthrough():
+        out = centre(lin(x2))
+    assert trace.state(out) == (0, 1)
+    torch.testing.assert_close(centre(x2), x2 - x2.mean(1, keepdim=True))
