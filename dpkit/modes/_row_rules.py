@@ -8,6 +8,7 @@ derived from the batch a state, computed here from the torch call that made it:
 * ``(dim, group)``: dimension ``dim`` holds the examples, ``group`` consecutive entries each (``x.flatten(0, 1)`` of
   ``[B, T]`` gives ``(0, T)``; K augmented copies of an example are ``(0, K)``);
 * ``Summed``: a sum (or a mean over a count fixed by shapes) over the rows: a loss, or a statistic of the batch;
+* ``One``: one example's data alone (``x[i]``, a row of ``for row in x``): a per-example loop;
 * ``Mixed``: rows that combine examples, with the operation that combined them.
 
 The rules are keyed by op family, not by example: each reads the dims an op works along from its arguments and
@@ -43,6 +44,21 @@ class Summed:
 
     def __init__(self, what: str):
         self.what = what
+
+
+class One:
+    """Example ``i``'s data alone (of ``n``), taken out of the batch: ``x[i]``, or a row of ``for row in x``."""
+
+    __slots__ = ("i", "n")
+
+    def __init__(self, i: int, n: int):
+        self.i, self.n = i, n
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is One and (other.i, other.n) == (self.i, self.n)
+
+    def __hash__(self) -> int:
+        return hash((self.i, self.n))
 
 
 TRUSTED = "trusted"  # computed inside a function declared row-wise (rowwise): not checked

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dpkit.modes._row_rules import Mixed, _arg, _dims, _first_out, generic, mix
+from dpkit.modes._row_rules import Mixed, One, _arg, _dims, _first_out, generic, mix
 
 
 # -- indexing ----------------------------------------------------------------------------------------------------
@@ -18,6 +18,17 @@ def _is_arange(t: Tensor, n: int) -> int | None:
     if len(dims) != 1 or not torch.equal(t.reshape(-1), torch.arange(n, device=t.device, dtype=t.dtype)):
         return None
     return dims[0]
+
+
+def _within_one(item, size: int, group: int) -> int | None:
+    """The example that an int or a slice on the batch dim stays within, else None."""
+    if isinstance(item, slice):
+        start, stop, step = item.indices(size)
+        last = start + (len(range(start, stop, step)) - 1) * step
+        return start // group if stop > start and step > 0 and start // group == last // group else None
+    if isinstance(item, bool) or not isinstance(item, (int, Tensor)):
+        return None
+    return int(item) % size // group
 
 
 def getitem(tr, func, args, kwargs, out, found):
@@ -58,6 +69,10 @@ def getitem(tr, func, args, kwargs, out, found):
         if sx is not None and p == sx[0]:
             if isinstance(item, slice) and item.indices(x.shape[p]) == (0, x.shape[p], 1):
                 batch_out = basic_before
+            elif _within_one(item, x.shape[p], sx[1]) is not None:  # x[i], x[i:i+1]: example i alone
+                if any(tr.state(t) is not None for t in items if isinstance(t, Tensor) and t is not item):
+                    return mix(func, "indexes one example with indices taken from other examples")
+                return One(_within_one(item, x.shape[p], sx[1]), x.shape[p] // sx[1])
             else:
                 return mix(func, f"takes part of dim {p}, the batch dimension ({item!r}): it selects examples")
         if isinstance(item, slice):
@@ -148,6 +163,11 @@ def dim_op(pos: int, keeps: bool, default: int | None = 0):
         if dim is None:  # take_along_dim without dim: flattened
             return mix(func, "flattens the batch with the other dims")
         if isinstance(dim, int) and dim % x.dim() == s[0]:
+            n = x.shape[s[0]]
+            if func.__name__ == "unbind":  # for row in x: each row is one example's
+                return [One(r // s[1], n // s[1]) for r in range(n)]
+            if func.__name__ == "select":
+                return One(_arg(args, kwargs, 2, "index") % n // s[1], n // s[1])
             o = _first_out(out)
             if not (keeps and o is not None and o.shape[s[0]] == x.shape[s[0]] and not isinstance(out, tuple)):
                 return mix(func, f"works along dim {s[0]}, the batch dimension: it selects, gathers or scatters "

@@ -21,9 +21,9 @@ from torch import Tensor
 from dpkit.errors import RowMixingError
 from dpkit.modes import _row_rules as R
 from dpkit.modes import _row_shapes as S
-from dpkit.modes._row_rules import FREE, TRUSTED, Mixed, Summed, _arg, mix, op_name
+from dpkit.modes._row_rules import FREE, TRUSTED, Mixed, One, Summed, _arg, _first_out, mix, op_name
 
-__all__ = ["FREE", "TRUSTED", "Mixed", "Summed", "refusal", "rowwise", "state_of"]
+__all__ = ["FREE", "TRUSTED", "Mixed", "One", "Summed", "refusal", "rowwise", "state_of"]
 
 
 # -- layers that are one torch call ------------------------------------------------------------------------------
@@ -158,6 +158,29 @@ def summed(tr, func, args, kwargs, out, found):
     return sums[0]
 
 
+_ADD = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_",
+                  "rsub", "sum"})
+
+
+def one(tr, func, args, kwargs, out, found):
+    """A per-example loop: one example's data stays that example's; the examples' results stacked (or
+    concatenated) back in order are the batch again, and added up they are a sum over the rows."""
+    states = [s for _, s in found]
+    if all(s == states[0] for s in states):
+        return states[0]
+    name = func.__name__
+    if name in ("stack", "cat") and all(type(s) is One for s in states):
+        n = states[0].n
+        if [s.i for s in states] == list(range(n)) and len(found) == len(args[0]):
+            o = _first_out(out)
+            dim = _arg(args, kwargs, 1, "dim", 0) % o.dim()
+            return (dim, 1 if name == "stack" else o.shape[dim] // n)
+        return mix(func, "puts examples' results together out of order or incomplete")
+    if name in _ADD and all(type(s) in (One, Summed) for s in states):
+        return Summed(f"{op_name(func)} of examples' terms{R.where()}")
+    return mix(func, "combines one example's data (x[i], a row of a loop over the batch) with other examples'")
+
+
 def autograd_grad(tr, func, args, kwargs, out, found):
     """torch.autograd.grad of a loss: a batched input's gradient keeps its rows; a parameter's is a sum."""
     inputs = _arg(args, kwargs, 1, "inputs")
@@ -273,6 +296,8 @@ def state_of(tr, func: Callable, args: tuple, kwargs: dict, out, found: list, ru
             special = s if special is None or special is TRUSTED else special
     if special is FREE or special is TRUSTED:
         return special
+    if any(type(s) is One for _, s in found):
+        return one(tr, func, args, kwargs, out, found)
     if special is not None:
         return summed(tr, func, args, kwargs, out, found)
     return (rule or rule_for(func))(tr, func, args, kwargs, out, found)

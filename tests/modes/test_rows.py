@@ -77,7 +77,9 @@ idx = torch.randint(0, V, (B, T))
     ("cosine-pairs", lambda x: F.cosine_similarity(lin(x)[:, None], lin(x)[None], dim=-1), r"combines examples"),
     ("logsumexp", lambda x: lin(x).logsumexp(0), r"logsumexp reduces over dim 0"),
     ("repeat-tiles", lambda x: lin(x).repeat(2, 1).view(B, 2, D), r"tiles dim 0"),
-    ("one-example", lambda x: lin(x) + lin(x)[0], r"takes part of dim 0"),
+    ("one-example", lambda x: lin(x) + lin(x)[0], r"combines one example's data"),
+    ("loop-pairs", lambda x: torch.stack([r * lin(x)[1] for r in lin(x)]), r"combines one example's data"),
+    ("loop-out-of-order", lambda x: torch.stack([r for r in lin(x)][::-1]), r"out of order"),
 ])
 def test_a_model_that_mixes_rows_is_refused(name, fn, match):
     refused(fn, x2, match=match)
@@ -508,3 +510,19 @@ def test_rowwise_finds_the_trace_under_a_user_mode_and_runs_plainly_without_one(
         out = centre(lin(x2))
     assert trace.state(out) == (0, 1)
     torch.testing.assert_close(centre(x2), x2 - x2.mean(1, keepdim=True))
+
+
+def test_a_per_example_loop_passes():
+    def per_example(x):
+        rows = [lin(r).tanh() for r in x]  # iterating the batch: one example at a time
+        return torch.stack(rows), torch.cat([lin(x[i : i + 1][0])[None] for i in range(B)])
+
+    (stacked, cat), trace = traced(per_example, x2)
+    assert trace.state(stacked) == (0, 1) and trace.state(cat) == (0, 1)
+    y = torch.randint(0, 2, (B,))
+    trace = BatchTrace([x2, y], batch_dim=0)
+    with trace:
+        losses = [F.cross_entropy(lin(r)[:2], t) for r, t in zip(x2, y)]
+        total = sum(losses)
+        total.backward()
+    assert type(trace.state(total)) is Summed
