@@ -157,6 +157,8 @@ def pointwise(tr, func, args, kwargs, out, found):
     nd = o.dim() if o is not None else found[0][0].dim()
     if len(found) == 1 and found[0][0].dim() == nd:  # the common case: one batched operand, same dims
         return found[0][1]
+    if any(u.dim() > nd for u, _ in found):  # fewer dims out than in (torch.where(cond)): not elementwise
+        return generic(tr, func, args, kwargs, out, found)
     state = None
     for u, (d, g) in found:
         cand = (d + nd - u.dim(), g)

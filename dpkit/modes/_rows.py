@@ -266,6 +266,11 @@ RULES: dict[str, Callable] = {
              "multilabel_margin_loss", "ctc_loss"),
     "grad": autograd_grad,
 }
+RULES.update({f"fft_{n}": R.along(2, -1) for n in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")})
+RULES.update({f"fft_{n}2": R.along(2, (-2, -1)) for n in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")})
+RULES.update({f"fft_{n}n": R.along(2) for n in ("fft", "ifft", "rfft", "irfft", "hfft", "ihfft")})
+# an in-place variant (x.scatter_, x.transpose_) follows its op's rule: its output is its first argument
+RULES.update({n + "_": r for n, r in list(RULES.items()) if not n.startswith("_") and n + "_" not in RULES})
 _PROPERTIES = {"T": S.reverse_dims, "H": S.reverse_dims, "mT": S.reverse_dims, "mH": S.reverse_dims}
 _CACHE: dict = {}  # func -> rule: one dict lookup per call once seen
 

@@ -526,3 +526,16 @@ def test_a_per_example_loop_passes():
         total = sum(losses)
         total.backward()
     assert type(trace.state(total)) is Summed
+
+
+@pytest.mark.parametrize("name, fn, x, state", [
+    ("where-one-arg", lambda x: torch.where(x > 0)[0], x2, None),
+    ("fft-features", lambda x: torch.fft.rfft(x, dim=-1), x2, (0, 1)),
+    ("fft-batch", lambda x: torch.fft.fft(x, dim=0), x2, None),
+    ("in-place-scatter-batch", lambda x: x.clone().scatter_(0, torch.zeros(1, D, dtype=torch.long), 1.0), x2, None),
+    ("in-place-transpose", lambda x: x.clone().transpose_(0, 1), x2, (1, 1)),
+])
+def test_more_families(name, fn, x, state):
+    out, trace = traced(fn, x)
+    got = trace.state(out)
+    assert (type(got) is Mixed) if state is None else got == state
