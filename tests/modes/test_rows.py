@@ -539,3 +539,21 @@ def test_more_families(name, fn, x, state):
     out, trace = traced(fn, x)
     got = trace.state(out)
     assert (type(got) is Mixed) if state is None else got == state
+
+
+def test_a_hugging_face_models_own_labels_loss_is_refused_and_a_per_example_loss_passes():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=V, n_positions=8, bos_token_id=0,
+                                     eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).double()
+    ids, mask = torch.randint(0, V, (B, 6)), torch.ones(B, 6, dtype=torch.long)
+    mask[0, 4:] = 0
+    with pytest.raises(RowMixingError, match="labelled targets in the whole batch"):
+        with BatchTrace([ids, mask], batch_dim=0):
+            model(ids, attention_mask=mask, labels=ids)  # sum of token losses / labelled tokens in the batch
+    trace = BatchTrace([ids, mask], batch_dim=0)
+    with trace:
+        logits = model(ids, attention_mask=mask).logits
+        F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1).sum().backward()
+    assert trace.state(logits) == (0, 1)
