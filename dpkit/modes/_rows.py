@@ -293,17 +293,16 @@ def state_of(tr, func: Callable, args: tuple, kwargs: dict, out, found: list, ru
     replaces the table's (``rowwise``)."""
     if len(found) == 1 and type(found[0][1]) is tuple:  # the common case
         return (rule or _CACHE.get(func) or rule_for(func))(tr, func, args, kwargs, out, found)
-    special = None
+    kinds = set()
     for _, s in found:
-        if type(s) is not tuple:
-            if type(s) is Mixed:
-                return s
-            special = s if special is None or special is TRUSTED else special
-    if special is FREE or special is TRUSTED:
-        return special
+        if type(s) is Mixed:
+            return s
+        kinds.add(s if s is FREE or s is TRUSTED else type(s))
+    if FREE in kinds or TRUSTED in kinds:  # an untracked input (one example, or inside rowwise): untracked
+        return FREE if FREE in kinds else TRUSTED
     if any(type(s) is One for _, s in found):
         return one(tr, func, args, kwargs, out, found)
-    if special is not None:
+    if any(type(s) is Summed for _, s in found):
         return summed(tr, func, args, kwargs, out, found)
     return (rule or rule_for(func))(tr, func, args, kwargs, out, found)
 
