@@ -159,9 +159,9 @@ class BatchTrace(TorchFunctionMode):
         if func is _BACKWARD:
             self.check_loss(args[0], kwargs.get("gradient", args[1] if len(args) > 1 else None))
             return
-        first, second = ("outputs", "grad_outputs") if func is _GRAD else ("tensors", "grad_tensors")
+        (first, second), at = (("outputs", "grad_outputs"), 2) if func is _GRAD else (("tensors", "grad_tensors"), 1)
         losses = kwargs.get(first, args[0] if args else ())
-        grads = kwargs.get(second, args[1] if len(args) > 1 and func is not _GRAD else None)
+        grads = kwargs.get(second, args[at] if len(args) > at else None)
         losses = [losses] if isinstance(losses, Tensor) else list(losses)
         grads = [grads] if isinstance(grads, Tensor) else list(grads) if grads is not None else [None] * len(losses)
         for loss, grad in zip(losses, grads):
