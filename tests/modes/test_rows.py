@@ -44,6 +44,17 @@ x3 = torch.randn(B, T, D, dtype=torch.float64)  # [B, T, D]
 idx = torch.randint(0, V, (B, T))
 
 
+class Forward(nn.Module):
+    """A model whose forward is ``fn`` (over the shared layer ``lin``)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.lin = fn, lin
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 # -- mixing families in the model: refused, naming the operation ---------------------------------------------
 @pytest.mark.parametrize("name, fn, match", [
     ("flip", lambda x: lin(x).flip(0), r"torch.Tensor.flip over dim 0, the batch dimension"),
@@ -82,7 +93,7 @@ idx = torch.randint(0, V, (B, T))
     ("loop-out-of-order", lambda x: torch.stack([r for r in lin(x)][::-1]), r"out of order"),
 ])
 def test_a_model_that_mixes_rows_is_refused(name, fn, match):
-    refused(fn, x2, match=match)
+    refused(Forward(fn), x2, match=match)
 
 
 def test_the_message_says_where_and_what_to_do():
