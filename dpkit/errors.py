@@ -22,6 +22,11 @@ class PrivacyUsageError(DPKitError):
     """The training loop was used in a way that would leak privacy or silently compute the wrong step."""
 
 
+class RowMixingError(PrivacyUsageError):
+    """An operation combined examples of the batch (rows), so one example's loss depends on others: its
+    clipped gradient no longer bounds what that example contributes to the step."""
+
+
 class UnsupportedEventError(DPKitError):
     """An accountant was asked to count a privacy event it has no analysis for."""
 

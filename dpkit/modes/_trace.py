@@ -6,37 +6,93 @@ tensors when ``T`` equals the batch size, and treating position t as example t i
 model's batched inputs are marked, and every torch function or tensor method whose arguments include a
 marked tensor marks its outputs (tensor factories like ``x.new_zeros`` excepted: only their device and dtype
 come from ``x``). A layer whose inputs carry no mark did not see the batch.
+
+Each mark also says where the batch's examples are (``_rows.py``): the trace refuses, naming the operation, a
+call that mixes examples while its output needs a gradient. Given no ``batch_dim`` it only marks.
 """
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from dpkit.errors import RowMixingError
+from dpkit.modes._rows import FREE, TRUSTED, Mixed, refusal, state_of
+
 _FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "new_empty_strided"})
+_BACKWARD, _SETITEM, _GRAD = torch.Tensor.backward, torch.Tensor.__setitem__, torch.autograd.grad
+_AUTOGRAD_BACKWARD = torch.autograd.backward
 
 
 class BatchTrace(TorchFunctionMode):
-    """Active from the model's forward pre-hook to its forward hook; ``batched(t)`` asks about a tensor."""
+    """Active from the model's forward pre-hook to its forward hook; ``batched(t)`` asks about a tensor.
 
-    def __init__(self, inputs: list[Tensor]):
+    ``batch_dim``: the dim of ``inputs`` that holds the examples, ``group`` rows each (K augmented copies), to
+    check that rows stay independent; None only marks. ``source``: a trace that already knows some of
+    ``inputs`` (the data loader's batch), whose states they keep."""
+
+    def __init__(self, inputs: Iterable[Tensor], batch_dim: int | None = None, *, group: int = 1,
+                 source: BatchTrace | None = None):
         super().__init__()
-        self._marked: dict[int, weakref.ref] = {}
+        self._marked: dict[int, tuple[weakref.ref, object]] = {}
         # Set by the capture while a unit whose sampler declares linear_calls runs: it runs each call instead, to
         # record the F.linear calls on the unit's parameters (dpkit/modes/_parts.py). None otherwise: one check.
         self.spy: Callable[[Callable, tuple, dict], object] | None = None
-        for t in inputs:
-            self._mark(t)
+        self.batch_dim, self.group = batch_dim, group
+        self._trusted = 0  # inside a function declared row-wise
+        self.adopt(inputs, source)
 
-    def _mark(self, t: Tensor) -> None:
-        self._marked[id(t)] = weakref.ref(t)
+    def adopt(self, tensors: Iterable[Tensor], source: BatchTrace | None = None) -> None:
+        """Mark tensors handed over (the model's outputs, to follow them to the loss): with ``source``'s state
+        where it knows them, else with the examples along ``batch_dim``."""
+        for t in tensors:
+            s = source.state(t) if source is not None else None
+            self._mark(t, self._fresh(t) if s is None else s)
+
+    def _fresh(self, t: Tensor) -> object:
+        if self.batch_dim is None or t.dim() == 0:
+            return FREE
+        d = self.batch_dim % t.dim()
+        return FREE if t.shape[d] <= self.group else (d, self.group)  # one example cannot mix with another
+
+    def _mark(self, t: Tensor, state: object) -> None:
+        self._marked[id(t)] = (weakref.ref(t), state)
 
     def batched(self, t: object) -> bool:
-        ref = self._marked.get(id(t))
-        return ref is not None and ref() is t
+        entry = self._marked.get(id(t))
+        return entry is not None and entry[0]() is t
+
+    def state(self, t: object) -> object:
+        """``(dim, group)``, ``Summed``, ``Mixed``, ``FREE``/``TRUSTED``, or None for a tensor not from the batch."""
+        entry = self._marked.get(id(t))
+        return entry[1] if entry is not None and entry[0]() is t else None
+
+    def refuse_mixed(self, tensors: Iterable[object], where: str) -> None:
+        """Refuse tensors whose rows mix examples (``where``: "the model's input"), e.g. a batch mixed with a
+        permutation of itself between the data loader and the model."""
+        for t in tensors:
+            s = self.state(t)
+            if type(s) is Mixed:
+                raise RowMixingError(f"{where} mixes examples: {s.why}. Each row the model sees must be one "
+                                     "example's (mixup and similar augmentations across examples break per-example "
+                                     "clipping); augment each example on its own, or declare a row-wise "
+                                     "function with dpkit.rowwise(fn).")
+
+    def check_loss(self, loss: Tensor, gradient: Tensor | None = None) -> None:
+        """At ``backward``: the loss must reduce its rows by a plain sum or a mean over a count fixed by shapes
+        (or be per-row losses with a gradient per row); a normaliser taken from the batch mixes examples."""
+        s = self.state(loss)
+        if type(s) is tuple and gradient is not None and self.state(gradient) not in (None, s, FREE):
+            s = Mixed(f"the gradient passed to backward is computed from other rows ({self.state(gradient)})")
+        if type(s) is Mixed:
+            raise RowMixingError(
+                f"the loss is not a plain sum of per-example losses (or their mean over a fixed count): {s.why}. "
+                "dpkit needs loss = sum over examples of each example's own loss, or that sum divided by a "
+                "number that does not depend on the data; average each example's tokens by its own count "
+                "(private.criterion does), then sum or mean over examples.")
 
     def suspend(self) -> bool:
         """Leave the torch-function stack while dpkit's own hooks run, if on top of it; ``True`` if it left."""
@@ -50,17 +106,22 @@ class BatchTrace(TorchFunctionMode):
         """Back on the stack after ``suspend``."""
         torch._C._push_on_torch_function_stack(self)
 
-    def _any_batched(self, values) -> bool:
-        for v in values:
-            if isinstance(v, Tensor):
-                if self.batched(v):
-                    return True
-            elif isinstance(v, (list, tuple)):
-                if self._any_batched(v):
-                    return True
-            elif isinstance(v, dict) and self._any_batched(v.values()):
-                return True
-        return False
+    def found(self, args: tuple, kwargs: dict | None) -> list[tuple[Tensor, object]]:
+        """The marked tensors among a call's arguments (one level of lists and tuples: ``torch.cat``'s) and their
+        states. Walked by hand: pytree costs ~20 us a call."""
+        marked, found = self._marked, []
+        for group in (args, kwargs.values() if kwargs else ()):
+            for v in group:
+                if isinstance(v, Tensor):
+                    entry = marked.get(id(v))
+                    if entry is not None and entry[0]() is v:
+                        found.append((v, entry[1]))
+                elif isinstance(v, (list, tuple)):
+                    for w in v:
+                        entry = marked.get(id(w))
+                        if entry is not None and entry[0]() is w:
+                            found.append((w, entry[1]))
+        return found
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if torch.compiler.is_compiling():  # Dynamo inlines the mode; marks need real tensors' ids
@@ -68,24 +129,89 @@ class BatchTrace(TorchFunctionMode):
         return self._traced(func, args, kwargs)
 
     def _traced(self, func, args, kwargs):
+        if (func is _BACKWARD or func is _GRAD or func is _AUTOGRAD_BACKWARD) and self._marked:
+            self._check_backward(func, args, kwargs or {})
         out = func(*args, **(kwargs or {})) if self.spy is None else self.spy(func, args, kwargs or {})
-        if self._marked and (self._any_batched(args) or (kwargs and self._any_batched(kwargs.values()))):
-            if getattr(func, "__name__", "") in _FACTORIES:
+        if not self._marked:
+            return out
+        target = out
+        if out is None:
+            if func is not _SETITEM:
                 return out
-            self._mark_all(out)
+            target = args[0]  # x[idx] = v changes x
+        elif type(out) is torch.Size or not isinstance(out, (Tensor, tuple, list)):
+            return out
+        found = self.found(args, kwargs)
+        if not found or getattr(func, "__name__", "") in _FACTORIES:
+            return out
+        if self._trusted:
+            self._mark_all(target, TRUSTED)
+            return out
+        state = state_of(self, func, args, kwargs or {}, target, found)
+        if (type(state) is tuple or state is FREE) and type(target) is Tensor:  # the common case, no walk
+            self._marked[id(target)] = (weakref.ref(target), state)
+        else:
+            self._settle(func, target, state)
         return out
 
-    def _mark_all(self, out: object) -> None:
+    def _check_backward(self, func, args: tuple, kwargs: dict) -> None:
+        """Tensor.backward, torch.autograd.backward and torch.autograd.grad: each loss, with its gradient."""
+        if func is _BACKWARD:
+            self.check_loss(args[0], kwargs.get("gradient", args[1] if len(args) > 1 else None))
+            return
+        (first, second), at = (("outputs", "grad_outputs"), 2) if func is _GRAD else (("tensors", "grad_tensors"), 1)
+        losses = kwargs.get(first, args[0] if args else ())
+        grads = kwargs.get(second, args[at] if len(args) > at else None)
+        losses = [losses] if isinstance(losses, Tensor) else list(losses)
+        grads = [grads] if isinstance(grads, Tensor) else list(grads) if grads is not None else [None] * len(losses)
+        for loss, grad in zip(losses, grads):
+            self.check_loss(loss, grad)
+
+    def settle(self, func: Callable, args: tuple, kwargs: dict, out: object, found: list,
+               rule: Callable | None = None) -> None:
+        """Mark a call's outputs with their state (``rule``'s, else the table's), and refuse one that mixes
+        examples and needs a gradient."""
+        self._settle(func, out, state_of(self, func, args, kwargs, out, found, rule))
+
+    def _settle(self, func: Callable, out: object, state: object) -> None:
+        if type(state) is list:
+            for o, s in zip(out if isinstance(out, (tuple, list)) else (out,), state):
+                if s is not None:
+                    self._settle_one(func, o, s)
+        elif state is not None:
+            self._settle_one(func, out, state)
+
+    def _settle_one(self, func: Callable, out: object, state: object) -> None:
+        if type(state) is Mixed and torch.is_grad_enabled() and _requires_grad(out):
+            raise refusal(state, func)
+        self._mark_all(out, state)
+
+    def _mark_all(self, out: object, state: object) -> None:
         """Mark every tensor of a torch function's result: a tensor, or (nested) tuples and lists of them, as
-        torch's ops return (``torch.return_types`` are tuples). Walked by hand: pytree costs ~20 µs a call."""
+        torch's ops return (``torch.return_types`` are tuples)."""
         if isinstance(out, Tensor):
-            self._mark(out)
+            self._mark(out, state)
         elif isinstance(out, (tuple, list)):
             for t in out:
-                self._mark_all(t)
+                self._mark_all(t, state)
         elif isinstance(out, dict):
             for t in out.values():
-                self._mark_all(t)
+                self._mark_all(t, state)
+
+
+def _requires_grad(out: object) -> bool:
+    if isinstance(out, Tensor):
+        return out.requires_grad
+    return isinstance(out, (tuple, list)) and any(_requires_grad(o) for o in out)
+
+
+def active_trace() -> BatchTrace | None:
+    """The innermost batch trace on the torch-function stack, if any."""
+    for i in range(torch._C._len_torch_function_stack() - 1, -1, -1):
+        mode = torch._C._get_function_stack_at(i)
+        if isinstance(mode, BatchTrace):
+            return mode
+    return None
 
 
 @torch.compiler.disable(reason="dpkit's batch trace keys its marks by real tensors, so each torch call it sees runs "
