@@ -4,8 +4,9 @@ Dvijotham et al. 2024, arXiv 2404.16706).
 **Mechanism.** ``C`` is lower-triangular Toeplitz with ``c_0 = 1`` and ``c_t = Σ_i ω_i θ_i^{t−1}`` (``d ≤ 8`` buffers,
 decays ``θ_i`` and scales ``ω_i``). Its inverse is again a BLT, ``ĉ_t = Σ_i ω̂_i θ̂_i^{t−1}``: ``C(x) = P(x)/Q(x)`` with
 ``Q = Π(1 − θ_i x)``, so ``C⁻¹ = Q/P``, the ``θ̂_i`` the reciprocal roots of ``P`` and the ``ω̂_i`` its partial
-fractions. Step ``t`` adds ``(C⁻¹z)_t = z_t + Σ_i ω̂_i s_i`` to the clipped sum and then updates ``s_i ← θ̂_i s_i + z_t``,
-``z_t ~ N(0, (σC_clip)²)`` i.i.d.: ``d`` buffers of the parameters' size, where BandMF with ``b`` bands keeps ``b − 1``.
+fractions. Step ``t`` adds ``(C⁻¹z)_t = z_t + Σ_i ω̂_i s_i`` to the clipped sum and then updates
+``s_i ← θ̂_i s_i + z_t``, ``z_t ~ N(0, (σC_clip)²)`` i.i.d.: ``d`` buffers of the parameters' size, where BandMF with
+``b`` bands keeps ``b − 1``.
 
 **Parameters.** ``θ_i = sigmoid(a_i)`` and ``ω_i = e^{b_i}/(1 + Σ_j e^{b_j})`` (so ``Σ ω_i < 1``) are optimised
 (L-BFGS) for the run's length ``n`` and its loader's cycle ``L``: the mean squared prefix-sum error times the
