@@ -42,6 +42,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "dpkit.noise.gaussian",
     "dpkit.noise.bandmf",
     "dpkit.noise.tree",
+    "dpkit.noise.blt",
     "dpkit.accountants.rdp",
     "dpkit.accountants.prv",
     "dpkit.accountants.gdp",

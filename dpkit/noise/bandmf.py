@@ -26,6 +26,7 @@ from dpkit import distributed
 from dpkit.errors import PrivacyUsageError
 from dpkit.events import DpEvent, GaussianEvent, NoOpEvent, PoissonSampledEvent
 from dpkit.hookspecs import hookimpl
+from dpkit.noise import _toeplitz
 from dpkit.noise.gaussian import GaussianNoise
 
 
@@ -56,8 +57,7 @@ def prefix_sum_error(coefficients: Sequence[float], steps: int) -> float:
     c = np.asarray(normalized(coefficients))
     impulse = np.zeros(steps)
     impulse[0] = 1.0
-    prefix = np.cumsum(signal.lfilter([1.0], c, impulse))  # the Toeplitz coefficients of A C⁻¹
-    return float(np.dot(np.arange(steps, 0, -1), prefix**2))
+    return _toeplitz.prefix_sum_error(signal.lfilter([1.0], c, impulse))  # C⁻¹'s Toeplitz coefficients
 
 
 def optimized_coefficients(bands: int, steps: int) -> tuple[float, ...]:

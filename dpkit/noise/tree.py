@@ -20,17 +20,29 @@ every epoch. A leaf lies in one node per level, and only nodes inside ``[1, T]``
 touches at most ``L = ⌊log2 T⌋ + 1`` nodes per epoch, each a Gaussian mechanism of sensitivity ``C`` and noise
 ``σC``; conditioned on the past releases a node's other inputs are the same under both datasets, so adaptive
 composition applies. Every release is a function of the noisy nodes (post-processing). ``E`` epochs are ``E·L``
-Gaussian mechanisms of multiplier ``σ``: μ-GDP with ``μ = √(E·L)/σ``, without amplification. The ledger records
-``SelfComposedEvent(GaussianEvent(σ), L)`` at the first step of each epoch (the whole epoch charged up front) and
-``NoOpEvent`` at the others, which every dpkit accountant composes exactly.
+Gaussian mechanisms of multiplier ``σ``: μ-GDP with ``μ = √(E·L)/σ``, without amplification.
+
+**Ledger.** After ``t`` steps of an epoch the nodes drawn so far end at or before ``t``, and a leaf lies in at most
+``bit_length(t)`` of those (leaf 1: ``[1,1], [1,2], [1,4], …``; the level-``j`` node holding a leaf ends at
+``2^j`` or later). That count grows by one exactly at leaves ``1, 2, 4, 8, …``, so the ledger records one
+``GaussianEvent(σ)`` at those steps of each epoch and ``NoOpEvent`` at the others: after any step it holds exactly
+the most nodes any example has touched, a whole epoch ``L``, and a partial last epoch of ``t`` steps
+``bit_length(t)``, neither more (charging ``L`` up front over-reported a partial epoch) nor less.
+
+**Honaker's estimator** (``honaker=True``; Honaker 2015, in its streaming form). A node's refined value mixes its
+own draw with the sum of its two children's refined values by inverse variance: at level ``j``
+``r = v_j·n + (v_j / 2v_{j−1})·(r_left + r_right)``, ``v_j = 2^j/(2^{j+1}−1)`` the refined variance in units of
+``σ²C²``, and the prefix sum uses the refined nodes that tile ``[1, t]``: the best linear unbiased estimate of it
+from every node released by step ``t``. It is post-processing (same ledger). It keeps the live refined nodes
+(at most ``L`` buffers of the parameters' size, in both modes); a checkpoint still holds none, a resumed run
+recomputing the nodes it needs from their seeds (up to ``2T`` draws once).
 
 Adding an example instead of zeroing one out would change ``N`` and so the whole schedule; replacing one example
 by another is two zero-outs (ε doubles). A node missing from a buffer's noise (a buffer that appears mid-epoch,
 or a secure-mode resume, whose nodes were not saved) is drawn afresh: the releases after that point are then
 those of a new tree over the rest of the epoch, each example still in one tree per epoch, so the bound holds.
 
-Not done: Honaker's variance-reduced estimator (each prefix sum estimated from every node that covers it, at a
-lower variance) and trees that span epochs; both need more state or a harder analysis.
+Not done: trees that span epochs, which need a harder analysis.
 """
 from __future__ import annotations
 
@@ -46,7 +58,7 @@ from torch import Tensor
 
 from dpkit import distributed
 from dpkit.errors import PrivacyUsageError
-from dpkit.events import DpEvent, GaussianEvent, NoOpEvent, SelfComposedEvent
+from dpkit.events import DpEvent, GaussianEvent, NoOpEvent
 from dpkit.hookspecs import hookimpl
 from dpkit.noise.gaussian import GaussianNoise
 
@@ -68,15 +80,33 @@ def step_nodes(leaf: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
     return (k, leaf >> k), [(j, (leaf - 1) >> j) for j in range(k)]
 
 
+def charged_nodes(steps: int, epoch_length: int) -> int:
+    """The Gaussians the ledger holds after ``steps`` steps: ``L`` per whole epoch, ``bit_length(t)`` for a last
+    epoch of ``t`` steps (the most nodes drawn so far that one leaf lies in)."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    epochs, rest = divmod(steps, epoch_length)
+    return epochs * levels(epoch_length) + rest.bit_length()
+
+
+def honaker_weights(level: int) -> tuple[float, float]:
+    """(own, children) weights of a level-``j`` node's refined value ``own·n + children·(r_left + r_right)``:
+    inverse-variance weights of the draw (variance 1) and the children's sum (variance ``2v_{j−1}``), where
+    ``v_j = 2^j/(2^{j+1}−1)`` is a refined node's variance in units of ``σ²C²``. Leaves keep their draw."""
+    if level == 0:
+        return 1.0, 0.0
+    own = 2**level / (2 ** (level + 1) - 1)
+    child = 2 ** (level - 1) / (2**level - 1)
+    return own, own / (2 * child)
+
+
 def noise_multiplier_for(*, target_epsilon: float, target_delta: float, steps: int, epoch_length: int,
                          accountant: str = "prv") -> float:
     """The smallest σ whose ε after ``steps`` steps of tree aggregation with epochs of ``epoch_length`` steps is
-    at most ``target_epsilon``: the ledger's ``⌈steps/T⌉ · L`` Gaussians, searched by dpkit's own accountant."""
+    at most ``target_epsilon``: the ledger's Gaussians (:func:`charged_nodes`), searched by dpkit's own accountant."""
     from dpkit.accounting import get_noise_multiplier
 
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    gaussians = math.ceil(steps / epoch_length) * levels(epoch_length)
+    gaussians = charged_nodes(steps, epoch_length)
     return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
                                 steps=gaussians, accountant=accountant)
 
@@ -99,14 +129,16 @@ class TreeAggregation:
     (a batch skipped, a second step on one batch), since the tree's position is what bounds an example's nodes.
     """
 
-    def __init__(self, seed: int | None = None, secure_mode: bool = False):
+    def __init__(self, seed: int | None = None, secure_mode: bool = False, honaker: bool = False):
+        if not isinstance(honaker, bool):
+            raise TypeError(f"honaker must be True or False, got {honaker!r}")
         if distributed.world_size() > 1:
             raise PrivacyUsageError("noise='tree' does not support torch.distributed yet (world size "
                                     f"{distributed.world_size()}): train on one process, or use noise='gaussian'.")
-        self.secure_mode = secure_mode
+        self.secure_mode, self.honaker = secure_mode, honaker
         self.seed = None if secure_mode else seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self._secure_draws = GaussianNoise(secure_mode=True) if secure_mode else None
-        self._stored: dict[str, dict[tuple[int, int], Tensor]] = {}  # secure mode: live nodes per buffer
+        self._stored: dict[str, dict[tuple[int, int], Tensor]] = {}  # live nodes per buffer (secure or Honaker)
         self._stored_epoch = 0
         self._occurrences: dict[str, int] = {}  # buffers of one device, dtype and size seen in this step
         self._std: float | None = None
@@ -129,8 +161,14 @@ class TreeAggregation:
         occurrence = self._occurrences[base] = self._occurrences.get(base, -1) + 1
         key = f"{base}|{occurrence}"  # two buffers alike in one step must not share nodes
         epoch, leaf = divmod(self._released, binding.epoch_length)
-        if self.secure_mode and epoch != self._stored_epoch:
+        if epoch != self._stored_epoch:
             self._stored, self._stored_epoch = {}, epoch
+        if self.honaker:
+            last = leaf + 1 == binding.epoch_length
+            self._add_refined(out, key, epoch, leaf + 1, std, keep=not last)
+            if last:  # the epoch's tree is done: its live nodes are never used again
+                self._stored.pop(key, None)
+            return out.view(clipped_sum.shape)
         added, subtracted = step_nodes(leaf + 1)
         for node in subtracted:
             self._apply(out, key, epoch, node, std, sign=-1, keep=False)
@@ -164,6 +202,53 @@ class TreeAggregation:
         self._std = std
         return binding
 
+    def _add_refined(self, out: Tensor, key: str, epoch: int, leaf: int, std: float, *, keep: bool) -> None:
+        """Honaker: ``out += r_new − Σ r_left``, ``r_new`` the refined node ending at ``leaf``, built up its left
+        spine from the refined left children (the nodes that tiled ``[1, leaf−1]`` beyond it)."""
+        (level, index), lefts = step_nodes(leaf)
+        stored = self._stored.setdefault(key, {})
+        left = [self._refined(out, stored, key, epoch, node, std) for node in lefts]
+        value = self._combined(None, None, out, key, epoch, (0, leaf), std)
+        for j in range(1, level + 1):
+            value = self._combined(value, left[j - 1], out, key, epoch, (j, leaf >> j), std)  # left kept
+        for node in left:
+            out.sub_(node)
+        out.add_(value)
+        if keep:
+            stored[(level, index)] = value
+
+    def _refined(self, like: Tensor, stored: dict, key: str, epoch: int, node: tuple[int, int], std: float) -> Tensor:
+        """A refined node: kept from its step; else recomputed from its subtree's seeds (a resume, a buffer new
+        this epoch), or in secure mode, where nothing can be regenerated, a fresh draw of its variance (pure
+        noise: the leaves it covers are in no later step of the epoch, so the data's nodes are unchanged)."""
+        value = stored.pop(node, None)
+        if value is not None:
+            return value
+        level, index = node
+        if self.secure_mode:
+            own, _ = honaker_weights(level)
+            return self._secure_draws.add(torch.zeros_like(like), std=std * math.sqrt(own))
+        if level == 0:
+            return self._combined(None, None, like, key, epoch, node, std)
+        return self._combined(self._refined(like, stored, key, epoch, (level - 1, 2 * index - 1), std),
+                              self._refined(like, stored, key, epoch, (level - 1, 2 * index), std),
+                              like, key, epoch, node, std)
+
+    def _combined(self, into: Tensor | None, other: Tensor | None, like: Tensor, key: str, epoch: int,
+                  node: tuple[int, int], std: float) -> Tensor:
+        """``own·n + children·(into + other)`` (a leaf: its draw), in ``into``'s memory; the same operations on
+        every path (float addition commutes), so a recomputed node equals the streamed one bit for bit."""
+        own, children = honaker_weights(node[0])
+        if into is None:
+            into = torch.zeros_like(like)
+        else:
+            into.add_(other).mul_(children)
+        if self.secure_mode:
+            into.add_(self._secure_draws.add(torch.zeros_like(like), std=std), alpha=own)
+        else:
+            self._draw(into, key, epoch, node, std, own)
+        return into
+
     def _apply(self, out: Tensor, key: str, epoch: int, node: tuple[int, int], std: float, *, sign: int,
                keep: bool) -> None:
         """``out += sign · node``: regenerated from its seed, or (secure mode) the stored node or a fresh one."""
@@ -176,11 +261,16 @@ class TreeAggregation:
             if keep:
                 nodes[node] = value
             return
+        self._draw(out, key, epoch, node, std, sign)
+
+    def _draw(self, out: Tensor, key: str, epoch: int, node: tuple[int, int], std: float, alpha: float) -> None:
+        """``out += alpha · node``, the node regenerated from its seed (run seed, buffer, epoch, node)."""
         seed = distributed.digest((self.seed, "tree", key, epoch, node))
         dtype = torch.promote_types(out.dtype, torch.float32)
         if out.device.type == "cuda":  # Philox keys on all 64 bits of the seed
             gen = torch.Generator(device=out.device).manual_seed(seed)
-            out.add_(torch.empty(out.shape, device=out.device, dtype=dtype).normal_(0, std, generator=gen), alpha=sign)
+            draw = torch.empty(out.shape, device=out.device, dtype=dtype).normal_(0, std, generator=gen)
+            out.add_(draw, alpha=alpha)
             return
         # torch's CPU generator keeps the low 32 bits of a seed: among the ~10⁵ nodes of a long run two would then
         # draw the same noise (birthday bound n²/2³³), correlated noise the accounting does not allow. PCG64 is
@@ -189,21 +279,21 @@ class TreeAggregation:
         kind = np.float64 if dtype == torch.float64 else np.float32
         for part in out.split(_CPU_CHUNK):  # the same chunks every time, so a regenerated node is the same draw
             draw = torch.from_numpy(rng.standard_normal(part.numel(), dtype=kind))
-            part.add_(draw.to(part.device).mul_(std), alpha=sign)
+            part.add_(draw.to(part.device).mul_(std), alpha=alpha)
 
     def dp_event(self, noise_multiplier: float, sample_rate: float) -> DpEvent:
-        """The epoch's ``L`` Gaussians at its first step, nothing at the others."""
+        """One Gaussian at leaves ``1, 2, 4, …`` of each epoch, nothing at the others (module docstring)."""
         binding = self._binding
         if binding is None or sample_rate != binding.sample_rate:
             raise PrivacyUsageError(
                 f"the tree was asked for the event of sample rate {sample_rate}, but its checked loader has "
                 f"{None if binding is None else binding.sample_rate}: the accounting would not match the sampling.")
-        first_of_epoch = self._released % binding.epoch_length == 0
+        leaf = self._released % binding.epoch_length + 1
         self._released += 1
         self._occurrences = {}
-        if not first_of_epoch:
+        if leaf & (leaf - 1):  # not a power of two: no leaf lies in more nodes than before
             return NoOpEvent()
-        return SelfComposedEvent(GaussianEvent(noise_multiplier), levels(binding.epoch_length))
+        return GaussianEvent(noise_multiplier)
 
     def calibrate(self, *, target_epsilon: float, target_delta: float, steps: int, accountant: str = "prv") -> float:
         """The smallest noise multiplier whose ε after ``steps`` steps of this tree is at most the target."""
@@ -218,7 +308,8 @@ class TreeAggregation:
         uninterrupted one would. Secure mode saves no noise (see load_state_dict), only the order's seed."""
         if self._binding is None:
             raise PrivacyUsageError("state_dict of an unbound tree: call check_loader(loader, mechanism) first.")
-        return {"mechanism": "tree", "secure_mode": self.secure_mode, "seed": self.seed, "released": self._released,
+        return {"mechanism": "tree", "secure_mode": self.secure_mode, "honaker": self.honaker, "seed": self.seed,
+                "released": self._released,
                 "std": self._std, "epoch_length": self._binding.epoch_length, "order": self._sampler.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -232,6 +323,9 @@ class TreeAggregation:
         if state.get("secure_mode") != self.secure_mode:
             raise PrivacyUsageError(f"the tree's checkpoint was saved with secure_mode={state.get('secure_mode')}, "
                                     f"this run has secure_mode={self.secure_mode}; resume in the same mode.")
+        if state.get("honaker", False) != self.honaker:
+            raise PrivacyUsageError(f"the tree's checkpoint was saved with honaker={state.get('honaker', False)}, this "
+                                    f"run has honaker={self.honaker}; resume with the same estimator.")
         order, mine = state.get("order"), self._sampler.state_dict()
         if state.get("epoch_length") != self._binding.epoch_length or not isinstance(order, Mapping) or any(
                 order.get(k) != mine[k] for k in ("num_samples", "batch_size")):
@@ -292,4 +386,8 @@ def check_loader(loader: object, mechanism: TreeAggregation) -> None:
 
 @hookimpl
 def dpkit_noise_mechanisms():
-    return {"tree": TreeAggregation}
+    return {"tree": TreeAggregation, "tree-honaker": _honaker}
+
+
+def _honaker(seed: int | None = None, secure_mode: bool = False) -> TreeAggregation:
+    return TreeAggregation(seed=seed, secure_mode=secure_mode, honaker=True)

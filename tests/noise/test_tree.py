@@ -134,6 +134,55 @@ def test_variances_of_the_steps_and_of_the_prefix_sums(secure_mode):
     assert (prefix_variance - expected).abs().max() < 5 * 4 / math.sqrt(size)
 
 
+# -- Honaker's estimator -------------------------------------------------------------------------
+def test_honaker_prefix_sums_are_the_least_squares_estimate_from_every_released_node():
+    """Two epochs of T = 11: after each step, the prefix sum of the noise equals the best linear unbiased estimate
+    of a zero stream from the explicit noisy nodes that end by then (ordinary least squares over the leaves)."""
+    T, size, std = 11, 4, 1.3
+    mechanism = TreeAggregation(seed=7, honaker=True)
+    loader = _loader(1, n=T)
+    check_loader(loader, mechanism)
+    got = _noise_of_steps(mechanism, loader, 2 * T, size, std)
+    key = f"cpu|{torch.float64}|{size}|0"
+    for epoch in range(2):
+        prefix = got[epoch * T:(epoch + 1) * T].cumsum(0)
+        for t in range(1, T + 1):
+            nodes = [(j, i) for j in range(4) for i in range(1, t + 1) if i * 2**j <= t]
+            design = torch.tensor([[float((i - 1) * 2**j < s <= i * 2**j) for s in range(1, t + 1)]
+                                   for j, i in nodes], dtype=torch.float64)
+            values = torch.zeros(len(nodes), size, dtype=torch.float64)
+            for row, node in zip(values, nodes):
+                mechanism._draw(row, key, epoch, node, std, 1.0)
+            leaves = torch.linalg.lstsq(design, values).solution
+            torch.testing.assert_close(prefix[t - 1], leaves.sum(0), rtol=0, atol=1e-10)
+
+
+def test_honaker_variance_is_the_refined_nodes_and_lower_than_the_trees():
+    """Var N_t = Σ v_j over the set bits j of t, v_j = 2^j/(2^{j+1}−1): sample moments over many coordinates."""
+    T, std, size = 16, 1.5, 100_000
+    mechanism = TreeAggregation(seed=3, honaker=True)
+    loader = _loader(1, n=T)
+    check_loader(loader, mechanism)
+    prefix = _noise_of_steps(mechanism, loader, T, size, std).cumsum(0)
+    expected = torch.tensor([sum(2**j / (2 ** (j + 1) - 1) for j in range(5) if t >> j & 1) for t in range(1, T + 1)],
+                            dtype=torch.float64)
+    assert (prefix.var(dim=1) / std**2 - expected).abs().max() < 5 * 2 * expected.max() / math.sqrt(size)
+    assert (expected <= torch.tensor([bin(t).count("1") for t in range(1, T + 1)])).all()
+    assert tree.honaker_weights(0) == (1.0, 0.0) and tree.honaker_weights(1) == pytest.approx((2 / 3, 1 / 3))
+
+
+def test_honaker_keeps_at_most_the_live_nodes():
+    T, size = 13, 100
+    for secure_mode in (False, True):
+        mechanism = TreeAggregation(seed=None if secure_mode else 1, secure_mode=secure_mode, honaker=True)
+        loader = _loader(1, n=T, secure_mode=secure_mode)
+        check_loader(loader, mechanism)
+        for t in range(1, T + 3):
+            _noise_of_steps(mechanism, loader, 1, size, 1.0, dtype=torch.float32)
+            leaf = (t - 1) % T + 1
+            assert mechanism.memory_bytes() == (0 if leaf == T else bin(leaf).count("1")) * size * 4, t
+
+
 def test_memory_regenerated_outside_secure_mode_and_live_nodes_in_it():
     T, size = 13, 1000
     mechanism, loader = _bound(T)
@@ -208,15 +257,38 @@ def _ledger_of(epoch_length: int, sigma: float, steps: int) -> Ledger:
     return ledger
 
 
+def _gaussians(ledger: Ledger) -> int:
+    return sum(count for event, count in ledger.entries if type(event).__name__ != "NoOpEvent")
+
+
+def _most_nodes(t: int) -> int:
+    """The most dyadic nodes ending at or before ``t`` that hold one leaf of ``[1, t]``, by enumeration."""
+    return max((sum(math.ceil(s / 2**j) * 2**j <= t for j in range(8)) for s in range(1, t + 1)), default=0)
+
+
+def test_the_ledger_holds_the_most_nodes_any_leaf_has_touched_after_every_step():
+    """After each step, the Gaussians charged equal the most nodes (drawn so far, i.e. ending at or before the
+    epoch's current leaf) that hold one leaf, summed over epochs: counted by enumeration, never fewer."""
+    for T in (1, 5, 8, 13, 37):
+        mechanism, loader = _bound(T)
+        ledger = Ledger()
+        for step in range(1, 2 * T + 2):
+            ledger.record(mechanism.dp_event(1.0, loader.sample_rate))
+            epochs, t = divmod(step, T)
+            touched = epochs * _most_nodes(T) + _most_nodes(t)
+            assert _gaussians(ledger) == touched == tree.charged_nodes(step, T), (T, step)
+
+
 @pytest.mark.parametrize("T, steps, sigma", [
     (8, 40, 4.0),  # 5 epochs of L = 4: μ = √20 / 4
-    (100, 250, 6.0),  # 3 epochs, the last partial but charged whole, L = 7: μ = √21 / 6
+    (100, 250, 6.0),  # 2 epochs of L = 7 and 50 steps, which touch at most bit_length(50) = 6 nodes: μ = √20 / 6
     (1, 50, 10.0),  # full batch: DP-SGD without amplification, μ = √50 / 10
 ])
 def test_ledger_matches_the_closed_form_gaussian(T, steps, sigma):
     ledger = _ledger_of(T, sigma, steps)
-    assert sum(count for event, count in ledger.entries if type(event).__name__ != "NoOpEvent") == math.ceil(steps / T)
-    exact = _exact_gaussian_epsilon(math.sqrt(math.ceil(steps / T) * T.bit_length()) / sigma, 1e-5)
+    gaussians = (steps // T) * T.bit_length() + (steps % T).bit_length()
+    assert _gaussians(ledger) == gaussians
+    exact = _exact_gaussian_epsilon(math.sqrt(gaussians) / sigma, 1e-5)
     assert exact * (1 - 1e-3) <= epsilon_of_ledger(ledger, 1e-5, "prv") <= exact * 1.01
     assert epsilon_of_ledger(ledger, 1e-5, "rdp") >= exact
 
@@ -224,21 +296,21 @@ def test_ledger_matches_the_closed_form_gaussian(T, steps, sigma):
 def test_calibrate_meets_the_target_in_closed_form():
     mechanism, _ = _bound(12)
     sigma = mechanism.calibrate(target_epsilon=2.0, target_delta=1e-5, steps=100)
-    exact = _exact_gaussian_epsilon(math.sqrt(9 * 4) / sigma, 1e-5)  # ⌈100/12⌉ = 9 epochs, L = 4
+    exact = _exact_gaussian_epsilon(math.sqrt(8 * 4 + 3) / sigma, 1e-5)  # 8 epochs of L = 4, then 4 steps: 3
     assert 1.95 <= exact <= epsilon_of_ledger(_ledger_of(12, sigma, 100), 1e-5) <= 2.0
     with pytest.raises(PrivacyUsageError, match="epoch length"):
         TreeAggregation(seed=0).calibrate(target_epsilon=2.0, target_delta=1e-5, steps=10)
 
 
 # -- through the engine --------------------------------------------------------------------------
-def _train(steps: int, state=None, secure_mode: bool = False, order_seed: int = 5, **kwargs):
+def _train(steps: int, state=None, secure_mode: bool = False, order_seed: int = 5, noise: str = "tree", **kwargs):
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loader = _loader(16, secure_mode=secure_mode,
                      **({} if secure_mode else {"generator": torch.Generator().manual_seed(order_seed)}))
     private = dpkit.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-                                 max_grad_norm=1.0, noise="tree", noise_seed=11, secure_mode=secure_mode, **kwargs)
+                                 max_grad_norm=1.0, noise=noise, noise_seed=11, secure_mode=secure_mode, **kwargs)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -266,6 +338,31 @@ def test_checkpoint_resumes_exactly():
     assert again.noise.memory_bytes() == 0
 
 
+def test_honaker_checkpoint_resumes_exactly_without_saving_noise():
+    """The refined nodes a resumed run needs are recomputed from their seeds, the same bits as the streamed ones."""
+    whole, private = _train(13, noise="tree-honaker")
+    first_model, first = _train(9, noise="tree-honaker")
+    state = {"model": first_model.state_dict(), "optimizer": first.optimizer.state_dict(),
+             "private": first.state_dict()}
+    assert first.noise.memory_bytes() > 0 and "nodes" not in str(state["private"]["noise"])
+    resumed, again = _train(13, state=state, order_seed=123, noise="tree-honaker")
+    torch.testing.assert_close(resumed.weight, whole.weight, rtol=0, atol=0)
+    plain, _ = _train(13)
+    assert not torch.equal(plain.weight, whole.weight)
+    assert again.epsilon(1e-5) == private.epsilon(1e-5)
+    _, secure = _train(4, secure_mode=True, noise="tree-honaker")
+    _, resumed = _train(9, state={"model": secure.module.state_dict(), "optimizer": secure.optimizer.state_dict(),
+                                  "private": secure.state_dict()}, secure_mode=True, noise="tree-honaker")
+    assert resumed.steps == 9
+    with pytest.raises(PrivacyUsageError, match="another configuration"):
+        _train(13, state=state)
+    honaker, plain = TreeAggregation(seed=1, honaker=True), TreeAggregation(seed=1)
+    check_loader(_loader(16), honaker)
+    check_loader(_loader(16), plain)
+    with pytest.raises(PrivacyUsageError, match="honaker=True"):
+        plain.load_state_dict(honaker.state_dict())
+
+
 def test_secure_mode_saves_no_noise_and_resumes():
     model, private = _train(4, secure_mode=True)
     assert private.noise.memory_bytes() > 0  # live nodes, kept in memory only
@@ -273,7 +370,7 @@ def test_secure_mode_saves_no_noise_and_resumes():
     assert state["noise"]["seed"] is None and "nodes" not in str(state["noise"])
     _, resumed = _train(9, state={"model": model.state_dict(), "optimizer": private.optimizer.state_dict(),
                                   "private": state}, secure_mode=True)
-    assert resumed.steps == 9 and len([e for e, _ in resumed.ledger.entries if type(e).__name__ != "NoOpEvent"]) == 2
+    assert resumed.steps == 9 and _gaussians(resumed.ledger) == 3 + 2  # an epoch of 6 (L = 3), then 3 steps
 
 
 def test_make_private_epsilon_is_the_closed_form():
