@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from dpkit import audit, testing
     from dpkit.engine import PrivateTraining, detach, make_private, make_private_with_epsilon
     from dpkit.micro_batches import BatchMemoryManager
+    from dpkit.modes._trace import rowwise
 
 __all__ = [
     "BatchMemoryManager", "ByUser", "DPCriterion", "DPDataLoader", "DPKitError", "Multiplicity", "PluginError",
@@ -40,11 +41,13 @@ __all__ = [
     "PoissonBatchSampler", "PrivacyUsageError", "PrivateTraining", "UnsupportedEventError",
     "UnsupportedLayerError", "UnsupportedModuleError", "detach", "fix", "get_epsilon", "get_noise_multiplier",
     "hookimpl", "make_private", "make_private_with_epsilon", "register_grad_sampler", "register_norm_sampler",
+    "rowwise",
 ]
 
 _LAZY = {  # name -> the module that defines it, imported on first access
     "PrivateTraining": "dpkit.engine", "detach": "dpkit.engine", "make_private": "dpkit.engine",
     "make_private_with_epsilon": "dpkit.engine", "BatchMemoryManager": "dpkit.micro_batches",
+    "rowwise": "dpkit.modes._trace",
 }
 _SUBMODULES = ("accounting", "audit", "engine", "testing")  # documented submodules, listed by dir(dpkit)
 

@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 
 import attrs
 import numpy as np
-import torch
 from scipy import optimize, special, stats
 from torch import Tensor
 

@@ -5,7 +5,6 @@ controller it reads, and the controller finds the report through ``private.noise
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Protocol
 

@@ -156,7 +156,8 @@ class Capturer(Arrivals):
         self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
         self._input_dims = inputs[0].dim() if inputs else 0
         self._forward_batch = self.batch_of(inputs) if self.batch_of is not None else None
-        self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint])
+        self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint], batch_dim=self.bdim,
+                                 group=self.K)
         self._trace.__enter__()
         for row in self.plan:
             if row.module is model:

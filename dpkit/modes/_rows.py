@@ -12,7 +12,6 @@ with ``rowwise(fn)``: its inside is not checked, its outputs keep its inputs' ba
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -23,7 +22,7 @@ from dpkit.modes import _row_rules as R
 from dpkit.modes import _row_shapes as S
 from dpkit.modes._row_rules import FREE, TRUSTED, Mixed, One, Summed, _arg, _first_out, mix, op_name
 
-__all__ = ["FREE", "TRUSTED", "Mixed", "One", "Summed", "refusal", "rowwise", "state_of"]
+__all__ = ["FREE", "TRUSTED", "Mixed", "One", "Summed", "refusal", "state_of"]
 
 
 # -- layers that are one torch call ------------------------------------------------------------------------------
@@ -32,7 +31,10 @@ def rnn(tr, func, args, kwargs, out, found):
     other one (dim 0 with batch_first, else 1); the hidden states hold the batch at dim 1."""
     x, sx = args[0], tr.state(args[0])
     if isinstance(args[1], Tensor) and args[1].dim() == 1 and not args[1].is_floating_point():
-        return mix(func, "runs over a PackedSequence, whose rows are time steps of several examples")
+        # A PackedSequence: its rows are time steps of several examples, which the recurrence keeps apart (each
+        # example's steps use its own hidden state). Row-wise, but its layout is not one the trace follows, so
+        # its outputs are no longer tracked (docs/design.md says so).
+        return [FREE] * len(out)
     want = (0 if args[8] else 1) if len(args) > 8 and x.dim() == 3 else None
     hx = args[1] if isinstance(args[1], (tuple, list)) else [args[1]]
     g = sx[1] if sx is not None else next((tr.state(h)[1] for h in hx if tr.state(h) is not None), 1)
@@ -316,24 +318,3 @@ def refusal(state: Mixed, func: Callable) -> RowMixingError:
         "guarantee does not hold. Use per-example operations only (reductions, sorts, indexing and products "
         "along other dims than the batch's); if this is a custom operation that is row-wise, wrap it with "
         "dpkit.rowwise(fn).")
-
-
-def rowwise(fn: Callable) -> Callable:
-    """Declare ``fn`` row-wise: each output row depends only on the same row of its inputs (its examples). dpkit
-    then does not check the operations inside it, and its outputs hold the batch where its inputs do."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from dpkit.modes._trace import active_trace
-        trace = active_trace()
-        if trace is None:
-            return fn(*args, **kwargs)
-        found = trace.found(args, kwargs)
-        trace._trusted += 1
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            trace._trusted -= 1
-        if found:
-            trace.settle(fn, args, kwargs, out, found, R.generic)
-        return out
-    return wrapper

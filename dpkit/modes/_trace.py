@@ -12,17 +12,26 @@ call that mixes examples while its output needs a gradient. Given no ``batch_dim
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from dpkit.errors import RowMixingError
+from dpkit.modes._row_rules import generic
 from dpkit.modes._rows import FREE, TRUSTED, Mixed, refusal, state_of
 
 _FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "new_empty_strided"})
+# Reading these attributes computes nothing from the batch: the tensor a view was made from (FSDP2 and autograd
+# look at it), a gradient, a node of the graph.
+_UNTRACKED_GETTERS = frozenset({torch.Tensor._base.__get__, torch.Tensor.grad.__get__, torch.Tensor.grad_fn.__get__,
+                                torch.Tensor._grad.__get__, torch.Tensor._grad_fn.__get__})
 _BACKWARD, _SETITEM, _GRAD = torch.Tensor.backward, torch.Tensor.__setitem__, torch.autograd.grad
 _AUTOGRAD_BACKWARD = torch.autograd.backward
 
@@ -44,6 +53,15 @@ class BatchTrace(TorchFunctionMode):
         self.batch_dim, self.group = batch_dim, group
         self._trusted = 0  # inside a function declared row-wise
         self.adopt(inputs, source)
+
+    @contextlib.contextmanager
+    def trusting(self) -> Iterator[None]:
+        """Inside a function declared row-wise (:func:`rowwise`): its own operations are not checked."""
+        self._trusted += 1
+        try:
+            yield
+        finally:
+            self._trusted -= 1
 
     def adopt(self, tensors: Iterable[Tensor], source: BatchTrace | None = None) -> None:
         """Mark tensors handed over (the model's outputs, to follow them to the loss): with ``source``'s state
@@ -142,12 +160,14 @@ class BatchTrace(TorchFunctionMode):
         elif type(out) is torch.Size or not isinstance(out, (Tensor, tuple, list)):
             return out
         found = self.found(args, kwargs)
-        if not found or getattr(func, "__name__", "") in _FACTORIES:
+        if not found or getattr(func, "__name__", "") in _FACTORIES or func in _UNTRACKED_GETTERS:
             return out
         if self._trusted:
             self._mark_all(target, TRUSTED)
             return out
         state = state_of(self, func, args, kwargs or {}, target, found)
+        if type(state) is Mixed and _packing():
+            state = TRUSTED  # torch's packing sorts and gathers rows by length, and the RNN puts them back
         if (type(state) is tuple or state is FREE) and type(target) is Tensor:  # the common case, no walk
             self._marked[id(target)] = (weakref.ref(target), state)
         else:
@@ -199,6 +219,22 @@ class BatchTrace(TorchFunctionMode):
                 self._mark_all(t, state)
 
 
+_PACKING = os.path.join("torch", "nn", "utils", "rnn.py")
+
+
+def _packing() -> bool:
+    """Whether the op runs inside torch's PackedSequence helpers (``pack_padded_sequence`` sorts the examples by
+    length; the RNN and ``pad_packed_sequence`` restore their order). Looked up only for an op that mixes rows."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_filename.endswith(_PACKING):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _requires_grad(out: object) -> bool:
     if isinstance(out, Tensor):
         return out.requires_grad
@@ -214,7 +250,34 @@ def active_trace() -> BatchTrace | None:
     return None
 
 
-@torch.compiler.disable(reason="dpkit's batch trace keys its marks by real tensors, so each torch call it sees runs "
-                               "eagerly: under dpkit, compile without fullgraph=True (docs/compile.md)")
+def rowwise(fn: Callable) -> Callable:
+    """Declare ``fn`` row-wise: each output row depends only on the same row of its inputs (its examples). dpkit
+    then does not check the operations inside it, and its outputs hold the batch where its inputs do."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        trace = active_trace()
+        if trace is None:
+            return fn(*args, **kwargs)
+        found = trace.found(args, kwargs)
+        with trace.trusting():
+            out = fn(*args, **kwargs)
+        if found:
+            trace.settle(fn, args, kwargs, out, found, generic)
+        return out
+    return wrapper
+
+
+_EAGERLY: Callable | None = None  # made on first use: torch.compiler.disable imports torch._dynamo (about a second)
+
+
 def _eagerly(trace: BatchTrace, func, args, kwargs):
+    global _EAGERLY
+    if _EAGERLY is None:
+        _EAGERLY = torch.compiler.disable(
+            _traced_call, reason="dpkit's batch trace keys its marks by real tensors, so each torch call it sees runs "
+                                 "eagerly: under dpkit, compile without fullgraph=True (docs/compile.md)")
+    return _EAGERLY(trace, func, args, kwargs)
+
+
+def _traced_call(trace: BatchTrace, func, args, kwargs):
     return trace._traced(func, args, kwargs)

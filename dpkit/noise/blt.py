@@ -41,7 +41,6 @@ from typing import Any
 import attrs
 import numpy as np
 import torch
-from scipy import optimize, signal
 from torch import Tensor
 
 from dpkit import distributed
@@ -99,6 +98,8 @@ class BLTParameters:
         p, q = _polynomials(self.decays, self.scales)
         impulse = np.zeros(n)
         impulse[0] = 1.0
+        from scipy import signal  # on use: this plugin loads with every plugin manager
+
         return signal.lfilter(q, p, impulse)
 
     @functools.cached_property
@@ -169,6 +170,8 @@ def optimized_parameters(buffers: int, steps: int, min_sep: int) -> BLTParameter
         starts.append(np.concatenate([np.log(decays / (1 - decays)), np.log(scales / (1 - scales.sum()))]))
     best, best_loss = starts[0], math.inf
     for start in starts:
+        from scipy import optimize
+
         result = optimize.minimize(loss, start, method="L-BFGS-B")
         if result.fun < best_loss:
             best, best_loss = result.x, result.fun

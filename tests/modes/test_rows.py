@@ -10,7 +10,8 @@ from torch import nn
 
 from dpkit.criterion import DPCriterion, DPLoss
 from dpkit.errors import PrivacyUsageError, RowMixingError
-from dpkit.modes._rows import Mixed, Summed, rowwise
+from dpkit.modes._rows import Mixed, Summed
+from dpkit.modes._trace import rowwise
 from dpkit.modes._trace import BatchTrace
 
 B, T, D, V = 4, 3, 8, 11
