@@ -25,6 +25,7 @@ from torch.utils.data import (
 )
 
 from dpkit.distributed import check_same, digest, shared_seed
+from dpkit.modes._trace import loop_trace, remove
 from dpkit.distributed import rank as dist_rank
 from dpkit.distributed import world_size as dist_world_size
 from dpkit.errors import PrivacyUsageError
@@ -223,10 +224,13 @@ class DPDataLoader(DataLoader):
         for batch in super().__iter__():
             self.batches_drawn += 1
             self._handed = {k: v for k, v in self._handed.items() if v[0]() is not None}
-            for t in pytree.tree_leaves(batch):
-                if isinstance(t, torch.Tensor):
-                    self._handed[id(t)] = (weakref.ref(t), self.batches_drawn)
-            yield batch
+            tensors = [t for t in pytree.tree_leaves(batch) if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                self._handed[id(t)] = (weakref.ref(t), self.batches_drawn)
+            # Until the model's forward takes the batch over: mixing its rows in the loop (mixup) is refused there.
+            trace = loop_trace(tensors, group=self.dataset.K if isinstance(self.dataset, Multiplicity) else 1)
+            yield batch  # closed here (`next(iter(loader))`), the trace stays until the forward or the step takes it
+            remove(trace)  # the loop asked for the next batch: this one's trace goes, if no forward took it
 
     def batch_of(self, tensors: list[torch.Tensor]) -> int | None:
         """The number of the batch the first of ``tensors`` handed out by this loader belongs to, if any."""

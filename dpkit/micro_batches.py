@@ -13,6 +13,7 @@ from torch.utils import _pytree as pytree
 
 from dpkit.data import split_batch
 from dpkit.errors import PrivacyUsageError
+from dpkit.modes import _trace
 
 Controller = Any  # a dpkit.engine.PrivateTraining; not imported, which would close an import circle
 
@@ -57,12 +58,18 @@ class BatchMemoryManager:
                 "private nor counted. Call private.enable() (or make_private again after detach()) first.")
         try:
             for index, batch in enumerate(self.private.data_loader):
+                loader_trace = _trace.active_loop_trace()
+                if loader_trace is not None:  # the pieces get traces of their own: cutting rows is not mixing them
+                    _trace.remove(loader_trace)
                 pieces = split_batch(batch, self.max_rows)
                 if self.private.world_size > 1:
                     pieces = _as_many_as_every_rank(batch, pieces)
                 tag = (id(self), index)  # the pieces are one logical batch, whatever the loader
                 for i, piece in enumerate(pieces):
                     self.private.gate.enter_micro_batch(tag, last=i == len(pieces) - 1)
+                    trace = _trace.loop_trace([t for t in pytree.tree_leaves(piece) if isinstance(t, torch.Tensor)],
+                                              group=self.private.K)
                     yield piece
+                    _trace.remove(trace)  # if the forward did not take it over
         finally:
             self.private.gate.leave_micro_batches()

@@ -285,6 +285,7 @@ class PrivateTraining:
     def _pre_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled:
             return
+        self.capturer.end_loop_trace()
         guards.refuse_closure(args, kwargs)
         amp.refuse_fused(optimizer)
         amp.unregistered(amp.calling_scaler(), self.scaler.scaler)
@@ -329,6 +330,7 @@ class PrivateTraining:
         self._clear()
 
     def _clear(self) -> None:
+        self.capturer.end_loop_trace()
         self.accumulator.reset()
         self.capturer.reset()
         self.drop_grad_samples()

@@ -42,6 +42,7 @@ from dpkit.modes import functorch as fn_mode
 from dpkit.modes._arrivals import Arrivals
 from dpkit.modes._records import (_ATOMS, Arrival, Capture, _broadcast, _call_rows, _detach, _rows_at, _slots,
                                   _tensors, eager, forward_arguments)
+from dpkit.modes import _trace
 from dpkit.modes._trace import BatchTrace
 from dpkit.plan import LayerPlan
 
@@ -96,6 +97,8 @@ class Capturer(Arrivals):
         self._watched: set[int] = set()  # ids of FSDP2's unsharded parameters with an outside-use hook
         self.on_refusal: Callable[[BaseException], None] = lambda err: None
         self._trace: BatchTrace | None = None  # which tensors of the forward in flight derive from the batch
+        self._loss_trace: BatchTrace | None = None  # the last forward's outputs followed to the loss
+        self._loop_before: BatchTrace | None = None  # the loop's trace the forward in flight took over
         self._input_dims = 0  # of the model's first tensor input, in the forward in flight
         self._hook_ids: dict[int, int] = {}  # each unit's forward hook, which must stay the first one
         self.batch_of: Callable[[list[Tensor]], object] | None = None  # the loader's, set by the engine
@@ -140,6 +143,7 @@ class Capturer(Arrivals):
         self._watched.clear()
         self._attached = False
         self._end_forward()
+        self.end_loop_trace()
         self.reset()
 
     # -- forward ---------------------------------------------------------------------
@@ -156,9 +160,14 @@ class Capturer(Arrivals):
         self.batch_hint = _rows_at(inputs[0], self.bdim) if inputs else None
         self._input_dims = inputs[0].dim() if inputs else 0
         self._forward_batch = self.batch_of(inputs) if self.batch_of is not None else None
-        self._trace = BatchTrace([t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint], batch_dim=self.bdim,
-                                 group=self.K)
-        self._trace.__enter__()
+        loop = _trace.active_loop_trace()  # the loader's batch, or an earlier forward's outputs on their way
+        if loop is not None:
+            _trace.remove(loop)
+        batched = [t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint]
+        trace = BatchTrace(batched, batch_dim=self.bdim, group=self.K, source=loop)
+        trace.refuse_mixed(batched, where="the model's input")  # before the trace goes on the stack
+        self._trace, self._loop_before = trace, loop
+        trace.__enter__()
         for row in self.plan:
             if row.module is model:
                 if row.mode == "ew":
@@ -179,10 +188,27 @@ class Capturer(Arrivals):
         return (hint > 1 and t.stride(dim) == 0) or (ndim and t.dim() >= self._input_dims)
 
     @eager
-    def _end_forward(self, *_) -> None:
-        if self._trace is not None:
-            trace, self._trace = self._trace, None
-            trace.__exit__(None, None, None)
+    def _end_forward(self, model=None, args=None, output=None) -> None:
+        """The model's forward hook: the forward's trace ends, and a loop trace follows its outputs to the loss."""
+        if self._trace is None:
+            return
+        trace, self._trace = self._trace, None
+        trace.__exit__(None, None, None)
+        outputs = _tensors(output) if output is not None else []
+        if self._active() and any(t.requires_grad for t in outputs):
+            self._loss_trace = _trace.loss_trace(outputs, trace, self.bdim, self.K)
+            # The loop's other tensors (the labels, an earlier forward's outputs) may join the loss too.
+            if self._loop_before is not None:
+                self._loss_trace.adopt(self._loop_before.tracked(), self._loop_before)
+        self._loop_before = None
+
+    def end_loop_trace(self) -> None:
+        """The step is released (or dpkit detached): the traces of the loop (the outputs on their way to the loss,
+        a batch drawn and never trained on) go."""
+        if self._loss_trace is not None:
+            _trace.remove(self._loss_trace)
+            self._loss_trace = None
+        _trace.drop_loop_traces()
 
     @eager
     @_untraced

@@ -52,6 +52,8 @@ class BatchTrace(TorchFunctionMode):
         self.spy: Callable[[Callable, tuple, dict], object] | None = None
         self.batch_dim, self.group = batch_dim, group
         self._trusted = 0  # inside a function declared row-wise
+        self.loop = False  # a trace of the training loop (the loader's batch, or the model's outputs to the loss)
+        self.finished = False  # a loop trace whose backward has run: it only passes calls through
         self.adopt(inputs, source)
 
     @contextlib.contextmanager
@@ -87,6 +89,10 @@ class BatchTrace(TorchFunctionMode):
         """``(dim, group)``, ``Summed``, ``Mixed``, ``FREE``/``TRUSTED``, or None for a tensor not from the batch."""
         entry = self._marked.get(id(t))
         return entry[1] if entry is not None and entry[0]() is t else None
+
+    def tracked(self) -> list[Tensor]:
+        """The live tensors this trace has marked (to hand them over to another trace)."""
+        return [t for t in (ref() for ref, _ in self._marked.values()) if t is not None]
 
     def refuse_mixed(self, tensors: Iterable[object], where: str) -> None:
         """Refuse tensors whose rows mix examples (``where``: "the model's input"), e.g. a batch mixed with a
@@ -142,6 +148,8 @@ class BatchTrace(TorchFunctionMode):
         return found
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.finished:
+            return func(*args, **(kwargs or {}))
         if torch.compiler.is_compiling():  # Dynamo inlines the mode; marks need real tensors' ids
             return _eagerly(self, func, args, kwargs)
         return self._traced(func, args, kwargs)
@@ -175,6 +183,8 @@ class BatchTrace(TorchFunctionMode):
         return out
 
     def _check_backward(self, func, args: tuple, kwargs: dict) -> None:
+        if self.loop:
+            self.finished = True  # the loss is formed: what the loop does after it is not the gradient's
         """Tensor.backward, torch.autograd.backward and torch.autograd.grad: each loss, with its gradient."""
         if func is _BACKWARD:
             self.check_loss(args[0], kwargs.get("gradient", args[1] if len(args) > 1 else None))
@@ -233,6 +243,54 @@ def _packing() -> bool:
             return True
         frame = frame.f_back
     return False
+
+
+def loop_trace(tensors: Iterable[Tensor], group: int = 1) -> BatchTrace:
+    """A trace of the training loop on a batch handed out (rows along dim 0, ``group`` rows per example), pushed
+    on this thread's torch-function stack until :func:`remove`: the model's forward takes over its marks, so
+    that mixing the batch in the loop (mixup) is seen."""
+    trace = BatchTrace(tensors, batch_dim=0, group=group)
+    trace.loop = True
+    torch._C._push_on_torch_function_stack(trace)
+    return trace
+
+
+def loss_trace(outputs: Iterable[Tensor], source: BatchTrace, batch_dim: int, group: int) -> BatchTrace:
+    """A trace of the loop from the model's outputs to the loss's ``backward()``, pushed until :func:`remove`: it
+    checks that the loss is a plain sum (or fixed-count mean) of per-example losses."""
+    trace = BatchTrace([], batch_dim=batch_dim, group=group)
+    trace.adopt(outputs, source)
+    trace.loop = True
+    torch._C._push_on_torch_function_stack(trace)
+    return trace
+
+
+def active_loop_trace() -> BatchTrace | None:
+    """The innermost loop trace on this thread's stack, if any."""
+    trace = active_trace()
+    return trace if trace is not None and trace.loop else None
+
+
+def drop_loop_traces() -> None:
+    """Every loop trace still on this thread's stack goes (at a release: a batch drawn and never trained on)."""
+    while (trace := active_loop_trace()) is not None:
+        remove(trace)
+
+
+def remove(trace: BatchTrace) -> bool:
+    """Take ``trace`` off this thread's torch-function stack wherever it is (a user's modes entered above it stay,
+    in order); False if it is not there."""
+    above = []
+    found = False
+    while torch._C._len_torch_function_stack():
+        top = torch._C._pop_torch_function_stack()
+        if top is trace:
+            found = True
+            break
+        above.append(top)
+    for mode in reversed(above):
+        torch._C._push_on_torch_function_stack(mode)
+    return found
 
 
 def _requires_grad(out: object) -> bool:

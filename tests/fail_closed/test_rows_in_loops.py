@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dpkit
-from dpkit.errors import RowMixingError
+from dpkit.errors import PrivacyUsageError, RowMixingError
 
 from ._setup import assert_sensitivity, batch, make, train_step
 
@@ -122,3 +122,76 @@ def test_k_copies_of_one_example_may_be_combined():
     x, y = batch(8)
     train_step(p, x, y)
     assert p.ledger.steps == 1
+
+
+# -- the training loop around the model: from the loader's batch to the loss's backward() ------------------------
+def loader_private(mode="hooks", **kw):
+    from ._setup import dataset
+
+    return make(mode=mode, data_loader=torch.utils.data.DataLoader(dataset(32), batch_size=8), **kw)
+
+
+def stack_depth() -> int:
+    return torch._C._len_torch_function_stack()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixup_in_the_loop_is_refused_at_the_forward(mode):
+    p = loader_private(mode)
+    for x, y in p.data_loader:
+        lam = 0.7
+        mixed = lam * x + (1 - lam) * x.flip(0)  # timm-style mixup on the batch dpkit sampled
+        with pytest.raises(RowMixingError, match="the model's input"):
+            p.criterion(p.module(mixed), y).backward()
+        break
+    assert p.ledger.steps == 0 and stack_depth() == 0
+
+
+@pytest.mark.parametrize("loss", ["labels mixed", "in-batch negatives", "a normaliser from the batch",
+                                  "a loss over the batch's pairs"])
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto"])
+def test_a_loss_that_compares_or_counts_examples_is_refused_at_backward(mode, loss):
+    p = loader_private(mode, criterion=None)
+    x, y = next(iter(p.data_loader))
+    out = p.module(x)
+    with pytest.raises(RowMixingError):  # where the loss mixes rows, or at its backward()
+        if loss == "labels mixed":
+            value = F.cross_entropy(out, y.flip(0), reduction="sum")
+        elif loss == "in-batch negatives":
+            value = F.cross_entropy(out @ out.T, torch.arange(len(x)), reduction="sum")
+        elif loss == "a normaliser from the batch":
+            per_example = F.cross_entropy(out, y, reduction="none")
+            value = per_example.sum() / (y > 0).sum().clamp_min(1)  # counts other examples
+        else:
+            value = torch.cdist(out, out).sum()
+        value.backward()
+    with pytest.raises(PrivacyUsageError):
+        p.optimizer.step()
+    assert p.ledger.steps == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ordinary_loops_pass_and_leave_no_trace_behind(mode):
+    p = loader_private(mode)
+    for x, y in p.data_loader:  # the loader's loop, with the usual preprocessing
+        x = (x.float() / 2).contiguous()
+        p.optimizer.zero_grad()
+        p.criterion(p.module(x), y).backward()
+        p.optimizer.step()
+    with dpkit.BatchMemoryManager(p, max_physical_batch_size=3) as pieces:
+        for x, y in pieces:
+            p.optimizer.zero_grad()
+            p.criterion(p.module(x), y).backward()
+            p.optimizer.step()
+    assert p.steps == p.ledger.steps == 2 * len(p.data_loader)
+    assert stack_depth() == 0
+
+
+def test_a_plain_loss_with_a_mean_passes_and_zero_grad_between_forward_and_backward():
+    p = loader_private("bk", criterion=None)
+    x, y = next(iter(p.data_loader))
+    out = p.module(x)
+    p.optimizer.zero_grad()  # out = model(x); zero_grad(); backward(): supported
+    F.cross_entropy(out, y).backward()  # a mean over the batch's rows: a fixed count
+    p.optimizer.step()
+    assert p.ledger.steps == 1 and stack_depth() == 0
