@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import dpkit
+from dpkit.errors import RowMixingError
 from dpkit import registry
 from dpkit.clipping import ClipperBase
 from dpkit.data import split_batch
@@ -213,7 +214,7 @@ def test_an_uncounted_step_is_caught():
 
 def in_batch_negatives(private, batch):
     """A contrastive loss: each example's loss involves every other example's output, so removing one example
-    changes the others' gradients as well. dpkit cannot see this (the loss's rows match the batch)."""
+    changes the others' gradients as well. The batch trace refuses it at the product."""
     x, _ = batch
     private.optimizer.zero_grad()
     out = private.module(x)
@@ -221,9 +222,27 @@ def in_batch_negatives(private, batch):
     private.optimizer.step()
 
 
+@dpkit.rowwise  # a false declaration: the product pairs examples, which only the measurement can now see
+def _pairs(out):
+    return out @ out.T
+
+
+def in_batch_negatives_declared_row_wise(private, batch):
+    x, _ = batch
+    private.optimizer.zero_grad()
+    out = private.module(x)
+    nn.functional.cross_entropy(_pairs(out), torch.arange(len(out))).backward()
+    private.optimizer.step()
+
+
 @pytest.mark.parametrize("mode", ["hooks", "bk", "functorch", "auto"])
 def test_a_loss_that_mixes_examples_is_caught(mode):
-    report = check_sensitivity(setup_for(mode), in_batch_negatives, batch_of(), raise_on_failure=False)
+    """Refused by the batch trace, and measured above C by check_sensitivity where the trace is told otherwise:
+    the two agree."""
+    with pytest.raises(RowMixingError, match="pairs rows of the batch"):
+        check_sensitivity(setup_for(mode), in_batch_negatives, batch_of(), raise_on_failure=False)
+    report = check_sensitivity(setup_for(mode), in_batch_negatives_declared_row_wise, batch_of(),
+                               raise_on_failure=False)
     assert not report.ok and report.sensitivity > 1.2 * C
 
 

@@ -164,7 +164,9 @@ class Capturer(Arrivals):
         if loop is not None:
             _trace.remove(loop)
         batched = [t for t in inputs if _rows_at(t, self.bdim) == self.batch_hint]
-        trace = BatchTrace(batched, batch_dim=self.bdim, group=self.K, source=loop)
+        # Rows that are not whole groups of K are refused by the capture, with its own message; nothing to follow.
+        whole = self.batch_hint is not None and self.batch_hint % self.K == 0
+        trace = BatchTrace(batched, batch_dim=self.bdim if whole else None, group=self.K, source=loop)
         trace.refuse_mixed(batched, where="the model's input")  # before the trace goes on the stack
         self._trace, self._loop_before = trace, loop
         trace.__enter__()
@@ -195,7 +197,7 @@ class Capturer(Arrivals):
         trace, self._trace = self._trace, None
         trace.__exit__(None, None, None)
         outputs = _tensors(output) if output is not None else []
-        if self._active() and any(t.requires_grad for t in outputs):
+        if self._active() and trace.batch_dim is not None and any(t.requires_grad for t in outputs):
             self._loss_trace = _trace.loss_trace(outputs, trace, self.bdim, self.K)
             # The loop's other tensors (the labels, an earlier forward's outputs) may join the loss too.
             if self._loop_before is not None:

@@ -255,7 +255,7 @@ def test_a_refused_backward_leaves_nothing_and_zero_grad_recovers(mode):
     p = make(mode=mode)
     x, y = batch()
     frozen = Frozen(p)
-    with pytest.raises(PrivacyUsageError, match="the loss has 6 rows but the model's layers saw 8"):
+    with pytest.raises(PrivacyUsageError, match="the loss has 6 rows but the model's layers saw 8|selects examples"):
         p.criterion(p.module(x)[:6], y[:6]).backward()
     with pytest.raises(PrivacyUsageError):
         p.optimizer.step()
