@@ -150,11 +150,8 @@ class ByUser(Multiplicity):
 
 
 def _group_by_user(users: Any, n: int) -> tuple[list, list[Tensor]]:
-    """The distinct user ids, sorted, and each one's example indices. Ids may be ints, floats or strings; a NaN id
-    is refused (NaN equals nothing, so each would become a user of its own)."""
-    if isinstance(users, Tensor):
-        users = users.tolist()
-    users = list(users)
+    """The distinct user ids (ints, floats or strings; not NaN, which equals nothing), sorted, and their examples."""
+    users = users.tolist() if isinstance(users, Tensor) else list(users)
     if len(users) != n:
         raise ValueError(f"users must give one user id per example ({n}), got {len(users)}")
     if any(isinstance(u, float) and math.isnan(u) for u in users):

@@ -1,6 +1,6 @@
 """The bundled audit behind ``dpkit audit``: a small MLP on synthetic data, trained full batch with canaries.
 
-The only module of :mod:`dpkit.audit` that trains: it imports ``dpkit`` (``make_private``) when called, never at
+The only module of :mod:`dpkit.audit` that trains: it imports the engine (``make_private``) when called, never at
 import, so importing the audit imports no training code.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
     prove noise at half the claimed std a violation (docs/auditing.md has the power table). ``noise`` names the
     noise plugin to audit.
     """
-    import dpkit  # the training code, imported when an audit trains (never when dpkit.audit is imported)
+    from dpkit.data import DPDataLoader  # the training code, imported when an audit trains (never with dpkit.audit)
+    from dpkit.engine import make_private
 
     refuse_correlated(registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed))  # before training
     gen = torch.Generator().manual_seed(seed)
@@ -39,9 +40,9 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(_FEATURES, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
-    loader = dpkit.DPDataLoader(torch.utils.data.TensorDataset(x, y), sample_rate,
+    loader = DPDataLoader(torch.utils.data.TensorDataset(x, y), sample_rate,
                                 generator=torch.Generator().manual_seed(seed))
-    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+    private = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
                                  data_loader=loader, noise_multiplier=noise_multiplier, max_grad_norm=1.0,
                                  criterion=torch.nn.CrossEntropyLoss(), noise=noise, accountant=accountant,
                                  noise_seed=seed, grad_sample_mode="hooks")

@@ -263,10 +263,8 @@ class PrivateTraining:
         self.scaler.show(self.params, overflow=False)  # so that scaler.step reaches step(), which says why
 
     def _discard(self) -> None:
-        """``zero_grad()``: forget this step's clipped sums, except between the micro-batches of one batch.
-
-        Records of forward passes not yet back-propagated stay: ``out = model(x); zero_grad(); backward()``.
-        """
+        """``zero_grad()``: forget this step's clipped sums, except between the micro-batches of one batch; records
+        of forwards not yet back-propagated stay (``out = model(x); zero_grad(); backward()``)."""
         if self.enabled and self.capturer.pass_died:  # also between micro-batches: the whole step goes
             self.capturer.drop_dead_pass()
             self.passes.end_stream()
@@ -357,11 +355,8 @@ class PrivateTraining:
         return report(delta, confidence)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs to report the same ε and draw the same noise and batches.
-
-        Outside secure mode this holds the noise generator's state: whoever holds the checkpoint can regenerate
-        the noise and subtract it from the released model. Keep checkpoints as private as the data.
-        """
+        """Everything a resumed run needs to report the same ε and draw the same noise and batches: outside secure
+        mode the noise generator's state too, which lets its holder subtract the noise (keep it private)."""
         return checkpoint.state_dict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

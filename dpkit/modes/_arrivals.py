@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+from functools import partial
 from collections.abc import Iterator
 
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor, nn
 from torch.autograd import Variable
 
 from dpkit.errors import PrivacyUsageError
-from dpkit.modes import _parts
+from dpkit.modes import _parts, _trace
 from dpkit.modes._records import Capture, _dense, eager
 
 
@@ -37,6 +38,14 @@ class Arrivals:
         self._pass_batches.clear()
         self.batch_rows, self._calls = None, None
         self.captures = [c for c in self.captures if not c.done]
+
+    def end_loop_trace(self) -> None:
+        """The step is released (or dpkit detached): the traces of the loop (the outputs on their way to the loss,
+        a batch drawn and never trained on) go."""
+        if self._loss_trace is not None:
+            _trace.remove(self._loss_trace)
+            self._loss_trace = None
+        _trace.drop_loop_traces()
 
     def reset(self) -> None:
         """Forget records of forward passes that no backward pass used (called after each step)."""
@@ -73,6 +82,11 @@ class Arrivals:
         assemble.all_outputs = True
         with self.quiet():
             cap.blocks = row.call(assemble, cap.args, cap.grads, self.K, cap.bdim == 0) or None
+
+    def _watch(self, gathered: Tensor, p: nn.Parameter) -> None:
+        """FSDP2 gathers ``p`` into one persistent unsharded parameter: a gradient reaching it is an outside use."""
+        self._watched.add(id(gathered))
+        self._handles.append(gathered.register_hook(partial(self._on_param_grad, p)))
 
     # -- backward --------------------------------------------------------------------
     @eager

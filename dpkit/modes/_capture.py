@@ -204,14 +204,6 @@ class Capturer(Arrivals):
                 self._loss_trace.adopt(self._loop_before.tracked(), self._loop_before)
         self._loop_before = None
 
-    def end_loop_trace(self) -> None:
-        """The step is released (or dpkit detached): the traces of the loop (the outputs on their way to the loss,
-        a batch drawn and never trained on) go."""
-        if self._loss_trace is not None:
-            _trace.remove(self._loss_trace)
-            self._loss_trace = None
-        _trace.drop_loop_traces()
-
     @eager
     @_untraced
     def _expand(self, row: LayerPlan, module: nn.Module, args, kwargs) -> None:  # restored in _on_forward
@@ -272,11 +264,6 @@ class Capturer(Arrivals):
             replaced.append((owner, name, current))
             owner._parameters[name] = made[id(p)]
         self._replaced[id(row)] = replaced
-
-    def _watch(self, gathered: Tensor, p: nn.Parameter) -> None:
-        """FSDP2 gathers ``p`` into one persistent unsharded parameter: a gradient reaching it is an outside use."""
-        self._watched.add(id(gathered))
-        self._handles.append(gathered.register_hook(partial(self._on_param_grad, p)))
 
     def _restore(self, row: LayerPlan) -> None:
         for owner, name, current in self._replaced.pop(id(row), ()):
