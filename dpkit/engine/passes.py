@@ -176,6 +176,7 @@ class PassEnd:
     def ghost_backward(self, loss: DPLoss) -> None:
         p = self.private
         try:
+            p.capturer.check_loss_and_end_loop_trace(loss.value)
             norms, factors, sums = ghost.backward(p.capturer, p.params, p.K, self.ghost, loss)
         except PrivacyUsageError as err:
             p.on_refusal(err)

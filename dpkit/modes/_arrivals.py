@@ -39,6 +39,13 @@ class Arrivals:
         self.batch_rows, self._calls = None, None
         self.captures = [c for c in self.captures if not c.done]
 
+    def check_loss_and_end_loop_trace(self, loss: Tensor) -> None:
+        """For a loss dpkit back-propagates itself (ghost's two passes): the loop trace's check of how the loss
+        was formed, then the trace goes (ghost differentiates to the parameters' stand-ins on purpose)."""
+        if self._loss_trace is not None and not self._loss_trace.finished:
+            self._loss_trace.check_loss(loss)
+        self.end_loop_trace()
+
     def end_loop_trace(self) -> None:
         """The step is released (or dpkit detached): the traces of the loop (the outputs on their way to the loss,
         a batch drawn and never trained on) go."""
@@ -106,6 +113,12 @@ class Arrivals:
         if not self.enabled or self.computing:
             return None
         try:
+            if torch.is_grad_enabled():  # backward(create_graph=True): the engine runs the hooks in grad mode
+                raise PrivacyUsageError(
+                    f"a backward pass with create_graph=True reached {cap.row.name!r} (a gradient penalty, or "
+                    "torch.autograd.grad(..., create_graph=True) through the model): the term that differentiates a "
+                    "gradient has per-example gradients dpkit does not compute, so nothing is released. Train "
+                    "without the penalty, or compute it under private.disable() on public data.")
             return self._take_output_grad(cap, index, grad)
         except Exception as err:
             self._refuse(err)

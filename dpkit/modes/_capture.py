@@ -99,6 +99,7 @@ class Capturer(Arrivals):
         self._trace: BatchTrace | None = None  # which tensors of the forward in flight derive from the batch
         self._loss_trace: BatchTrace | None = None  # the last forward's outputs followed to the loss
         self._loop_before: BatchTrace | None = None  # the loop's trace the forward in flight took over
+        self._guarded = frozenset(id(p) for row in rows for p in row.params.values())
         self._input_dims = 0  # of the model's first tensor input, in the forward in flight
         self._hook_ids: dict[int, int] = {}  # each unit's forward hook, which must stay the first one
         self.batch_of: Callable[[list[Tensor]], object] | None = None  # the loader's, set by the engine
@@ -198,7 +199,7 @@ class Capturer(Arrivals):
         trace.__exit__(None, None, None)
         outputs = _tensors(output) if output is not None else []
         if self._active() and trace.batch_dim is not None and any(t.requires_grad for t in outputs):
-            self._loss_trace = _trace.loss_trace(outputs, trace, self.bdim, self.K)
+            self._loss_trace = _trace.loss_trace(outputs, trace, self.bdim, self.K, self._guarded)
             # The loop's other tensors (the labels, an earlier forward's outputs) may join the loss too.
             if self._loop_before is not None:
                 self._loss_trace.adopt(self._loop_before.tracked(), self._loop_before)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from dpkit.errors import RowMixingError
+from dpkit.errors import PrivacyUsageError, RowMixingError
 from dpkit.modes._row_rules import generic
 from dpkit.modes._rows import FREE, TRUSTED, Mixed, refusal, state_of
 
@@ -53,6 +53,7 @@ class BatchTrace(TorchFunctionMode):
         self.batch_dim, self.group = batch_dim, group
         self._trusted = 0  # inside a function declared row-wise
         self.loop = False  # a trace of the training loop (the loader's batch, or the model's outputs to the loss)
+        self.guarded: frozenset[int] = frozenset()  # ids of parameters whose gradients only dpkit may release
         self.finished = False  # a loop trace whose backward has run: it only passes calls through
         self.adopt(inputs, source)
 
@@ -183,9 +184,17 @@ class BatchTrace(TorchFunctionMode):
         return out
 
     def _check_backward(self, func, args: tuple, kwargs: dict) -> None:
+        """Tensor.backward, torch.autograd.backward and torch.autograd.grad: each loss, with its gradient."""
         if self.loop:
             self.finished = True  # the loss is formed: what the loop does after it is not the gradient's
-        """Tensor.backward, torch.autograd.backward and torch.autograd.grad: each loss, with its gradient."""
+        if func is _GRAD and self.guarded:
+            inputs = kwargs.get("inputs", args[1] if len(args) > 1 else ())
+            inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+            if any(id(t) in self.guarded for t in inputs):
+                raise PrivacyUsageError(
+                    "torch.autograd.grad(loss, parameters) would hand back the parameters' gradients unclipped and "
+                    "without noise (and dpkit runs each layer on stand-ins of its parameters, so torch has none to "
+                    "give). Call loss.backward() and optimizer.step(): dpkit clips, noises and releases them.")
         if func is _BACKWARD:
             self.check_loss(args[0], kwargs.get("gradient", args[1] if len(args) > 1 else None))
             return
@@ -255,12 +264,13 @@ def loop_trace(tensors: Iterable[Tensor], group: int = 1) -> BatchTrace:
     return trace
 
 
-def loss_trace(outputs: Iterable[Tensor], source: BatchTrace, batch_dim: int, group: int) -> BatchTrace:
+def loss_trace(outputs: Iterable[Tensor], source: BatchTrace, batch_dim: int, group: int,
+               guarded: frozenset[int] = frozenset()) -> BatchTrace:
     """A trace of the loop from the model's outputs to the loss's ``backward()``, pushed until :func:`remove`: it
     checks that the loss is a plain sum (or fixed-count mean) of per-example losses."""
     trace = BatchTrace([], batch_dim=batch_dim, group=group)
     trace.adopt(outputs, source)
-    trace.loop = True
+    trace.loop, trace.guarded = True, guarded
     torch._C._push_on_torch_function_stack(trace)
     return trace
 

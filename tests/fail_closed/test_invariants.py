@@ -263,3 +263,30 @@ def test_flags_must_be_bools():
 @pytest.mark.parametrize("mode", ["hooks", "auto"])
 def test_a_correct_loop_still_has_sensitivity_at_most_c(mode):
     assert_sensitivity(lambda: make(mode=mode, noise_multiplier=0.0), *batch())
+
+
+# -- crashes that are now verdicts -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", STEP_MODES)
+def test_a_gradient_penalty_with_create_graph_is_refused(mode):
+    p = make(mode=mode)
+    x, y = batch()
+    x.requires_grad_(True)
+    out = p.module(x)
+    with pytest.raises(PrivacyUsageError, match="create_graph=True"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(PrivacyUsageError):
+        p.optimizer.step()
+    assert p.ledger.steps == 0
+
+
+@pytest.mark.parametrize("mode", STEP_MODES)
+def test_autograd_grad_to_the_parameters_is_refused(mode):
+    """It would hand back unclipped, un-noised gradients (torch itself failed obscurely on the stand-ins)."""
+    p = make(mode=mode)
+    x, y = batch()
+    loss = p.criterion(p.module(x), y)
+    with pytest.raises(PrivacyUsageError, match="unclipped and without noise"):
+        torch.autograd.grad(loss.value, list(p.module.parameters()))
+    p.optimizer.zero_grad()
+    train_step(p, x, y)  # the loop goes on
+    assert p.ledger.steps == 1
