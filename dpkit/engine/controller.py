@@ -34,6 +34,7 @@ from dpkit.errors import PrivacyUsageError
 from dpkit.events import ComposedEvent, DpEvent, Ledger, NoOpEvent, PoissonSampledEvent
 from dpkit.modes import bk
 from dpkit.modes._capture import Arrival, Capturer, eager
+from dpkit.modes._trace import drop_loop_traces
 from dpkit.optimizer import StepAccumulator, privatize
 from dpkit.plan import NORM_MODES, build_plan
 
@@ -197,9 +198,10 @@ class PrivateTraining:
 
     @contextlib.contextmanager
     def micro_batches(self) -> Iterator[None]:
-        """The backward passes inside are micro-batches of one logical batch (loops without a data loader, where a
-        second backward pass before ``step()`` is otherwise refused: several sampled batches in one step are not
-        the mechanism the accountant counts)."""
+        """The backward passes inside are micro-batches of one logical batch (else a second backward pass before
+        ``step()`` is refused: several sampled batches in one step are not what the accountant counts). Cutting
+        the batch into pieces does not mix its rows: the loader's trace of it ends here."""
+        drop_loop_traces()
         with self.gate.batch(object()):
             yield
 

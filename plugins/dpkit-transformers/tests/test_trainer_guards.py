@@ -55,7 +55,8 @@ class VariedLengths(Counting):
 def test_a_loss_normalised_over_the_batch_is_refused(tmp_path, cls):
     run = cls(model=gpt2(), args=training_args(tmp_path, max_steps=1), train_dataset=VariedLengths(32),
               privacy=PRIVACY)
-    with pytest.raises(PrivacyUsageError, match=f"{cls.__name__}.compute_loss returned a Tensor"):
+    # Refused by the core's batch trace (the mean over labelled tokens) or by DPTrainer's check of the loss.
+    with pytest.raises(PrivacyUsageError, match=f"{cls.__name__}.compute_loss returned a Tensor|divides by the number"):
         run.train()
     assert run.private.steps == 0
 
