@@ -444,7 +444,7 @@ def _shared_generator(generator: torch.Generator | None) -> torch.Generator:
     return generator
 
 
-def check_loader(loader: object, poisson: bool, world_size: int = 1) -> int:
+def check_loader(loader: object, poisson: bool, world_size: int = 1, warn: bool = True) -> int:
     """The dataset size of a loader dpkit can sample from, or an error that names what is wrong and the fix.
 
     Poisson sampling draws from the whole dataset at one rate, so a loader's own choice of examples (a subset,
@@ -481,7 +481,7 @@ def check_loader(loader: object, poisson: bool, world_size: int = 1) -> int:
             "sampling over the whole dataset (or, without Poisson sampling, which the accountant does not model). "
             "To train on part of the data, pass torch.utils.data.Subset(dataset, indices) with shuffle=True; to "
             "weight examples, weight their losses or resample the dataset beforehand.")
-    if loader.drop_last and poisson:
+    if loader.drop_last and poisson and warn:
         warnings.warn("drop_last=True has no meaning under Poisson sampling: batch sizes vary and every batch is "
                       "used, including empty ones.", stacklevel=4)
     return n

@@ -78,20 +78,19 @@ class PrivateTraining:
                  criterion: nn.Module | None, secure_mode: bool, grad_scaler: torch.amp.GradScaler | None,
                  public_buffers: frozenset[str] = frozenset()):
         self.module, self.optimizer, self.topology = module, optimizer, topology
-        self.world_size, self.rank = topology.world_size, topology.rank
-        self.data_loader, self.sample_rate = sampling.loader, sampling.sample_rate
-        self.expected_batch_size, self.poisson_sampling = sampling.expected_batch_size, sampling.poisson
+        self.world_size, self.rank, self.data_loader = topology.world_size, topology.rank, sampling.loader
+        self.sample_rate, self.expected_batch_size = sampling.sample_rate, sampling.expected_batch_size
+        self.poisson_sampling = sampling.poisson
         self.noise, self.noise_name, self.clipper, self.clipping = noise, noise_name, clipper, clipping
         self.accountant, self.noise_multiplier, self.max_grad_norm = accountant, noise_multiplier, max_grad_norm
         self.mode, self.K, self.loss_reduction, self.batch_first = mode, K, loss_reduction, batch_first
-        self.secure_mode, self.public_buffers = secure_mode, public_buffers
-        self.norm_mode = mode in NORM_MODES
+        self.secure_mode, self.public_buffers, self.norm_mode = secure_mode, public_buffers, mode in NORM_MODES
         self.positional = callable(getattr(noise, "check_loader", None))  # its analysis rests on positions
         self.criterion = DPCriterion(criterion, loss_reduction, batch_first) if criterion is not None else None
         if self.criterion is not None:
             self.criterion.backward_fn = self.backward
-        self.ledger = Ledger()
-        self.steps = 0
+        self.ledger, self.steps = Ledger(), 0
+        self.calibrated_for: tuple[float, float, int] | None = None  # (target ε, δ, steps) σ was calibrated for
         self.unbounded_steps = 0  # steps with noise_multiplier=0: epsilon is infinite
         self.overflow_skips = 0  # batches dropped for a loss-scale overflow (the scaler skipped their step)
         self.gate = StepGate()
@@ -322,6 +321,7 @@ class PrivateTraining:
             self.ledger.record(self.step_event())
         self.clipper.end_step(self.noise, expected_batch_size=self.expected_batch_size)
         self.gate.released()
+        report.warn_past_target(self)
 
     def _post_step(self, optimizer, args, kwargs) -> None:
         if not self.enabled or self.gate.phase is Phase.VIRTUAL:

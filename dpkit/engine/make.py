@@ -110,8 +110,8 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
     guards.check_dataset_multiplicity(batches.loader, K)
     guards.check_mode_clipper(grad_sample_mode, clipper, clipping)
     if noise_multiplier is None:
-        sigma = _calibrate(mechanism, clipper, batches, noise, accountant, target_epsilon=target_epsilon,
-                           target_delta=target_delta, epochs=epochs, steps=steps)
+        sigma, steps = _calibrate(mechanism, clipper, batches, noise, accountant, target_epsilon=target_epsilon,
+                                  target_delta=target_delta, epochs=epochs, steps=steps)
     guards.warn_no_noise(sigma)
     if sigma == 0 and callable(getattr(mechanism, "check_loader", None)):
         raise PrivacyUsageError(f"noise={noise!r} needs noise_multiplier > 0: its position in the run is a count "
@@ -126,16 +126,19 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
     if unknown_buffers:
         raise ValueError(f"public_buffers names {unknown_buffers}, which are not buffers of the model "
                          "(see model.named_buffers()).")
-    return PrivateTraining(module=module, optimizer=optimizer, sampling=batches, topology=where, noise=mechanism,
-                           noise_name=noise, clipper=clipper, clipping=clipping, accountant=accountant,
-                           noise_multiplier=sigma, max_grad_norm=clip, mode=grad_sample_mode, K=K,
-                           loss_reduction=loss_reduction, batch_first=batch_first, criterion=criterion,
-                           secure_mode=secure_mode, grad_scaler=grad_scaler, public_buffers=public)
+    private = PrivateTraining(module=module, optimizer=optimizer, sampling=batches, topology=where, noise=mechanism,
+                              noise_name=noise, clipper=clipper, clipping=clipping, accountant=accountant,
+                              noise_multiplier=sigma, max_grad_norm=clip, mode=grad_sample_mode, K=K,
+                              loss_reduction=loss_reduction, batch_first=batch_first, criterion=criterion,
+                              secure_mode=secure_mode, grad_scaler=grad_scaler, public_buffers=public)
+    if noise_multiplier is None:
+        private.calibrated_for = (target_epsilon, target_delta, steps)
+    return private
 
 
 def _calibrate(mechanism, clipper, batches: sampling.Sampling, noise: str, accountant: str, *, target_epsilon,
-               target_delta, epochs, steps) -> float:
-    """The smallest σ whose ε after ``epochs`` (or ``steps``) is at most the target."""
+               target_delta, epochs, steps) -> tuple[float, int]:
+    """The smallest σ whose ε after ``epochs`` (or ``steps``) is at most the target, and that number of steps."""
     from dpkit.accounting import get_noise_multiplier
 
     if target_delta is None:
@@ -156,7 +159,9 @@ def _calibrate(mechanism, clipper, batches: sampling.Sampling, noise: str, accou
                                      accountant=accountant)
     # A clipper that spends privacy (adaptive's noisy count) shares the budget: the gradient gets what is left.
     split = getattr(clipper, "gradient_noise_multiplier", None)
-    return split(sigma) if split is not None else sigma
+    if steps is None:  # epochs over data_loader=None: as many steps as get_noise_multiplier counted
+        steps = math.ceil(epochs / batches.sample_rate)
+    return (split(sigma) if split is not None else sigma), steps
 
 
 def make_private_with_epsilon(*, target_epsilon: float, target_delta: float | None, **kwargs) -> PrivateTraining:

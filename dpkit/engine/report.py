@@ -10,6 +10,18 @@ Controller = Any  # a dpkit.engine.PrivateTraining; not imported, which would cl
 
 
 
+def warn_past_target(private: Controller) -> None:
+    """Once, when a run calibrated for a target ε takes more steps than σ was calibrated for: from then on its ε
+    is above the target (the ledger keeps counting it exactly)."""
+    target = private.calibrated_for
+    if target is None or private.steps != target[2]:  # this release is step steps + 1: the first one past
+        return
+    warnings.warn(f"this run's noise was calibrated for epsilon {target[0]:g} (delta {target[1]:g}) over "
+                  f"{target[2]} steps, and it now takes step {target[2] + 1}: epsilon from here on exceeds the target "
+                  "(private.epsilon(delta) reports it exactly). Stop at the calibrated steps, or calibrate for more.",
+                  stacklevel=4)
+
+
 def privacy_report(private: Controller, delta: float) -> str:
     """ε at ``delta`` from every installed accountant, side by side (approximations labelled)."""
     lines = [f"privacy after {private.steps} steps (sample rate {private.sample_rate:.4g}, noise multiplier "

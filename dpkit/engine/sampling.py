@@ -47,7 +47,8 @@ def resolve(loader: DataLoader | None, *, poisson: bool, sample_rate, expected_b
     if sample_rate is not None or expected_batch_size is not None:
         raise ValueError("sample_rate= and expected_batch_size= go with data_loader=None; with a data loader "
                          "dpkit takes them from the loader (q = batch_size / len(dataset)).")
-    n = check_loader(loader, poisson, world_size=world_size)
+    n = check_loader(loader, poisson, world_size=world_size,
+                     warn=isinstance(loader, DPDataLoader) or not poisson)  # else from_data_loader warns, once
     if poisson:
         if not isinstance(loader, DPDataLoader):
             loader = DPDataLoader.from_data_loader(loader, secure_mode=secure_mode, distributed=world_size > 1)

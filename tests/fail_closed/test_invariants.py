@@ -9,6 +9,8 @@ ends in a clear refusal before anything is released, or is measured to be a corr
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -290,3 +292,18 @@ def test_autograd_grad_to_the_parameters_is_refused(mode):
     p.optimizer.zero_grad()
     train_step(p, x, y)  # the loop goes on
     assert p.ledger.steps == 1
+
+
+def test_training_past_the_calibrated_steps_warns_once():
+    p = make(noise_multiplier=None, target_epsilon=3.0, target_delta=1e-5, steps=2)
+    x, y = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(p, x, y)
+        train_step(p, x, y)  # the calibrated two: no word
+    with pytest.warns(UserWarning, match="calibrated for epsilon 3 .* over 2 steps"):
+        train_step(p, x, y)
+    assert p.epsilon(1e-5) > 3.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(p, x, y)  # once
