@@ -40,7 +40,7 @@ _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
 _FAR = 38.0          # standard deviations beyond which a Gaussian has no float64 mass
 _U = float(np.finfo(float).eps)
 _SHORT = 4096        # grids this short are cheap to convolve: not worth coarsening
-_LFILTER_FROM = 1 << 16  # longer grids' tail sums use scipy.signal.lfilter (same numbers, a faster loop)
+LFILTER_FROM = 1 << 16  # longer grids' tail sums use scipy.signal.lfilter (same numbers, a faster loop)
 
 
 @attrs.frozen(eq=False)
@@ -275,7 +275,7 @@ def decayed_sums(x: np.ndarray, decay: float) -> np.ndarray:
     The same two products and one sum per entry, so the same floats; a Python loop spares short grids (all but
     refined ones) the import of scipy.signal.
     """
-    if len(x) >= _LFILTER_FROM or x.dtype != np.float64:
+    if len(x) >= LFILTER_FROM or x.dtype != np.float64:
         from scipy import signal
 
         return signal.lfilter([decay], [1.0, -decay], x)

@@ -61,7 +61,7 @@ def _detached(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
 
-def _recompute(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | Sequence[Tensor | None]
+def recompute(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | Sequence[Tensor | None]
                ) -> tuple[list[Tensor], list[Tensor], Tensor, list[Tensor | None]]:
     """Inputs ``[x_q, x_k, x_v]``, their projections' gradients ``[dq, dk, dv]``, the heads' output (the input of
     ``out_proj``), and the gradients of the appended ``bias_k``, ``bias_v`` (``[N, 1, E]``, or ``None``).
@@ -130,7 +130,7 @@ def _parts(layer: nn.MultiheadAttention, activations: list, backprops: Tensor | 
            ) -> Iterator[tuple[nn.Parameter, list[tuple[Tensor | None, Tensor]]]]:
     """``(parameter, [(a, g), ...])``: its gradient is ``Σ_t g_t a_tᵀ`` (``Σ_t g_t`` where ``a`` is ``None``) over
     each pair, stacked along the parameter's first dimension (the q, k and v rows of a packed weight)."""
-    inputs, dqkv, heads, extra = _recompute(layer, activations, backprops)
+    inputs, dqkv, heads, extra = recompute(layer, activations, backprops)
     g_out = backprops if isinstance(backprops, Tensor) else backprops[0]
     g_out = torch.zeros_like(heads) if g_out is None else g_out
     pairs = list(zip(inputs, dqkv))

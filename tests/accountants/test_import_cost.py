@@ -24,7 +24,7 @@ def test_decayed_sums_are_lfilters_floats(n):
 
 
 def test_long_grids_use_lfilter(monkeypatch):
-    monkeypatch.setattr(_pld, "_LFILTER_FROM", 4)
+    monkeypatch.setattr(_pld, "LFILTER_FROM", 4)
     x = np.arange(10.0)
     assert np.array_equal(_pld.decayed_sums(x, 0.9), signal.lfilter([0.9], [1.0, -0.9], x))
 

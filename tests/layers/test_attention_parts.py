@@ -149,8 +149,8 @@ def assert_close(got, expected, model, label):
 def recomputations(monkeypatch):
     """The calls of the attention sampler's recomputation, counted."""
     calls = []
-    original = attention._recompute
-    monkeypatch.setattr(attention, "_recompute", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    original = attention.recompute
+    monkeypatch.setattr(attention, "recompute", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
     return calls
 
 
