@@ -57,12 +57,13 @@ test-timm: $(BIN_TIMM)/.installed
 demo: venv
 	$(BIN)/python contrib/examples/digits.py
 
-# A quick CPU table (under 3 minutes): the GPT-style model and the convnet, non-private and in dpkit's main modes
+# A quick CPU table (about 4 minutes: 3 round-robin repetitions): the GPT-style model and the convnet, non-private and in dpkit's main modes
 # (Opacus as a column when installed), time and peak tensor bytes; saved as contrib/benchmarks/results/cpu-small.md,
 # replacing the last run (git keeps the history).
 bench: venv
-	$(BIN)/python contrib/benchmarks/bench.py --model cpu-small --steps 5 --warmup 2 --threads 1 \
+	$(BIN)/python contrib/benchmarks/bench.py --model cpu-small --steps 5 --warmup 2 --threads 1 --repeat 3 \
 		--modes auto,bk,ghost,hooks --opacus --save contrib/benchmarks/results
+	$(BIN)/python contrib/benchmarks/bench_startup.py --repeat 3
 
 clean:
 	rm -rf $(VENV) $(VENV_TIMM) build *.egg-info
