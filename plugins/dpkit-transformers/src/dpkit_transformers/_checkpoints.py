@@ -10,8 +10,8 @@ import json
 import os
 from typing import Any
 
-import torch
 
+from dpkit.engine import save
 from dpkit.errors import PrivacyUsageError
 
 PRIVACY_STATE = "dpkit_privacy.pt"  # in each checkpoint folder, or under PrivacyArguments.state_dir
@@ -26,25 +26,10 @@ def state_path(checkpoint: str, state_dir: str | None) -> str:
 
 
 def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that leaves either the old file or the whole new one, never a truncated one."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    """``torch.save(obj, path)`` that leaves either the old file or the whole new one, never a truncated one
+    (dpkit's own ``dpkit.engine.save``), into a folder made if needed."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save(obj, path)
 
 
 def check_complete(checkpoint: str, state_dir: str | None) -> int:
