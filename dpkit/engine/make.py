@@ -105,7 +105,7 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
         seed=where.noise_seed(noise_seed, secure_mode), secure_mode=secure_mode, **(noise_kwargs or {}))
     batches = sampling.resolve(data_loader, poisson=poisson_sampling, sample_rate=sample_rate,
                                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
-                               secure_mode=secure_mode, world_size=where.world_size)
+                               secure_mode=secure_mode, world_size=where.world_size, noise_seed=noise_seed)
     guards.check_mechanism_sampling(mechanism, noise, clipper, clipping, batches.loader, batches.sample_rate)
     guards.check_dataset_multiplicity(batches.loader, K)
     guards.check_mode_clipper(grad_sample_mode, clipper, clipping)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import warnings
 
 import attrs
+import torch
 from torch.utils.data import DataLoader
 
 from dpkit.data import DPDataLoader, check_loader
+from dpkit.distributed import digest
 from dpkit.engine.guards import number
 from dpkit.errors import PrivacyUsageError
 
@@ -23,7 +25,7 @@ class Sampling:
 
 
 def resolve(loader: DataLoader | None, *, poisson: bool, sample_rate, expected_batch_size, loss_reduction: str,
-            secure_mode: bool, world_size: int) -> Sampling:
+            secure_mode: bool, world_size: int, noise_seed: int | None = None) -> Sampling:
     if loader is None:
         if sample_rate is None:
             raise ValueError("give data_loader=, or sample_rate= (and expected_batch_size=) for a loop that "
@@ -51,7 +53,8 @@ def resolve(loader: DataLoader | None, *, poisson: bool, sample_rate, expected_b
                      warn=isinstance(loader, DPDataLoader) or not poisson)  # else from_data_loader warns, once
     if poisson:
         if not isinstance(loader, DPDataLoader):
-            loader = DPDataLoader.from_data_loader(loader, secure_mode=secure_mode, distributed=world_size > 1)
+            loader = DPDataLoader.from_data_loader(loader, secure_mode=secure_mode, distributed=world_size > 1,
+                                                   generator=_sampling_generator(noise_seed, secure_mode, world_size))
         elif secure_mode and not loader.secure_mode:
             raise PrivacyUsageError("secure_mode=True with a DPDataLoader that samples from a seeded generator; "
                                     "build it with DPDataLoader(..., secure_mode=True) or pass a plain DataLoader.")
@@ -75,3 +78,12 @@ def _warn_own_sampling(secure_mode: bool, why: str) -> None:
         warnings.warn(f"secure_mode=True with {why}: the noise comes from the OS's CSPRNG, but the batches come "
                       "from your own sampling, which secure mode does not cover; sample them with a CSPRNG "
                       "(dpkit.secure.uniform) or let dpkit's loader do it.", stacklevel=6)
+
+
+def _sampling_generator(noise_seed: int | None, secure_mode: bool, world_size: int) -> torch.Generator | None:
+    """Under torch.distributed, the batches' generator from ``noise_seed`` (else rank 0 draws a seed from the OS), so
+    that a run with a seed is reproducible; one process samples from torch's global generator as before. Whoever
+    knows the seed knows the noise already (docs/privacy.md): deriving the sampling from it reveals nothing more."""
+    if secure_mode or noise_seed is None or world_size == 1:
+        return None
+    return torch.Generator().manual_seed(digest(("dpkit sampling", int(noise_seed))))

@@ -68,3 +68,33 @@ def test_a_rank_that_skips_a_batch_is_refused_on_every_rank():
 def test_ranks_that_differ_in_sigma_name_the_argument():
     for message in _launch.run(_differing_sigma, 2, None):
         assert "noise_multiplier: rank 0 1.0 / rank 1 2.0" in message
+
+
+def _batches_of_runs(seeds) -> list:
+    import warnings
+
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    import dpkit
+    from tests.distributed._workers import build, data
+
+    out = []
+    for seed in seeds:
+        model = build("none")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=DataLoader(data(), batch_size=4), noise_multiplier=1.0,
+                                         max_grad_norm=1.0, criterion=nn.CrossEntropyLoss(), noise_seed=seed)
+        batches = iter(private.data_loader)
+        out.append([next(batches)[2].tolist() for _ in range(3)])
+        private.detach()
+    return out
+
+
+def test_a_seeded_distributed_run_samples_the_same_batches_again():
+    """Issue 22: a plain DataLoader's Poisson twin took rank 0's os.urandom, so no run could be repeated."""
+    for first, again, other in _launch.run(_batches_of_runs, 2, [5, 5, 6]):
+        assert first == again and first != other
