@@ -28,6 +28,7 @@ from dpkit.events import DpEvent, GaussianEvent, NoOpEvent, PoissonSampledEvent
 from dpkit.hookspecs import hookimpl
 from dpkit.noise import _toeplitz
 from dpkit.noise.gaussian import GaussianNoise
+from dpkit.noise._loaders import refuse_distributed_or_seeded
 
 
 def sqrt_coefficients(bands: int) -> tuple[float, ...]:
@@ -241,11 +242,7 @@ def check_loader(loader: object, mechanism: BandMF) -> None:
     if loader.cycle_length < mechanism.bands:
         raise PrivacyUsageError(f"the loader's cycle of {loader.cycle_length} steps is shorter than BandMF's "
                                 f"{mechanism.bands} bands: one example could touch overlapping rows of C.")
-    if loader.world_size != 1 or distributed.world_size() > 1:
-        raise PrivacyUsageError("noise='bandmf' with cyclic Poisson sampling runs on one process only for now.")
-    if mechanism.secure_mode and not loader.secure_mode:
-        raise PrivacyUsageError("secure_mode=True with a cyclic loader that samples from a seeded generator; build "
-                                "it with CyclicPoissonLoader(..., secure_mode=True).")
+    refuse_distributed_or_seeded(loader, mechanism, "bandmf")
     binding = _Binding(loader.cycle_length, loader.group_sample_rate, loader.sample_rate)
     if mechanism._binding not in (None, binding):
         raise PrivacyUsageError("this BandMF mechanism is already bound to a loader with another cycle or rate.")

@@ -49,6 +49,7 @@ from dpkit.events import DpEvent, GaussianEvent, NoOpEvent, SelfComposedEvent
 from dpkit.hookspecs import hookimpl
 from dpkit.noise import _toeplitz
 from dpkit.noise.gaussian import GaussianNoise
+from dpkit.noise._loaders import refuse_distributed_or_seeded
 
 MAX_BUFFERS = 8
 UNITS = 64  # ledger charges per unit of sensitivity²
@@ -355,11 +356,7 @@ def check_loader(loader: object, mechanism: BLTNoise) -> None:
             "sensitivity holds only when an example's steps are at least a cycle apart, which Poisson sampling of the "
             "whole dataset or a fresh shuffle each epoch does not guarantee. Use dpkit.data.CyclicPoissonLoader("
             "dataset, group_sample_rate, cycle_length) (group rate 1: fixed groups, where BLT's bound is tight).")
-    if loader.world_size != 1 or distributed.world_size() > 1:
-        raise PrivacyUsageError("noise='blt' with cyclic Poisson sampling runs on one process only for now.")
-    if mechanism.secure_mode and not loader.secure_mode:
-        raise PrivacyUsageError("secure_mode=True with a cyclic loader that samples from a seeded generator; build "
-                                "it with CyclicPoissonLoader(..., secure_mode=True).")
+    refuse_distributed_or_seeded(loader, mechanism, "blt")
     binding = _Binding(loader.cycle_length, loader.sample_rate)
     if mechanism._binding not in (None, binding):
         raise PrivacyUsageError("this BLT mechanism is already bound to a loader with another cycle or rate.")

@@ -61,6 +61,7 @@ from dpkit.errors import PrivacyUsageError
 from dpkit.events import DpEvent, GaussianEvent, NoOpEvent
 from dpkit.hookspecs import hookimpl
 from dpkit.noise.gaussian import GaussianNoise
+from dpkit.noise._loaders import refuse_distributed_or_seeded
 
 _CPU_CHUNK = 1 << 16  # coordinates of a node drawn at a time off the GPU
 
@@ -364,11 +365,7 @@ def check_loader(loader: object, mechanism: TreeAggregation) -> None:
             "privacy analysis (Kairouz et al. 2021, with a tree restarted every epoch) holds only when each example "
             "joins at most one step per epoch in a data-independent order, which Poisson sampling does not "
             "guarantee. Use dpkit.data.ShuffledBatchLoader(dataset, batch_size).")
-    if loader.world_size != 1 or distributed.world_size() > 1:
-        raise PrivacyUsageError("noise='tree' with a ShuffledBatchLoader runs on one process only for now.")
-    if mechanism.secure_mode and not loader.secure_mode:
-        raise PrivacyUsageError("secure_mode=True with a ShuffledBatchLoader whose order comes from a seeded "
-                                "generator; build it with ShuffledBatchLoader(..., secure_mode=True).")
+    refuse_distributed_or_seeded(loader, mechanism, "tree")
     sampler = loader.batch_sampler
     binding = _Binding(len(sampler), sampler.batch_size, sampler.num_samples, sampler.sample_rate)
     if mechanism._binding not in (None, binding):
