@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from dpkit import amp
+from dpkit import amp, distributed
 from dpkit.criterion import DPCriterion, DPLoss
 from dpkit.engine import checkpoint, guards, report
 from dpkit.engine.gate import Phase, StepGate
@@ -67,10 +67,7 @@ def _run_before_zero_grad(owner: nn.Module | Optimizer, discard) -> None:
 
 class PrivateTraining:
     """The controller ``make_private`` returns; unpacks to ``(module, optimizer, data_loader[, criterion])``.
-
-    Built by :func:`dpkit.make_private` once σ is final (calibrated first where a target ε is given), so that
-    every check sees the σ the run uses.
-    """
+    Built by :func:`dpkit.make_private` once σ is final (calibrated first), so every check sees the run's σ."""
 
     def __init__(self, *, module: nn.Module, optimizer: Optimizer, sampling: Sampling, topology: Single,
                  noise, noise_name: str, clipper, clipping: str, accountant: str, noise_multiplier: float,
@@ -128,6 +125,7 @@ class PrivateTraining:
             self.topology.check_plan(self.plan)
         self.params = list(dict.fromkeys(p for row in self.plan for p in row.params.values()))
         self.planned = frozenset(id(p) for p in self.params)
+        self.plan_digest = distributed.digest([f"{row.name}.{n}" for row in self.plan for n in row.params])
         self.accumulator = StepAccumulator(self.params, self.clipper, self.K)
         arrival = Arrival("norms" if self.mode == "ghost" else "records" if self.norm_mode else "per_example",
                           form=functools.partial(bk.form_early, K=self.K) if self.mode == "auto" else None,
@@ -297,7 +295,7 @@ class PrivateTraining:
         guards.refuse_nothing_to_release(self.accumulator.backward_passes)
         sampler = getattr(self.data_loader, "batch_sampler", None)
         self.gate.check_once(self.steps, getattr(sampler, "position", None), self.positional, self.noise_name)
-        self.topology.check_in_step(self.steps, getattr(self.data_loader, "batches_drawn", -1))
+        self.topology.check_in_step(self.steps, getattr(self.data_loader, "batches_drawn", -1), self.plan_digest)
         flats = self.accumulator.buffers()
         # Always the expected batch size: the actual one would show through the scale of the noise.
         denominator = self.expected_batch_size if self.loss_reduction == "mean" else 1

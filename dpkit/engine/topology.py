@@ -33,8 +33,9 @@ class Single:
     def check_wrapping(self, module: nn.Module) -> None:
         """Once, before the first release: the model was not wrapped for another topology behind dpkit's back."""
 
-    def check_in_step(self, steps: int, position: int) -> None:
-        """At each release: every rank releases the same step of the same batch."""
+    def check_in_step(self, steps: int, position: int, planned: int) -> None:
+        """At each release: every rank releases the same step of the same batch, for the same trainable set
+        (``planned``: a digest of the planned parameters' names)."""
 
     def sync_gradients(self, on: bool) -> None:
         """DDP all-reduces raw gradients unless told not to; dpkit all-reduces the clipped sums itself."""
@@ -89,14 +90,16 @@ class Replicated(Single):
                 "expect gradients dpkit keeps to itself. Wrap first and pass the wrapper: "
                 "make_private(module=DistributedDataParallel(model), ...).")
 
-    def check_in_step(self, steps: int, position: int) -> None:
+    def check_in_step(self, steps: int, position: int, planned: int) -> None:
         if self.world_size == 1:
             return
         distributed.check_same(
-            torch.tensor([steps, position]), "the step count and the data loader's position",
+            torch.tensor([steps, position, planned]),
+            "the step count, the data loader's position or the trainable parameters",
             "A rank skipped a step or a batch (for example after a refused step, zero_grad() and go on on one "
-            "rank only), so the ranks' batches would no longer form one sample; nothing was released. Every "
-            "rank must call optimizer.step() once per batch, and drop a batch on every rank or on none.")
+            "rank only), so the ranks' batches would no longer form one sample, or a rank changed requires_grad "
+            "on its own, so the ranks would sum different parameters; nothing was released. Every rank must call "
+            "optimizer.step() once per batch, drop a batch on every rank or on none, and freeze alike.")
 
     def sync_gradients(self, on: bool) -> None:
         if self.ddp is not None:

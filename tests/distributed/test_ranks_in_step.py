@@ -98,3 +98,37 @@ def test_a_seeded_distributed_run_samples_the_same_batches_again():
     """Issue 22: a plain DataLoader's Poisson twin took rank 0's os.urandom, so no run could be repeated."""
     for first, again, other in _launch.run(_batches_of_runs, 2, [5, 5, 6]):
         assert first == again and first != other
+
+
+def _freezing_rank(freezer: int) -> str:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import dpkit
+    from dpkit.errors import PrivacyUsageError
+    from tests.distributed._workers import build, data
+
+    model = nn.parallel.DistributedDataParallel(build("none"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=dpkit.DPDataLoader(data(), 0.3, distributed=True),
+                                     noise_multiplier=0.0, max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+        if torch.distributed.get_rank() == freezer:
+            model.module.mix.requires_grad_(False)  # after make_private, on one rank only
+        x, y, _ = next(iter(private.data_loader))
+        private.optimizer.zero_grad()
+        private.criterion(model(x), y).backward()
+        try:
+            private.optimizer.step()
+        except PrivacyUsageError as err:
+            return str(err)
+    return "released"
+
+
+def test_a_rank_that_freezes_a_parameter_alone_is_refused_on_every_rank():
+    """Issue 22: under DDP this ended in a gloo 'Connection reset' that killed the other rank."""
+    for message in _launch.run(_freezing_rank, 2, 1):
+        assert "trainable parameters differ between rank 0 and rank(s) [1]" in message
