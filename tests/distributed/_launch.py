@@ -23,6 +23,7 @@ def _entry(rank: int, world: int, folder: str, fn, args: tuple) -> None:
     except BaseException as err:  # the parent re-raises it with the rank
         result = RuntimeError(f"rank {rank}: {type(err).__name__}: {err}\n{traceback.format_exc()}")
     torch.save(result, os.path.join(folder, f"{rank}.pt"))
+    dist.barrier()  # every rank done with its collectives before the group goes (gloo aborts otherwise, now and then)
     dist.destroy_process_group()
 
 
