@@ -1,0 +1,81 @@
+"""One configuration's CPU time per step, for A/B runs of two dpkit versions (or of the row checks on and off).
+
+The shared machines' load swings more than the differences worth measuring, so run the two sides alternately,
+several times, and compare the minima::
+
+    for i in 1 2 3; do
+      PYTHONPATH=/path/to/old/checkout python contrib/benchmarks/ab_step.py --model gpt2-cpu
+      python contrib/benchmarks/ab_step.py --model gpt2-cpu
+      python contrib/benchmarks/ab_step.py --model gpt2-cpu --nonprivate
+    done
+
+``--untracked`` runs the batch trace without row provenance (``batch_dim=None``): the row checks' own cost.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_models import SPECS, build, loss_input, make_batches  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt2-cpu", choices=["gpt2-cpu", "convnet-cpu"])
+    parser.add_argument("--mode", default="auto")
+    parser.add_argument("--nonprivate", action="store_true", help="the same loop without dpkit")
+    parser.add_argument("--untracked", action="store_true", help="the batch trace marks, but follows no rows")
+    parser.add_argument("--steps", type=int, default=6, help="steps per repetition (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions; the minimum is reported")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    import dpkit
+
+    if args.untracked:
+        from dpkit.modes import _capture
+
+        traced = _capture.BatchTrace.__init__
+
+        def untracked(self, inputs, batch_dim=None, **kwargs):
+            traced(self, inputs, None, **kwargs)
+
+        _capture.BatchTrace.__init__ = untracked
+    _, _, batch, seq = SPECS[args.model]
+    torch.manual_seed(0)
+    model, kind = build(args.model, seq)
+    batches = make_batches(args.model, batch, seq, 4, torch.device("cpu"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    criterion: nn.Module = nn.CrossEntropyLoss()
+    if not args.nonprivate:
+        criterion = dpkit.make_private(module=model, optimizer=optimizer, data_loader=None, sample_rate=0.01,
+                                       expected_batch_size=batch, noise_multiplier=1.0, max_grad_norm=1.0,
+                                       criterion=criterion, grad_sample_mode=args.mode).criterion
+
+    def step(x, y):
+        optimizer.zero_grad()
+        criterion(loss_input(kind, model(x)), y).backward()
+        optimizer.step()
+
+    for i in range(3):
+        step(*batches[i % 4])
+    times = []
+    for _ in range(args.repeat):
+        start = time.process_time()
+        for i in range(args.steps):
+            step(*batches[i % 4])
+        times.append((time.process_time() - start) / args.steps * 1000)
+    label = "nonprivate" if args.nonprivate else args.mode + (" untracked" if args.untracked else "")
+    print(f"{args.model} {label} (dpkit {os.path.dirname(dpkit.__file__)}): min {min(times):.1f} ms, "
+          f"median {sorted(times)[len(times) // 2]:.1f} ms CPU per step")
+
+
+if __name__ == "__main__":
+    main()
