@@ -157,7 +157,8 @@ def reduce_scattered(full: Tensor, p: nn.Parameter) -> Tensor:
         padded = full.new_zeros(rows * w, *full.shape[1:])
         padded[: full.shape[0]] = full
     out = full.new_empty(rows, *full.shape[1:])
-    dist.reduce_scatter_tensor(out, padded)
+    # reduce_scatter_single where this torch has it (reduce_scatter_tensor warns on every rank, deprecated).
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, padded)
     local = p.to_local()
     return out[: local.shape[0]]
 
