@@ -222,6 +222,9 @@ class BatchTrace(TorchFunctionMode):
 
     def _settle_one(self, func: Callable, out: object, state: object) -> None:
         if type(state) is Mixed and torch.is_grad_enabled() and _requires_grad(out):
+            # A loop trace stays on the stack until the next forward, release or detach, which a loop stopped
+            # by this error may never reach: from here on it only passes calls through.
+            self.finished = self.finished or self.loop
             raise refusal(state, func)
         self._mark_all(out, state)
 

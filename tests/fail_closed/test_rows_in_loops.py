@@ -195,3 +195,17 @@ def test_a_plain_loss_with_a_mean_passes_and_zero_grad_between_forward_and_backw
     F.cross_entropy(out, y).backward()  # a mean over the batch's rows: a fixed count
     p.optimizer.step()
     assert p.ledger.steps == 1 and stack_depth() == 0
+
+
+def test_a_refused_loss_leaves_a_trace_that_only_passes_calls_through():
+    """A loop stopped by the refusal (a notebook cell) must not keep checking every later torch call."""
+    p = loader_private("bk", criterion=None)
+    x, y = next(iter(p.data_loader))
+    out = p.module(x)
+    with pytest.raises(RowMixingError):
+        F.cross_entropy(out + out.flip(0), y)
+    traces = [torch._C._get_function_stack_at(i) for i in range(stack_depth())]
+    assert all(t.finished for t in traces)
+    torch.randn(4, 3).flip(0).sum()  # not the batch's, not checked
+    p.detach()
+    assert stack_depth() == 0
