@@ -603,3 +603,14 @@ def test_audit_report_without_an_audit_says_how_to_attach_one():
         private.audit_report(1e-5)
     private.detach()
     assert dpkit.audit.CanaryAudit is not None
+
+
+@pytest.mark.parametrize("option,value", [("--delta", "-1e-5"), ("-q", "-0.5"), ("--steps", "-3")])
+def test_a_negative_number_is_checked_as_a_value(capsys, fake_accounting, option, value):
+    # Was: argparse took "-1e-5" for an option and answered "expected one argument".
+    args = {"--delta": "1e-5", "-q": "0.01", "--steps": "10"}
+    args[option] = value
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "epsilon", "--sigma", "1", *[t for kv in args.items() for t in kv])
+    err = capsys.readouterr().err
+    assert exc.value.code == EXIT_USAGE and f"{value} is outside" in err and fake_accounting == []

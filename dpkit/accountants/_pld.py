@@ -320,6 +320,8 @@ def epsilon_bounds(pmfs: tuple[Pmf, ...], delta: float) -> tuple[float, float]:
         room = delta * (1 - p.rel) - p.fp
         upper = max(upper, epsilon_at(p, room) if room > 0 else math.inf)
         for eta in (delta / 10, delta / 100, delta / 1000):
+            if eta <= 0:  # a subnormal delta: eta underflows, and this bound has nothing to say
+                continue
             shift = p.var / 8 + math.sqrt(p.var * math.log(1 / eta) / 2)
             lower = max(lower, epsilon_at(p, delta * (1 + p.rel) + eta + p.moved + p.fp) - shift)
     return upper, min(lower, upper)

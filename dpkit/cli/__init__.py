@@ -45,9 +45,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _joined_negatives(argv: Sequence[str]) -> list[str]:
+    """``--delta -1e-5`` as ``--delta=-1e-5``: argparse takes a token that starts with ``-`` and is not a plain
+    decimal for an option, and would answer "expected one argument" instead of checking the value's range."""
+    out: list[str] = []
+    for token in argv:
+        last = out[-1] if out else ""
+        if last.startswith("-") and "=" not in last and not _is_number(last) and token.startswith("-") \
+                and _is_number(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``dpkit`` and ``python -m dpkit``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_joined_negatives(sys.argv[1:] if argv is None else argv))
     try:
         return args.run(args)
     except CommandError as err:

@@ -116,3 +116,10 @@ def test_leaf_cost_does_not_grow_like_one_over_sigma(sigma):
 
 def test_gaussian_epsilon_helper_agrees_with_the_precise_one():
     assert gaussian_epsilon_precise(10.0, 1e-5) == pytest.approx(gaussian_epsilon(10.0, 1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", ACCOUNTANTS)
+def test_subnormal_delta_is_answered(name):
+    # Was: prv divided by delta / 10, which underflows to 0 at the smallest subnormal (ZeroDivisionError).
+    eps = epsilon(name, 1.0, 0.01, 100, delta=5e-324)
+    assert math.isfinite(eps) and eps >= epsilon(name, 1.0, 0.01, 100, delta=1e-300)
