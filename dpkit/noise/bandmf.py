@@ -14,6 +14,7 @@ GaussianEvent(σ))`` on steps ``0, L, 2L, …`` and ``NoOpEvent`` on the others:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -93,7 +94,14 @@ class BandMFConfig:
             return sqrt_coefficients(self.bands)
         if len(self.coefficients) != self.bands:
             raise ValueError(f"{len(self.coefficients)} coefficients given for bands={self.bands}")
-        return normalized(self.coefficients)
+        resolved = normalized(self.coefficients)
+        scale = resolved[0] / float(self.coefficients[0])
+        if abs(scale - 1) > 1e-9:
+            warnings.warn(
+                f"BandMF coefficients {list(self.coefficients)!r} are scaled by {scale:.6g} to sum of squares 1, so that "
+                "one participation's sensitivity is the clip norm: noise_multiplier applies to the scaled ones "
+                "(the mechanism is the same). Pass normalised coefficients to silence this.", stacklevel=4)
+        return resolved
 
 
 @attrs.frozen

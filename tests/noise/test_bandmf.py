@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -257,3 +258,13 @@ def test_a_mechanisms_own_loader_is_refused_by_the_other_mechanisms(noise):
         with pytest.raises(PrivacyUsageError, match=type(loader).__name__):
             dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, noise=noise)
+
+
+def test_coefficients_given_unnormalised_are_scaled_with_a_warning():
+    # Was: rescaled without a word, so a user's coefficients were not the ones the noise used.
+    with pytest.warns(UserWarning, match=r"scaled by 0\.5 to sum of squares 1"):
+        scaled = BandMF(coefficients=[2.0, 0.0]).coefficients
+    assert scaled == (1.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert BandMF(coefficients=[0.6, 0.8]).coefficients == pytest.approx((0.6, 0.8))
