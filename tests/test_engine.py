@@ -54,6 +54,13 @@ def test_unpacks_to_three_without_criterion():
     p = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                            data_loader=loader(), noise_multiplier=1.0, max_grad_norm=1.0)
     assert len(list(p)) == 3
+    with pytest.raises(ValueError, match=r"unpacks to 3 values, not 4: \(module, optimizer, data_loader\), since no "
+                                         r"criterion= was given\. It gives 4 values with make_private\(criterion"):
+        m, opt, data, crit = p
+    with pytest.raises(ValueError, match=r"unpacks to 4 values, not 3: .*since a criterion= was given"):
+        m, opt, data = private(net())
+    first, *rest = p  # starred unpacking and iteration stay plain
+    assert first is model and len(rest) == 2
 
 
 @pytest.mark.parametrize("mode", ["hooks", "functorch", "ew", "ghost", "bk", "auto"])

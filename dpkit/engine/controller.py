@@ -203,11 +203,10 @@ class PrivateTraining:
             yield
 
     def __iter__(self) -> Iterator[Any]:
-        yield self.module
-        yield self.optimizer
-        yield self.data_loader
-        if self.criterion is not None:
-            yield self.criterion
+        """(module, optimizer, data_loader), and criterion when make_private was given one."""
+        values = [self.module, self.optimizer, self.data_loader]
+        values += [self.criterion] if self.criterion is not None else []
+        return guards.unpacked(values, self.criterion is not None)
 
     def __repr__(self) -> str:
         return (f"PrivateTraining(mode={self.mode!r}, noise_multiplier={self.noise_multiplier}, "

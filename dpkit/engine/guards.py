@@ -11,10 +11,12 @@ they enforce are listed in docs/design.md ("Fail closed").
 """
 from __future__ import annotations
 
+import dis
 import math
 import numbers
+import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, TYPE_CHECKING
 
 import torch
@@ -299,3 +301,19 @@ def refuse_nothing_to_release(backward_passes: int) -> None:
             "optimizer.step() was called without a backward() since the last step (or zero_grad() dropped "
             "it). Call loss.backward() first, also for an empty Poisson batch (dpkit gives it the right shape "
             "and counts it).")
+
+
+def unpacked(values: list, has_criterion: bool) -> Iterator[Any]:
+    """The items of ``make_private``'s result, or a ValueError that says the rule when the caller's ``a, b, c = ...``
+    asks for another count (Python's own "too many values to unpack" says neither why nor what to do)."""
+    frame = sys._getframe(2)  # the caller of PrivateTraining.__iter__
+    wanted = next((i.arg for i in dis.get_instructions(frame.f_code)
+                   if i.offset == frame.f_lasti and i.opname == "UNPACK_SEQUENCE"), None)
+    if wanted is not None and wanted != len(values):
+        raise ValueError(
+            f"make_private's result unpacks to {len(values)} values, not {wanted}: (module, optimizer, data_loader"
+            f"{', criterion' if has_criterion else ''}), since {'a' if has_criterion else 'no'} criterion= was "
+            "given. It gives 4 values with make_private(criterion=...) and 3 without; or keep the result whole "
+            "(private = make_private(...)) and use private.module, private.optimizer, private.data_loader, "
+            "private.criterion.")
+    return iter(values)

@@ -52,8 +52,9 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
     """Make ``module``'s training with ``optimizer`` differentially private with DP-SGD; returns the controller.
 
     Nothing is wrapped: hooks go on the model and the optimizer, and ``private`` unpacks to ``(module, optimizer,
-    data_loader[, criterion])``. Give ``noise_multiplier``, or ``target_epsilon`` with ``target_delta`` and
-    ``epochs`` (or ``steps``) to have it calibrated. The contract is docs/design.md.
+    data_loader, criterion)`` when ``criterion=`` is given and to ``(module, optimizer, data_loader)`` without.
+    Give ``noise_multiplier``, or ``target_epsilon`` with ``target_delta`` and ``epochs`` (or ``steps``) to
+    have it calibrated. The contract is docs/design.md.
 
     Arguments (keyword only):
         module, optimizer: the model (or its ``DistributedDataParallel``/``fully_shard`` wrapper) and an optimizer
