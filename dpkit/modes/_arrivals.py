@@ -121,6 +121,7 @@ class Arrivals:
                     "without the penalty, or compute it under private.disable() on public data.")
             return self._take_output_grad(cap, index, grad)
         except Exception as err:
+            _hint_out_of_memory(err, cap.row.mode)
             self._refuse(err)
             raise
 
@@ -237,6 +238,7 @@ class Arrivals:
         try:
             self._end_pass()
         except Exception as err:
+            _hint_out_of_memory(err, next((row.mode for row in self.plan), "?"))
             self._refuse(err)
             raise
 
@@ -278,3 +280,16 @@ class Arrivals:
                 self._add(p, (gs * scale).reshape(rows // self.K, self.K, *p.shape).sum(1))
                 if self.batch_rows is None:
                     self.batch_rows = rows
+
+
+def _hint_out_of_memory(err: BaseException, mode: str) -> None:
+    """Add dpkit's way out to torch's out-of-memory error (same type, so a caller's ``except`` still catches it)."""
+    text = str(err)
+    if not (isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in text or "out of memory" in text):
+        return
+    err.add_note(
+        f"dpkit: out of memory in grad_sample_mode={mode!r} while computing per-example gradients. 'hooks', "
+        "'functorch' and 'ew' hold a [batch, *parameter.shape] gradient for every parameter; 'auto' (the default) "
+        "and 'bk' clip from per-example norms without most of them, and dpkit.BatchMemoryManager(private, "
+        "max_physical_batch_size=...) splits each sampled batch into pieces that fit "
+        "(docs/modes.md).")

@@ -146,3 +146,20 @@ def test_a_forward_hook_prepended_after_make_private_is_refused():
     with pytest.raises(PrivacyUsageError, match="'2'.*prepend=True"):
         model(torch.randn(4, 4))
     private.detach()
+
+
+@pytest.mark.parametrize("where", ["layer", "end"])
+def test_out_of_memory_keeps_its_type_and_names_the_way_out(monkeypatch, where):
+    # Was: torch's raw allocator error (66 GB requested in hooks mode), with no word of auto or BatchMemoryManager.
+    from dpkit.modes import _arrivals
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 66.00 GiB")
+
+    monkeypatch.setattr(_arrivals.Arrivals, "compute" if where == "layer" else "_end_pass", oom)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(torch.OutOfMemoryError) as exc:
+        dpkit_step(model, x, y, mode="hooks", C=1.0)
+    note = " ".join(getattr(exc.value, "__notes__", []))
+    assert "grad_sample_mode='hooks'" in note and "'auto'" in note and "BatchMemoryManager(private" in note
