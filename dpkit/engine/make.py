@@ -25,7 +25,7 @@ OTHER_NAMES = {
     "noise_generator": "noise_seed", "max_per_sample_grad_norm": "max_grad_norm", "clip_norm": "max_grad_norm",
     "batch_size": "the data loader's batch_size", "sample_size": "the data loader's dataset",
     "n_accumulation_steps": "dpkit.BatchMemoryManager", "K": "augmentation_multiplicity",
-    "grad_sample_mode": "grad_sample_mode", "module_wrapper": "nothing (dpkit never wraps the model)",
+    "module_wrapper": "nothing (dpkit never wraps the model)",
 }
 
 
