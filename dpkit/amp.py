@@ -5,8 +5,12 @@ The scaler multiplies the loss by its scale S before ``backward()`` and, in ``sc
 ``p.grad`` exists, so it must divide S out of the records itself, before the norms; and it writes ``p.grad``
 only inside ``step()``, so the scaler would see no gradient at all. :class:`ScalerLink` closes both gaps: it
 records S where the loss is scaled (exact, whatever the scaler does afterwards), and after each backward pass
-leaves the scaler a placeholder gradient, all zeros, or holding an Inf when the pass overflowed, so that the
-scaler's own skip-and-back-off runs on dpkit's verdict rather than on gradients dpkit has not released.
+leaves the scaler a placeholder gradient of zeros.
+
+An overflow is never the scaler's business: an example whose gradient the scale pushes past fp16's range
+contributes zero to the step (a function of that example alone, bounded by C), so the scaler never skips a step
+or backs off its scale on private data. Its scale moves only on its growth schedule, a function of the step
+count.
 """
 from __future__ import annotations
 
@@ -70,17 +74,24 @@ class ScalerLink:
         self._pending = None
         return self.scale
 
-    def overflowed(self) -> bool:
-        """Whether a non-finite per-example gradient of the pass is the loss scale's overflow, not the data's.
+    def guards_pass(self) -> bool:
+        """Whether a non-finite gradient of the backward pass in flight is the loss scale's overflow, not the data's.
 
         Only a scale above 1 can push a gradient that is finite unscaled past the dtype's range, and only with a
         finite loss: a NaN or Inf loss (log(0), a bad input) is the example's own, and is refused as without
-        a scaler.
+        a scaler. Asked while the pass runs, before :meth:`start_pass`.
         """
+        if self._pending is None or not self.scaler.is_enabled():
+            return False
+        scale, finite = self._pending
+        return scale > 1 and finite
+
+    def guarded(self) -> bool:
+        """:meth:`guards_pass` of the pass that just ended (after :meth:`start_pass`)."""
         return self.scaler.is_enabled() and self.scale > 1 and self.loss_finite
 
-    def show(self, params: Sequence[nn.Parameter], overflow: bool) -> None:
-        """Leave the scaler one placeholder gradient per device: zeros, or an Inf that makes it skip the step.
+    def show(self, params: Sequence[nn.Parameter]) -> None:
+        """Leave the scaler one placeholder gradient of zeros per device, so that it steps and never backs off.
 
         The smallest parameter of each device carries it, so it costs next to no memory; ``step()`` writes
         every parameter's private gradient over it. Nothing of the clipped sum is in it.
@@ -92,10 +103,7 @@ class ScalerLink:
             if p.device not in smallest or p.numel() < smallest[p.device].numel():
                 smallest[p.device] = p
         for p in smallest.values():
-            g = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            if overflow:
-                g.view(-1)[0] = float("inf")
-            p.grad = g
+            p.grad = torch.zeros_like(p, memory_format=torch.contiguous_format)
 
 
 def refuse_fused(optimizer: torch.optim.Optimizer) -> None:
@@ -133,10 +141,13 @@ class NoScaler:
     def start_pass(self) -> float:
         return 1.0
 
-    def overflowed(self) -> bool:
+    def guards_pass(self) -> bool:
         return False
 
-    def show(self, params: Sequence[nn.Parameter], overflow: bool) -> None:
+    def guarded(self) -> bool:
+        return False
+
+    def show(self, params: Sequence[nn.Parameter]) -> None:
         pass
 
 

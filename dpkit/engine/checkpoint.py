@@ -20,9 +20,9 @@ from dpkit.events import Ledger
 Controller = Any  # a dpkit.engine.PrivateTraining; not imported, which would close an import circle
 
 
-STATE_FORMAT = 3  # 1 had no "config"; 2 no digest, no overflow count, no σ, C or q in "config"
+STATE_FORMAT = 4  # 1 had no "config"; 2 no digest, no σ, C or q in "config"; 3 counted skipped overflows
 _PARTS = ("format", "config", "ledger", "steps", "unbounded_steps", "noise", "clipper", "optimizer",
-          "overflow_skips", "digest")
+          "overflowed_examples", "digest")
 
 
 def config(private: Controller) -> dict[str, Any]:
@@ -41,7 +41,7 @@ def _dataset_size(loader) -> int | None:
         return None
 
 
-_DIGESTED = ("format", "config", "ledger", "steps", "unbounded_steps", "noise", "clipper", "overflow_skips",
+_DIGESTED = ("format", "config", "ledger", "steps", "unbounded_steps", "noise", "clipper", "overflowed_examples",
              "sampler", "world_size")  # the optimizer's state is the user's to adjust (a learning rate)
 
 
@@ -56,7 +56,7 @@ def state_dict(private: Controller) -> dict[str, Any]:
     state = {"format": STATE_FORMAT, "config": config(private), "ledger": private.ledger.state_dict(),
              "steps": private.steps, "unbounded_steps": private.unbounded_steps,
              "noise": private.noise.state_dict(), "clipper": private.clipper.state_dict(),
-             "optimizer": private.optimizer.state_dict(), "overflow_skips": private.overflow_skips}
+             "optimizer": private.optimizer.state_dict(), "overflowed_examples": private.overflowed_examples}
     sampler = getattr(private.data_loader, "batch_sampler", None)
     if isinstance(sampler, PoissonBatchSampler):
         state["sampler"] = sampler.state_dict()
@@ -84,10 +84,11 @@ def load_state_dict(private: Controller, state: dict[str, Any]) -> None:
     ledger = Ledger()
     try:
         ledger.load_state_dict(state["ledger"])
-        steps, unbounded, skips = int(state["steps"]), int(state["unbounded_steps"]), int(state["overflow_skips"])
+        steps, unbounded = int(state["steps"]), int(state["unbounded_steps"])
+        overflowed = int(state["overflowed_examples"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"the checkpoint's ledger or step count is malformed ({err!r}).") from err
-    if unbounded < 0 or skips < 0 or ledger.steps + unbounded != steps:
+    if unbounded < 0 or overflowed < 0 or ledger.steps + unbounded != steps:
         raise PrivacyUsageError(
             f"the checkpoint says {steps} steps, but its ledger records {ledger.steps} (+{unbounded} without "
             "noise): it was altered or assembled from two runs, and its epsilon cannot be trusted.")
@@ -104,7 +105,8 @@ def load_state_dict(private: Controller, state: dict[str, Any]) -> None:
         for part, before in saved:  # all or nothing: a half-loaded run would draw or count wrongly
             part.load_state_dict(before)
         raise
-    private.ledger, private.steps, private.unbounded_steps, private.overflow_skips = ledger, steps, unbounded, skips
+    private.ledger, private.steps, private.unbounded_steps = ledger, steps, unbounded
+    private.overflowed_examples = overflowed
 
 
 def _check_whole(private: Controller, state: dict[str, Any]) -> None:

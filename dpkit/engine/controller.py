@@ -89,7 +89,7 @@ class PrivateTraining:
         self.ledger, self.steps = Ledger(), 0
         self.calibrated_for: tuple[float, float, int] | None = None  # (target ε, δ, steps) σ was calibrated for
         self.unbounded_steps = 0  # steps with noise_multiplier=0: epsilon is infinite
-        self.overflow_skips = 0  # batches dropped for a loss-scale overflow (the scaler skipped their step)
+        self.overflowed_examples = 0  # examples whose gradient the GradScaler's scale overflowed (counted as 0)
         self.gate = StepGate()
         self.passes = PassEnd(self)
         self.scaler = amp.link(grad_scaler, lambda: self.enabled)
@@ -133,14 +133,14 @@ class PrivateTraining:
         self.capturer = Capturer(self.module, self.plan, K=self.K, batch_first=self.batch_first,
                                  rescale=self.loss_reduction == "mean", arrival=arrival,
                                  on_backward_end=self.passes.end)
-        self.capturer.on_refusal = self.on_refusal
+        self.capturer.on_refusal, self.capturer.guard_overflow = self.on_refusal, self.scaler.guards_pass
         self.capturer.batch_of = getattr(self.data_loader, "batch_of", None)
         self._state_watch = guards.StateWatch(self.module, self.public_buffers, self.topology)
 
     def _streams(self) -> bool:
         """Whether bk and auto clip each layer as its output gradients arrive: when each parameter's factor depends
-        on its own norm alone (per-layer ``layer_factors``); not with a GradScaler, whose overflow drops the pass
-        whole, nor under FSDP2."""
+        on its own norm alone (per-layer ``layer_factors``); not with a GradScaler, whose overflow in a lower layer
+        zeroes an example's contribution to the layers already summed, nor under FSDP2."""
         return (self.mode in ("bk", "auto") and getattr(self.clipper, "per_layer", False)
                 and callable(getattr(self.clipper, "layer_factors", None))
                 and isinstance(self.scaler, amp.NoScaler) and not self.topology.sharded)
@@ -258,7 +258,7 @@ class PrivateTraining:
         self.passes.end_stream()
         self.gate.refuse(str(err).split(". ")[0][:300])
         self.accumulator.reset()
-        self.scaler.show(self.params, overflow=False)  # so that scaler.step reaches step(), which says why
+        self.scaler.show(self.params)  # so that scaler.step reaches step(), which says why
 
     def _discard(self) -> None:
         """``zero_grad()``: forget this step's clipped sums, except between the micro-batches of one batch; records

@@ -30,8 +30,6 @@ class StepGate:
         self.virtual = False  # set per micro-batch by BatchMemoryManager: the next step() is virtual
         self.declared: object = None  # the logical batch declared in flight (BatchMemoryManager, micro_batches)
         self.step_batch: object = None  # the logical batch the step's first backward pass came from
-        self.dropped: object = None  # the logical batch dropped for a loss-scale overflow, until the next one
-        self.pass_dropped = False  # the backward pass in flight was dropped for a loss-scale overflow
         self.last_released: object = None
 
     # -- declared batches --------------------------------------------------------------------------------------
@@ -87,26 +85,11 @@ class StepGate:
     def refuse(self, why: str) -> None:
         self.phase, self.refused = Phase.REFUSED, why
 
-    def admits_after_overflow(self, batch: object) -> bool:
-        """Whether a pass joins the step: not if its logical batch was dropped for an overflow, since a step over
-        the batch's other micro-batches would be a step over a data-dependent part of it."""
-        if self.dropped is not None and self.dropped == batch:
-            self.pass_dropped = True
-            return False
-        self.dropped = None
-        return True
-
-    def drop(self, batch: object) -> None:
-        self.dropped = batch if batch is not None else object()
-        self.pass_dropped = True
-
     def discard(self) -> bool:
         """``zero_grad()``: whether the step's sums go (not between the micro-batches of one batch)."""
         if self.phase is Phase.VIRTUAL:
             return False
         self.phase, self.refused = Phase.OPEN, None
-        if self.declared is None:  # a batch split into micro-batches stays dropped until its last one
-            self.dropped = None
         return True
 
     def forget_virtual(self) -> None:
@@ -115,15 +98,10 @@ class StepGate:
             self.phase = Phase.OPEN
 
     # -- the release -------------------------------------------------------------------------------------------
-    def check_release(self, backward_passes: int) -> None:
+    def check_release(self) -> None:
         if self.phase is Phase.REFUSED:
             raise PrivacyUsageError(f"a backward pass of this step was refused ({self.refused}); nothing was "
                                     "released. Call optimizer.zero_grad() to drop the batch, then continue.")
-        if self.dropped is not None and backward_passes == 0:
-            raise PrivacyUsageError(
-                "this step's batch was dropped: its gradients overflowed under the GradScaler's loss scale, so "
-                "nothing is released for it. Step through scaler.step(optimizer), which skips the step, then "
-                "scaler.update(), which lowers the scale.")
 
     def check_once(self, steps: int, position: int | None, positional: bool, mechanism: str) -> None:
         """One release per sampled batch; with a positional mechanism, the loader's next batch and no other."""

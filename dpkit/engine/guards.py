@@ -257,7 +257,7 @@ def check_release(private: Controller) -> None:
             f"{distributed.world_size()}: the sample rate, the noise split and the ledger assume the first. "
             "Call make_private after init_process_group, on every rank.")
     private.topology.check_wrapping(private.module)
-    private.gate.check_release(private.accumulator.backward_passes)
+    private.gate.check_release()
     if private.capturer.pass_died:
         raise PrivacyUsageError(
             "a backward pass of this step stopped with an error before its end, so it was never clipped whole "

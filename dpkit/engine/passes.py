@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any, TYPE_CHECKING
 
+import functools
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -53,27 +56,40 @@ class PassEnd:
                     "[B, T, V] and targets [B, T], so that each example's loss is the mean over its tokens."
                     if flattened else "compute the loss on the same batch the model saw."))
 
-    def _admit(self) -> tuple[object, bool]:
-        """The pass's logical batch, and whether it joins the step (not after its batch overflowed)."""
+    def _admit(self) -> object:
+        """The pass's logical batch, if it may join the step."""
         p = self.private
         drawn = getattr(p.data_loader, "batches_drawn", None)
-        batch = p.gate.admit(p.capturer.last_pass_batches, p.accumulator.backward_passes == 0, drawn)
-        if not p.gate.admits_after_overflow(batch):
-            p.scaler.show(p.params, overflow=True)
-            return batch, False
-        return batch, True
+        return p.gate.admit(p.capturer.last_pass_batches, p.accumulator.backward_passes == 0, drawn)
 
-    def _overflow(self, err: NonFiniteGradientError, batch: object) -> None:
-        """A non-finite per-example gradient: the loss scale's overflow drops the logical batch (the scaler then
-        skips its step and lowers the scale); any other is refused as without a scaler."""
+    def _overflowed(self, per_example: dict[nn.Parameter, Tensor] | None = None, norms: Tensor | None = None
+                    ) -> Tensor | None:
+        """The examples of the pass whose gradient the GradScaler's scale overflowed (``[B]`` bool), or None.
+
+        They contribute zero to the step: a function of each example alone, bounded by C, so the step stays the
+        mechanism the accountant counts, and the scaler, shown no Inf, never skips or backs off on private data.
+        ``per_example``: the gradients of the modes that form them outside the capture (functorch, ew);
+        ``norms``: ``[P, B]``, whose squares can overflow where the records did not.
+        """
         p = self.private
-        if not p.scaler.overflowed():
-            raise err
-        p.accumulator.reset()
-        p.drop_grad_samples()
-        p.gate.drop(batch)
-        p.overflow_skips += 1
-        p.scaler.show(p.params, overflow=True)
+        rows, p.capturer.overflowed = p.capturer.overflowed, None
+        if not p.scaler.guarded():
+            return None
+        found = [rows.view(-1, p.K).any(1)] if rows is not None else []
+        found += [~torch.isfinite(g.reshape(g.shape[0], -1)).all(1) for g in (per_example or {}).values()]
+        found += [~torch.isfinite(norms).all(0)] if norms is not None else []
+        bad = functools.reduce(torch.logical_or, found) if found else None
+        count = int(bad.sum()) if bad is not None else 0
+        if not count:
+            return None
+        if not p.overflowed_examples:
+            warnings.warn(
+                f"{count} example(s) of this batch overflowed fp16 at the GradScaler's scale {p.scaler.scale:g}: "
+                "each contributes zero to the step (privately: neither the step nor the scale depends on it). "
+                "Use a lower, fixed scale (GradScaler(init_scale=2.0**8, growth_interval=10**9)) so that none "
+                "is lost; private.overflowed_examples counts them (docs/mixed-precision.md).", stacklevel=2)
+        p.overflowed_examples += count
+        return bad
 
     def _snapshot(self) -> dict[nn.Parameter, Tensor] | None:
         """The step's sums before a pass joins them, where ``dpkit_on_clip`` observers will be shown the pass's."""
@@ -81,10 +97,10 @@ class PassEnd:
 
     def _finish(self, before, norms: Tensor, factors: Tensor, per_example: dict[nn.Parameter, Tensor] | None
                 ) -> None:
-        """The pass has joined the step: show it to the observers, and tell the scaler it did not overflow."""
+        """The pass has joined the step: show it to the observers, and leave the scaler its placeholder."""
         if before is not None:
             self._notify(norms, factors, per_example, before)
-        self.private.scaler.show(self.private.params, overflow=False)
+        self.private.scaler.show(self.private.params)
 
     # -- per-example gradients (hooks, functorch, ew) -----------------------------------------------------------
     def end(self, result, rows: int) -> None:
@@ -92,22 +108,19 @@ class PassEnd:
         p = self.private
         self._check_criterion_rows(rows)
         loss_scale = p.scaler.start_pass()
-        p.gate.pass_dropped = False
         if p.norm_mode:
             self.clip_records(result, rows)
             return
-        batch, admitted = self._admit()
-        if not admitted:
-            return
+        self._admit()
         if loss_scale != 1:
             for q in list(result):  # one at a time, so the scaled gradient is freed before the next is divided
                 result[q] = result[q] / loss_scale
+        overflowed = self._overflowed(result)
+        if overflowed is not None:
+            for q, g in result.items():
+                result[q] = g.masked_fill(overflowed.view(-1, *[1] * (g.dim() - 1)), 0)
         before = self._snapshot()
-        try:
-            norms, factors, per_example = p.accumulator.add_backward(result, rows)
-        except NonFiniteGradientError as err:
-            self._overflow(err, batch)
-            return
+        norms, factors, per_example = p.accumulator.add_backward(result, rows)
         for q, g in per_example.items():
             q.grad_sample = g
         self._finish(before, norms, factors, per_example)
@@ -144,26 +157,22 @@ class PassEnd:
             raise PrivacyUsageError(
                 "grad_sample_mode='ghost' reweights per-example losses in a second backward pass, so the loss "
                 "must come from private.criterion (make_private(criterion=...)); call loss.backward() on it.")
-        tag, admitted = self._admit()
-        if admitted:
-            norms, materialised = bk.record_norms(records, p.params, batch, p.K, p.capturer)
-            if streamed:  # the rows of the layers already clipped and summed as they arrived
-                norms = norms.to(torch.promote_types(norms.dtype, next(iter(streamed.values())).dtype))
-                for i, q in enumerate(p.params):
-                    if q in streamed:
-                        norms[i] = streamed[q]
-            # The records hold the gradients of the loss as back-propagated: the mean's (times rows gives the
-            # sum's) times a GradScaler's scale, divided out here, before any norm is compared with C.
-            scale = (rows if p.loss_reduction == "mean" else 1) / p.scaler.scale
-            try:
-                clipper_norms, factors = p.accumulator.clip_factors(norms * scale)
-            except NonFiniteGradientError as err:
-                self._overflow(err, tag)
-        if p.gate.pass_dropped:
-            if p.mode == "ghost":  # the reweighting pass still runs, with weight 0, to consume the forward
-                zero = torch.zeros(batch, device=p.params[0].device)
-                self.ghost.factors = (zero, zero)
-            return
+        self._admit()
+        norms, materialised = bk.record_norms(records, p.params, batch, p.K, p.capturer)
+        if streamed:  # the rows of the layers already clipped and summed as they arrived
+            norms = norms.to(torch.promote_types(norms.dtype, next(iter(streamed.values())).dtype))
+            for i, q in enumerate(p.params):
+                if q in streamed:
+                    norms[i] = streamed[q]
+        # The records hold the gradients of the loss as back-propagated: the mean's (times rows gives the
+        # sum's) times a GradScaler's scale, divided out here, before any norm is compared with C.
+        scale = (rows if p.loss_reduction == "mean" else 1) / p.scaler.scale
+        overflowed = self._overflowed(norms=norms)
+        if overflowed is not None:  # their records are zero from the overflow on; the factor zeroes the rest
+            norms = norms.masked_fill(overflowed, 0)
+        clipper_norms, factors = p.accumulator.clip_factors(norms * scale)
+        if overflowed is not None:
+            factors = factors.masked_fill(overflowed, 0)
         if p.mode == "ghost":
             self.ghost.factors = (clipper_norms, factors)
             return
@@ -181,8 +190,6 @@ class PassEnd:
         except PrivacyUsageError as err:
             p.on_refusal(err)
             raise
-        if p.gate.pass_dropped:
-            return
         if p.scaler.scale != 1:  # the reweighted loss was the scaled one
             sums = {q: s / p.scaler.scale for q, s in sums.items()}
             if not all(bool(torch.isfinite(s).all()) for s in sums.values()):
@@ -190,12 +197,8 @@ class PassEnd:
                     "the reweighted backward pass of ghost clipping gave a non-finite clipped sum from a non-finite "
                     "loss, so nothing is released. Look for bad inputs or log(0) in the loss, then call "
                     "optimizer.zero_grad() to drop the batch and go on.")
-                try:
-                    self._overflow(err, p.gate.step_batch)
-                except NonFiniteGradientError:
-                    p.on_refusal(err)
-                    raise
-                return
+                p.on_refusal(err)
+                raise err
         before = self._snapshot()
         p.accumulator.add(sums, loss.per_row.shape[0] // p.K)
         self._finish(before, norms, factors, None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 from functools import partial
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +22,10 @@ from dpkit.modes._records import Capture, _dense, eager
 
 class Arrivals:
     """Records of the backward pass in flight; the attributes are set by ``Capturer.__init__``."""
+
+    # The engine's: whether a non-finite gradient of the pass in flight is the GradScaler's overflow (amp.py).
+    guard_overflow: Callable[[], bool] = staticmethod(lambda: False)
+    overflowed: Tensor | None = None  # the rows whose gradient the loss scale overflowed, in the pass in flight
 
     @property
     def pass_died(self) -> bool:
@@ -62,7 +66,7 @@ class Arrivals:
         self.used_params.clear()
         self._pass_batches.clear()
         self.stand_ins.clear()
-        self.batch_rows, self._calls = None, None
+        self.batch_rows, self._calls, self.overflowed = None, None, None
 
     def live_outputs(self) -> list[Tensor] | None:
         """Outputs of the calls whose gradients have not arrived yet (ghost's norm pass differentiates to them).
@@ -132,16 +136,28 @@ class Arrivals:
                 f"({cap.row.type_name}). Each backward() must follow its own forward pass: run the "
                 "forward again, or sum the losses and call backward() once."
             )
-        if index < 0:  # an F.linear call inside a parts unit (``_attach_parts``): kept as autograd gave it
-            cap.parts.calls[-1 - index].grad = relaid = grad
+        # An F.linear call inside a parts unit (``_attach_parts``, index < 0) keeps the layout autograd gave it.
+        relaid = grad if index < 0 else _dense(grad)
+        if self.guard_overflow():
+            relaid = self._zero_overflowed(relaid, cap.bdim or 0)
+        if index < 0:
+            cap.parts.calls[-1 - index].grad = relaid
         else:
-            relaid = _dense(grad)
             cap.grads[index] = relaid
         cap.pending.discard(index)
         self._queue_end()
         if not cap.pending:
             self._process(cap)
         return relaid if relaid is not grad else None
+
+    def _zero_overflowed(self, grad: Tensor, bdim: int) -> Tensor:
+        """The rows of ``grad`` the loss scale overflowed, zeroed, so that autograd carries zeros to the layers
+        below and every record stays finite; the rows are remembered, and the engine gives their examples clip
+        factor 0. Which rows overflow depends on each row's example alone (rows are independent)."""
+        rows = grad.movedim(bdim, 0).reshape(grad.shape[bdim], -1)
+        bad = ~torch.isfinite(rows).all(1)
+        self.overflowed = bad if self.overflowed is None else self.overflowed | bad
+        return grad.masked_fill(bad.view(*[-1 if d == bdim else 1 for d in range(grad.dim())]), 0)
 
     def _queue_end(self) -> None:
         if not self._queued:

@@ -180,14 +180,14 @@ def test_secure_mode_refuses_a_noise_seed_or_ignores_it():
                            torch.cat([g.flatten() for g in c2.first.values()]))
 
 
-def test_overflow_skips_survive_a_resume():
-    """The docs tell users to check overflow_skips == 0 before stating their guarantee: a resume must keep it."""
+def test_overflowed_examples_survive_a_resume():
+    """The docs tell users to check overflowed_examples before stating their guarantee: a resume must keep it."""
     p = trained(2)
-    p.overflow_skips = 3
+    p.overflowed_examples = 3
     state = p.state_dict()
     q = make()
     q.load_state_dict(state)
-    assert q.overflow_skips == 3
+    assert q.overflowed_examples == 3
 
 
 def test_checkpoint_of_another_dataset_size_is_refused():
