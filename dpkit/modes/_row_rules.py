@@ -38,12 +38,21 @@ class Mixed:
 
 
 class Summed:
-    """A sum over the batch's rows (a loss being formed); ``what`` names the reduction."""
+    """A sum over the batch's rows (a loss being formed); ``what`` names the reduction.
 
-    __slots__ = ("what",)
+    ``weight`` is the factor each row's own loss gets, where known: 1 for a sum over the rows, ``1 / rows`` for
+    their mean, times the numbers the loss was scaled by since; ``rows`` is how many rows it reduced. The loss's
+    ``backward()`` compares them with ``make_private(loss_reduction=...)``: a sum where a mean is expected scales
+    every per-example gradient by the batch size before clipping.
+    """
 
-    def __init__(self, what: str):
-        self.what = what
+    __slots__ = ("what", "weight", "rows")
+
+    def __init__(self, what: str, weight: float | None = None, rows: int | None = None):
+        self.what, self.weight, self.rows = what, weight, rows
+
+    def scaled(self, by: float | None) -> Summed:
+        return Summed(self.what, self.weight * by if by is not None and self.weight is not None else None, self.rows)
 
 
 class One:
@@ -181,7 +190,8 @@ def reduction(pos: int | None, summed: bool = False, default=None):
         dims = _dims(_arg(args, kwargs, pos, "dim", kwargs.get("axis", default)), x.dim())
         if dims is None or d in dims:
             if summed:
-                return Summed(f"{op_name(func)}{where()}")
+                rows = x.shape[d]
+                return Summed(f"{op_name(func)}{where()}", 1 / rows if "mean" in func.__name__ else 1.0, rows)
             return mix(func, f"reduces over dim {d}, the batch dimension")
         o = _first_out(out)
         if o is not None and o.dim() == x.dim():  # keepdim

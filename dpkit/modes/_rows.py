@@ -12,6 +12,7 @@ with ``rowwise(fn)``: its inside is not checked, its outputs keep its inputs' ba
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -108,7 +109,9 @@ def loss(tr, func, args, kwargs, out, found):
                              "the whole batch, which other examples change. Use reduction='none', average each "
                              "example's tokens by its own count, then sum or mean over examples "
                              "(private.criterion does)")
-    return Summed(f"{op_name(func)}(reduction={reduction!r}){R.where()}")
+    n = x.shape[rows[0]] if x.dim() > rows[0] and not (name in ("cross_entropy", "nll_loss") and rows[0]) else None
+    weight = 1.0 if reduction == "sum" else 1 / n if n and reduction == "mean" else None
+    return Summed(f"{op_name(func)}(reduction={reduction!r}){R.where()}", weight, n)
 
 
 def _class_rows(tr, func, x: Tensor, target, found: list) -> object:
@@ -157,7 +160,39 @@ def summed(tr, func, args, kwargs, out, found):
         return mix(func, f"divides by a quantity computed from the batch ({tr.state(args[1]).what}), such as the "
                          "labelled tokens of the whole batch: the loss must be a sum of per-example losses, or "
                          "their mean over a count that does not depend on the data")
+    return _rescaled(tr, name, args, kwargs, sums)
+
+
+def _rescaled(tr, name: str, args: tuple, kwargs: dict, sums: list[Summed]) -> Summed:
+    """A linear map of sums over the rows, with each row's weight followed where a plain number scales it."""
+    if name in _MUL or name in _DIV:
+        operands = [a for a in args[:2] if not (isinstance(a, Tensor) and tr.state(a) is not None)]
+        factor = _number(operands[0]) if len(operands) == 1 else None
+        if factor is not None and name in _DIV:
+            factor = 1 / factor if factor else None
+        return sums[0].scaled(factor)
+    if name in ("stack", "cat") or "alpha" in kwargs:
+        return sums[0].scaled(None)
+    if name in _ADD and len(sums) > 1:
+        same = all(s.weight is not None and sums[0].weight is not None and math.isclose(s.weight, sums[0].weight)
+                   for s in sums)
+        return sums[0] if same else sums[0].scaled(None)
     return sums[0]
+
+
+_MUL = frozenset({"mul", "__mul__", "__rmul__", "__imul__", "mul_"})
+_DIV = frozenset({"div", "__truediv__", "__itruediv__", "div_", "true_divide"})
+
+
+def _number(value: object) -> float | None:
+    """A plain number, or a 0-d CPU tensor's value (reading a GPU tensor would wait for the device)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, Tensor) and value.dim() == 0 and value.device.type == "cpu" and not value.requires_grad:
+        return float(value)
+    return None
 
 
 _ADD = frozenset({"add", "__add__", "__radd__", "__iadd__", "add_", "sub", "__sub__", "__rsub__", "__isub__", "sub_",
@@ -179,7 +214,9 @@ def one(tr, func, args, kwargs, out, found):
             return (dim, 1 if name == "stack" else o.shape[dim] // n)
         return mix(func, "puts examples' results together out of order or incomplete")
     if name in _ADD and all(type(s) in (One, Summed) for s in states):
-        return Summed(f"{op_name(func)} of examples' terms{R.where()}")
+        plain = all(type(s) is One or s.weight == 1.0 for s in states)
+        n = next((s.n for s in states if type(s) is One), None)
+        return Summed(f"{op_name(func)} of examples' terms{R.where()}", 1.0 if plain else None, n)
     return mix(func, "combines one example's data (x[i], a row of a loop over the batch) with other examples'")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import sys
 import weakref
@@ -25,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from dpkit.errors import PrivacyUsageError, RowMixingError
 from dpkit.modes._row_rules import generic
-from dpkit.modes._rows import FREE, TRUSTED, Mixed, refusal, state_of
+from dpkit.modes._rows import FREE, TRUSTED, Mixed, Summed, refusal, state_of
 
 _FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "new_empty_strided"})
 # Reading these attributes computes nothing from the batch: the tensor a view was made from (FSDP2 and autograd
@@ -55,6 +56,7 @@ class BatchTrace(TorchFunctionMode):
         self.loop = False  # a trace of the training loop (the loader's batch, or the model's outputs to the loss)
         self.guarded: frozenset[int] = frozenset()  # ids of parameters whose gradients only dpkit may release
         self.finished = False  # a loop trace whose backward has run: it only passes calls through
+        self.reduction: str | None = None  # a loss trace's: make_private's loss_reduction, "mean" or "sum"
         self.adopt(inputs, source)
 
     @contextlib.contextmanager
@@ -108,8 +110,11 @@ class BatchTrace(TorchFunctionMode):
 
     def check_loss(self, loss: Tensor, gradient: Tensor | None = None) -> None:
         """At ``backward``: the loss must reduce its rows by a plain sum or a mean over a count fixed by shapes
-        (or be per-row losses with a gradient per row); a normaliser taken from the batch mixes examples."""
+        (or be per-row losses with a gradient per row); a normaliser taken from the batch mixes examples. A sum
+        where ``loss_reduction`` says mean (or the reverse) is refused too."""
         s = self.state(loss)
+        if type(s) is Summed and self.reduction is not None:
+            _check_reduction(s, self.reduction)
         if type(s) is tuple and gradient is not None and self.state(gradient) not in (None, s, FREE):
             s = Mixed(f"the gradient passed to backward is computed from other rows ({self.state(gradient)})")
         if type(s) is Mixed:
@@ -244,6 +249,21 @@ class BatchTrace(TorchFunctionMode):
 _PACKING = os.path.join("torch", "nn", "utils", "rnn.py")
 
 
+def _check_reduction(s: Summed, expected: str) -> None:
+    """Refuse the plain swap, a sum over the rows for a mean or the reverse; any other weight is the user's."""
+    if s.weight is None or not s.rows or s.rows < 2:
+        return
+    found = "sum" if math.isclose(abs(s.weight), 1.0) else "mean" if math.isclose(abs(s.weight), 1 / s.rows) else None
+    if found is None or found == expected:
+        return
+    factor = f"{s.rows} times" if found == "sum" else f"1/{s.rows} of"
+    raise PrivacyUsageError(
+        f"the loss is the {found} over the batch's {s.rows} rows ({s.what}), but make_private(loss_reduction="
+        f"{expected!r}) expects their {expected}: every per-example gradient would be clipped at {factor} its "
+        f"true value, and the step would be wrong. Pass loss_reduction={found!r} to make_private, or reduce the "
+        f"loss with a {expected}, or pass criterion= (which reduces as loss_reduction says).")
+
+
 def _packing() -> bool:
     """Whether the op runs inside torch's PackedSequence helpers (``pack_padded_sequence`` sorts the examples by
     length; the RNN and ``pad_packed_sequence`` restore their order). Looked up only for an op that mixes rows."""
@@ -268,12 +288,12 @@ def loop_trace(tensors: Iterable[Tensor], group: int = 1) -> BatchTrace:
 
 
 def loss_trace(outputs: Iterable[Tensor], source: BatchTrace, batch_dim: int, group: int,
-               guarded: frozenset[int] = frozenset()) -> BatchTrace:
+               guarded: frozenset[int] = frozenset(), reduction: str | None = None) -> BatchTrace:
     """A trace of the loop from the model's outputs to the loss's ``backward()``, pushed until :func:`remove`: it
     checks that the loss is a plain sum (or fixed-count mean) of per-example losses."""
     trace = BatchTrace([], batch_dim=batch_dim, group=group)
     trace.adopt(outputs, source)
-    trace.loop, trace.guarded = True, guarded
+    trace.loop, trace.guarded, trace.reduction = True, guarded, reduction
     torch._C._push_on_torch_function_stack(trace)
     return trace
 

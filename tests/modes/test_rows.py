@@ -569,3 +569,59 @@ def test_a_hugging_face_models_own_labels_loss_is_refused_and_a_per_example_loss
         logits = model(ids, attention_mask=mask).logits
         F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").mean(1).sum().backward()
     assert trace.state(logits) == (0, 1)
+
+
+# -- a sum where loss_reduction says mean (issue 23.4) --------------------------------------------------------------
+def _step_with(loss_fn, reduction="mean", mode="auto", K=1):
+    import warnings
+
+    import dpkit
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                     data_loader=None, sample_rate=0.1, expected_batch_size=6, noise_multiplier=1.0,
+                                     max_grad_norm=1.0, loss_reduction=reduction, grad_sample_mode=mode,
+                                     augmentation_multiplicity=K)
+    x, y = torch.randn(6 * K, D, dtype=torch.float64), torch.randint(0, 3, (6 * K,))
+    try:
+        loss_fn(model(x), y).backward()
+        private.optimizer.step()
+    finally:
+        private.detach()
+
+
+SUMS = {"reduction='sum'": lambda o, y: F.cross_entropy(o, y, reduction="sum"),
+        "none then sum": lambda o, y: F.cross_entropy(o, y, reduction="none").sum(),
+        "output sum": lambda o, y: o.pow(2).sum(),
+        "module sum": lambda o, y: nn.MSELoss(reduction="sum")(o, torch.zeros_like(o))}
+MEANS = {"reduction='mean'": lambda o, y: F.cross_entropy(o, y),
+         "sum over the batch size": lambda o, y: F.cross_entropy(o, y, reduction="sum") / len(y),
+         "none then mean": lambda o, y: F.cross_entropy(o, y, reduction="none").mean(),
+         "output mean": lambda o, y: o.pow(2).mean()}
+
+
+@pytest.mark.parametrize("mode", ["auto", "hooks", "bk"])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("name", SUMS)
+def test_a_sum_where_a_mean_is_expected_is_refused(name, K, mode):
+    # Was: trained silently, every per-example gradient B times its value before clipping.
+    with pytest.raises(PrivacyUsageError, match=r"the loss is the sum over the batch's \d+ rows .*"
+                                                r"loss_reduction='mean'\) expects their mean"):
+        _step_with(SUMS[name], "mean", mode, K)
+    _step_with(SUMS[name], "sum", mode, K)  # what the message says to do
+
+
+@pytest.mark.parametrize("name", MEANS)
+def test_a_mean_where_a_sum_is_expected_is_refused(name):
+    with pytest.raises(PrivacyUsageError, match=r"the loss is the mean over .*loss_reduction='sum'\) expects"):
+        _step_with(MEANS[name], "sum")
+    _step_with(MEANS[name], "mean")
+
+
+@pytest.mark.parametrize("loss_fn", [lambda o, y: 0.5 * F.cross_entropy(o, y) + 1e-3 * o.pow(2).mean(),
+                                     lambda o, y: F.cross_entropy(o, y) + o.pow(2).sum(),
+                                     lambda o, y: F.cross_entropy(o, y, reduction="sum") * 0.25])
+def test_other_weights_are_the_users_choice(loss_fn):
+    _step_with(loss_fn, "mean")
