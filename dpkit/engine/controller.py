@@ -134,6 +134,7 @@ class PrivateTraining:
                                  rescale=self.loss_reduction == "mean", arrival=arrival,
                                  on_backward_end=self.passes.end)
         self.capturer.on_refusal, self.capturer.guard_overflow = self.on_refusal, self.scaler.guards_pass
+        self.capturer.grad_scaler = self.scaler.scaler
         self.capturer.batch_of = getattr(self.data_loader, "batch_of", None)
         self._state_watch = guards.StateWatch(self.module, self.public_buffers, self.topology)
 

@@ -26,6 +26,7 @@ class Arrivals:
     # The engine's: whether a non-finite gradient of the pass in flight is the GradScaler's overflow (amp.py).
     guard_overflow: Callable[[], bool] = staticmethod(lambda: False)
     overflowed: Tensor | None = None  # the rows whose gradient the loss scale overflowed, in the pass in flight
+    grad_scaler: object = None  # make_private's grad_scaler, which alone may scale the loss
 
     @property
     def pass_died(self) -> bool:

@@ -200,7 +200,7 @@ class Capturer(Arrivals):
         outputs = _tensors(output) if output is not None else []
         if self._active() and trace.batch_dim is not None and any(t.requires_grad for t in outputs):
             self._loss_trace = _trace.loss_trace(outputs, trace, self.bdim, self.K, self._guarded,
-                                                 "mean" if self.rescale else "sum")
+                                                 "mean" if self.rescale else "sum", self.grad_scaler)
             # The loop's other tensors (the labels, an earlier forward's outputs) may join the loss too.
             if self._loop_before is not None:
                 self._loss_trace.adopt(self._loop_before.tracked(), self._loop_before)

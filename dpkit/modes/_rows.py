@@ -168,6 +168,8 @@ def _rescaled(tr, name: str, args: tuple, kwargs: dict, sums: list[Summed]) -> S
     if name in _MUL or name in _DIV:
         operands = [a for a in args[:2] if not (isinstance(a, Tensor) and tr.state(a) is not None)]
         factor = _number(operands[0]) if len(operands) == 1 else None
+        if name in _MUL and isinstance(operands[0] if operands else None, Tensor):  # as GradScaler.scale does
+            tr.scaled_by = R.calling_grad_scaler() or tr.scaled_by
         if factor is not None and name in _DIV:
             factor = 1 / factor if factor else None
         return sums[0].scaled(factor)

@@ -57,6 +57,8 @@ class BatchTrace(TorchFunctionMode):
         self.guarded: frozenset[int] = frozenset()  # ids of parameters whose gradients only dpkit may release
         self.finished = False  # a loop trace whose backward has run: it only passes calls through
         self.reduction: str | None = None  # a loss trace's: make_private's loss_reduction, "mean" or "sum"
+        self.scaler: object = None  # a loss trace's: make_private's grad_scaler
+        self.scaled_by: object = None  # the GradScaler that scaled the loss, if one did
         self.adopt(inputs, source)
 
     @contextlib.contextmanager
@@ -113,6 +115,11 @@ class BatchTrace(TorchFunctionMode):
         (or be per-row losses with a gradient per row); a normaliser taken from the batch mixes examples. A sum
         where ``loss_reduction`` says mean (or the reverse) is refused too."""
         s = self.state(loss)
+        if self.scaled_by is not None and self.scaled_by is not self.scaler:
+            raise PrivacyUsageError(
+                "the loss was scaled by a torch.amp.GradScaler that make_private does not know: dpkit would clip the "
+                "per-example gradients still multiplied by its scale, and scaler.step would find no gradient to "
+                "unscale. Pass it to make_private(grad_scaler=scaler) (docs/mixed-precision.md).")
         if type(s) is Summed and self.reduction is not None:
             _check_reduction(s, self.reduction)
         if type(s) is tuple and gradient is not None and self.state(gradient) not in (None, s, FREE):
@@ -288,12 +295,13 @@ def loop_trace(tensors: Iterable[Tensor], group: int = 1) -> BatchTrace:
 
 
 def loss_trace(outputs: Iterable[Tensor], source: BatchTrace, batch_dim: int, group: int,
-               guarded: frozenset[int] = frozenset(), reduction: str | None = None) -> BatchTrace:
+               guarded: frozenset[int] = frozenset(), reduction: str | None = None, scaler: object = None
+               ) -> BatchTrace:
     """A trace of the loop from the model's outputs to the loss's ``backward()``, pushed until :func:`remove`: it
     checks that the loss is a plain sum (or fixed-count mean) of per-example losses."""
     trace = BatchTrace([], batch_dim=batch_dim, group=group)
     trace.adopt(outputs, source)
-    trace.loop, trace.guarded, trace.reduction = True, guarded, reduction
+    trace.loop, trace.guarded, trace.reduction, trace.scaler = True, guarded, reduction, scaler
     torch._C._push_on_torch_function_stack(trace)
     return trace
 

@@ -167,8 +167,9 @@ def test_a_scaler_make_private_does_not_know_is_refused():
     with pytest.raises(PrivacyUsageError, match="grad_scaler=scaler"):
         scaler.scale(p.criterion(p.module(x), y))
     p.criterion(p.module(x), y).backward()
-    p.optimizer.step()  # leaves p.grad set: the scaler finds gradients and steps
-    scaler.scale(p.criterion(p.module(x), y).value).backward()
+    p.optimizer.step()  # leaves p.grad set: the scaler would find gradients and step
+    with pytest.raises(PrivacyUsageError, match="does not know"):  # refused at backward, before any clipping
+        scaler.scale(p.criterion(p.module(x), y).value).backward()
     with pytest.raises(PrivacyUsageError, match="does not know"):
         scaler.step(p.optimizer)
     assert p.ledger.steps == 1
@@ -278,3 +279,16 @@ def bmm_without(mode, dropped):
                     p.criterion(out.float(), ys[rows]).backward()
         p.optimizer.step()
     return torch.cat([q.detach().flatten() for q in p.module.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk", "auto", "functorch"])
+def test_a_scaler_make_private_does_not_know_is_refused_with_a_plain_loss(mode):
+    # Was: torch's own "AssertionError: No inf checks were recorded for this optimizer" inside scaler.step.
+    x, y = data()
+    p = private_of(mode, wrapped=False)
+    scaler = torch.amp.GradScaler("cpu")
+    loss = nn.functional.cross_entropy(p.module(x), y)
+    with pytest.raises(PrivacyUsageError, match=r"scaled by a torch.amp.GradScaler that make_private does not know.*"
+                                                r"make_private\(grad_scaler=scaler\)"):
+        scaler.scale(loss).backward()
+    assert p.ledger.steps == 0
