@@ -110,17 +110,18 @@ class BatchTrace(TorchFunctionMode):
                                      "clipping); augment each example on its own, or declare a row-wise "
                                      "function with dpkit.rowwise(fn).")
 
-    def check_loss(self, loss: Tensor, gradient: Tensor | None = None) -> None:
+    def check_loss(self, loss: Tensor, gradient: Tensor | None = None, training: bool = True) -> None:
         """At ``backward``: the loss must reduce its rows by a plain sum or a mean over a count fixed by shapes
         (or be per-row losses with a gradient per row); a normaliser taken from the batch mixes examples. A sum
-        where ``loss_reduction`` says mean (or the reverse) is refused too."""
+        where ``loss_reduction`` says mean (or the reverse) is refused too, for a loss whose gradient trains
+        (``backward``; not ``autograd.grad``, whose result dpkit does not release)."""
         s = self.state(loss)
         if self.scaled_by is not None and self.scaled_by is not self.scaler:
             raise PrivacyUsageError(
                 "the loss was scaled by a torch.amp.GradScaler that make_private does not know: dpkit would clip the "
                 "per-example gradients still multiplied by its scale, and scaler.step would find no gradient to "
                 "unscale. Pass it to make_private(grad_scaler=scaler) (docs/mixed-precision.md).")
-        if type(s) is Summed and self.reduction is not None:
+        if type(s) is Summed and self.reduction is not None and training:
             _check_reduction(s, self.reduction)
         if type(s) is tuple and gradient is not None and self.state(gradient) not in (None, s, FREE):
             s = Mixed(f"the gradient passed to backward is computed from other rows ({self.state(gradient)})")
@@ -216,7 +217,7 @@ class BatchTrace(TorchFunctionMode):
         losses = [losses] if isinstance(losses, Tensor) else list(losses)
         grads = [grads] if isinstance(grads, Tensor) else list(grads) if grads is not None else [None] * len(losses)
         for loss, grad in zip(losses, grads):
-            self.check_loss(loss, grad)
+            self.check_loss(loss, grad, training=func is not _GRAD)
 
     def settle(self, func: Callable, args: tuple, kwargs: dict, out: object, found: list,
                rule: Callable | None = None) -> None:
