@@ -107,12 +107,15 @@ def train(kind: str, mode: str, clipping: str, how: str) -> list[list[torch.Tens
         run = torch.compile(model, backend=BACKEND)
     elif how == "model.compile after":
         model.compile(backend=BACKEND)
+    criterion = private.criterion
+    if how == "compiled criterion":  # issue 22.9: torch's "donated buffers" error, then recompile-limit warnings
+        criterion = torch.compile(private.criterion, backend=BACKEND)
     updates = []
     for step, rows in enumerate((6, 4)):
         x, y = batch(kind, rows, step)
         before = [p.detach().clone() for p in model.parameters()]
         optimizer.zero_grad()
-        private.criterion(run(x), y).backward()
+        criterion(run(x), y).backward()
         optimizer.step()
         updates.append([b - p.detach() for b, p in zip(before, model.parameters())])
     private.detach()
@@ -137,10 +140,13 @@ def assert_same(got, want) -> None:
     ("mlp", "model.compile after", "auto", "per_layer"),
     ("gpt", "compile first", "auto", "flat"),
     ("gpt", "torch.compile after", "bk", "per_layer"),
+    ("gpt", "compiled criterion", "auto", "flat"),
 ])
-def test_compiled_step_is_the_uncompiled_step(kind, how, mode, clipping):
+def test_compiled_step_is_the_uncompiled_step(kind, how, mode, clipping, caplog):
     torch._dynamo.utils.counters.clear()
     got = train(kind, mode, clipping, how)
+    # Dynamo no longer recompiles the batch trace's dispatch once per input rank, up to its limit, with a warning
+    assert "function: '__torch_function__'" not in caplog.text
     assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # something was compiled
     assert_same(got, train(kind, mode, clipping, "eager"))
 
