@@ -258,6 +258,12 @@ def check_release(private: Controller) -> None:
             "Call make_private after init_process_group, on every rank.")
     private.topology.check_wrapping(private.module)
     private.gate.check_release()
+    if private.capturer.pass_died and private.capturer.compiled_autograd:
+        raise PrivacyUsageError(
+            "this step's backward pass ran under compiled autograd (torch._dynamo.config.compiled_autograd, or "
+            "compiled_autograd's enable()), which never runs the callback that ends dpkit's pass, so nothing was "
+            "clipped whole or released. Run loss.backward() without compiled autograd (torch.compile of the model "
+            "works: docs/compile.md), then call optimizer.zero_grad() and continue.")
     if private.capturer.pass_died:
         raise PrivacyUsageError(
             "a backward pass of this step stopped with an error before its end, so it was never clipped whole "

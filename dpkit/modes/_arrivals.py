@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import sys
 from functools import partial
 from collections.abc import Callable, Iterator
 
@@ -27,6 +28,8 @@ class Arrivals:
     guard_overflow: Callable[[], bool] = staticmethod(lambda: False)
     overflowed: Tensor | None = None  # the rows whose gradient the loss scale overflowed, in the pass in flight
     grad_scaler: object = None  # make_private's grad_scaler, which alone may scale the loss
+
+    compiled_autograd = False  # whether the pass in flight runs under compiled autograd (never ends: pass_died)
 
     @property
     def pass_died(self) -> bool:
@@ -163,6 +166,9 @@ class Arrivals:
     def _queue_end(self) -> None:
         if not self._queued:
             self._queued = True
+            compiled = sys.modules.get("torch._dynamo.compiled_autograd")
+            self.compiled_autograd = compiled is not None and bool(
+                compiled.compiled_autograd_enabled or compiled.in_compiled_autograd_region)
             Variable._execution_engine.queue_callback(self._backward_end)
 
     def _process(self, cap: Capture) -> None:

@@ -201,3 +201,22 @@ def test_fullgraph_is_refused_before_the_forward_runs():
         compiled(x)
     assert not private.capturer.captures
     private.detach()
+
+
+def test_compiled_autograd_is_refused_with_its_name():
+    # Was: "a backward pass of this step stopped with an error" when no error happened (issue 22.9).
+    from torch._dynamo import compiled_autograd
+
+    model = make("mlp", "bk")
+    private, optimizer = attach(model, model.parameters())
+    x, y = batch("mlp", 6, 0)
+    with compiled_autograd._enable(torch.compile(backend=BACKEND)):
+        private.criterion(model(x), y).backward()
+    with pytest.raises(PrivacyUsageError, match="ran under compiled autograd"):
+        optimizer.step()
+    assert private.steps == 0
+    optimizer.zero_grad()
+    private.criterion(model(x), y).backward()  # without it, the run goes on
+    optimizer.step()
+    assert private.steps == 1
+    private.detach()
