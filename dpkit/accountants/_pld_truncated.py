@@ -24,14 +24,14 @@ from dpkit.accountants import _pld
 
 def split(n: int, q: float, b: int) -> tuple[float, float]:
     """``(p, q')``: the probability the others fill the batch, and the record's rate given that they do."""
-    from scipy import stats
+    from scipy import special  # bdtrc(k, n, q) = P(Binom(n, q) > k); scipy.stats would cost a second to import
 
     if b >= n:
         return 0.0, 0.0
-    p = float(stats.binom.sf(b - 1, n - 1, q))
+    p = float(special.bdtrc(b - 1, n - 1, q))
     if p == 0.0:
         return 0.0, 0.0
-    return p, min(1.0, float(stats.binom.sf(b, n, q)) * b / (p * n))
+    return p, min(1.0, float(special.bdtrc(b, n, q)) * b / (p * n))
 
 
 def _loss(x: np.ndarray, q: float, s: float) -> np.ndarray:
@@ -56,7 +56,7 @@ def _x_of_loss(losses: np.ndarray, q: float, s: float, lo: float, hi: float) -> 
         mid = (a + b) / 2
         above = _loss(mid, q, s) > losses
         a, b = np.where(above, mid, a), np.where(above, b, mid)
-        if np.all((b - a) <= 4 * _pld._U * np.maximum(np.abs(a), np.abs(b))):
+        if np.all((b - a) <= 4 * _pld._U * np.maximum(np.maximum(np.abs(a), np.abs(b)), s)):
             break
     return (a + b) / 2
 
