@@ -20,14 +20,17 @@ from dpkit.data import ByUser, DPDataLoader, Multiplicity, PoissonBatchSampler, 
 class TruncatedPoissonBatchSampler(PoissonBatchSampler):
     """A Poisson sample at ``sample_rate``, cut to a uniformly random ``max_batch_size`` of its examples when it
     has more (the sampler yields the kept indices; the loader pads to ``max_batch_size`` rows). The cut draws from
-    the same generator as the sample (in secure mode from the OS's CSPRNG), so a resumed run cuts alike."""
+    the same generator as the sample (in secure mode from the OS's CSPRNG), so a resumed run cuts alike.
+
+    ``position`` counts the batches the loader has handed out (saved with the state): the engine checks that every
+    step releases the next one, since skipping batches (say, the cut ones) would change the sampling."""
 
     def __init__(self, num_samples: int, sample_rate: float, max_batch_size: int, steps: int | None = None,
                  generator: torch.Generator | None = None, secure_mode: bool = False):
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         super().__init__(num_samples, sample_rate, steps=steps, generator=generator, secure_mode=secure_mode)
-        self.max_batch_size = max_batch_size
+        self.max_batch_size, self.position = max_batch_size, 0
 
     def __iter__(self) -> Iterator[list[int]]:
         for sample in super().__iter__():
@@ -41,6 +44,17 @@ class TruncatedPoissonBatchSampler(PoissonBatchSampler):
             else:
                 order = torch.randperm(len(sample), generator=self.generator)
             yield sorted(sample[i] for i in order[: self.max_batch_size].tolist())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "position": self.position, "max_batch_size": self.max_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores the generator and the position; refuses a state of another ``max_batch_size``."""
+        if state.get("max_batch_size") != self.max_batch_size:
+            raise ValueError(f"the sampler state has max_batch_size {state.get('max_batch_size')!r}, this loader "
+                             f"{self.max_batch_size}")
+        super().load_state_dict(state)
+        self.position = int(state["position"])
 
 
 def _zeros(leaf: Any) -> Any:
@@ -117,3 +131,8 @@ class TruncatedPoissonLoader(DPDataLoader):
         self.world_size = 1
         super(DPDataLoader, self).__init__(dataset, batch_sampler=sampler,
                                            collate_fn=_PadCollate(dataset, collate, max_batch_size), **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in super().__iter__():
+            self.batch_sampler.position += 1  # as handed out: batches that workers prefetched do not count
+            yield batch

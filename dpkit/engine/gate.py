@@ -125,8 +125,8 @@ class StepGate:
                 "nothing is released for it. Step through scaler.step(optimizer), which skips the step, then "
                 "scaler.update(), which lowers the scale.")
 
-    def check_once(self, steps: int, position: int | None, positional: bool, mechanism: str) -> None:
-        """One release per sampled batch; with a positional mechanism, the loader's next batch and no other."""
+    def check_once(self, steps: int, position: int | None, positional: str | None) -> None:
+        """One release per sampled batch; where ``positional`` says why, the loader's next batch and no other."""
         batch, last = self.step_batch, self.last_released
         known = batch is not None and batch != 0  # 0: the loader has handed out nothing (the data came from elsewhere)
         repeated = known and (batch == last or (type(batch) is int and type(last) is int and batch < last))
@@ -138,9 +138,8 @@ class StepGate:
                 "batch: draw a new batch from the data loader for every step.")
         if positional and position != steps + 1:
             raise PrivacyUsageError(
-                f"noise={mechanism!r} accounts for each example's participation at fixed positions, so every step "
-                f"must release the loader's next batch: this would be release {steps + 1}, and the loader is at "
-                f"batch {position} (a batch skipped or dropped, a second step on one batch, or a new loader). "
+                f"{positional}, so every step must release the loader's next batch: this would be release "
+                f"{steps + 1}, and the loader is at batch {position} (a batch skipped or dropped, a second step on one batch, or a new loader). "
                 "Take one step per batch, resume from a checkpoint instead of skipping, and use one loader for the whole "
                 "run.")
 

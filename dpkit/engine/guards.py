@@ -119,6 +119,25 @@ def check_mechanism_sampling(noise: NoiseMechanism, noise_name: str, clipper: Cl
     check(loader)
 
 
+def check_truncation(truncation: tuple[int, int] | None, sample_rate: float, clipper: Clipper, clipping: str,
+                     accountant: str) -> None:
+    """A truncated Poisson loader's steps are counted by an accountant that knows them (``prv``), and its padding
+    rows would count as examples in a clipper's noisy count: a clipper that spends privacy is refused."""
+    if truncation is None:
+        return
+    from dpkit.events import GaussianEvent, TruncatedPoissonSampledEvent
+
+    if not isinstance(clipper.dp_event(sample_rate), NoOpEvent):
+        raise PrivacyUsageError(
+            f"clipping={clipping!r} spends privacy on a count of the batch's examples, and a TruncatedPoissonLoader's "
+            "padding rows would be counted. Use a clipper that spends none (flat, per_layer, automatic).")
+    event = TruncatedPoissonSampledEvent(truncation[0], sample_rate, truncation[1], GaussianEvent(1.0))
+    if not registry.lookup("dpkit_accountants", accountant, "accountant").value().supports(event):
+        raise PrivacyUsageError(
+            f"accountant={accountant!r} cannot count the truncated Poisson steps of a TruncatedPoissonLoader; use "
+            "accountant='prv'.")
+
+
 def check_dataset_multiplicity(loader, K: int) -> None:
     """A dataset that fixes K (``Multiplicity``, ``ByUser``) must agree with ``augmentation_multiplicity``."""
     from dpkit.data import Multiplicity

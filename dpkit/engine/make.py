@@ -107,6 +107,7 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
                                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                                secure_mode=secure_mode, world_size=where.world_size, noise_seed=noise_seed)
     guards.check_mechanism_sampling(mechanism, noise, clipper, clipping, batches.loader, batches.sample_rate)
+    guards.check_truncation(batches.truncation, batches.sample_rate, clipper, clipping, accountant)
     guards.check_dataset_multiplicity(batches.loader, K)
     guards.check_mode_clipper(grad_sample_mode, clipper, clipping)
     if noise_multiplier is None:
@@ -147,7 +148,13 @@ def _calibrate(mechanism, clipper, batches: sampling.Sampling, noise: str, accou
         # An epoch is as many steps as the loader yields (round(1/q) for Poisson), not 1/q.
         steps, epochs = math.ceil(epochs * len(batches.loader)), None
     calibrate = getattr(mechanism, "calibrate", None)  # a mechanism with its own accounting (BandMF)
-    if calibrate is not None:
+    if batches.truncation is not None:  # truncated Poisson steps: calibrated on the events the ledger will hold
+        from dpkit.accounting import _noise_multiplier_for
+
+        sigma = _noise_multiplier_for(
+            lambda s: batches.event(mechanism.dp_event(s, batches.sample_rate)), target_epsilon=target_epsilon,
+            target_delta=target_delta, steps=steps, accountant=accountant)
+    elif calibrate is not None:
         if steps is None:
             raise ValueError(f"noise={noise!r} calibrates over a number of steps: give steps=, or "
                              "epochs= with a data loader")
