@@ -69,7 +69,7 @@ class StepGate:
         elif batch is None:
             raise PrivacyUsageError(
                 "a second backward pass before optimizer.step(), and dpkit cannot tell whether it comes from the "
-                "same batch (data_loader=None, or poisson_sampling=False). Accumulating several sampled batches "
+                "same batch (data_loader=None, or poisson_sampling='unproven'). Accumulating several sampled batches "
                 "into one step is not the mechanism the accountant counts. If these are micro-batches of one "
                 "batch, run them inside `with private.micro_batches():`; otherwise call optimizer.step() after "
                 "each batch (and raise the batch size for a larger effective batch).")

@@ -82,10 +82,10 @@ def resolve(loader: DataLoader | None, *, poisson: bool, sample_rate, expected_b
                             (n, loader.max_batch_size))
         return Sampling(loader, loader.sample_rate, loader.sample_rate * n, poisson)
     batch_size = loader.batch_size * world_size  # each rank's loader yields its own share
-    _warn_own_sampling(secure_mode, "poisson_sampling=False")
-    warnings.warn("poisson_sampling=False: batches are not Poisson-sampled, but the privacy accounting "
-                  "assumes they are (as every DP-SGD library does); the reported epsilon is not a proven "
-                  "bound for shuffled fixed-size batches.", stacklevel=5)
+    _warn_own_sampling(secure_mode, "poisson_sampling='unproven'")
+    warnings.warn("poisson_sampling='unproven': batches are not Poisson-sampled, but the privacy accounting "
+                  "assumes they are; the reported epsilon is not a proven bound for shuffled fixed-size batches, "
+                  "and may be several times too small (arXiv 2411.10614).", stacklevel=5)
     return Sampling(loader, min(1.0, batch_size / n), float(batch_size), poisson)
 
 
