@@ -497,4 +497,4 @@ def split_batch(batch, max_rows: int) -> list:
     return out
 
 
-from dpkit.data.truncated import TruncatedPoissonBatchSampler, TruncatedPoissonLoader  # noqa: E402  (after DPDataLoader)
+from dpkit.data.truncated import TruncatedPoissonBatchSampler, TruncatedPoissonLoader  # noqa: E402, F401 (re-export)

@@ -139,9 +139,9 @@ class StepGate:
         if positional and position != steps + 1:
             raise PrivacyUsageError(
                 f"{positional}, so every step must release the loader's next batch: this would be release "
-                f"{steps + 1}, and the loader is at batch {position} (a batch skipped or dropped, a second step on one batch, or a new loader). "
-                "Take one step per batch, resume from a checkpoint instead of skipping, and use one loader for the whole "
-                "run.")
+                f"{steps + 1}, and the loader is at batch {position} (a batch skipped or dropped, a second step on "
+                "one batch, or a new loader). Take one step per batch, resume from a checkpoint instead of skipping, "
+                "and use one loader for the whole run.")
 
     def released(self) -> None:
         self.last_released, self.step_batch, self.phase = self.step_batch, None, Phase.OPEN

@@ -49,7 +49,8 @@ def test_batches_are_the_poisson_sample_cut_at_random_or_padded_with_zero_rows()
     else:
         pytest.fail("no batch was cut")
     reals = []
-    for x, y, index, weight in TruncatedPoissonLoader(data(), Q, B, steps=8, generator=torch.Generator().manual_seed(5)):
+    loader = TruncatedPoissonLoader(data(), Q, B, steps=8, generator=torch.Generator().manual_seed(5))
+    for x, y, index, weight in loader:
         real = int(weight.sum())
         reals.append(real)
         assert x.shape == (B, 5) and weight.tolist() == [1.0] * real + [0.0] * (B - real)
