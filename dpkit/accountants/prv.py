@@ -38,7 +38,7 @@ _SLACK = 1e-3          # float allowance and mass at +inf may take this share of
 _LEAF_CELLS_LOG2 = 16  # at most 2**16 grid points per step's PLD before refinement
 
 Key = tuple  # (q, sigma) for a Poisson step, (N, q, B, sigma) for a truncated one (_pld_truncated)
-Atoms = tuple[tuple[Key, int], ...]  # (key, count), sorted
+Atoms = tuple[tuple, ...]  # (*key, count), sorted
 
 
 def _loss_std(key: Key) -> float:
@@ -56,8 +56,8 @@ def _leaf(key: Key, remove: bool, step: float, tail: float, max_cells: int) -> _
 
 def _grid_step(atoms: Atoms) -> float:
     """A power of two below (RMS spread of one step's loss) / ``_POINTS_PER_STD``."""
-    steps = sum(n for _, n in atoms)
-    spread = sum(n * _loss_std(key) ** 2 for key, n in atoms)
+    steps = sum(a[-1] for a in atoms)
+    spread = sum(a[-1] * _loss_std(a[:-1]) ** 2 for a in atoms)
     return 2.0 ** math.floor(math.log2(max(math.sqrt(spread / steps), 1e-300) / _POINTS_PER_STD))
 
 
@@ -69,12 +69,12 @@ def _compose(atoms: Atoms, refine: int, extended: bool) -> tuple[_pld.Pmf, ...]:
     steps) would not leave delta room.
     """
     step = _grid_step(atoms) / 2**refine
-    tail = _TAIL / sum(n for _, n in atoms)
+    tail = _TAIL / sum(a[-1] for a in atoms)
     max_cells = 1 << min(_LEAF_CELLS_LOG2 + refine, 20)  # very skewed losses: a coarser grid, bounded cost
-    directions = (True,) if all(len(key) == 2 and key[0] == 1 for key, _ in atoms) else (True, False)
+    directions = (True,) if all(len(a) == 3 and a[0] == 1 for a in atoms) else (True, False)
     out = []
     for remove in directions:
-        leaves = [(_leaf(key, remove, step, tail, max_cells), n) for key, n in atoms]
+        leaves = [(_leaf(a[:-1], remove, step, tail, max_cells), a[-1]) for a in atoms]
         parts = [_pld.power(leaf, n, n * leaf.step**2 / 8, extended) for leaf, n in leaves]
         coarsest = max(p.step for p in parts)
         total = _pld.align(parts[0], coarsest)
@@ -104,10 +104,10 @@ class PRVAccountant(SampledGaussianAccountant):
 
     def _atoms_key(self) -> Atoms:
         """The ledger's steps, sorted; unsampled Gaussians merged into one (they compose exactly)."""
-        sampled = sorted(((q, s), n) for (q, s), n in self._atoms.items() if q < 1)
+        sampled = sorted((q, s, n) for (q, s), n in self._atoms.items() if q < 1)
         inverse_variance = sum(n / s**2 for (q, s), n in self._atoms.items() if q == 1)
-        truncated = sorted(self._truncated.items())
-        return tuple(sampled) + tuple(truncated) + ((((1.0, inverse_variance**-0.5), 1),) if inverse_variance else ())
+        truncated = sorted((*key, n) for key, n in self._truncated.items())
+        return tuple(sampled) + tuple(truncated) + (((1.0, inverse_variance**-0.5, 1),) if inverse_variance else ())
 
     def epsilon_and_error(self, delta: float) -> tuple[float, float]:
         """``(epsilon, error)``: the exact epsilon lies in ``[epsilon - error, epsilon]``."""
