@@ -145,9 +145,25 @@ def test_checkpoint_resumes_the_same_batches():
     private.detach()
 
 
+def test_secure_mode_and_physical_micro_batches():
+    """Secure mode cuts with the OS's CSPRNG; BatchMemoryManager splits each fixed batch, one release per batch."""
+    model = net()
+    private = make(model, TruncatedPoissonLoader(data(), Q, B, secure_mode=True, steps=6), noise_multiplier=1.0,
+                   secure_mode=True)
+    rows = []
+    with dpkit.BatchMemoryManager(private, max_physical_batch_size=4) as pieces:
+        for x, y, index, weight in pieces:
+            rows.append(len(x))
+            private.optimizer.zero_grad()
+            (weight * F.cross_entropy(model(x), y, reduction="none")).mean().backward()
+            private.optimizer.step()
+    assert rows == [4, 2] * 6 and private.steps == 6 and private.ledger.steps == 6
+    private.detach()
+
+
 @pytest.mark.parametrize("noise", ["bandmf", "tree", "blt"])
 def test_mechanisms_with_their_own_loaders_refuse_it(noise):
-    with pytest.raises(PrivacyUsageError, match="Loader"):
+    with pytest.raises(PrivacyUsageError, match=f"noise={noise!r} needs .* the data loader is a TruncatedPoissonLoader"):
         make(net(), TruncatedPoissonLoader(data(), Q, B), noise=noise, noise_multiplier=1.0)
 
 
