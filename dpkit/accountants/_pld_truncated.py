@@ -10,7 +10,7 @@ more. For the record that differs, condition on the other records' count ``M`` (
 
 Revealing which case happened only helps the adversary, so the step's PLD is the mixture of the two PLDs with
 weights ``1 - p`` and ``p``. This is the analysis of Google's dp_accounting
-(``from_truncated_subsampled_gaussian_mechanism``, after Chua et al. 2025, arXiv 2508.15089); the code here is
+(``from_truncated_subsampled_gaussian_mechanism``, after arXiv 2508.15089); the code here is
 dpkit's own, on ``_pld``'s connect-the-dots grid, so each part, and the mixture, dominate the true pair.
 """
 from __future__ import annotations

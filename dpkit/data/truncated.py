@@ -1,5 +1,6 @@
 """Fixed-shape batches from Poisson sampling: every batch exactly ``max_batch_size`` rows, so a compiled model
-never recompiles for a new batch size and CUDA graphs apply (Chua et al. 2025, arXiv 2508.15089; VaultGemma).
+never recompiles for a new batch size and CUDA graphs apply (truncated Poisson sampling, arXiv 2508.15089, as
+VaultGemma was trained).
 
 The rows carry the weight column that :class:`dpkit.data.ByUser` introduced: the loop multiplies each row's loss
 by it, so a padding row (weight 0) contributes exactly zero. Padding rows are zeros, not copies of examples: a loop

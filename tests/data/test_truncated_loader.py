@@ -230,3 +230,18 @@ def test_a_compiled_model_does_not_recompile_after_warm_up():
     assert len(frames) == 200 and frames[1] > 0 and frames[-1] == frames[1]
     poisson = compiled_frames(dpkit.DPDataLoader(big, 0.004, steps=4, generator=torch.Generator().manual_seed(0)))
     assert poisson[-1] > poisson[1]
+
+
+def test_a_mechanism_whose_step_is_not_a_poisson_step_is_refused_before_the_update(monkeypatch):
+    """Only a Poisson step at the loader's rate can be counted as truncated; anything else stops the step."""
+    model = net()
+    private = make(model, TruncatedPoissonLoader(data(), Q, B, generator=torch.Generator().manual_seed(3)),
+                   noise_multiplier=1.0)
+    monkeypatch.setattr(private.noise, "dp_event", lambda sigma, rate: GaussianEvent(sigma))
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y, index, weight = next(iter(private.data_loader))
+    (weight * F.cross_entropy(model(x), y, reduction="none")).mean().backward()
+    with pytest.raises(PrivacyUsageError, match="not a Poisson step at the loader's rate"):
+        private.optimizer.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())) and private.ledger.steps == 0
+    private.detach()
