@@ -22,7 +22,7 @@ from dpkit.events import (
 
 # dp_accounting 0.5 (scratch venv, never a dependency): PLDAccountant(value_discretization_interval=1e-4),
 # compose(TruncatedSubsampledGaussianDpEvent(N, q, B, sigma), T), get_epsilon(1e-5). B is the expected batch size
-# plus 0 to 4 standard deviations.
+# plus 0 to 4 standard deviations, then two extremes.
 DP_ACCOUNTING = [  # (N, q, B, sigma, T, epsilon)
     (1000, 0.01, 10, 1.0, 100, 5.164377589741524),
     (1000, 0.01, 13, 1.0, 100, 4.601369021049784),
@@ -34,6 +34,9 @@ DP_ACCOUNTING = [  # (N, q, B, sigma, T, epsilon)
     (60000, 256 / 60000, 288, 0.8, 300, 5.65949811311899),
     (60000, 256 / 60000, 304, 1.5, 1000, 0.4007855168183408),
     (60000, 256 / 60000, 320, 2.0, 1000, 0.2458589308977762),
+    (100, 0.5, 10, 2.0, 50, 7.1855389505949825),  # half the expected batch: nearly every step is cut
+    # A small epsilon, where their 1e-4 grid over-reports by 0.5% (0.056410): this one is on a 1e-5 grid.
+    (1000, 0.001, 3, 3.0, 2000, 0.05613669986000172),
 ]
 
 
