@@ -8,10 +8,11 @@ process that turned validators off still gets the checks.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from dpkit import registry
 from dpkit.accountants._base import MAX_COUNT, check_count, check_delta, check_rate, check_sigma, real
-from dpkit.events import GaussianEvent, Ledger, PoissonSampledEvent
+from dpkit.events import DpEvent, GaussianEvent, Ledger, PoissonSampledEvent
 from dpkit.hookspecs import Accountant
 
 _SIGMA_RANGE = (2.0**-10, 2.0**30)  # where get_noise_multiplier searches
@@ -105,29 +106,50 @@ def get_noise_multiplier(
     rate = check_rate(sample_rate)
     if rate == 0:
         raise ValueError("sample_rate must be > 0: at sample_rate=0 no privacy is spent and any noise will do")
-    epsilon_tolerance = min(_positive(epsilon_tolerance, "epsilon_tolerance"), _RELATIVE_TOLERANCE * target_epsilon)
     n_steps = _steps_of(steps, epochs, rate)
     make_accountant(accountant)  # an unknown name fails here, before any search
+    return _smallest_sigma(
+        lambda sigma: get_epsilon(accountant=accountant, noise_multiplier=sigma, sample_rate=rate, steps=n_steps,
+                                  delta=delta),
+        target_epsilon, epsilon_tolerance,
+        f"with accountant={accountant!r} at target_delta={delta}, sample_rate={rate}, steps={n_steps}",
+        " (the RDP accountant has a floor from its largest order; try accountant='prv')." if accountant == "rdp"
+        else ", or lower the steps or sample_rate.")
+
+
+def _noise_multiplier_for(event_of: Callable[[float], DpEvent], *, target_epsilon: float, target_delta: float,
+                         steps: int, accountant: str = "prv") -> float:
+    """:func:`get_noise_multiplier` for any step: ``event_of(sigma)`` is one step's event, run ``steps`` times."""
+    target_epsilon = _positive(target_epsilon, "target_epsilon")
+    delta = check_delta(target_delta, "target_delta")
+    n_steps = _steps_of(steps, None, 1.0)
+    make_accountant(accountant)
+
+    def eps(sigma: float) -> float:
+        return float(make_accountant(accountant).compose(event_of(sigma), n_steps).epsilon(delta))
+
+    return _smallest_sigma(eps, target_epsilon, 0.01, f"with accountant={accountant!r} at target_delta={delta}, "
+                           f"steps={n_steps}", ", or lower the steps.")
+
+
+def _smallest_sigma(epsilon_of: Callable[[float], float], target_epsilon: float, epsilon_tolerance: float,
+                    setting: str, advice: str) -> float:
+    """The search of :func:`get_noise_multiplier`, over any ``epsilon_of(sigma)`` that decreases in sigma."""
+    epsilon_tolerance = min(_positive(epsilon_tolerance, "epsilon_tolerance"), _RELATIVE_TOLERANCE * target_epsilon)
     cache: dict[float, float] = {}
 
     def eps(log_sigma: float) -> float:
         if log_sigma not in cache:
-            cache[log_sigma] = get_epsilon(
-                accountant=accountant, noise_multiplier=math.exp(log_sigma), sample_rate=rate,
-                steps=n_steps, delta=delta,
-            )
+            cache[log_sigma] = epsilon_of(math.exp(log_sigma))
         return cache[log_sigma]
 
     lo, hi = 0.0, 0.0  # log sigma: eps(lo) > target >= eps(hi)
     while eps(hi) > target_epsilon:
         if hi + math.log(4) > math.log(_SIGMA_RANGE[1]):
             raise ValueError(
-                f"target_epsilon={target_epsilon} is unreachable with accountant={accountant!r} at "
-                f"target_delta={delta}, sample_rate={rate}, steps={n_steps}: even "
+                f"target_epsilon={target_epsilon} is unreachable {setting}: even "
                 f"noise_multiplier={math.exp(hi):.3g} gives epsilon={eps(hi):.4g}. Raise target_epsilon or "
-                "target_delta" + (" (the RDP accountant has a floor from its largest order; try accountant='prv')."
-                                  if accountant == "rdp" else ", or lower the steps or sample_rate.")
-            )
+                "target_delta" + advice)
         lo, hi = hi, hi + math.log(4)
     while eps(lo) <= target_epsilon:
         hi, lo = lo, lo - math.log(4)

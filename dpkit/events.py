@@ -56,6 +56,18 @@ class PoissonSampledEvent(DpEvent):
 
 
 @attrs.frozen
+class TruncatedPoissonSampledEvent(DpEvent):
+    """``event`` (Gaussians) run on a Poisson subsample of ``dataset_size`` records at ``sample_rate``, cut to a
+    uniformly random ``max_batch_size`` of them when it has more: dp_accounting's
+    ``TruncatedSubsampledGaussianDpEvent`` (arXiv 2508.15089), with the noise as a sub-event."""
+
+    dataset_size: int = attrs.field(validator=_count)
+    sample_rate: float = attrs.field(converter=float, validator=_probability)
+    max_batch_size: int = attrs.field(validator=_count)
+    event: DpEvent
+
+
+@attrs.frozen
 class SelfComposedEvent(DpEvent):
     """``event`` repeated ``count`` times."""
 
@@ -71,7 +83,7 @@ class ComposedEvent(DpEvent):
 
 
 _EVENT_TYPES = {cls.__name__: cls for cls in (NoOpEvent, GaussianEvent, PoissonSampledEvent,
-                                               SelfComposedEvent, ComposedEvent)}
+                                               SelfComposedEvent, ComposedEvent, TruncatedPoissonSampledEvent)}
 
 
 def event_to_dict(event: DpEvent) -> dict[str, Any]:

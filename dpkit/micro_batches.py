@@ -1,6 +1,6 @@
 """Physical micro-batches of one logical batch: ``BatchMemoryManager``, a helper of the controller.
 
-It lives beside the controller rather than in ``data.py``: it drives the controller (each intermediate
+It lives beside the controller rather than in ``dpkit.data``: it drives the controller (each intermediate
 ``step()`` is virtual), so it depends on ``engine.py``, and the data helpers depend on neither.
 """
 from __future__ import annotations

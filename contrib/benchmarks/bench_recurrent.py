@@ -93,7 +93,7 @@ def _dpkit(model: nn.Module, mode: str, batch: int, samplers: bool):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     private = dpkit.make_private(module=model, optimizer=opt, data_loader=None, sample_rate=0.01,
                                  expected_batch_size=batch, noise_multiplier=1.0, max_grad_norm=1.0,
-                                 grad_sample_mode=mode, poisson_sampling=False, criterion=nn.CrossEntropyLoss())
+                                 grad_sample_mode=mode, poisson_sampling="unproven", criterion=nn.CrossEntropyLoss())
     criterion = private.criterion
 
     def step(x, y):

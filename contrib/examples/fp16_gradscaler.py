@@ -19,11 +19,11 @@ def train(steps: int, scaler: torch.amp.GradScaler | None, overflow_at: int | No
     x, y = torch.randn(512, 20), torch.randint(0, 4, (512,))
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # poisson_sampling=False: fixed batches, so that the runs compare
+        warnings.simplefilter("ignore")  # poisson_sampling="unproven": fixed batches, so that the runs compare
         private = dpkit.make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
             data_loader=torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64),
-            poisson_sampling=False, noise_multiplier=1.0, max_grad_norm=1.0, criterion=nn.CrossEntropyLoss(),
+            poisson_sampling="unproven", noise_multiplier=1.0, max_grad_norm=1.0, criterion=nn.CrossEntropyLoss(),
             noise_seed=0, grad_scaler=scaler)
     model, optimizer, loader, criterion = private
     batches = iter(loader)

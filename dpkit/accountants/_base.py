@@ -18,9 +18,18 @@ import numbers
 import operator
 
 from dpkit.errors import UnsupportedEventError
-from dpkit.events import ComposedEvent, DpEvent, GaussianEvent, NoOpEvent, PoissonSampledEvent, SelfComposedEvent
+from dpkit.events import (
+    ComposedEvent,
+    DpEvent,
+    GaussianEvent,
+    NoOpEvent,
+    PoissonSampledEvent,
+    SelfComposedEvent,
+    TruncatedPoissonSampledEvent,
+)
 
 Atom = tuple[float, float]  # (sample_rate, noise_multiplier)
+Truncated = tuple[int, float, int, float]  # (dataset_size, sample_rate, max_batch_size, noise_multiplier)
 SIGMA_MIN = 1e-8    # below: float64 x cannot resolve grid cells of the loss ~ 1/(2 sigma^2)
 SIGMA_MAX = 1e100   # above: counted as this, so that sigma^2 stays finite
 MAX_COUNT = 2**53   # counts above are not exact in float64
@@ -125,12 +134,17 @@ def _joint_sigma(event: DpEvent) -> float | None | DpEvent:
 class SampledGaussianAccountant:
     """Base of the built-in accountants: ``supports`` and ``compose`` share ``_maybe_compose``.
 
-    Subclasses read ``self._atoms``: ``{(q, sigma): count}``. ``compose`` checks the
-    whole event before it counts any of it, so a refused event leaves no trace.
+    Subclasses read ``self._atoms``: ``{(q, sigma): count}``, and, where ``TRUNCATED`` says they count truncated
+    Poisson steps, ``self._truncated``: ``{(N, q, B, sigma): count}`` (a step that can never be truncated,
+    ``B >= N``, is a Poisson step and goes to ``_atoms``). ``compose`` checks the whole event before it counts
+    any of it, so a refused event leaves no trace.
     """
+
+    TRUNCATED = False
 
     def __init__(self) -> None:
         self._atoms: dict[Atom, int] = {}
+        self._truncated: dict[Truncated, int] = {}
 
     def supports(self, event: DpEvent) -> bool:
         """Whether ``compose(event)`` would succeed."""
@@ -145,7 +159,9 @@ class SampledGaussianAccountant:
                 f"{type(self).__name__} cannot count {unsupported!r}"
                 + ("" if unsupported is event else f" (inside {event!r})")
                 + ". It counts NoOpEvent, GaussianEvent, PoissonSampledEvent of Gaussians, "
-                "and SelfComposedEvent/ComposedEvent of those."
+                "and SelfComposedEvent/ComposedEvent of those"
+                + ("; and TruncatedPoissonSampledEvent." if self.TRUNCATED else
+                   " (TruncatedPoissonSampledEvent: use accountant='prv').")
             )
         self._maybe_compose(event, count, do_compose=True)
         return self
@@ -170,11 +186,32 @@ class SampledGaussianAccountant:
             sigma = _joint_sigma(event.event)
             if isinstance(sigma, DpEvent):
                 return sigma
+        elif isinstance(event, TruncatedPoissonSampledEvent):
+            return self._maybe_compose_truncated(event, count, do_compose)
         else:
             return event
         if do_compose and count and rate and sigma is not None:
             atom = (rate, min(sigma, SIGMA_MAX))
             self._atoms[atom] = self._atoms.get(atom, 0) + count
+        return None
+
+    def _maybe_compose_truncated(self, event: TruncatedPoissonSampledEvent, count: int,
+                                 do_compose: bool) -> DpEvent | None:
+        n = check_count(event.dataset_size, "TruncatedPoissonSampledEvent.dataset_size")
+        b = check_count(event.max_batch_size, "TruncatedPoissonSampledEvent.max_batch_size")
+        if n < 1 or b < 1:
+            raise ValueError(f"a truncated Poisson step needs dataset_size and max_batch_size >= 1, got {event!r}")
+        rate = check_rate(event.sample_rate, "TruncatedPoissonSampledEvent.sample_rate")
+        if b >= n:  # never truncated: a Poisson step
+            return self._maybe_compose(PoissonSampledEvent(rate, event.event), count, do_compose)
+        if not self.TRUNCATED:
+            return event
+        sigma = _joint_sigma(event.event)
+        if isinstance(sigma, DpEvent):
+            return sigma
+        if do_compose and count and rate and sigma is not None:
+            key = (n, rate, b, min(sigma, SIGMA_MAX))
+            self._truncated[key] = self._truncated.get(key, 0) + count
         return None
 
     def settled(self, delta: float) -> float | None:
@@ -184,11 +221,17 @@ class SampledGaussianAccountant:
         steps of ``q * TV(N(1, s^2), N(0, s^2)) = q * erf(1 / (2 sqrt(2) s))``; where
         that is at most ``delta``, epsilon is 0. A step with ``sigma < SIGMA_MIN`` has a
         loss beyond what float64 carries: inf.
+
+        A truncated step keeps the record with probability at most q, and then moves the sum by at most 2:
+        ``q * erf(2 / (2 sqrt(2) s))`` bounds its variation.
         """
-        if any(s < SIGMA_MIN for _, s in self._atoms):
+        tiny = any(s < SIGMA_MIN for _, s in self._atoms) or any(k[3] < SIGMA_MIN for k in self._truncated)
+        if tiny:
             tv = sum(float(n) * q for (q, s), n in self._atoms.items())  # erf <= 1
+            tv += sum(float(n) * k[1] for k, n in self._truncated.items())
         else:
             tv = sum(float(n) * q * math.erf(0.5**1.5 / s) for (q, s), n in self._atoms.items())
+            tv += sum(float(n) * k[1] * math.erf(2 * 0.5**1.5 / k[3]) for k, n in self._truncated.items())
         if tv * (1 + 1e-9) <= delta:
             return 0.0
-        return math.inf if any(s < SIGMA_MIN for _, s in self._atoms) else None
+        return math.inf if tiny else None

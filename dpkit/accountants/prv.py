@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 
-from dpkit.accountants import _pld
+from dpkit.accountants import _pld, _pld_truncated
 from dpkit.accountants._base import SampledGaussianAccountant, check_delta
 from dpkit.accountants.rdp import RDPAccountant
 from dpkit.hookspecs import hookimpl
@@ -37,13 +37,27 @@ _MAX_REFINE = 8
 _SLACK = 1e-3          # float allowance and mass at +inf may take this share of delta
 _LEAF_CELLS_LOG2 = 16  # at most 2**16 grid points per step's PLD before refinement
 
-Atoms = tuple[tuple[float, float, int], ...]  # (q, sigma, count), sorted
+Key = tuple  # (q, sigma) for a Poisson step, (N, q, B, sigma) for a truncated one (_pld_truncated)
+Atoms = tuple[tuple, ...]  # (*key, count), sorted
+
+
+def _loss_std(key: Key) -> float:
+    if len(key) == 4:
+        return _pld_truncated.loss_std(*key)
+    q, s = key
+    return max(_pld.loss_std(q, s, True), _pld.loss_std(q, s, False))
+
+
+def _leaf(key: Key, remove: bool, step: float, tail: float, max_cells: int) -> _pld.Pmf:
+    if len(key) == 4:
+        return _pld_truncated.leaf(*key, remove, step, tail, max_cells)
+    return _pld.leaf(*key, remove, step, tail, max_cells)
 
 
 def _grid_step(atoms: Atoms) -> float:
     """A power of two below (RMS spread of one step's loss) / ``_POINTS_PER_STD``."""
-    steps = sum(n for _, _, n in atoms)
-    spread = sum(n * max(_pld.loss_std(q, s, True), _pld.loss_std(q, s, False)) ** 2 for q, s, n in atoms)
+    steps = sum(a[-1] for a in atoms)
+    spread = sum(a[-1] * _loss_std(a[:-1]) ** 2 for a in atoms)
     return 2.0 ** math.floor(math.log2(max(math.sqrt(spread / steps), 1e-300) / _POINTS_PER_STD))
 
 
@@ -55,12 +69,12 @@ def _compose(atoms: Atoms, refine: int, extended: bool) -> tuple[_pld.Pmf, ...]:
     steps) would not leave delta room.
     """
     step = _grid_step(atoms) / 2**refine
-    tail = _TAIL / sum(n for _, _, n in atoms)
+    tail = _TAIL / sum(a[-1] for a in atoms)
     max_cells = 1 << min(_LEAF_CELLS_LOG2 + refine, 20)  # very skewed losses: a coarser grid, bounded cost
-    directions = (True,) if all(q == 1 for q, _, _ in atoms) else (True, False)
+    directions = (True,) if all(len(a) == 3 and a[0] == 1 for a in atoms) else (True, False)
     out = []
     for remove in directions:
-        leaves = [(_pld.leaf(q, s, remove, step, tail, max_cells), n) for q, s, n in atoms]
+        leaves = [(_leaf(a[:-1], remove, step, tail, max_cells), a[-1]) for a in atoms]
         parts = [_pld.power(leaf, n, n * leaf.step**2 / 8, extended) for leaf, n in leaves]
         coarsest = max(p.step for p in parts)
         total = _pld.align(parts[0], coarsest)
@@ -71,13 +85,16 @@ def _compose(atoms: Atoms, refine: int, extended: bool) -> tuple[_pld.Pmf, ...]:
 
 
 class PRVAccountant(SampledGaussianAccountant):
-    """Privacy-loss-distribution accountant: an upper bound on epsilon within a small error.
+    """Privacy-loss-distribution accountant: an upper bound on epsilon within a small error. It also counts
+    truncated Poisson steps (``TruncatedPoissonSampledEvent``, ``dpkit.accountants._pld_truncated``).
 
     Args:
         max_error: if given, refine the grid until the proven error bound of
             :meth:`epsilon_and_error` is at most this fraction of epsilon (slower:
             the time grows like 1 / max_error).
     """
+
+    TRUNCATED = True
 
     def __init__(self, max_error: float | None = None) -> None:
         super().__init__()
@@ -89,7 +106,8 @@ class PRVAccountant(SampledGaussianAccountant):
         """The ledger's steps, sorted; unsampled Gaussians merged into one (they compose exactly)."""
         sampled = sorted((q, s, n) for (q, s), n in self._atoms.items() if q < 1)
         inverse_variance = sum(n / s**2 for (q, s), n in self._atoms.items() if q == 1)
-        return tuple(sampled) + (((1.0, inverse_variance**-0.5, 1),) if inverse_variance else ())
+        truncated = sorted((*key, n) for key, n in self._truncated.items())
+        return tuple(sampled) + tuple(truncated) + (((1.0, inverse_variance**-0.5, 1),) if inverse_variance else ())
 
     def epsilon_and_error(self, delta: float) -> tuple[float, float]:
         """``(epsilon, error)``: the exact epsilon lies in ``[epsilon - error, epsilon]``."""
@@ -105,7 +123,7 @@ class PRVAccountant(SampledGaussianAccountant):
                 extended = True
                 continue
             upper, lower = _pld.epsilon_bounds(pmfs, delta)
-            if math.isinf(upper):  # delta below what even long doubles resolve: RDP, also a bound
+            if math.isinf(upper) and not self._truncated:  # delta below what long doubles resolve: RDP, also a bound
                 rdp = RDPAccountant()
                 rdp._atoms = dict(self._atoms)
                 upper = rdp.epsilon(delta)

@@ -77,12 +77,16 @@ class PrivateTraining:
         self.module, self.optimizer, self.topology = module, optimizer, topology
         self.world_size, self.rank, self.data_loader = topology.world_size, topology.rank, sampling.loader
         self.sample_rate, self.expected_batch_size = sampling.sample_rate, sampling.expected_batch_size
-        self.poisson_sampling = sampling.poisson
+        self.poisson_sampling, self.sampling = sampling.poisson, sampling
         self.noise, self.noise_name, self.clipper, self.clipping = noise, noise_name, clipper, clipping
         self.accountant, self.noise_multiplier, self.max_grad_norm = accountant, noise_multiplier, max_grad_norm
         self.mode, self.K, self.loss_reduction, self.batch_first = mode, K, loss_reduction, batch_first
         self.secure_mode, self.public_buffers, self.norm_mode = secure_mode, public_buffers, mode in NORM_MODES
-        self.positional = callable(getattr(noise, "check_loader", None))  # its analysis rests on positions
+        self.positional = (  # why every step must release the loader's next batch, if it must
+            f"noise={noise_name!r} accounts for each example's participation at fixed positions"
+            if callable(getattr(noise, "check_loader", None)) else
+            "a TruncatedPoissonLoader's accounting is for its batches as drawn (skipping some, such as the cut "
+            "ones, would change the sampling)" if sampling.truncation is not None else None)
         self.criterion = DPCriterion(criterion, loss_reduction, batch_first) if criterion is not None else None
         if self.criterion is not None:
             self.criterion.backward_fn = self.backward
@@ -294,7 +298,7 @@ class PrivateTraining:
             return
         guards.refuse_nothing_to_release(self.accumulator.backward_passes)
         sampler = getattr(self.data_loader, "batch_sampler", None)
-        self.gate.check_once(self.steps, getattr(sampler, "position", None), self.positional, self.noise_name)
+        self.gate.check_once(self.steps, getattr(sampler, "position", None), self.positional)
         self.topology.check_in_step(self.steps, getattr(self.data_loader, "batches_drawn", -1), self.plan_digest)
         flats = self.accumulator.buffers()
         # Always the expected batch size: the actual one would show through the scale of the noise.
@@ -309,8 +313,8 @@ class PrivateTraining:
 
     def step_event(self) -> DpEvent:
         """The privacy event of one release of this run."""
-        return step_event(self.noise.dp_event(self.noise_multiplier, self.sample_rate),
-                          self.clipper.dp_event(self.sample_rate))
+        return self.sampling.event(step_event(self.noise.dp_event(self.noise_multiplier, self.sample_rate),
+                                              self.clipper.dp_event(self.sample_rate)))
 
     def _record_step(self) -> None:
         if self.noise_multiplier == 0:

@@ -67,7 +67,7 @@ class StepGate:
         elif batch is None:
             raise PrivacyUsageError(
                 "a second backward pass before optimizer.step(), and dpkit cannot tell whether it comes from the "
-                "same batch (data_loader=None, or poisson_sampling=False). Accumulating several sampled batches "
+                "same batch (data_loader=None, or poisson_sampling='unproven'). Accumulating several sampled batches "
                 "into one step is not the mechanism the accountant counts. If these are micro-batches of one "
                 "batch, run them inside `with private.micro_batches():`; otherwise call optimizer.step() after "
                 "each batch (and raise the batch size for a larger effective batch).")
@@ -103,8 +103,8 @@ class StepGate:
             raise PrivacyUsageError(f"a backward pass of this step was refused ({self.refused}); nothing was "
                                     "released. Call optimizer.zero_grad() to drop the batch, then continue.")
 
-    def check_once(self, steps: int, position: int | None, positional: bool, mechanism: str) -> None:
-        """One release per sampled batch; with a positional mechanism, the loader's next batch and no other."""
+    def check_once(self, steps: int, position: int | None, positional: str | None) -> None:
+        """One release per sampled batch; where ``positional`` says why, the loader's next batch and no other."""
         batch, last = self.step_batch, self.last_released
         known = batch is not None and batch != 0  # 0: the loader has handed out nothing (the data came from elsewhere)
         repeated = known and (batch == last or (type(batch) is int and type(last) is int and batch < last))
@@ -116,11 +116,10 @@ class StepGate:
                 "batch: draw a new batch from the data loader for every step.")
         if positional and position != steps + 1:
             raise PrivacyUsageError(
-                f"noise={mechanism!r} accounts for each example's participation at fixed positions, so every step "
-                f"must release the loader's next batch: this would be release {steps + 1}, and the loader is at "
-                f"batch {position} (a batch skipped or dropped, a second step on one batch, or a new loader). "
-                "Take one step per batch, resume from a checkpoint instead of skipping, and use one loader for the whole "
-                "run.")
+                f"{positional}, so every step must release the loader's next batch: this would be release "
+                f"{steps + 1}, and the loader is at batch {position} (a batch skipped or dropped, a second step on "
+                "one batch, or a new loader). Take one step per batch, resume from a checkpoint instead of skipping, "
+                "and use one loader for the whole run.")
 
     def released(self) -> None:
         self.last_released, self.step_batch, self.phase = self.step_batch, None, Phase.OPEN

@@ -44,7 +44,7 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
                  epochs: float | None = None, steps: int | None = None, grad_sample_mode: str = "auto",
                  clipping: str = "flat", clipping_kwargs: dict | None = None, noise: str = "gaussian",
                  noise_kwargs: dict | None = None, accountant: str = "prv", augmentation_multiplicity: int = 1,
-                 poisson_sampling: bool = True, loss_reduction: str = "mean", batch_first: bool = True,
+                 poisson_sampling: bool | str = True, loss_reduction: str = "mean", batch_first: bool = True,
                  criterion: nn.Module | None = None, secure_mode: bool = False, noise_seed: int | None = None,
                  sample_rate: float | None = None, expected_batch_size: float | None = None,
                  grad_scaler: torch.amp.GradScaler | None = None, public_buffers: list[str] | tuple = (),
@@ -69,7 +69,8 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
         noise, noise_kwargs: "gaussian" (default), "bandmf-<b>" or a plugin's, and its factory's arguments.
         accountant: "prv" (default), "rdp", "gdp" or a plugin's.
         augmentation_multiplicity: K augmented copies of each example, adjacent rows, averaged before clipping.
-        poisson_sampling: keep True; False keeps the loader's fixed-size batches and warns.
+        poisson_sampling: keep True. False is refused; ``"unproven"`` keeps the loader's fixed-size batches, accounts
+            for them as Poisson samples (not a proven bound) and warns (docs/privacy.md).
         loss_reduction: "mean" (divide by the expected batch size) or "sum".
         batch_first: whether layers see the batch along dim 0 (else dim 1).
         criterion: a torch loss with ``reduction``; returned wrapped, one loss per example (ghost needs it).
@@ -97,7 +98,7 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
     sigma, clip = guards.check_args(1.0 if noise_multiplier is None else noise_multiplier, max_grad_norm, K,
                                     loss_reduction, grad_sample_mode)
     secure_mode = guards.flag(secure_mode, "secure_mode")
-    poisson_sampling = guards.flag(poisson_sampling, "poisson_sampling")
+    poisson_sampling = guards.sampling_flag(poisson_sampling)
     where = topology.of(module, grad_sample_mode)
     registry.lookup("dpkit_accountants", accountant, "accountant")
     clipper = registry.lookup("dpkit_clippers", clipping, "clipping").value(
@@ -108,6 +109,7 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
                                expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
                                secure_mode=secure_mode, world_size=where.world_size, noise_seed=noise_seed)
     guards.check_mechanism_sampling(mechanism, noise, clipper, clipping, batches.loader, batches.sample_rate)
+    guards.check_truncation(batches.truncation, batches.sample_rate, clipper, clipping, accountant)
     guards.check_dataset_multiplicity(batches.loader, K)
     guards.check_mode_clipper(grad_sample_mode, clipper, clipping)
     if noise_multiplier is None:
@@ -148,7 +150,13 @@ def _calibrate(mechanism, clipper, batches: sampling.Sampling, noise: str, accou
         # An epoch is as many steps as the loader yields (round(1/q) for Poisson), not 1/q.
         steps, epochs = math.ceil(epochs * len(batches.loader)), None
     calibrate = getattr(mechanism, "calibrate", None)  # a mechanism with its own accounting (BandMF)
-    if calibrate is not None:
+    if batches.truncation is not None:  # truncated Poisson steps: calibrated on the events the ledger will hold
+        from dpkit.accounting import _noise_multiplier_for
+
+        sigma = _noise_multiplier_for(
+            lambda s: batches.event(mechanism.dp_event(s, batches.sample_rate)), target_epsilon=target_epsilon,
+            target_delta=target_delta, steps=steps, accountant=accountant)
+    elif calibrate is not None:
         if steps is None:
             raise ValueError(f"noise={noise!r} calibrates over a number of steps: give steps=, or "
                              "epochs= with a data loader")

@@ -7,21 +7,34 @@ import attrs
 import torch
 from torch.utils.data import DataLoader
 
-from dpkit.data import DPDataLoader, check_loader
+from dpkit.data import DPDataLoader, TruncatedPoissonLoader, check_loader
 from dpkit.distributed import digest
 from dpkit.engine.guards import number
 from dpkit.errors import PrivacyUsageError
+from dpkit.events import DpEvent, PoissonSampledEvent, TruncatedPoissonSampledEvent
 
 
 @attrs.frozen
 class Sampling:
     """The loader to train on (dpkit's Poisson twin of the user's), the sample rate q, and the expected batch
-    size that a "mean" loss is divided by (never the realised one, which the noise scale would reveal)."""
+    size that a "mean" loss is divided by (never the realised one, which the noise scale would reveal).
+    ``truncation``: ``(dataset size, max batch size)`` of a :class:`dpkit.data.TruncatedPoissonLoader`."""
 
     loader: DataLoader | None
     sample_rate: float
     expected_batch_size: float | None
     poisson: bool
+    truncation: tuple[int, int] | None = None
+
+    def event(self, event: DpEvent) -> DpEvent:
+        """A step's event as this sampling makes it: a Poisson step becomes a truncated one under truncation."""
+        if self.truncation is None:
+            return event
+        if not (isinstance(event, PoissonSampledEvent) and event.sample_rate == self.sample_rate):
+            raise PrivacyUsageError(
+                f"the step's privacy event {event!r} is not a Poisson step at the loader's rate {self.sample_rate}, "
+                "so dpkit cannot count it under the TruncatedPoissonLoader's truncation. Use noise='gaussian'.")
+        return TruncatedPoissonSampledEvent(self.truncation[0], self.sample_rate, self.truncation[1], event.event)
 
 
 def resolve(loader: DataLoader | None, *, poisson: bool, sample_rate, expected_batch_size, loss_reduction: str,
@@ -64,12 +77,15 @@ def resolve(loader: DataLoader | None, *, poisson: bool, sample_rate, expected_b
                 f"{world_size}: every rank would draw from the whole dataset, so the global batch would "
                 "not be the Poisson sample the accountant counts. Build it with DPDataLoader(..., "
                 "distributed=True) after init_process_group, or pass a plain DataLoader.")
+        if isinstance(loader, TruncatedPoissonLoader):
+            return Sampling(loader, loader.sample_rate, loader.expected_batch_size, poisson,
+                            (n, loader.max_batch_size))
         return Sampling(loader, loader.sample_rate, loader.sample_rate * n, poisson)
     batch_size = loader.batch_size * world_size  # each rank's loader yields its own share
-    _warn_own_sampling(secure_mode, "poisson_sampling=False")
-    warnings.warn("poisson_sampling=False: batches are not Poisson-sampled, but the privacy accounting "
-                  "assumes they are (as every DP-SGD library does); the reported epsilon is not a proven "
-                  "bound for shuffled fixed-size batches.", stacklevel=5)
+    _warn_own_sampling(secure_mode, "poisson_sampling='unproven'")
+    warnings.warn("poisson_sampling='unproven': batches are not Poisson-sampled, but the privacy accounting "
+                  "assumes they are; the reported epsilon is not a proven bound for shuffled fixed-size batches, "
+                  "and may be several times too small (arXiv 2411.10614).", stacklevel=5)
     return Sampling(loader, min(1.0, batch_size / n), float(batch_size), poisson)
 
 

@@ -211,7 +211,7 @@ def bmm_run(mode, reduction, scaler, overflow_at=None, dtype=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p = dpkit.make_private(module=net, optimizer=torch.optim.SGD(net.parameters(), lr=1.0),
-                               data_loader=DataLoader(ds, batch_size=8), poisson_sampling=False,
+                               data_loader=DataLoader(ds, batch_size=8), poisson_sampling="unproven",
                                noise_multiplier=0.5, max_grad_norm=1.0, grad_sample_mode=mode, noise_seed=3,
                                loss_reduction=reduction, criterion=nn.CrossEntropyLoss(), grad_scaler=scaler)
     scales = []

@@ -54,9 +54,17 @@ def test_drop_last_warns():
         make(data_loader=DataLoader(dataset(), batch_size=8, drop_last=True), quiet=False)
 
 
-def test_shuffled_fixed_batches_warn_that_the_accounting_assumes_poisson():
-    with pytest.warns(UserWarning, match="poisson_sampling=False"):
-        make(data_loader=DataLoader(dataset(), batch_size=8, shuffle=True), poisson_sampling=False, quiet=False)
+def test_shuffled_fixed_batches_are_refused_unless_the_documented_opt_out():
+    """Shuffled batches under Poisson accounting over-state privacy (arXiv 2411.10614): False is refused, with the
+    reference and the alternatives; "unproven" keeps them and warns."""
+    shuffled = DataLoader(dataset(), batch_size=8, shuffle=True)
+    for value in (False, 0):
+        with pytest.raises(PrivacyUsageError, match="2411.10614.*TruncatedPoissonLoader.*'unproven'"):
+            make(data_loader=shuffled, poisson_sampling=value)
+    with pytest.warns(UserWarning, match="poisson_sampling='unproven'.*not a proven bound"):
+        make(data_loader=shuffled, poisson_sampling="unproven", quiet=False)
+    with pytest.raises(TypeError, match="True or False \\(or 'unproven'"):
+        make(data_loader=shuffled, poisson_sampling="False")
 
 
 def test_a_shuffled_loader_is_replaced_by_poisson_sampling_of_the_whole_dataset():

@@ -24,10 +24,8 @@ from torch.utils.data import (
     default_collate,
 )
 
-from dpkit.distributed import check_same, digest, shared_seed
+from dpkit.distributed import check_same, digest, shared_seed, rank as dist_rank, world_size as dist_world_size
 from dpkit.modes._trace import loop_trace, remove
-from dpkit.distributed import rank as dist_rank
-from dpkit.distributed import world_size as dist_world_size
 from dpkit.errors import PrivacyUsageError
 
 
@@ -253,7 +251,6 @@ class DPDataLoader(DataLoader):
                    worker_init_fn=loader.worker_init_fn, timeout=loader.timeout,
                    prefetch_factor=loader.prefetch_factor if loader.num_workers else None,
                    persistent_workers=loader.persistent_workers)
-
 
 
 class CyclicPoissonBatchSampler(PoissonBatchSampler):
@@ -498,3 +495,6 @@ def split_batch(batch, max_rows: int) -> list:
         piece = [t[start:start + max_rows] if isinstance(t, torch.Tensor) else t for t in leaves]
         out.append(pytree.tree_unflatten(piece, spec))
     return out
+
+
+from dpkit.data.truncated import TruncatedPoissonBatchSampler, TruncatedPoissonLoader  # noqa: E402, F401 (re-export)
