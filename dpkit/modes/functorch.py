@@ -133,7 +133,9 @@ def per_example_grads(
     flat = tuple(params[n].detach() for n in names)
     # oneDNN/cuDNN recurrent kernels have no batching rule (and oneDNN's backward breaks under torch.func);
     # the recomputation uses the native kernels, the same function.
-    with torch.backends.mkldnn.flags(enabled=False, allow_tf32=None), torch.backends.cudnn.flags(enabled=False):
+    with torch.backends.mkldnn.flags(enabled=False, deterministic=None, allow_tf32=None, fp32_precision=None), \
+            torch.backends.cudnn.flags(enabled=False, benchmark=None, benchmark_limit=None, deterministic=None,
+                                       allow_tf32=None, fp32_precision=None, depthwise_kernel=None):
         return _batched(unit, one_example, flat, names, params, (split_args, split_kwargs, grads),
                         (arg_dims, kwarg_dims, grad_dims), rows // K)
 

@@ -163,3 +163,22 @@ def test_out_of_memory_keeps_its_type_and_names_the_way_out(monkeypatch, where):
         dpkit_step(model, x, y, mode="hooks", C=1.0)
     note = " ".join(getattr(exc.value, "__notes__", []))
     assert "grad_sample_mode='hooks'" in note and "'auto'" in note and "BatchMemoryManager(private" in note
+
+
+def test_functorch_leaves_the_backend_flags_as_it_found_them():
+    """The recomputation turns oneDNN and cuDNN off for itself alone: the user's other flags (deterministic,
+    fp32 precision) are neither changed during it nor after (issue 22.8)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    seen = []
+    original = torch.backends.mkldnn.deterministic
+    torch.backends.mkldnn.deterministic = True
+    try:
+        handle = model[0].register_forward_hook(
+            lambda *_: seen.append((torch.backends.mkldnn.enabled, torch.backends.mkldnn.deterministic)))
+        dpkit_step(model, x, y, mode="functorch", C=1.0)
+        handle.remove()
+        assert torch.backends.mkldnn.enabled and torch.backends.mkldnn.deterministic
+        assert (False, True) in seen  # the recomputation: oneDNN off, the user's deterministic kept
+    finally:
+        torch.backends.mkldnn.deterministic = original
