@@ -100,6 +100,14 @@ def make_private(*, module: nn.Module, optimizer: Optimizer, data_loader: DataLo
     secure_mode = guards.flag(secure_mode, "secure_mode")
     poisson_sampling = guards.sampling_flag(poisson_sampling)
     where = topology.of(module, grad_sample_mode)
+    where.check_call({"data_loader": type(data_loader).__name__, "noise_multiplier": noise_multiplier,
+                      "max_grad_norm": max_grad_norm, "target_epsilon": target_epsilon, "target_delta": target_delta,
+                      "epochs": epochs, "steps": steps, "grad_sample_mode": grad_sample_mode, "clipping": clipping,
+                      "noise": noise, "accountant": accountant, "augmentation_multiplicity": K,
+                      "poisson_sampling": poisson_sampling, "loss_reduction": loss_reduction,
+                      "secure_mode": secure_mode, "noise_seed given": noise_seed is not None,
+                      "sample_rate": sample_rate, "expected_batch_size": expected_batch_size,
+                      "grad_scaler": grad_scaler is not None})
     registry.lookup("dpkit_accountants", accountant, "accountant")
     clipper = registry.lookup("dpkit_clippers", clipping, "clipping").value(
         max_grad_norm=clip, **(clipping_kwargs or {}))

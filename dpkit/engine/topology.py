@@ -27,8 +27,12 @@ class Single:
     def parameters(self, module: nn.Module) -> list[nn.Parameter]:
         return list(module.parameters())
 
-    def check_at_make(self, settings: str, params: list[nn.Parameter]) -> None:
+    def check_at_make(self, settings: dict[str, Any], params: list[nn.Parameter]) -> None:
         """Every rank must start from the same weights and settings, or the replicas and the ledgers drift."""
+
+    def check_call(self, arguments: dict[str, Any]) -> None:
+        """Before make_private's first collective: every rank called it alike, or their collectives would pair
+        up wrongly and the first one to notice would blame something else (the seeds)."""
 
     def check_wrapping(self, module: nn.Module) -> None:
         """Once, before the first release: the model was not wrapped for another topology behind dpkit's back."""
@@ -60,20 +64,14 @@ class Replicated(Single):
             return seed
         return distributed.rank_seed(distributed.shared_seed(seed), self.rank)  # each rank noises its own slice
 
+    def check_call(self, arguments: dict[str, Any]) -> None:
+        if self.world_size > 1:
+            _same_everywhere(arguments, self.world_size)
+
     def check_at_make(self, settings: dict[str, Any], params: list[nn.Parameter]) -> None:
         if self.world_size == 1:  # FSDP2 over one process
             return
-        try:
-            distributed.check_same(torch.tensor([distributed.digest(settings)]), "make_private's arguments", "")
-        except PrivacyUsageError:
-            every: list[Any] = [None] * self.world_size
-            dist.all_gather_object(every, settings)
-            differ = sorted({k for theirs in every for k in settings if theirs.get(k) != settings[k]})
-            values = ", ".join(f"{k}: " + " / ".join(f"rank {r} {theirs.get(k)!r}" for r, theirs in enumerate(every))
-                               for k in differ)
-            raise PrivacyUsageError(
-                f"make_private's arguments differ between ranks ({values}). Call make_private with the same "
-                "arguments (and the same data loader size) on every rank.") from None
+        _same_everywhere(settings, self.world_size)
         distributed.check_same(  # sharded (FSDP2) parameters have no replicas to compare
             distributed.fingerprint([p for p in params if not distributed.is_sharded(p)]),
             "the trainable parameters",
@@ -165,3 +163,18 @@ def of(module: nn.Module, mode: str) -> Single:
     if any(distributed.is_sharded(p) for p in module.parameters()):
         return Sharded(module, mode)
     return Replicated(module) if distributed.world_size() > 1 else Single()
+
+
+def _same_everywhere(settings: dict[str, Any], world_size: int) -> None:
+    """Refuse settings that differ between ranks, naming each that does and every rank's value."""
+    try:
+        distributed.check_same(torch.tensor([distributed.digest(settings)]), "make_private's arguments", "")
+    except PrivacyUsageError:
+        every: list[Any] = [None] * world_size
+        dist.all_gather_object(every, settings)
+        differ = sorted({k for theirs in every for k in settings if theirs.get(k) != settings[k]})
+        values = ", ".join(f"{k}: " + " / ".join(f"rank {r} {theirs.get(k)!r}" for r, theirs in enumerate(every))
+                           for k in differ)
+        raise PrivacyUsageError(
+            f"make_private's arguments differ between ranks ({values}). Call make_private with the same "
+            "arguments (and the same data loader size) on every rank.") from None

@@ -60,6 +60,34 @@ def _differing_sigma(_) -> str:
     return "made"
 
 
+def _loader_on_one_rank(_) -> str:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import dpkit
+    from tests.distributed._workers import build, data
+
+    model = build("none")
+    loader = dict(data_loader=None, sample_rate=0.3, expected_batch_size=6) if torch.distributed.get_rank() == 0 \
+        else dict(data_loader=torch.utils.data.DataLoader(data(), batch_size=6))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), **loader,
+                               noise_multiplier=1.0, max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    except dpkit.PrivacyUsageError as err:
+        return str(err)
+    return "made"
+
+
+def test_ranks_that_differ_in_the_data_loader_name_it():
+    # Was: a message about seeds, from the first collective the two ranks paired up wrongly (issue 22.9).
+    for message in _launch.run(_loader_on_one_rank, 2, None):
+        assert "data_loader: rank 0 'NoneType' / rank 1 'DataLoader'" in message and "seed" not in message
+
+
 def test_a_rank_that_skips_a_batch_is_refused_on_every_rank():
     for message in _launch.run(_skipping_rank, 2, 1):
         assert "differ between rank 0 and rank(s) [1]" in message and "skipped" in message
