@@ -87,3 +87,26 @@ def test_bad_arguments_name_themselves(bad, words):
     kwargs = {"users": [0, 0, 1, 1], "max_per_user": 2, **bad}
     with pytest.raises(ValueError, match=words):
         dpkit.ByUser(data, **kwargs)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_a_loss_without_the_weight_column_warns(weighted):
+    # Was silent: the padding rows (copies of a user's first example, weight 0) trained at full weight.
+    import warnings
+
+    x, y, users = torch.randn(30, 3), torch.randint(0, 2, (30,)), torch.arange(30) % 12  # 2 or 3 per user
+    model = nn.Linear(3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private = dpkit.make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+            data_loader=dpkit.DPDataLoader(dpkit.ByUser(TensorDataset(x, y), users, max_per_user=3), 0.9),
+            max_grad_norm=1.0, augmentation_multiplicity=3)
+    xb, yb, wb = next(iter(private.data_loader))
+    assert bool((wb == 0).any())  # the batch has padding rows
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = F.cross_entropy(model(xb), yb, reduction="none")
+        (loss * wb.double().float() if weighted else loss).mean().backward()  # a moved copy counts too
+    private.optimizer.step()
+    assert any("did not weight the loss" in str(w.message) for w in caught) != weighted

@@ -12,17 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
-from torch.utils.data import (
-    BatchSampler,
-    DataLoader,
-    Dataset,
-    DistributedSampler,
-    IterableDataset,
-    RandomSampler,
-    Sampler,
-    SequentialSampler,
-    default_collate,
-)
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSampler, IterableDataset, RandomSampler,
+                              Sampler, SequentialSampler, default_collate)
 
 from dpkit.distributed import check_same, digest, shared_seed, rank as dist_rank, world_size as dist_world_size
 from dpkit.modes._trace import loop_trace, remove
@@ -223,7 +214,9 @@ class DPDataLoader(DataLoader):
             for t in tensors:
                 self._handed[id(t)] = (weakref.ref(t), self.batches_drawn)
             # Until the model's forward takes the batch over: mixing its rows in the loop (mixup) is refused there.
-            trace = loop_trace(tensors, group=self.dataset.K if isinstance(self.dataset, Multiplicity) else 1)
+            weighted = isinstance(self.dataset, ByUser) and tensors and bool((tensors[-1] == 0).any())  # padded
+            trace = loop_trace(tensors, self.dataset.K if isinstance(self.dataset, Multiplicity) else 1, tensors[-1:]
+                               if weighted else None)
             yield batch  # closed here (`next(iter(loader))`), the trace stays until the forward or the step takes it
             remove(trace)  # the loop asked for the next batch: this one's trace goes, if no forward took it
 

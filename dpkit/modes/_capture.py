@@ -204,6 +204,7 @@ class Capturer(Arrivals):
             # The loop's other tensors (the labels, an earlier forward's outputs) may join the loss too.
             if self._loop_before is not None:
                 self._loss_trace.adopt(self._loop_before.tracked(), self._loop_before)
+                self._loss_trace.required = self._loop_before.required
         self._loop_before = None
 
     @eager

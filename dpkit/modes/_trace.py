@@ -17,6 +17,7 @@ import functools
 import math
 import os
 import sys
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 
@@ -60,6 +61,7 @@ class BatchTrace(TorchFunctionMode):
         self.reduction: str | None = None  # a loss trace's: make_private's loss_reduction, "mean" or "sum"
         self.scaler: object = None  # a loss trace's: make_private's grad_scaler
         self.scaled_by: object = None  # the GradScaler that scaled the loss, if one did
+        self.required: list[Tensor] = []  # a loop's: batch fields the loss must be weighted by (ByUser's weights)
         if "torch._dynamo" in sys.modules:  # a model may be compiled: prepare here, in eager code
             _prepare_for_dynamo()
         self.adopt(inputs, source)
@@ -126,6 +128,8 @@ class BatchTrace(TorchFunctionMode):
                 "unscale. Pass it to make_private(grad_scaler=scaler) (docs/mixed-precision.md).")
         if type(s) is Summed and self.reduction is not None and training:
             _check_reduction(s, self.reduction)
+        if training and self.required:
+            _check_weighted(loss, self.required)
         if type(s) is tuple and gradient is not None and self.state(gradient) not in (None, s, FREE):
             s = Mixed(f"the gradient passed to backward is computed from other rows ({self.state(gradient)})")
         if type(s) is Mixed:
@@ -260,6 +264,36 @@ class BatchTrace(TorchFunctionMode):
 _PACKING = os.path.join("torch", "nn", "utils", "rnn.py")
 
 
+def _check_weighted(loss: Tensor, weights: list[Tensor], nodes: int = 64) -> None:
+    """Warn when a batch's weight column (``ByUser``'s, with padding rows of weight 0) did not reach the loss.
+
+    Looked for among the tensors the loss's last ``nodes`` autograd nodes saved (``loss * w`` saves ``w``, also
+    moved to another device), by value: padding rows trained at full weight change no bound, only the result.
+    """
+    wanted = [w.detach().flatten().cpu() for w in weights]
+    queue, seen = [loss.grad_fn], 0
+    while queue and seen < nodes and wanted:
+        node, seen = queue.pop(0), seen + 1
+        if node is None:
+            continue
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    saved = getattr(node, name)
+                except RuntimeError:  # freed
+                    continue
+                if isinstance(saved, Tensor):
+                    flat = saved.detach().flatten()
+                    wanted = [w for w in wanted if not (flat.numel() == w.numel() and torch.equal(flat.cpu(), w))]
+        queue.extend(f for f, _ in node.next_functions)
+    if wanted:
+        warnings.warn(
+            "the batch's last field (ByUser's weights: 0 for padding rows, copies of a user's first example) did not "
+            "weight the loss, so the padding rows are trained on as if they were examples. Multiply each row's "
+            "loss by its weight before averaging: (per_row_loss * weight).mean() (docs/privacy.md, user-level DP).",
+            stacklevel=4)
+
+
 def _check_reduction(s: Summed, expected: str) -> None:
     """Refuse the plain swap, a sum over the rows for a mean or the reverse; any other weight is the user's."""
     if s.weight is None or not s.rows or s.rows < 2:
@@ -288,12 +322,12 @@ def _packing() -> bool:
     return False
 
 
-def loop_trace(tensors: Iterable[Tensor], group: int = 1) -> BatchTrace:
+def loop_trace(tensors: Iterable[Tensor], group: int = 1, required: list[Tensor] | None = None) -> BatchTrace:
     """A trace of the training loop on a batch handed out (rows along dim 0, ``group`` rows per example), pushed
     on this thread's torch-function stack until :func:`remove`: the model's forward takes over its marks, so
     that mixing the batch in the loop (mixup) is seen."""
     trace = BatchTrace(tensors, batch_dim=0, group=group)
-    trace.loop = True
+    trace.loop, trace.required = True, required or []
     torch._C._push_on_torch_function_stack(trace)
     return trace
 
