@@ -29,15 +29,20 @@ from __future__ import annotations
 
 import itertools
 import math
-import statistics
 
 import attrs
 import numpy as np
+import torch
 
 # scipy is imported where it is used, not here: these modules load with every plugin manager (make_private,
 # `dpkit plugins`), and scipy.signal alone costs a quarter of a second, more than the rest of a first query.
 
-_GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
+# Gauss-Legendre on [-1, 1], 8 points: numpy.polynomial.legendre.leggauss(8)'s values, written out because
+# importing numpy.polynomial (about 0.5 MB of bytecode) cost the first epsilon query more than its arithmetic.
+_GL_NODES = np.array([-0.9602898564975362, -0.7966664774136267, -0.525532409916329, -0.18343464249564978,
+                      0.18343464249564978, 0.525532409916329, 0.7966664774136267, 0.9602898564975362])
+_GL_WEIGHTS = np.array([0.10122853629037706, 0.22238103445337443, 0.3137066458778869, 0.36268378337836166,
+                        0.36268378337836166, 0.3137066458778869, 0.22238103445337443, 0.10122853629037706])
 _FAR = 38.0          # standard deviations beyond which a Gaussian has no float64 mass
 _U = float(np.finfo(float).eps)
 _SHORT = 4096        # grids this short are cheap to convolve: not worth coarsening
@@ -128,7 +133,7 @@ def leaf(q: float, sigma: float, remove: bool, step: float, tail: float, max_cel
     losses). The step is doubled while the grid would exceed ``max_cells`` (time, memory).
     """
     remove = remove or q == 1.0
-    z = -statistics.NormalDist().inv_cdf(tail)
+    z = -float(torch.special.ndtri(torch.tensor(tail, dtype=torch.float64)))  # Cephes' ndtri, as scipy's
     x_lo = 1 - z * sigma if q == 1.0 else -_FAR * sigma  # q < 1: no float64 mass is left below
     x_hi = (1.0 if remove else 0.0) + z * sigma
     lo_loss, hi_loss = np.sort(_loss(np.array([x_lo, x_hi]), q, sigma, remove))

@@ -60,3 +60,15 @@ def test_numpys_fft_convolves_exactly_enough(extended):
     exact = np.convolve(a.probs, b.probs)
     offset = got.start - (a.start + b.start)
     np.testing.assert_allclose(got.probs, exact[offset:offset + len(got.probs)], rtol=1e-9, atol=1e-15)
+
+
+def test_the_written_out_gauss_legendre_rule_is_numpys():
+    nodes, weights = np.polynomial.legendre.leggauss(8)
+    assert np.array_equal(_pld._GL_NODES, nodes) and np.array_equal(_pld._GL_WEIGHTS, weights)
+
+
+def test_loading_the_plugins_imports_no_numpy_polynomial_or_statistics():
+    code = ("import sys; from dpkit import registry; registry.plugin_manager(); "
+            "print(sorted(m for m in sys.modules if m.startswith(('numpy.polynomial', 'statistics'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=BUILTINS).stdout
+    assert out.strip() == "[]"
