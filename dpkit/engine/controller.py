@@ -99,11 +99,6 @@ class PrivateTraining:
         self.scaler = amp.link(grad_scaler, lambda: self.enabled)
         if grad_scaler is not None and grad_scaler.is_enabled() and not grad_scaler.get_scale() > 0:
             raise ValueError(f"grad_scaler's scale is {grad_scaler.get_scale()!r}: it must be > 0 (init_scale=).")
-        if grad_scaler is not None and topology.world_size > 1:
-            raise PrivacyUsageError(
-                "grad_scaler= under torch.distributed is not supported yet: a loss-scale overflow on one rank "
-                "would skip the step there while the other ranks wait in the noised all-reduce. Use bf16 autocast "
-                "without a scaler (docs/mixed-precision.md).")
         self._state_before: list | None = None  # the model's state when the forward in flight started (invariant 3)
         self._wrapped: list[object] = []
         self._handles: list = []

@@ -68,7 +68,7 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
           clipping: str = "flat", reduction: str = "mean", secure: bool = False, seed: int = 7,
           noise_seed: int | None = 11, batch_size_per_rank: int | None = None, state: dict | None = None,
           weights_seed: int = 1, loader: str = "dp", tied: bool = False, physical: int | None = None,
-          evaluate: bool = False) -> dict:
+          evaluate: bool = False, scaler: bool = False) -> dict:
     """``steps`` private steps; returns each step's gradient and batch, the final weights, ε and the state."""
     model = build("none" if wrap == "ddp-after" else wrap, weights_seed, tied)
     if state is not None:
@@ -85,6 +85,8 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
         loader = dpkit.DPDataLoader(dataset, sample_rate=q, distributed=world > 1, secure_mode=secure,
                                     generator=None if secure else torch.Generator().manual_seed(seed))
     kwargs = {"clipping_kwargs": {"count_noise_multiplier": 2.0}} if clipping == "adaptive" else {}
+    if scaler:  # a loss scale of 2**10 in float32: divided out, the step is the one without
+        kwargs["grad_scaler"] = scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private = dpkit.make_private(
@@ -106,8 +108,13 @@ def train(wrap: str = "ddp", mode: str = "auto", sigma: float = 0.0, steps: int 
         if K > 1:
             x, y = x.repeat_interleave(K, 0), y.repeat_interleave(K, 0)
         optimizer.zero_grad()
-        criterion(model(x), y).backward()
-        optimizer.step()
+        if scaler:
+            scaler.scale(criterion(model(x), y)).backward()
+            scaler.step(optimizer)
+            scaler.update()  # the scale grows every step, on each rank alike: no overflow ever skips one
+        else:
+            criterion(model(x), y).backward()
+            optimizer.step()
         batch += i.tolist()
         if pieces and private.gate.virtual:
             continue  # a virtual step: the batch goes on

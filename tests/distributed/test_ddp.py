@@ -16,6 +16,7 @@ VARIANTS = {  # name: train() arguments
     "ddp-auto-adaptive": {"wrap": "ddp", "mode": "auto", "clipping": "adaptive", "sigma": 0.7},
     "ddp-auto-noisy": {"wrap": "ddp", "mode": "auto", "sigma": 1.0},
     "ddp-ghost-noisy": {"wrap": "ddp", "mode": "ghost", "sigma": 1.0},
+    "ddp-bk-grad_scaler": {"wrap": "ddp", "mode": "bk", "scaler": True},
     "ddp-distributed_sampler": {"wrap": "ddp", "mode": "bk", "batch_size_per_rank": 4,
                                 "loader": "distributed_sampler"},
 }
@@ -47,7 +48,7 @@ def _many(variants):
 
 
 def _reference(variant: dict) -> dict:
-    single = {k: v for k, v in variant.items() if k not in ("wrap", "loader")}
+    single = {k: v for k, v in variant.items() if k not in ("wrap", "loader", "scaler")}  # one process, no scaler
     if "batch_size_per_rank" in single:
         single["batch_size_per_rank"] *= 2  # one process: the global expected batch size
     return train(wrap="none", **single)
