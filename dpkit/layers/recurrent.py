@@ -43,7 +43,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from dpkit.errors import UnsupportedLayerError
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import _gram, fold, upcast, weight_sq_norms
+from dpkit.layers import _gram, _recurrent_forms, fold, upcast, weight_sq_norms
 
 Recurrent = nn.RNN | nn.GRU | nn.LSTM
 # One group of parameters whose gradients share the same dz, time-major ``[T, N, ·]`` in a direction's own time:
@@ -425,6 +425,10 @@ def blocks(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Ten
 # Both read (output, h_n[, c_n]) gradients: a model that reads h_n has it in the example's gradient.
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
 grad_sampler.blocks = blocks
+# bk and auto run LSTM, GRU and Elman layers as their F.linear calls and keep the real forward's gates
+# (_recurrent_forms.py); the replay above serves the other modes and the layouts the forms leave to torch.
+grad_sampler.linear_calls = _recurrent_forms.linear_calls
+grad_sampler.linear_forms = _recurrent_forms.FORMS
 
 
 @hookimpl
