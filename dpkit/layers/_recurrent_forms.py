@@ -10,7 +10,7 @@ the weights' per-example gradients are ``Σ_t dz_t a_tᵀ`` over the calls (``li
 replay and no hand-written back-propagation through time.
 
 Only the plain layouts take this path: a batched tensor input, no projection (``proj_size``), no dropout between
-levels in training. Any other call runs torch's own function, and the sampler replays it (or refuses) as before.
+levels in training, no autocast. Any other call runs torch's own function, and the sampler replays it (or refuses) as before.
 The forms equal torch's functions to float rounding (``tests/layers/test_recurrent_forms.py``).
 """
 from __future__ import annotations
@@ -26,12 +26,19 @@ _VF = torch._C._VariableFunctions
 
 def _plain(args: tuple, weights_per_cell: int) -> bool:
     """A padded call (``input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first``)
-    on a batched input whose parameters are each cell's weights and biases only."""
-    if len(args) != 9 or not isinstance(args[0], Tensor) or args[0].dim() != 3:
+    on a batched input whose parameters are each cell's weights and biases only, outside autocast (whose casts
+    torch's kernel and these forms would place differently)."""
+    if (len(args) != 9 or not isinstance(args[0], Tensor) or args[0].dim() != 3
+            or torch.is_autocast_enabled(args[0].device.type)):
         return False
     params, has_biases, num_layers, dropout, train, bidirectional = args[2:8]
     cells = num_layers * (2 if bidirectional else 1)
     return len(params) == cells * (weights_per_cell if has_biases else 2) and not (dropout and train and num_layers > 1)
+
+
+def _relaid(out: Tensor, batch_first: bool) -> Tensor:
+    """The top level's batch-first output as the layer returns it: contiguous, sequence-first if asked."""
+    return out if batch_first else out.transpose(0, 1).contiguous()
 
 
 def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int,
@@ -90,7 +97,7 @@ def lstm(linear: Callable, func: Callable, *args):
     x = x if batch_first else x.transpose(0, 1)
     out, finals = _levels(linear, x, params, has_biases, num_layers, bidirectional,
                           list(zip(h0.unbind(0), c0.unbind(0))), _lstm_cell)
-    return (out if batch_first else out.transpose(0, 1), torch.stack([h for h, _ in finals]),
+    return (_relaid(out, batch_first), torch.stack([h for h, _ in finals]),
             torch.stack([c for _, c in finals]))
 
 
@@ -102,7 +109,7 @@ def gru(linear: Callable, func: Callable, *args):
     x = x if batch_first else x.transpose(0, 1)
     out, finals = _levels(linear, x, params, has_biases, num_layers, bidirectional,
                           [(h,) for h in h0.unbind(0)], _gru_cell)
-    return out if batch_first else out.transpose(0, 1), torch.stack([h for h, in finals])
+    return _relaid(out, batch_first), torch.stack([h for h, in finals])
 
 
 def rnn(linear: Callable, func: Callable, *args):
@@ -113,7 +120,7 @@ def rnn(linear: Callable, func: Callable, *args):
     x = x if batch_first else x.transpose(0, 1)
     out, finals = _levels(linear, x, params, has_biases, num_layers, bidirectional,
                           [(h,) for h in h0.unbind(0)], _rnn_cell(func is _VF.rnn_relu))
-    return out if batch_first else out.transpose(0, 1), torch.stack([h for h, in finals])
+    return _relaid(out, batch_first), torch.stack([h for h, in finals])
 
 
 FORMS = {_VF.lstm: lstm, _VF.gru: gru, _VF.rnn_tanh: rnn, _VF.rnn_relu: rnn}

@@ -74,6 +74,21 @@ def test_layouts_the_forms_leave_to_torch(args):
     assert forms.lstm(F.linear, lambda *a: sentinel, *call) is sentinel
 
 
+def test_autocast_is_left_to_torch():
+    layer = nn.GRU(3, 4)
+    call = (torch.randn(5, 2, 3), torch.zeros(1, 2, 4), layer._flat_weights, True, 1, 0.0, True, False, False)
+    sentinel = object()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert forms.gru(F.linear, lambda *a: sentinel, *call) is sentinel
+    assert forms.gru(F.linear, lambda *a: sentinel, *call) is not sentinel
+
+
+def test_a_sequence_first_output_is_contiguous_as_torchs():
+    layer = nn.LSTM(3, 4, bidirectional=True)
+    out, (h, c) = run(layer, torch.randn(5, 2, 3))
+    assert out.is_contiguous() and h.is_contiguous() and out.shape == (5, 2, 8)
+
+
 @pytest.fixture
 def no_replay(monkeypatch):
     """Fails a test if the sampler replays the layer (``recurrent._groups``)."""
