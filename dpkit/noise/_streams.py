@@ -35,7 +35,7 @@ _WORDS = slice(24, 24 + 624 * 8)  # the MT19937 state in torch's CPU generator s
 _MASK = 2**64 - 1
 
 _pool: ThreadPoolExecutor | None = None
-_pool_size = 0
+_pool_key = (0, 0)  # (size, process id): a forked child has the pool object but not its threads
 _pool_lock = threading.Lock()
 
 
@@ -77,16 +77,18 @@ def _draw(part: Tensor, dtype: torch.dtype, std: float, gen: torch.Generator) ->
 
 
 def _threads(jobs: int) -> ThreadPoolExecutor | None:
-    """A pool of ``torch.get_num_threads()`` workers (rebuilt when that changes), or None for one thread or job."""
-    global _pool, _pool_size
+    """A pool of ``torch.get_num_threads()`` workers (rebuilt when that changes, and in a forked child), or None for
+    one thread or job."""
+    global _pool, _pool_key
     size = min(torch.get_num_threads(), os.cpu_count() or 1)
     if size < 2 or jobs < 2:
         return None
+    key = (size, os.getpid())
     with _pool_lock:
-        if _pool is None or _pool_size != size:
-            if _pool is not None:
+        if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key[1] == key[1]:
                 _pool.shutdown(wait=False)
-            _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="dpkit-noise"), size
+            _pool, _pool_key = ThreadPoolExecutor(size, thread_name_prefix="dpkit-noise"), key
         return _pool
 
 

@@ -3,6 +3,8 @@ count; Gaussian with no correlation between chunks, calls or ranks."""
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import types
 
 import numpy as np
@@ -128,3 +130,26 @@ def test_numpy_philox_agrees_with_the_reference():
     raw = np.random.Philox(key=np.array([5, 6], dtype=np.uint64),
                            counter=np.array([0, 2, 3, 4], dtype=np.uint64)).random_raw(8).tolist()
     assert raw == philox4x64([1, 2, 3, 4], [5, 6]) + philox4x64([2, 2, 3, 4], [5, 6])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_draws_on_its_own_threads():
+    """A DataLoader-style fork after a draw: the child, whose copy of the pool has no threads, draws the same."""
+    GaussianNoise(seed=3).add(torch.zeros(2 * _streams.STREAM), std=1.0)  # the parent's pool exists
+    expected = GaussianNoise(seed=3).add(torch.zeros(2 * _streams.STREAM), std=1.0)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: draw, report whether it matches, exit without pytest's teardown
+        try:
+            ok = torch.equal(GaussianNoise(seed=3).add(torch.zeros(2 * _streams.STREAM), std=1.0), expected)
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    signal.alarm(60)  # a child stuck on the parent's dead threads would hang the test
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.read(read, 1) == b"1" and status == 0
+    finally:
+        signal.alarm(0)
+        os.close(read)
