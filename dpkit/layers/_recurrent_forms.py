@@ -1,17 +1,24 @@
 """``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run as their ``F.linear`` calls, so that bk and auto keep the gates of the
 real forward.
 
-``torch.lstm``, ``torch.gru`` and ``torch.rnn_tanh``/``rnn_relu`` (what the layers' ``forward`` calls) hide their gates, so the recurrent sampler
-replays the layer to find them. In bk and auto the capture instead runs these forms in the real forward
-(``linear_forms``, ``dpkit/modes/_parts.py``): the same arithmetic as ATen's cells, with every product by a weight
-an ``F.linear`` call, the input's share of the gates one call over all steps and the hidden state's one call per
-step. The real backward then hands over each call's output gradient, which is ``dz``, the gates' gradient, and
-the weights' per-example gradients are ``Σ_t dz_t a_tᵀ`` over the calls (``linear_calls`` lays them out): no
-replay and no hand-written back-propagation through time.
+``torch.lstm``, ``torch.gru`` and ``torch.rnn_tanh``/``rnn_relu`` (what the layers' ``forward`` calls) hide their
+gates, so the recurrent sampler replays the layer to find them. In bk and auto the capture instead runs these forms
+in the real forward (``linear_forms``, ``dpkit/modes/_parts.py``), with every product by a weight an ``F.linear``
+call whose output gradient the real backward hands over: that gradient is ``dz``, the gates' gradient, and the
+weights' per-example gradients are ``Σ_t dz_t a_tᵀ`` over the calls (``linear_calls`` lays them out). No replay.
 
-Only the plain layouts take this path: a batched tensor input, no projection (``proj_size``), no dropout between
-levels in training, no autocast. Any other call runs torch's own function, and the sampler replays it (or refuses) as before.
-The forms equal torch's functions to float rounding (``tests/layers/test_recurrent_forms.py``).
+- GRU and Elman layers: ATen's cells written out, the input's share of the gates one call over all steps, the
+  hidden state's one call per step; autograd differentiates them.
+- LSTM: torch's CPU kernel (oneDNN) is fused, and the cell written out as separate autograd operations costs
+  several times more than it. So each level runs as the sampler's own forward without autograd
+  (``recurrent._Level``, which keeps the gates), and one autograd node (:class:`_LSTMLevel`) over two calls per
+  direction, the input's share and the hidden states' share (over all steps at once, the states read detached),
+  whose backward is the sampler's back-propagation through time (``recurrent._lstm``).
+
+Only the plain layouts take this path: a batched, non-empty tensor input, no projection (``proj_size``), no dropout
+between levels in training, no autocast, and for the LSTM an initial state that needs no gradient. Any other call
+runs torch's own function, and the sampler replays it (or refuses) as before. The forms equal torch's functions to
+float rounding (``tests/layers/test_recurrent_forms.py``).
 """
 from __future__ import annotations
 
@@ -26,9 +33,9 @@ _VF = torch._C._VariableFunctions
 
 def _plain(args: tuple, weights_per_cell: int) -> bool:
     """A padded call (``input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first``)
-    on a batched input whose parameters are each cell's weights and biases only, outside autocast (whose casts
-    torch's kernel and these forms would place differently)."""
-    if (len(args) != 9 or not isinstance(args[0], Tensor) or args[0].dim() != 3
+    on a batched, non-empty input whose parameters are each cell's weights and biases only, outside autocast
+    (whose casts torch's kernel and these forms would place differently)."""
+    if (len(args) != 9 or not isinstance(args[0], Tensor) or args[0].dim() != 3 or args[0].numel() == 0
             or torch.is_autocast_enabled(args[0].device.type)):
         return False
     params, has_biases, num_layers, dropout, train, bidirectional = args[2:8]
@@ -64,15 +71,6 @@ def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: b
     return x, finals
 
 
-def _lstm_cell(ih: Tensor, hh: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """ATen's LSTMCell: gates i, f, g, o; ``c = f c + i g``, ``h = o tanh(c)``."""
-    H = state[1].shape[-1]
-    gates = hh + ih
-    s, g = gates.sigmoid(), gates[:, 2 * H:3 * H].tanh()
-    c = torch.addcmul(s[:, H:2 * H] * state[1], s[:, :H], g)
-    return s[:, 3 * H:] * c.tanh(), c
-
-
 def _gru_cell(ih: Tensor, hh: Tensor, state: tuple[Tensor]) -> tuple[Tensor]:
     """ATen's GRUCell: ``r, z = σ(ih + hh)``, ``n = tanh(ih_n + r hh_n)``, ``h = (h - n) z + n``."""
     H = state[0].shape[-1]
@@ -89,16 +87,64 @@ def _rnn_cell(relu: bool) -> Callable:
     return cell
 
 
+class _LSTMLevel(torch.autograd.Function):
+    """One LSTM level (every direction) as one autograd node over its gates' two shares.
+
+    The forward pass was run without autograd (``recurrent._Level``, which keeps the gates, the cells and
+    ``tanh(c)``); the node's inputs are the gates' input and hidden shares as ``F.linear`` calls made them, each
+    ``[N, T, 4H]`` per direction in real time, and its backward is the recurrent sampler's back-propagation through
+    time (``recurrent._lstm``), whose ``dz`` is the gradient of both shares. So the real backward hands the calls
+    their ``dz``, and autograd takes the input's gradient (``dz W_ih``) and the weights' from them; no ATen kernel and
+    no replay. The hidden share's call reads the states of the forward pass detached: its input gradient would be
+    the recursion's, which the backward already carries."""
+
+    @staticmethod
+    def forward(ctx, level, flip, *shares):
+        from dpkit.layers import recurrent
+
+        ctx.level, ctx.flip = level, flip
+        h, c = level.h, level.c
+        return recurrent._join_time(h[1:], flip).clone(), h[-1].clone(), c[-1].clone()
+
+    @staticmethod
+    def backward(ctx, g_out, g_h, g_c):
+        from dpkit.layers import recurrent
+
+        level, flip = ctx.level, ctx.flip
+        dirs = level.h.shape[1]
+        dz, _ = recurrent._lstm(level, recurrent._split_time(g_out, dirs, flip), g_h, g_c)
+        per_dir = [(dz[:, d] if d == 0 else flip(dz[:, d])).transpose(0, 1) for d in range(dirs)]
+        return (None, None, *(g for d in per_dir for g in (d, d)))
+
+
 def lstm(linear: Callable, func: Callable, *args):
-    """``torch.lstm`` with its products through ``linear``; ``func`` (torch's) for the layouts left to it."""
-    if not _plain(args, 4):
+    """``torch.lstm`` as :class:`_LSTMLevel` nodes over ``linear`` calls; ``func`` (torch's) for the layouts left to
+    it, and where the initial state needs a gradient (the node passes none to it)."""
+    if not _plain(args, 4) or any(t.requires_grad for t in args[1]):
         return func(*args)
+    from dpkit.layers import recurrent
+
     x, (h0, c0), params, has_biases, num_layers, _, _, bidirectional, batch_first = args
-    x = x if batch_first else x.transpose(0, 1)
-    out, finals = _levels(linear, x, params, has_biases, num_layers, bidirectional,
-                          list(zip(h0.unbind(0), c0.unbind(0))), _lstm_cell)
-    return (_relaid(out, batch_first), torch.stack([h for h, _ in finals]),
-            torch.stack([c for _, c in finals]))
+    dirs, per, flip = (2 if bidirectional else 1), (4 if has_biases else 2), recurrent._flip
+    a = x.transpose(0, 1) if batch_first else x  # time-major, real time
+    finals = []
+    for level in range(num_layers):
+        cells = [params[j * per:(j + 1) * per] for j in range(level * dirs, (level + 1) * dirs)]
+        names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"][:per]
+        w = {n: torch.stack([cell[i].detach() for cell in cells]) for i, n in enumerate(names)}
+        hid = slice(level * dirs, (level + 1) * dirs)
+        with torch.no_grad():
+            s = recurrent._Level("LSTM", w, recurrent._own_time(a.detach(), dirs, flip), h0[hid], c0[hid])
+        shares = []
+        for d, (w_ih, w_hh, *biases) in enumerate(cells):
+            b_ih, b_hh = biases if biases else (None, None)
+            prev = s.h[:-1, d] if d == 0 else flip(s.h[:-1, d])  # [T, N, H] in real time
+            shares += [linear(a.transpose(0, 1), w_ih, b_ih), linear(prev.transpose(0, 1), w_hh, b_hh)]
+        out, h_n, c_n = _LSTMLevel.apply(s, flip, *shares)
+        finals.append((h_n, c_n))
+        a = out
+    out = a.transpose(0, 1).contiguous() if batch_first else a
+    return out, torch.cat([h for h, _ in finals]), torch.cat([c for _, c in finals])
 
 
 def gru(linear: Callable, func: Callable, *args):

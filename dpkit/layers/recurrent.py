@@ -425,7 +425,7 @@ def blocks(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Ten
 # Both read (output, h_n[, c_n]) gradients: a model that reads h_n has it in the example's gradient.
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
 grad_sampler.blocks = blocks
-# bk and auto run LSTM, GRU and Elman layers as their F.linear calls and keep the real forward's gates
+# bk and auto run LSTM, GRU and Elman layers as F.linear calls and take the gates' gradients from the real backward
 # (_recurrent_forms.py); the replay above serves the other modes and the layouts the forms leave to torch.
 grad_sampler.linear_calls = _recurrent_forms.linear_calls
 grad_sampler.linear_forms = _recurrent_forms.FORMS

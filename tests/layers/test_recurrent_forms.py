@@ -121,3 +121,21 @@ def test_a_projection_is_replayed_exactly(plugins, mode):  # noqa: F811
     model = Classifier("lstm", proj_size=2)
     model.fc = nn.Linear(2, 3)
     assert_step_matches_loop(model.double(), *seq(6), mode=mode, K=2, reduction="mean")
+
+
+@pytest.mark.parametrize("mode", ["bk", "auto"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_an_empty_batch_moves_nothing(plugins, cell, mode):  # noqa: F811
+    from test_recurrent import private_step
+
+    torch.manual_seed(0)
+    update = private_step(Classifier(cell, num_layers=2).double(), *seq(0), mode=mode, K=1, C=1.0, reduction="sum")
+    assert all(torch.count_nonzero(t) == 0 for t in update)
+
+
+def test_an_initial_state_that_needs_a_gradient_is_left_to_torch():
+    layer = nn.LSTM(3, 4)
+    h0 = torch.zeros(1, 2, 4, requires_grad=True)
+    call = (torch.randn(5, 2, 3), (h0, torch.zeros(1, 2, 4)), layer._flat_weights, True, 1, 0.0, True, False, False)
+    sentinel = object()
+    assert forms.lstm(F.linear, lambda *a: sentinel, *call) is sentinel
