@@ -133,13 +133,15 @@ def lstm(linear: Callable, func: Callable, *args):
         names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"][:per]
         w = {n: torch.stack([cell[i].detach() for cell in cells]) for i, n in enumerate(names)}
         hid = slice(level * dirs, (level + 1) * dirs)
-        with torch.no_grad():
-            s = recurrent._Level("LSTM", w, recurrent._own_time(a.detach(), dirs, flip), h0[hid], c0[hid])
+        ih = [linear(a.transpose(0, 1), cell[0], cell[2] if has_biases else None) for cell in cells]  # [N, T, 4H]
+        with torch.no_grad():  # the input's share in each direction's own time, the hidden bias added: the gates' start
+            z = torch.stack([t.transpose(0, 1) if d == 0 else flip(t.transpose(0, 1)) for d, t in enumerate(ih)], 1)
+            z = z.add_(w["bias_hh"][:, None]) if has_biases else z
+            s = recurrent._Level("LSTM", w, recurrent._own_time(a.detach(), dirs, flip), h0[hid], c0[hid], z)
         shares = []
-        for d, (w_ih, w_hh, *biases) in enumerate(cells):
-            b_ih, b_hh = biases if biases else (None, None)
+        for d, cell in enumerate(cells):
             prev = s.h[:-1, d] if d == 0 else flip(s.h[:-1, d])  # [T, N, H] in real time
-            shares += [linear(a.transpose(0, 1), w_ih, b_ih), linear(prev.transpose(0, 1), w_hh, b_hh)]
+            shares += [ih[d], linear(prev.transpose(0, 1), cell[1], cell[3] if has_biases else None)]
         out, h_n, c_n = _LSTMLevel.apply(s, flip, *shares)
         finals.append((h_n, c_n))
         a = out
