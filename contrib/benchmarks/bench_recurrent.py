@@ -229,10 +229,11 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
     only; elementwise work, the embedding and the classifier head left out of both sides).
 
     ``replay``: what one sampler call recomputes from the record (the inputs and the output's gradient) to reach
-    the gates' or projections' gradients. For the LSTM, ``bk``/``auto`` call the norm sampler and then the grad
-    sampler on the weighted gradients, so they replay twice; ``bk, dz kept`` is bk with the norm call's gradients
-    reused for the clipped sum, ``no replay`` what any exact method adds if the training's own backward handed over
-    dz. MultiheadAttention's ``bk``/``auto`` take the projections' inputs and output gradients from the training's
+    the gates' or projections' gradients. For the LSTM, ``bk``/``auto`` now keep the gates of the real forward
+    (its levels run unfused, plus one product for the hidden share's call, and the backward is the sampler's
+    recursion, with no weight gradients); ``bk/auto replaying`` is the replaying path of the ``replay`` column,
+    which calls the norm sampler and then the grad sampler, so it replays twice; ``no replay`` what any exact method
+    adds to the fused training step if its own backward handed over dz. MultiheadAttention's ``bk``/``auto`` take the projections' inputs and output gradients from the training's
     own forward and backward (linear parts, dpkit/modes/_parts.py): no replay.
     """
     if name == "lstm":
@@ -251,7 +252,10 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
     sums = per_example
     base = training - skipped
     if name == "lstm":
-        modes = {"bk/auto": base + 2 * replay + norms + sums, "bk, dz kept": base + replay + norms + sums,
+        # gates kept (dpkit/layers/_recurrent_forms.py): forward 12 (the input share, the unfused loop's hidden
+        # products, the hidden share's call), backward 8 (dz W_hh through time, dz W_ih): no weight gradients
+        kept = 20 * B * T * d * d
+        modes = {"bk/auto": kept + norms + sums, "bk/auto replaying": base + 2 * replay + norms + sums,
                  "no replay": base + norms + sums}
     else:  # linear parts: the real backward hands over the projections' output gradients
         modes = {"bk/auto": base + norms + sums}
