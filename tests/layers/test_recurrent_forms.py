@@ -139,3 +139,24 @@ def test_an_initial_state_that_needs_a_gradient_is_left_to_torch():
     call = (torch.randn(5, 2, 3), (h0, torch.zeros(1, 2, 4)), layer._flat_weights, True, 1, 0.0, True, False, False)
     sentinel = object()
     assert forms.lstm(F.linear, lambda *a: sentinel, *call) is sentinel
+
+
+class Twice(nn.Module):
+    """One recurrent layer called on two inputs: two records, whose parts the step sums."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = CELLS[cell](3, 4, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        a, _ = self.rnn(x)
+        b, _ = self.rnn(x.flip(1) * 0.5)
+        return self.fc(a[:, -1] + b[:, 0])
+
+
+@pytest.mark.parametrize("mode", ["bk", "auto"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_a_layer_called_twice(plugins, no_replay, cell, mode):  # noqa: F811
+    torch.manual_seed(0)
+    assert_step_matches_loop(Twice(cell).double(), *seq(6), mode=mode, K=2, reduction="mean")
