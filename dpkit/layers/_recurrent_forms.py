@@ -114,7 +114,7 @@ class _LSTMLevel(torch.autograd.Function):
         dirs = level.h.shape[1]
         dz, _ = recurrent._lstm(level, recurrent._split_time(g_out, dirs, flip), g_h, g_c)
         per_dir = [(dz[:, d] if d == 0 else flip(dz[:, d])).transpose(0, 1) for d in range(dirs)]
-        return (None, None, *(g for d in per_dir for g in (d, d)))
+        return (None, None, *(share for dz_d in per_dir for share in (dz_d, dz_d)))  # both shares' gradient is dz
 
 
 def lstm(linear: Callable, func: Callable, *args):
@@ -177,8 +177,8 @@ FORMS = {_VF.lstm: lstm, _VF.gru: gru, _VF.rnn_tanh: rnn, _VF.rnn_relu: rnn}
 def linear_calls(layer: nn.Module, activations: list, backprops: Sequence[Tensor | None], x: Tensor, g: Tensor
                  ) -> tuple[Tensor, Tensor] | None:
     """One ``F.linear`` call of the forms batch-first, ``[N, positions, ·]``, or ``None`` (the record then falls
-    back to the replay): the input's share ``[N, T, in]`` as it is, a step's hidden state ``[N, H]`` as one
-    position. Anything else (a packed or unbatched input, which the forms leave to torch) is ``None``."""
+    back to the replay): a share over all steps ``[N, T, ·]`` (the input's; the LSTM's hidden states') as it is, a
+    step's hidden state ``[N, H]`` as one position. Anything else (a packed or unbatched input, which the forms leave to torch) is ``None``."""
     x_in = activations[0]
     if isinstance(x_in, PackedSequence) or not isinstance(x_in, Tensor) or x_in.dim() != 3:
         return None
