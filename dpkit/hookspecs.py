@@ -46,6 +46,15 @@ class GradSampler(Protocol):
     and backward, with no recomputation; a call it refuses, a parameter whose rows
     the calls do not tile exactly, or one read other than as whole rows leaves
     that layer call to the sampler.
+
+    A sampler with ``linear_calls`` may also carry ``linear_forms``,
+    ``{torch function: form}``, for a layer whose forward calls a fused kernel
+    (``torch.lstm``): while the layer runs in ``bk`` or ``auto``, a call of that
+    function runs ``form(linear, function, *args)`` instead, which computes the
+    same outputs with every product by a parameter a call of ``linear`` (or
+    returns ``function(*args)`` for a layout it does not cover). Calls that read
+    the same rows (a recurrent weight, once per step) have their blocks joined
+    along positions.
     """
 
     def __call__(

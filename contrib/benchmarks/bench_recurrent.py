@@ -20,6 +20,10 @@ is listed with its error. This is a benchmark, not a test: it asserts nothing.
 it packs them (``pack_padded_sequence``, unsorted) and reads the final state. It has no ``floor`` line: its training
 skips the padding, which the samplers replay.
 
+``gru`` is the same classifier with an ``nn.GRU``. ``dpkit auto, replay`` is auto with the recurrent layer replayed by
+its sampler, as before its forward ran as F.linear calls (``dpkit/layers/_recurrent_forms.py``); ``ratio spread``
+gives the quartiles of the per-round ratios to the non-private step of the same round.
+
 ``--modes`` picks dpkit's modes (default hooks, ghost, bk, auto). Under each table, ``floor`` gives each mode's
 multiply-adds as a ratio to non-private training's: the ratio no CPU time can beat with the samplers as built, and
 what bk would need with the norm pass's gradients kept for the clipped sum, or with no replay at all.
@@ -104,6 +108,18 @@ def _dpkit(model: nn.Module, mode: str, batch: int, samplers: bool):
     return step
 
 
+def _replaying(step):
+    """``step`` with the recurrent sampler's F.linear forms taken away for its duration: the layer is replayed."""
+    def run(x, y):
+        forms = recurrent.grad_sampler.linear_forms
+        del recurrent.grad_sampler.linear_forms  # no calls recorded: the record falls back to the sampler
+        try:
+            step(x, y)
+        finally:
+            recurrent.grad_sampler.linear_forms = forms
+    return run
+
+
 def _opacus(model: nn.Module, batch: int):
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
@@ -133,7 +149,8 @@ def _plain(model: nn.Module):
 
 def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str, object]:
     """Label → step function (or the error that refused it), each on its own copy of one initial model."""
-    make = {"lstm": LSTMClassifier, "lstm-packed": PackedLSTMClassifier, "mha": AttentionClassifier}[name]
+    make = {"lstm": LSTMClassifier, "lstm-packed": PackedLSTMClassifier, "mha": AttentionClassifier,
+            "gru": lambda d, lstm=nn.GRU: LSTMClassifier(d, lstm)}[name]
     torch.manual_seed(0)
     state = make(d).state_dict()
 
@@ -143,12 +160,15 @@ def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str,
         return model
     out: dict[str, object] = {"non-private": _plain(fresh())}
     builders = {f"dpkit {m}": (lambda m=m: _dpkit(fresh(), m, batch, True)) for m in modes}
+    if name != "mha":
+        builders["dpkit auto, replay"] = lambda: _replaying(_dpkit(fresh(), "auto", batch, True))
     builders["dpkit auto, torch.func fallback"] = lambda: _dpkit(fresh(), "auto", batch, False)
     try:
-        from opacus.layers import DPLSTM, DPMultiheadAttention
+        from opacus.layers import DPGRU, DPLSTM, DPMultiheadAttention
 
-        layer = {"lstm": {"lstm": DPLSTM}, "mha": {"mha": DPMultiheadAttention}}[name.split("-")[0]]
-        builders[f"opacus hooks ({'DPLSTM' if name != 'mha' else 'DPMultiheadAttention'})"] = \
+        layer = {"lstm": {"lstm": DPLSTM}, "gru": {"lstm": DPGRU}, "mha": {"mha": DPMultiheadAttention}}[
+            name.split("-")[0]]
+        builders[f"opacus hooks ({next(iter(layer.values())).__name__})"] = \
             lambda: _opacus(fresh(**layer), batch)
     except ImportError:
         pass
@@ -164,9 +184,9 @@ def configurations(name: str, d: int, batch: int, modes: list[str]) -> dict[str,
 
 
 def measure(configs: dict[str, object], x: torch.Tensor, y: torch.Tensor, warmup: int, rounds: int
-            ) -> dict[str, tuple[float, float, int] | str]:
+            ) -> dict[str, tuple[float, float, int, tuple[float, float]] | str]:
     """Median wall and CPU ms per step, the configurations taking turns, then each one's peak tensor bytes over one
-    more step."""
+    more step, and the quartiles of its per-round wall-time ratio to the first configuration (non-private)."""
     times: dict[str, list[tuple[float, float]]] = {k: [] for k, v in configs.items() if callable(v)}
     failed: dict[str, str] = {k: f"refused: {type(v).__name__}: {' '.join(str(v).split())[:160]}"
                               for k, v in configs.items() if not callable(v)}
@@ -187,7 +207,13 @@ def measure(configs: dict[str, object], x: torch.Tensor, y: torch.Tensor, warmup
         with TensorMemory() as mem:
             configs[label](x, y)
         peaks[label] = mem.peak - mem.entry
-    return {**{k: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v), peaks[k])
+    first = next(iter(times))
+
+    def spread(v):
+        ratios = [t / b for (t, _), (b, _) in zip(v, times[first])]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+        return q[0], q[2]
+    return {**{k: (statistics.median(t for t, _ in v), statistics.median(c for _, c in v), peaks[k], spread(v))
                for k, v in times.items()}, **failed}
 
 
@@ -203,10 +229,11 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
     only; elementwise work, the embedding and the classifier head left out of both sides).
 
     ``replay``: what one sampler call recomputes from the record (the inputs and the output's gradient) to reach
-    the gates' or projections' gradients. For the LSTM, ``bk``/``auto`` call the norm sampler and then the grad
-    sampler on the weighted gradients, so they replay twice; ``bk, dz kept`` is bk with the norm call's gradients
-    reused for the clipped sum, ``no replay`` what any exact method adds if the training's own backward handed over
-    dz. MultiheadAttention's ``bk``/``auto`` take the projections' inputs and output gradients from the training's
+    the gates' or projections' gradients. For the LSTM, ``bk``/``auto`` now keep the gates of the real forward
+    (its levels run unfused, plus one product for the hidden share's call, and the backward is the sampler's
+    recursion, with no weight gradients); ``bk/auto replaying`` is the replaying path of the ``replay`` column,
+    which calls the norm sampler and then the grad sampler, so it replays twice; ``no replay`` what any exact method
+    adds to the fused training step if its own backward handed over dz. MultiheadAttention's ``bk``/``auto`` take the projections' inputs and output gradients from the training's
     own forward and backward (linear parts, dpkit/modes/_parts.py): no replay.
     """
     if name == "lstm":
@@ -225,7 +252,10 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
     sums = per_example
     base = training - skipped
     if name == "lstm":
-        modes = {"bk/auto": base + 2 * replay + norms + sums, "bk, dz kept": base + replay + norms + sums,
+        # gates kept (dpkit/layers/_recurrent_forms.py): forward 12 (the input share, the unfused loop's hidden
+        # products, the hidden share's call), backward 8 (dz W_hh through time, dz W_ih): no weight gradients
+        kept = 20 * B * T * d * d
+        modes = {"bk/auto": kept + norms + sums, "bk/auto replaying": base + 2 * replay + norms + sums,
                  "no replay": base + norms + sums}
     else:  # linear parts: the real backward hands over the projections' output gradients
         modes = {"bk/auto": base + norms + sums}
@@ -235,7 +265,7 @@ def floor(name: str, B: int, T: int, d: int, heads: int = 4) -> dict[str, float]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["lstm", "mha"], choices=["lstm", "lstm-packed", "mha"])
+    parser.add_argument("--models", nargs="+", default=["lstm", "mha"], choices=["lstm", "lstm-packed", "gru", "mha"])
     parser.add_argument("--modes", nargs="+", default=["hooks", "ghost", "bk", "auto"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=64)
@@ -255,14 +285,15 @@ def main() -> None:
         y = torch.randint(0, CLASSES, (args.batch,))
         results = measure(configurations(name, args.dim, args.batch, args.modes), x, y, args.warmup, args.rounds)
         base, base_cpu = results["non-private"][:2]
-        print(f"\n{name}\n{'configuration':<40} {'ms/step':>9} {'ratio':>7} {'CPU ms':>9} {'ratio':>7} {'peak MiB':>9}")
+        print(f"\n{name}\n{'configuration':<40} {'ms/step':>9} {'ratio':>7} {'ratio spread':>13} {'CPU ms':>9} "
+              f"{'ratio':>7} {'peak MiB':>9}")
         for label, res in results.items():
             if isinstance(res, str):
                 print(f"{label:<40} {res}")
             else:
-                print(f"{label:<40} {res[0]:9.1f} {res[0] / base:7.2f} {res[1]:9.1f} {res[1] / base_cpu:7.2f} "
-                      f"{res[2] / 2**20:9.1f}")
-        if name == "lstm-packed":
+                print(f"{label:<40} {res[0]:9.1f} {res[0] / base:7.2f} {res[3][0]:6.2f}–{res[3][1]:<6.2f} "
+                      f"{res[1]:9.1f} {res[1] / base_cpu:7.2f} {res[2] / 2**20:9.1f}")
+        if name in ("lstm-packed", "gru"):
             continue
         print("floor, multiply-adds as a ratio to training's: " + ", ".join(
             f"{k} {v:.3g}" for k, v in floor(name, args.batch, args.seq, args.dim).items()))

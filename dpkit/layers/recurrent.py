@@ -43,7 +43,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from dpkit.errors import UnsupportedLayerError
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import _gram, fold, upcast, weight_sq_norms
+from dpkit.layers import _gram, _recurrent_forms, fold, upcast, weight_sq_norms
 
 Recurrent = nn.RNN | nn.GRU | nn.LSTM
 # One group of parameters whose gradients share the same dz, time-major ``[T, N, ·]`` in a direction's own time:
@@ -171,23 +171,26 @@ class _Level:
     """One level's replayed forward pass (per cell: what its backward recursion reads), all ``[T, D, N, ·]`` in each
     direction's own time, and ``h`` ``[T + 1, D, N, Hout]`` with ``h[0]`` the initial state."""
 
-    def __init__(self, mode: str, w: dict[str, Tensor], a: Tensor, h0: Tensor, c0: Tensor | None):
+    def __init__(self, mode: str, w: dict[str, Tensor], a: Tensor, h0: Tensor, c0: Tensor | None,
+                 z: Tensor | None = None):
         self.a, self.w = a, w
         T = a.shape[0]
         self.h = a.new_empty(T + 1, *h0.shape)
         self.h[0] = h0
         if mode == "LSTM":
-            self._lstm(w, a, c0)
+            self._lstm(w, a, c0, z)
         elif mode == "GRU":
             self._gru(w, a)
         else:
             self._rnn(w, a, relu=mode == "RNN_RELU")
 
-    def _lstm(self, w: dict[str, Tensor], a: Tensor, c0: Tensor) -> None:
+    def _lstm(self, w: dict[str, Tensor], a: Tensor, c0: Tensor, z: Tensor | None) -> None:
         """Gates i, f, g, o (activated in place), ``c`` ``[T + 1, ...]`` and ``tanh(c)``; with a projection, the
-        unprojected state ``m = o tanh(c)``."""
+        unprojected state ``m = o tanh(c)``. ``z``: the input's share of the gates with both biases, if known (a
+        buffer this overwrites)."""
         T, H = a.shape[0], c0.shape[-1]
-        z, h, whh, whr = _linear(a, w["weight_ih"], _input_bias(w)), self.h, w["weight_hh"].mT, w.get("weight_hr")
+        z = _linear(a, w["weight_ih"], _input_bias(w)) if z is None else z
+        h, whh, whr = self.h, w["weight_hh"].mT, w.get("weight_hr")
         c = a.new_empty(T + 1, *c0.shape)
         c[0] = c0
         tc = a.new_empty(T, *c0.shape)
@@ -425,6 +428,10 @@ def blocks(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Ten
 # Both read (output, h_n[, c_n]) gradients: a model that reads h_n has it in the example's gradient.
 grad_sampler.all_outputs = norm_sampler.all_outputs = True
 grad_sampler.blocks = blocks
+# bk and auto run LSTM, GRU and Elman layers as F.linear calls and take the gates' gradients from the real backward
+# (_recurrent_forms.py); the replay above serves the other modes and the layouts the forms leave to torch.
+grad_sampler.linear_calls = _recurrent_forms.linear_calls
+grad_sampler.linear_forms = _recurrent_forms.FORMS
 
 
 @hookimpl

@@ -346,7 +346,7 @@ class Capturer(Arrivals):
         if not self._active() or self._trace is None or id(row) not in self._replaced:
             return
         stands = {id(p): (owner._parameters[name], p) for owner, name, p in self._slots[id(row)] if p.requires_grad}
-        self._spy.open(id(row), list(stands.values()))
+        self._spy.open(id(row), list(stands.values()), getattr(row.sampler, "linear_forms", None))
         self._trace.spy = self._spy
 
     def _close_parts(self, row: LayerPlan) -> _parts.Parts | None:

@@ -13,6 +13,12 @@ Fail closed: a stand-in read other than as whole rows, a call ``linear_calls`` d
 needs no gradient, or a trainable parameter whose rows the calls do not tile exactly (``bias_k``, read by
 ``torch.cat``) leaves the record to the grad sampler, as if no call had been recorded.
 
+A sampler may also carry ``linear_forms``, ``{torch function: form}``: while its unit is in flight a call of that
+function runs ``form(linear, function, *args)`` instead, its own arithmetic with every product by a parameter an
+``F.linear`` call (``torch.lstm`` and ``torch.gru``, whose gates torch's kernels hide: ``dpkit/layers/
+_recurrent_forms.py``). A parameter read whole by several calls (a recurrent weight, once per step) gets the calls'
+blocks joined along their positions: its gradient is the sum over the calls.
+
 Functions of ``torch.nn.functional`` written in Python (``multi_head_attention_forward``) run their body with the
 torch-function modes popped, so the batch trace sees them as one call and not the ``F.linear`` calls inside. While a
 parts unit is in flight the trace hands every call to ``LinearSpy``, which runs those functions as copies whose
@@ -107,13 +113,17 @@ class LinearSpy:
     def __init__(self) -> None:
         self._stands: dict[int, tuple[Tensor, nn.Parameter, Parts]] = {}  # by id of the stand-in
         self._open: dict[int, tuple[Parts, list[int]]] = {}  # by id of the unit's plan row
+        self._forms: dict[int, dict[Callable, Callable]] = {}  # the open units' linear_forms, by id of the row
 
     @property
     def active(self) -> bool:
         return bool(self._open)
 
-    def open(self, key: int, stands: list[tuple[Tensor, nn.Parameter]]) -> None:
-        """Start recording the calls on ``stands`` (each stand-in with its trainable parameter)."""
+    def open(self, key: int, stands: list[tuple[Tensor, nn.Parameter]], forms: dict | None = None) -> None:
+        """Start recording the calls on ``stands`` (each stand-in with its trainable parameter); ``forms``: the
+        sampler's ``linear_forms``."""
+        if forms:
+            self._forms[key] = forms
         parts = Parts()
         for stand, p in stands:
             self._stands[id(stand)] = (stand, p, parts)
@@ -122,6 +132,7 @@ class LinearSpy:
     def close(self, key: int) -> Parts | None:
         """Stop recording a unit's calls (its forward ended) and hand them over."""
         parts, ids = self._open.pop(key, (None, ()))
+        self._forms.pop(key, None)
         for i in ids:
             self._stands.pop(i, None)
         return parts
@@ -129,6 +140,9 @@ class LinearSpy:
     def __call__(self, func: Callable, args: tuple, kwargs: dict):
         if func is _LINEAR:
             return self.linear(*args, **kwargs)
+        for forms in self._forms.values():
+            if func in forms:
+                return forms[func](self.linear, func, *args, **kwargs)
         name = _linear_callers().get(func)
         if name is not None:
             return _rebound(name, self.linear)(*args, **kwargs)
@@ -172,7 +186,8 @@ class LinearSpy:
 def blocks(parts: Parts, layout: Callable, own: list[nn.Parameter], layer: nn.Module, activations: list,
            backprops: list) -> dict[nn.Parameter, list[tuple[Tensor | None, Tensor]]]:
     """Each trainable parameter's gradient as Linear blocks ``[(a, g), ...]`` in row order, from the recorded calls;
-    empty if the calls do not give every parameter of ``own`` exactly (each of its rows read by one call).
+    empty if the calls do not give every parameter of ``own`` exactly (its rows tiled by the calls' row blocks, each
+    block read whole by one call or more).
 
     ``layout`` is the sampler's ``linear_calls``; ``activations`` and ``backprops`` come batch-first, as a sampler
     gets them (this is called through ``LayerPlan.call``)."""
@@ -198,16 +213,26 @@ def blocks(parts: Parts, layout: Callable, own: list[nn.Parameter], layer: nn.Mo
                 spans.setdefault(id(ref[0]), []).append((ref[1], ref[2], x, g))
     out = {}
     for p in own:
-        got = sorted(spans.get(id(p), ()), key=lambda s: s[0])
+        reads: dict[tuple[int, int], list[tuple[Tensor | None, Tensor]]] = {}
+        for first, end, a, g in spans.get(id(p), ()):
+            reads.setdefault((first, end), []).append((a, g))
         edge = 0
-        for first, end, _, _ in got:
+        for first, end in sorted(reads):
             if first != edge:
                 return {}
             edge = end
-        if not got or edge != p.shape[0]:
+        if not reads or edge != p.shape[0]:
             return {}
-        out[p] = [(a, g) for _, _, a, g in got]
+        out[p] = [_joined(reads[span]) for span in sorted(reads)]
     return out
+
+
+def _joined(pairs: list[tuple[Tensor | None, Tensor]]) -> tuple[Tensor | None, Tensor]:
+    """Blocks of the same rows of a parameter, one ``(a, g)`` with their positions side by side."""
+    if len(pairs) == 1:
+        return pairs[0]
+    a = None if pairs[0][0] is None else torch.cat([a for a, _ in pairs], 1)
+    return a, torch.cat([g for _, g in pairs], 1)
 
 
 def per_example(blocks: dict[nn.Parameter, list[tuple[Tensor | None, Tensor]]], K: int) -> dict[nn.Parameter, Tensor]:

@@ -52,9 +52,10 @@ def test_the_input_gram_is_formed_once_for_its_three_projections(monkeypatch):
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 @pytest.mark.parametrize("K", [1, 3])
 def test_samplers_with_blocks_are_recomputed_once_and_exact(clipping, K, monkeypatch):
-    """A grad sampler's ``blocks`` (LSTM) gives bk the norms and the clipped sum from one recomputation: one call
-    per layer and step, and the step of hooks (itself checked against the loop). MultiheadAttention's blocks come
-    from its forward's own F.linear calls (``linear_calls``): no call at all."""
+    """A grad sampler's ``blocks`` (an LSTM with a projection, which runs as torch's kernel) gives bk the norms and
+    the clipped sum from one recomputation: one call per layer and step, and the step of hooks (itself checked
+    against the loop). MultiheadAttention's blocks come from its forward's own F.linear calls (``linear_calls``): no
+    call at all, as a plain LSTM's (tests/layers/test_recurrent_forms.py)."""
     from dpkit.layers import attention, recurrent
 
     calls = []
@@ -66,7 +67,7 @@ def test_samplers_with_blocks_are_recomputed_once_and_exact(clipping, K, monkeyp
     class Sequence(nn.Module):
         def __init__(self):
             super().__init__()
-            self.rnn = nn.LSTM(5, 7, num_layers=2, bidirectional=True, batch_first=True)
+            self.rnn = nn.LSTM(5, 9, num_layers=2, bidirectional=True, batch_first=True, proj_size=7)
             self.att = nn.MultiheadAttention(14, 2, batch_first=True)
             self.out = nn.Linear(14, 3)
 

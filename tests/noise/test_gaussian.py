@@ -13,6 +13,7 @@ import dpkit
 from dpkit import secure
 from dpkit.errors import PrivacyUsageError
 from dpkit.events import GaussianEvent, PoissonSampledEvent
+from dpkit.noise import _streams
 from dpkit.noise.gaussian import GaussianNoise
 
 
@@ -48,24 +49,54 @@ def test_noise_is_gaussian_with_the_requested_std(secure_mode):
     assert stats.kstest(sample.numpy() / 2.5, "norm").pvalue > 1e-4
 
 
+def seeded(seed: int, n: int, std: float, dtype: torch.dtype = torch.float32, call: int = 0) -> torch.Tensor:
+    """The CPU stream's layout: chunk k of STREAM coordinates drawn by ``normal_`` in pieces of 2¹⁵ from chunk k's
+    generator of the call (``_streams.generator`` is checked against MT19937 and Philox in test_streams.py)."""
+    pieces = []
+    for k, size in enumerate(torch.empty(n).split(_streams.STREAM)):
+        gen = _streams.generator(seed, k, call)
+        pieces += [torch.empty(len(p), dtype=dtype).normal_(0, std, generator=gen)
+                   for p in torch.empty(size.numel()).split(1 << 15)]
+    return torch.cat(pieces)
+
+
 def test_float32_buffers_get_the_seeded_float32_stream():
-    expected = torch.empty(100_000).normal_(0, 2.0, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(draws(GaussianNoise(seed=7), 100_000, std=2.0), expected)
+    n = 2 * _streams.STREAM + 1000
+    assert torch.equal(draws(GaussianNoise(seed=7), n, std=2.0), seeded(7, n, 2.0))
 
 
 def test_float64_buffers_get_float64_noise():
     sample = draws(GaussianNoise(seed=7), std=2.0, dtype=torch.float64)
     assert sample.dtype == torch.float64
-    assert torch.equal(sample, torch.empty(200_000, dtype=torch.float64).normal_(
-        0, 2.0, generator=torch.Generator().manual_seed(7)))
+    assert torch.equal(sample, seeded(7, 200_000, 2.0, torch.float64))
     assert off_float32_lattice(sample) > 0.99
     assert sample.std().item() == pytest.approx(2.0, rel=0.02)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_buffers_get_float32_noise_rounded_once(dtype):
-    expected = torch.empty(1000).normal_(0, 2.0, generator=torch.Generator().manual_seed(7)).to(dtype)
-    assert torch.equal(draws(GaussianNoise(seed=7), 1000, std=2.0, dtype=dtype), expected)
+    assert torch.equal(draws(GaussianNoise(seed=7), 1000, std=2.0, dtype=dtype), seeded(7, 1000, 2.0).to(dtype))
+
+
+def test_each_call_draws_the_next_streams_and_a_resumed_run_draws_the_same_bits():
+    noise = GaussianNoise(seed=11)
+    n = _streams.STREAM + 7
+    first = draws(noise, n)
+    state = noise.state_dict()
+    assert state["cpu_calls"] == 1
+    second, third = draws(noise, n), draws(noise, 100)
+    assert torch.equal(first, seeded(11, n, 1.0, call=0)) and torch.equal(second, seeded(11, n, 1.0, call=1))
+    resumed = GaussianNoise(seed=11)
+    resumed.load_state_dict(state)
+    assert torch.equal(draws(resumed, n), second) and torch.equal(draws(resumed, 100), third)
+
+
+def test_a_state_saved_before_the_cpu_streams_resumes_them_at_call_zero():
+    state = GaussianNoise(seed=4).state_dict()
+    del state["cpu_calls"]
+    noise = GaussianNoise(seed=99)
+    noise.load_state_dict(state)
+    assert torch.equal(draws(noise, 50), seeded(4, 50, 1.0))
 
 
 def test_zero_std_adds_nothing():
@@ -127,6 +158,8 @@ def test_a_secure_state_loads_into_secure_mode():
     ({"secure_mode": False, "seed": 3, "generators": {"cpu": [1, 2]}}, "'generators' entry 'cpu'"),
     ({"secure_mode": False, "seed": 3, "generators": {"cpu": torch.zeros(3, dtype=torch.uint8)}}, "'cpu'"),
     ({"secure_mode": False, "seed": 3, "generators": {"nowhere": torch.get_rng_state()}}, "'nowhere'"),
+    ({"secure_mode": False, "seed": 3, "generators": {}, "cpu_calls": True}, "'cpu_calls'"),
+    ({"secure_mode": False, "seed": 3, "generators": {}, "cpu_calls": -1}, "'cpu_calls'"),
 ])
 def test_a_malformed_state_is_refused_by_name_and_changes_nothing(state, key):
     noise, reference = GaussianNoise(seed=5), GaussianNoise(seed=5)
