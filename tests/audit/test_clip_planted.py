@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from scipy import stats
 from torch.utils.data import DataLoader
 
 import dpkit
@@ -191,3 +193,41 @@ def test_example_canaries_show_exactly_their_clipped_gradients():
     assert torch.equal(scores > 0, torch.stack(seen).sum(0) > 0)
     assert canaries.per_release == [int(s.sum()) for s in seen]
     assert torch.allclose(canaries._tape._shown[:, :3], 3.0 * torch.stack(seen, 1).double(), atol=1e-4)
+
+
+# --- the premise checks on their own -------------------------------------------------------------------------------
+
+def _participation(rng, n, q, releases, shuffled=False):
+    if shuffled:  # fixed-size batches, each example once per epoch
+        b = round(q * n)
+        order = np.concatenate([rng.permutation(n) for _ in range(releases * b // n + 1)])
+        picks = [order[t * b:(t + 1) * b] for t in range(releases)]
+    else:
+        picks = [np.flatnonzero(rng.random(n) < q) for _ in range(releases)]
+    per_example = np.bincount(np.concatenate(picks), minlength=n)
+    return [len(p) for p in picks], per_example
+
+
+def test_participation_checks_refute_poisson_batches_at_most_alpha_of_the_time_and_shuffled_ones_always():
+    rng = np.random.default_rng(0)
+    runs = [audit.participation_checks(*_participation(rng, 400, 0.05, 40), 0, 400, 0.05) for _ in range(300)]
+    for k in range(1, 4):  # each of the three counting tests
+        assert np.mean([checks[k].p_value <= 0.05 for checks in runs]) <= 0.05 + 0.03
+        assert np.mean([checks[k].p_value <= 0.5 for checks in runs]) > 0.3  # and not vacuous: near uniform
+    for _ in range(5):
+        checks = audit.participation_checks(*_participation(rng, 400, 0.05, 40, shuffled=True), 0, 400, 0.05)
+        assert checks[2].p_value < 1e-6 and checks[3].p_value < 1e-6
+    assert audit.participation_checks([20], [1] * 20, 1, 400, 0.05)[0].p_value == 0.0  # an example twice
+
+
+def test_noise_scale_check_is_the_chi_square_lower_tail_with_bonferroni():
+    coordinates, std = 1000, 2.0
+    squares = [std**2 * coordinates] * 9 + [std**2 * stats.chi2.ppf(1e-3, coordinates)]
+    check = audit.noise_scale_check(squares, coordinates, std)
+    assert check.p_value == pytest.approx(1e-2, rel=1e-6) and "release 9" in check.seen
+    rng = np.random.default_rng(0)
+    correct = [audit.noise_scale_check((rng.normal(0, std, (50, coordinates)) ** 2).sum(1), coordinates, std).p_value
+               for _ in range(100)]
+    assert np.mean(np.array(correct) <= 0.05) <= 0.1
+    half = (rng.normal(0, 0.97 * std, (50, coordinates)) ** 2).sum(1)  # 3% too little noise, 50 releases
+    assert audit.noise_scale_check(half, coordinates, std).p_value < 0.05
