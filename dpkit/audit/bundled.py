@@ -11,7 +11,7 @@ import math
 import torch
 
 from dpkit import registry
-from dpkit.audit import loops
+from dpkit.audit import correlated, loops
 from dpkit.audit.canary import AuditReport, CanaryAudit, refuse_correlated
 from dpkit.audit.examples import ClipAuditReport, ExampleCanaries
 from dpkit.audit.scoring import REFERENCES
@@ -20,6 +20,7 @@ from dpkit.errors import PrivacyUsageError
 __all__ = ["bundled_audit", "bundled_clip_audit", "run_bundled_audit"]
 
 _EXAMPLES, _FEATURES = 64, 24
+CYCLE = 4  # the cyclic loader's cycle for BandMF and BLT (at least BandMF's bands)
 
 
 def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier: float = 10.0,
@@ -33,10 +34,11 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
     prove noise at half the claimed std a violation (docs/auditing.md has the power table). ``noise`` names the
     noise plugin to audit.
     """
-    from dpkit.data import DPDataLoader  # the training code, imported when an audit trains (never with dpkit.audit)
+    from dpkit.data import CyclicPoissonLoader, DPDataLoader  # the training code, imported when an audit trains (never with dpkit.audit)
     from dpkit.engine import make_private
 
-    refuse_correlated(registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed))  # before training
+    mechanism = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed)
+    correlated.refuse_unwhitenable(mechanism)  # before training
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(_EXAMPLES, _FEATURES, generator=gen)
     y = (x @ torch.randn(_FEATURES, generator=gen) > 0).long()
@@ -44,12 +46,17 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(_FEATURES, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
-    loader = DPDataLoader(torch.utils.data.TensorDataset(x, y), sample_rate,
-                                generator=torch.Generator().manual_seed(seed))
+    data, generator = torch.utils.data.TensorDataset(x, y), torch.Generator().manual_seed(seed)
+    extra = {}
+    if getattr(mechanism, "check_loader", None) is None:
+        loader = DPDataLoader(data, sample_rate, generator=generator)
+    else:  # BandMF, BLT: a cyclic loader, whose groups the canaries follow too
+        loader = CyclicPoissonLoader(data, sample_rate, max(CYCLE, getattr(mechanism, "bands", 1)), generator=generator)
+        extra = {"noise_kwargs": {"steps": steps}} if hasattr(mechanism, "resolved") else {}
     private = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
-                                 data_loader=loader, noise_multiplier=noise_multiplier, max_grad_norm=1.0,
-                                 criterion=torch.nn.CrossEntropyLoss(), noise=noise, accountant=accountant,
-                                 noise_seed=seed, grad_sample_mode="hooks")
+                           data_loader=loader, noise_multiplier=noise_multiplier, max_grad_norm=1.0,
+                           criterion=torch.nn.CrossEntropyLoss(), noise=noise, accountant=accountant,
+                           noise_seed=seed, grad_sample_mode="hooks", **extra)
     model, optimizer, loader, criterion = private
     audit = CanaryAudit.attach(private, canaries=canaries, seed=seed)
     try:
@@ -90,7 +97,7 @@ def bundled_clip_audit(*, steps: int = 100, canaries: int = 10_000, noise_multip
     """
     from dpkit.engine import make_private  # the training code, imported when an audit trains
 
-    refuse_correlated(registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed))
+    refuse_correlated(registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed), "the clip mode")
     chosen, make_loader = loops.loop(loop), loops.sampler(sampler)
     audit = ExampleCanaries(canaries, seed=seed)
     loader, poisson = make_loader(audit.dataset, sample_rate, torch.Generator().manual_seed(seed))
