@@ -23,7 +23,7 @@ _EXAMPLES, _FEATURES = 64, 24
 CYCLE = 4  # the cyclic loader's cycle for BandMF and BLT (at least BandMF's bands)
 
 
-def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier: float = 10.0,
+def bundled_audit(*, steps: int | None = None, canaries: int = 100_000, noise_multiplier: float = 10.0,
                   sample_rate: float = 1.0, delta: float = 1e-5, confidence: float = 0.95, noise: str = "gaussian",
                   accountant: str = "prv", seed: int = 0) -> AuditReport:
     """Train a small MLP on synthetic data with an audit attached and return the report.
@@ -32,13 +32,17 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
     lower bound gets closest to the accountant's epsilon. The hidden layer is as wide as the canaries need: one
     coordinate each, and up to 4096 more as references for the noise. The defaults (claimed ε 4.38 at δ 1e-5)
     prove noise at half the claimed std a violation (docs/auditing.md has the power table). ``noise`` names the
-    noise plugin to audit.
+    noise plugin to audit: on BandMF and BLT the data and the canaries follow a cyclic loader of :data:`CYCLE`
+    groups (or BandMF's bands, if more), and ``steps`` defaults to 100 per group, so that each canary has 100
+    steps to join, as in a DP-SGD run of 100 steps (:mod:`dpkit.audit.correlated`).
     """
     from dpkit.data import CyclicPoissonLoader, DPDataLoader  # the training code, imported when an audit trains (never with dpkit.audit)
     from dpkit.engine import make_private
 
     mechanism = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed)
     correlated.refuse_unwhitenable(mechanism)  # before training
+    cycle = max(CYCLE, getattr(mechanism, "bands", 1)) if getattr(mechanism, "check_loader", None) else 1
+    steps = 100 * cycle if steps is None else steps
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(_EXAMPLES, _FEATURES, generator=gen)
     y = (x @ torch.randn(_FEATURES, generator=gen) > 0).long()
@@ -51,7 +55,7 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
     if getattr(mechanism, "check_loader", None) is None:
         loader = DPDataLoader(data, sample_rate, generator=generator)
     else:  # BandMF, BLT: a cyclic loader, whose groups the canaries follow too
-        loader = CyclicPoissonLoader(data, sample_rate, max(CYCLE, getattr(mechanism, "bands", 1)), generator=generator)
+        loader = CyclicPoissonLoader(data, sample_rate, cycle, generator=generator)
         extra = {"noise_kwargs": {"steps": steps}} if hasattr(mechanism, "resolved") else {}
     private = make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
                            data_loader=loader, noise_multiplier=noise_multiplier, max_grad_norm=1.0,
@@ -75,7 +79,7 @@ def bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier
         private.detach()
 
 
-def run_bundled_audit(*, steps: int = 100, canaries: int = 100_000, noise_multiplier: float = 10.0,
+def run_bundled_audit(*, steps: int | None = None, canaries: int = 100_000, noise_multiplier: float = 10.0,
                       sample_rate: float = 1.0, delta: float = 1e-5, confidence: float = 0.95,
                       noise: str = "gaussian", accountant: str = "prv", seed: int = 0) -> str:
     """:func:`bundled_audit`'s report as text, for ``dpkit audit``."""

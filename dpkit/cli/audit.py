@@ -7,7 +7,7 @@ from dpkit.cli._common import EXIT_NO, EXIT_OK, EXIT_USAGE, CommandError, add_js
 from dpkit.errors import PrivacyUsageError
 
 #: each mode's defaults for the options whose default depends on it
-DEFAULTS = {"noise": {"steps": 100, "canaries": 100_000, "noise_multiplier": 10.0, "sample_rate": 1.0},
+DEFAULTS = {"noise": {"steps": None, "canaries": 100_000, "noise_multiplier": 10.0, "sample_rate": 1.0},
             "clip": {"steps": 100, "canaries": 10_000, "noise_multiplier": 2.0, "sample_rate": 0.05}}
 
 
@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "plugin and the accountant); clip: canaries that are examples of the run, sampled by its "
                         "loader, clipped by its clipper and trained by its loop (tests those too) "
                         "(default: %(default)s)")
-    p.add_argument("--steps", type=count, default=None, help="releases (default: 100)")
+    p.add_argument("--steps", type=count, default=None,
+                   help="releases (default: 100; in noise mode on BandMF and BLT 400, as their canaries join one "
+                        "step in 4, a cyclic loader's)")
     p.add_argument("--canaries", type=count, default=None,
                    help="canaries: more give a tighter lower bound (default: 100000 in noise mode, enough to prove "
                         "noise at half its claimed std; 10000 in clip mode)")
@@ -38,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "tightest; 0.05 in clip mode, whose premises are about sampling)")
     p.add_argument("--delta", type=positive, default=1e-5, help="delta of the bounds (default: %(default)s)")
     p.add_argument("--noise", default="gaussian", metavar="NAME",
-                   help="the noise mechanism plugin to audit (default: %(default)s)")
+                   help="the noise mechanism plugin to audit; BandMF and BLT are audited on a cyclic loader, the "
+                        "tree is refused (default: %(default)s)")
     p.add_argument("--clipping", default="flat", metavar="NAME",
                    help="clip mode: the clipper plugin to audit (default: %(default)s)")
     p.add_argument("--loop", default="standard", metavar="NAME",
@@ -54,8 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 1 when an assumption-free bound (one-run or f-DP (ε, δ)) exceeds the accountant's ε, or (clip mode) a
-    premise of the accountant is refuted; 2 for a configuration the audit refuses (a correlated-noise mechanism,
-    an unknown loop or sampler), which is no verdict on the plugin."""
+    premise of the accountant is refuted; 2 for a configuration the audit refuses (the tree's noise, correlated noise
+    in clip mode, an unknown loop or sampler), which is no verdict on the plugin."""
     from dpkit.audit import bundled_audit, bundled_clip_audit
 
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS[args.mode].items()}
