@@ -205,6 +205,8 @@ class CanaryAudit:
         index, refs = index.to(flat.device), refs.to(flat.device)
         C, q = float(self.private.clipper.sensitivity()), float(self.private.sample_rate)
         signs = torch.randint(0, 2, (rows.numel(),), generator=self._generator).to(torch.float64) * 2 - 1
+        if self.schedule is not None and self.schedule.rate >= 1:  # fixed groups: the worst case, one gradient
+            signs = self.schedule.signs[rows]
         joins = (torch.rand(rows.numel(), generator=self._generator) < q if self.schedule is None
                  else self.schedule.joins(int(self.private.steps), rows, self._generator))
         sampled = self.included[rows] & joins

@@ -6,11 +6,15 @@ Both mechanisms release ``x + C⁻¹z`` over the steps, ``C`` lower-triangular T
 their group in a :class:`dpkit.data.CyclicPoissonLoader` (steps ``t ≡ group (mod L)``, each at the group rate).
 So a canary here belongs to a random group and joins its group's steps at the loader's group rate, as an example
 would, and the attacker whitens the canary's released values with ``C``: ``C·release = C·x + z``, independent
-noise again, where a participation at step ``s`` with gradient ``g`` shows as ``c_k·g`` at step ``s + k``. The
-score of a canary sums, over its group's steps ``s``, the log-likelihood ratio of ``v_s = Σ_k c_k (C·release)_{s+k}``
-(signed by the step's coin), which is ``N(ρ_s C, ρ_s σ²C²)`` when it joined and ``N(0, ρ_s σ²C²)`` when not,
-``ρ_s = Σ_{k < T−s} c_k²``, mixed at the group rate. Noise that is not ``C⁻¹z`` (too small, replayed, mis-whitened)
-shows in these scores as it does in DP-SGD's.
+noise again, where a participation at step ``s`` with gradient ``g`` shows as ``c_k·g`` at step ``s + k``.
+
+- At group rate 1 (fixed groups, where the accounting is exact) the canary joins every step of its group with one
+  gradient ``±C·e_j`` throughout, the worst case the accounting bounds, so its whitened signal ``u = C·d`` (``d``
+  its participations) is known and the score is the Gaussian log-likelihood ratio of the whole whitened sequence,
+  ``Σ_t (w_t u_t - u_t²/2)/std_t²``: the optimal test, whose power is the mechanism's sensitivity over its noise.
+- Below it, the coin of each step signs the gradient, and the score sums over the group's steps ``s`` the
+  log-likelihood ratio of ``v_s = Σ_k c_k w_{s+k}``, which is ``N(ρ_s C, ρ_s σ²C²)`` when the canary joined and
+  ``N(0, ρ_s σ²C²)`` when not (``ρ_s = Σ_{k < T−s} c_k²``), mixed at the group rate.
 """
 from __future__ import annotations
 
@@ -36,6 +40,7 @@ class Schedule:
     cycle: int
     rate: float
     groups: Tensor  # per canary, in [0, cycle)
+    signs: Tensor  # per canary, ±1: its gradient at every step when every group step is joined (rate 1)
     mechanism: Any  # the noise mechanism, asked for C's coefficients when the run is scored
 
     def joins(self, step: int, rows: Tensor, generator: torch.Generator) -> Tensor:
@@ -77,7 +82,8 @@ def schedule_of(mechanism: Any, loader: Any, canaries: int, generator: torch.Gen
             f"CanaryAudit on {name} needs the run's dpkit.data.CyclicPoissonLoader (private.data_loader): the "
             "canaries follow its cycle and group rate, the participation the mechanism's accounting covers.")
     groups = torch.randint(0, int(cycle), (canaries,), generator=generator)
-    return Schedule(int(cycle), float(rate), groups, mechanism)
+    signs = torch.randint(0, 2, (canaries,), generator=generator).to(torch.float64) * 2 - 1
+    return Schedule(int(cycle), float(rate), groups, signs, mechanism)
 
 
 class WhitenedTape:
@@ -108,11 +114,11 @@ class WhitenedTape:
         self.steps[rows] += 1
 
     def threshold(self) -> float | None:
-        """Guess by the sign of the log-likelihood ratio when every group step is joined, else at the median."""
+        """Guess by the sign of the exact log-likelihood ratio at rate 1, else at the median."""
         return 0.0 if self.schedule.rate >= 1 else None
 
     def scores(self) -> Tensor:
-        """(1, m): each canary's summed log-likelihood ratio over its group's steps, after whitening."""
+        """(1, m): each canary's log-likelihood ratio after whitening (module docstring)."""
         steps = sorted(self._shown)
         if steps != list(range(len(steps))):
             raise PrivacyUsageError("CanaryAudit on correlated noise must see every step from the run's first: "
@@ -123,15 +129,19 @@ class WhitenedTape:
         C, std = (torch.as_tensor([self._scale[t][i] for t in steps], dtype=torch.float64) for i in (0, 1))
         q, total = self.schedule.rate, torch.zeros(self._canaries, dtype=torch.float64)
         spectrum = torch.fft.rfft(c, 2 * T)
+        weight = torch.where(std > 0, C / std.clamp(min=1e-300) ** 2, torch.ones_like(std))
         for start in range(0, self._canaries, CHUNK):
             rows = slice(start, start + CHUNK)
             shown = torch.stack([self._shown[t][rows] for t in steps], 1).double()  # chunk x T
             signs = torch.stack([self._signs[t][rows] for t in steps], 1).double()
             whitened = torch.fft.irfft(torch.fft.rfft(shown, 2 * T) * spectrum, 2 * T)[:, :T]  # C·shown
-            v = torch.fft.irfft(torch.fft.rfft(whitened, 2 * T) * spectrum.conj(), 2 * T)[:, :T]  # Σ_k c_k w_{s+k}
-            a = torch.where(std > 0, (v * signs - C * rho / 2) * C / std.clamp(min=1e-300) ** 2, v * signs)
-            if q < 1:
-                a = torch.logaddexp(torch.full_like(a, math.log1p(-q)), math.log(q) + a)
             mine = self.schedule.groups[rows, None] == torch.arange(T)[None, :] % self.schedule.cycle
+            if q >= 1:  # the whole sequence against the known signal u = C·(signed participations), in units of C
+                u = torch.fft.irfft(torch.fft.rfft(mine * signs, 2 * T) * spectrum, 2 * T)[:, :T]
+                total[rows] = ((whitened * u - C * u * u / 2) * weight).sum(1)
+                continue
+            v = torch.fft.irfft(torch.fft.rfft(whitened, 2 * T) * spectrum.conj(), 2 * T)[:, :T]  # Σ_k c_k w_{s+k}
+            a = (v * signs - C * rho / 2) * weight
+            a = torch.logaddexp(torch.full_like(a, math.log1p(-q)), math.log(q) + a)
             total[rows] = (a * mine).sum(1)
         return total[None, :]

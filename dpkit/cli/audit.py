@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "loader, clipped by its clipper and trained by its loop (tests those too) "
                         "(default: %(default)s)")
     p.add_argument("--steps", type=count, default=None,
-                   help="releases (default: 100; in noise mode on BandMF and BLT 400, as their canaries join one "
-                        "step in 4, a cyclic loader's)")
+                   help="releases (default: 100; in noise mode on BandMF 400, as its canaries join one step in 4, "
+                        "a cyclic loader's)")
     p.add_argument("--canaries", type=count, default=None,
                    help="canaries: more give a tighter lower bound (default: 100000 in noise mode, enough to prove "
                         "noise at half its claimed std; 10000 in clip mode)")

@@ -28,7 +28,7 @@ def test_whitened_scores_are_the_dense_log_likelihood_ratios():
     c = c / np.linalg.norm(c)
     matrix = sum(np.diag(np.full(T - k, c[k]), -k) for k in range(3))
     groups = rng.integers(0, L, m)
-    schedule = Schedule(L, q, torch.as_tensor(groups), BandMF(bands=3, coefficients=c))
+    schedule = Schedule(L, q, torch.as_tensor(groups), torch.ones(m, dtype=torch.float64), BandMF(bands=3, coefficients=c))
     signs = rng.choice([-1.0, 1.0], (m, T))
     joined = (np.arange(T)[None, :] % L == groups[:, None]) & (rng.random((m, T)) < q)
     released = joined * signs * C + rng.normal(0, std, (m, T)) @ np.linalg.inv(matrix).T  # rows: y = x + C⁻¹z
@@ -129,3 +129,27 @@ def test_an_audit_attached_mid_run_is_refused_at_scoring():
     step()
     with pytest.raises(PrivacyUsageError, match="attach it before the first step"):
         canary.report(1e-5)
+
+
+def test_at_group_rate_1_the_score_is_the_whole_sequence_likelihood_ratio():
+    """Fixed groups (rate 1): each canary joins every step of its group with one gradient ±C, so its whitened
+    signal u = C·d is known and the score is Σ_t (w_t u_t C - C² u_t²/2) / std², here with dense matrices."""
+    rng = np.random.default_rng(1)
+    m, T, L, C, std = 40, 10, 2, 1.5, 2.0
+    c = np.array([0.9, 0.4])
+    c = c / np.linalg.norm(c)
+    matrix = np.diag(np.full(T, c[0])) + np.diag(np.full(T - 1, c[1]), -1)
+    groups, signs = rng.integers(0, L, m), rng.choice([-1.0, 1.0], m)
+    d = (np.arange(T)[None, :] % L == groups[:, None]) * signs[:, None]  # each canary's signed participations
+    included = rng.random(m) < 0.5
+    released = included[:, None] * d * C + rng.normal(0, std, (m, T)) @ np.linalg.inv(matrix).T
+    schedule = Schedule(L, 1.0, torch.as_tensor(groups), torch.as_tensor(signs), BandMF(bands=2, coefficients=c))
+    tape = WhitenedTape(m, schedule)
+    for t in range(T):
+        tape.record(t, torch.arange(m), torch.as_tensor(released[:, t]), torch.as_tensor(d[:, t]), torch.zeros(0),
+                    C, 1.0, std)
+    w, u = released @ matrix.T, d @ matrix.T
+    expected = ((w * u * C - C * C * u * u / 2) / std**2).sum(1)
+    assert torch.allclose(tape.scores()[0], torch.as_tensor(expected), rtol=1e-5, atol=1e-4)
+    assert tape.threshold() == 0.0
+    assert ((tape.scores()[0].numpy() > 0) == included).mean() > 0.6  # it tells the included apart
