@@ -104,8 +104,8 @@ def test_a_fifth_of_the_noise_is_a_proven_violation(shrunk, noise):
 
 
 def test_dpkit_audit_runs_on_bandmf_and_blt():
-    assert cli.main(["audit", "--noise", "bandmf", "--steps", "8", "--canaries", "300"]) == EXIT_OK
-    assert cli.main(["audit", "--noise", "blt", "--steps", "8", "--canaries", "300"]) == EXIT_OK
+    assert cli.main(["audit", "--noise", "bandmf", "--steps", "4", "--canaries", "100"]) == EXIT_OK
+    assert cli.main(["audit", "--noise", "blt", "--steps", "4", "--canaries", "100"]) == EXIT_OK
 
 
 def test_an_audit_attached_mid_run_is_refused_at_scoring():
