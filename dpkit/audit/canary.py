@@ -16,6 +16,7 @@ from torch import Tensor
 from dpkit import distributed
 from dpkit.audit.bounds import ScoreAudit, audit_scores
 from dpkit.audit.correlated import Schedule, WhitenedTape, schedule_of
+from dpkit.audit.estimators import CanaryScores
 from dpkit.audit.scoring import REFERENCES, Tape
 from dpkit.errors import PrivacyUsageError
 
@@ -238,6 +239,13 @@ class CanaryAudit:
     def scores(self) -> Tensor:
         """(2, m): each canary's claimed and whitened score (higher: more likely included), from the release only."""
         return self._tape.scores()
+
+    def canary_scores(self, family: int = 0) -> CanaryScores:
+        """One score family split by the inclusion coins, for jax_privacy's estimators (:mod:`dpkit.audit.estimators`,
+        which treat the canaries as independent trials; the audit's own bounds do not need that)."""
+        row = self.scores()[family].double()
+        finite = row.clamp(-1e300, 1e300)  # a canary seen without noise (±inf) ranks first or last
+        return CanaryScores(finite[self.included].numpy(), finite[~self.included].numpy())
 
     def bounds(self, delta: float, confidence: float = 0.95) -> ScoreAudit:
         """The lower bounds on ε at ``delta`` from both score families so far.
