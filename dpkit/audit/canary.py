@@ -15,6 +15,8 @@ from torch import Tensor
 
 from dpkit import distributed
 from dpkit.audit.bounds import ScoreAudit, audit_scores
+from dpkit.audit.correlated import Schedule, WhitenedTape, schedule_of
+from dpkit.audit.estimators import CanaryScores
 from dpkit.audit.scoring import REFERENCES, Tape
 from dpkit.errors import PrivacyUsageError
 
@@ -101,8 +103,9 @@ class CanaryAudit:
     repeats or cancels across steps cannot hide it.
     """
 
-    def __init__(self, private: Trainable, noise: Any, canaries: int, generator: torch.Generator):
-        self.private, self.noise, self.canaries = private, noise, canaries
+    def __init__(self, private: Trainable, noise: Any, canaries: int, generator: torch.Generator,
+                 schedule: Schedule | None = None):
+        self.private, self.noise, self.canaries, self.schedule = private, noise, canaries, schedule
         self._generator = generator
         sizes = [p.numel() for p in private.params]
         total = sum(sizes)
@@ -121,7 +124,7 @@ class CanaryAudit:
             refs = references[torch.as_tensor(np.flatnonzero(ref_owner == k))]
             if refs.numel():
                 self._references[id(p)] = refs - int(starts[k])
-        self._tape = Tape(canaries)
+        self._tape: Tape | WhitenedTape = Tape(canaries) if schedule is None else WhitenedTape(canaries, schedule)
 
     @classmethod
     def attach(cls, private: Trainable, canaries: int = 1000, *, seed: int | None = None) -> CanaryAudit:
@@ -129,15 +132,15 @@ class CanaryAudit:
 
         Attach before the first step to audit the whole run (the report compares with the accountant's epsilon
         of every step it counted). Refused under torch.distributed with world size > 1, on a run that already
-        has an audit (two audits' canaries would share coordinates), on a correlated-noise mechanism (tree,
-        bandmf), and when there are fewer coordinates than canaries. ``seed`` makes the canaries' coordinates,
+        has an audit (two audits' canaries would share coordinates), on the tree's correlated noise, and when
+        there are fewer coordinates than canaries. On BandMF or BLT the canaries follow the run's cyclic loader
+        and are scored after whitening (:mod:`dpkit.audit.correlated`). ``seed`` makes the canaries' coordinates,
         signs, inclusion and sampling reproducible.
         """
         _refuse_distributed(private)
         if isinstance(private.noise, CanaryAudit):
             raise PrivacyUsageError("this run already has a CanaryAudit attached; a second one's canaries would "
                                     "collide with the first's coordinates. Use the one attached, or detach() it.")
-        refuse_correlated(private.noise)
         if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 1:
             raise ValueError(f"canaries must be an int >= 1, got {canaries!r}")
         total = sum(p.numel() for p in private.params)
@@ -145,7 +148,10 @@ class CanaryAudit:
             raise ValueError(f"{canaries} canaries need as many distinct coordinates, and the trainable parameters "
                              f"have {total}: two canaries on one coordinate would collide. Use fewer canaries.")
         seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        audit = cls(private, private.noise, canaries, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        schedule = schedule_of(private.noise, getattr(private, "data_loader", None), canaries,
+                               torch.Generator().manual_seed(seed + 1))
+        audit = cls(private, private.noise, canaries, generator, schedule)
         private.noise = audit
         return audit
 
@@ -200,7 +206,11 @@ class CanaryAudit:
         index, refs = index.to(flat.device), refs.to(flat.device)
         C, q = float(self.private.clipper.sensitivity()), float(self.private.sample_rate)
         signs = torch.randint(0, 2, (rows.numel(),), generator=self._generator).to(torch.float64) * 2 - 1
-        sampled = self.included[rows] & (torch.rand(rows.numel(), generator=self._generator) < q)
+        if self.schedule is not None and self.schedule.rate >= 1:  # fixed groups: the worst case, one gradient
+            signs = self.schedule.signs[rows]
+        joins = (torch.rand(rows.numel(), generator=self._generator) < q if self.schedule is None
+                 else self.schedule.joins(int(self.private.steps), rows, self._generator))
+        sampled = self.included[rows] & joins
         others = flat[index].detach().to("cpu", torch.float64)  # the other examples' clipped sum there
         before = flat[refs].detach().to("cpu", torch.float64)
         flat[index] += (sampled.to(torch.float64) * signs * C).to(flat.device, flat.dtype)
@@ -230,6 +240,13 @@ class CanaryAudit:
         """(2, m): each canary's claimed and whitened score (higher: more likely included), from the release only."""
         return self._tape.scores()
 
+    def canary_scores(self, family: int = 0) -> CanaryScores:
+        """One score family split by the inclusion coins, for jax_privacy's estimators (:mod:`dpkit.audit.estimators`,
+        which treat the canaries as independent trials; the audit's own bounds do not need that)."""
+        row = self.scores()[family].double()
+        finite = row.clamp(-1e300, 1e300)  # a canary seen without noise (±inf) ranks first or last
+        return CanaryScores(finite[self.included].numpy(), finite[~self.included].numpy())
+
     def bounds(self, delta: float, confidence: float = 0.95) -> ScoreAudit:
         """The lower bounds on ε at ``delta`` from both score families so far.
 
@@ -237,9 +254,12 @@ class CanaryAudit:
         true scale, so the guesses split at 0; subsampled, the claimed ratio weighs a step's evidence by the claimed
         noise, and the median of the scores is the sturdier split (too little noise makes 0 far too cautious).
         """
-        threshold = 0.0 if float(self.private.sample_rate) >= 1 else None
+        if self.schedule is None:
+            threshold, families = (0.0 if float(self.private.sample_rate) >= 1 else None), FAMILIES
+        else:
+            threshold, families = self._tape.threshold(), self._tape.families
         return audit_scores(self.scores(), self.included, delta=delta, confidence=confidence, threshold=threshold,
-                            families=FAMILIES)
+                            families=families)
 
     def report(self, delta: float, confidence: float = 0.95) -> AuditReport:
         """The run's accountant epsilon next to the measured lower bounds (``print`` it)."""
@@ -255,18 +275,19 @@ class CanaryAudit:
         return self.report(delta, confidence)
 
 
-def refuse_correlated(mechanism: Any) -> None:
-    """Refuse a noise mechanism with its own sampling rule (``check_loader``): correlated noise (tree, bandmf).
+def refuse_correlated(mechanism: Any, what: str = "CanaryAudit") -> None:
+    """Refuse a noise mechanism with its own sampling rule (``check_loader``), correlated noise, for ``what``.
 
-    Its accounting covers examples that join the steps its loader picks, not canaries Poisson-sampled at every
-    step, and the scores' tests assume noise independent across steps; the audit would compare unlike things.
+    Its accounting covers examples that join the steps its loader picks, and its noise is correlated across
+    steps: an audit whose canaries join every step, or whose scores assume independent noise, would compare
+    unlike things. ``CanaryAudit`` handles BandMF and BLT itself (:mod:`dpkit.audit.correlated`).
     """
     if getattr(mechanism, "check_loader", None) is not None:
         raise PrivacyUsageError(
-            f"CanaryAudit cannot audit the noise mechanism {type(mechanism).__name__}: it has its own sampling rule "
-            "(check_loader), as correlated noise (tree, bandmf) has, while the audit's canaries are Poisson-sampled "
-            "at every step and its tests assume noise independent across steps, so the accountant's epsilon would "
-            "not cover them. Audit noise='gaussian' or another independent-noise plugin (docs/auditing.md).")
+            f"{what} cannot audit the noise mechanism {type(mechanism).__name__}: it has its own sampling rule "
+            "(check_loader), as correlated noise (tree, bandmf, blt) has, which this audit's canaries do not "
+            "follow, so the accountant's epsilon would not cover them. dpkit audit --mode noise audits BandMF and "
+            "BLT; the tree is not covered yet (docs/auditing.md).")
 
 
 def _refuse_distributed(private: Trainable) -> None:
