@@ -87,9 +87,10 @@ def _own_sampling(loader):
 
 
 def _shuffled(dataset, sample_rate, generator):
-    """Shuffled fixed-size batches, with poisson_sampling=False: dpkit warns and accounts them as Poisson at b/n."""
+    """Shuffled fixed-size batches, with poisson_sampling="unproven" (False is refused): dpkit warns and accounts
+    them as Poisson at b/n."""
     return DataLoader(dataset, batch_size=round(sample_rate * len(dataset)), shuffle=True, generator=generator,
-                      drop_last=True), False
+                      drop_last=True), "unproven"
 
 
 BUGS = [("clipping", "one-layer-unclipped"), ("loop", "realised-mean"), ("loop", "accumulate"), ("sampler", "shuffled")]
