@@ -79,6 +79,7 @@ class Capture:
     formed: dict[nn.Parameter, Tensor] | None = None  # auto: small per-example gradients formed on arrival
     blocks: dict[nn.Parameter, list] | None = None  # bk: a sampler's Linear blocks, kept instead of the record
     parts: _parts.Parts | None = None  # bk: the F.linear calls of a parts unit's forward, until processed
+    group: object = None  # bk: the stacked group of same-shaped Linear records this one joined (_groups.py)
     versions: list[int] = attrs.field(factory=list)
     input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
     unbatched: frozenset[int] = frozenset()  # ids of captured input tensors that do not derive from the batch

@@ -15,6 +15,10 @@ Memory: the sums are handed out one layer at a time and each record is freed onc
 its sum is formed, so the records shrink while the accumulator fills. The
 built-in Linear forms its sum directly (``linear.weighted_sum``), weighting the
 narrower of input and gradient instead of copying the gradient.
+
+Host cost: small records of same-shaped built-in Linear and LayerNorm calls (every
+block of a transformer) are stacked, so one set of torch calls serves the whole
+group (``_groups.py``).
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from dpkit.layers import contract, fold, reused_grams, upcast, weight_sq_norms
+from dpkit.modes import _groups
 from dpkit.modes import functorch as fn_mode
 from dpkit.modes._capture import Capture, Capturer
 
@@ -52,7 +57,13 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         store[key] = store[key] + t if key in store else t
 
     with reused_grams():  # q, k and v projections of one input share its Gram matrix
+        single = lambda p: len(users[id(p)]) == 1  # noqa: E731
+        for group in (*_groups.linear_groups(records, single), *_groups.norm_groups(records, single, K)):
+            for p, sq in group.sq_norms(K):
+                add(squares, id(p), sq)
         for cap in records:
+            if cap.group is not None:  # stacked with same-shaped Linear records, its norms taken above
+                continue
             if cap.squares is not None:  # taken when the gradient arrived (ghost)
                 for p, sq in cap.squares.items():
                     add(squares, id(p), sq)
@@ -196,6 +207,10 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
         yield p, torch.tensordot(f.to(g.dtype), g, dims=1) / K
     for cap in records:
         if cap.rows == 0:
+            continue
+        if cap.group is not None:  # the group's sums come at its first record, in one stacked product
+            if not cap.group.done:
+                yield from cap.group.sums(weights, index)
             continue
         if cap.blocks is not None:
             for p, parts in cap.blocks.items():

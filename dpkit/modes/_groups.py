@@ -1,0 +1,193 @@
+"""Same-shaped Linear records taken together: one stacked product for the group's norms, one for its clipped sums.
+
+At small shapes a Linear's norm and clipped sum cost about twenty torch calls of a few microseconds each, far
+more than their arithmetic, and every block of a transformer has the same shapes. Stacking a group's records
+lets one set of calls serve the whole group. Stacking copies the records, so it is done only where the calls
+cost more than the copy (small records), and only for the built-in Linear samplers, whose formulas these are:
+a plugin that replaces them is called as before.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from dpkit.layers import upcast, weight_sq_norms
+from dpkit.modes._records import Capture
+
+# Elements of one record (input and output gradient) up to which stacking pays: past it, a Linear's own products
+# take longer than the twenty calls around them, and the stacked copy adds to the end of the pass's peak.
+MAX_ELEMENTS = 1 << 16
+
+
+@attrs.define(eq=False)
+class LinearGroup:
+    """The records of same-shaped Linear calls, stacked: ``a`` ``[L, rows, *positions, in]``, ``g`` ``[L, rows,
+    *positions, out]``; each layer's weight and bias (None where frozen or absent)."""
+
+    caps: list[Capture]
+    a: Tensor | None
+    g: Tensor | None
+    weights: list[nn.Parameter | None]
+    biases: list[nn.Parameter | None]
+
+    def sq_norms(self, K: int) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Each parameter's ``[B]`` squared per-example norms (K-summed gradients), in at least float32."""
+        L, rows, d, p = self.a.shape[0], self.a.shape[1], self.a.shape[-1], self.g.shape[-1]
+        B = rows // K
+        a, g = self.a.reshape(L * B, -1, d), self.g.reshape(L * B, -1, p)
+        if self.weights[0] is not None:
+            yield from zip(self.weights, weight_sq_norms(a, g).reshape(L, B))
+        if self.biases[0] is not None:
+            yield from zip(self.biases, upcast(g).sum(1).square().sum(1).reshape(L, B))
+
+    @property
+    def done(self) -> bool:
+        return self.a is None
+
+    def sums(self, weights: Tensor, index: dict[int, int]) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Σ_r w_r ∇_r per parameter (``weights``: ``[rows]``, or ``[P, rows]`` by ``index``), then the stacks go."""
+        a, g = self.a, self.g
+        self.a = self.g = None
+        L, rows = a.shape[0], a.shape[1]
+        a, g = a.reshape(L, rows, -1, a.shape[-1]), g.reshape(L, rows, -1, g.shape[-1])
+
+        def per_row(params: list[nn.Parameter]) -> Tensor:  # [1 or L, rows, 1, 1]
+            return _per_layer(weights, params, index).to(g.dtype).reshape(-1, rows, 1, 1)
+
+        if self.weights[0] is not None:
+            w = per_row(self.weights)
+            wa, wg = (a * w, g) if a.shape[-1] <= g.shape[-1] else (a, g * w)
+            yield from zip(self.weights, torch.bmm(wg.flatten(1, 2).transpose(1, 2), wa.flatten(1, 2)))
+        if self.biases[0] is not None:
+            w = per_row(self.biases)
+            yield from zip(self.biases, (g.sum(2) * w.reshape(-1, rows, 1)).sum(1))
+
+
+@attrs.define(eq=False)
+class NormGroup:
+    """Same-shaped LayerNorm calls: their per-example gradients (small: one vector per example and parameter) formed
+    in one pass over the stacked inputs, ``[L, B, *normalized_shape]`` each, K-summed, in at least float32."""
+
+    caps: list[Capture]
+    weights: list[nn.Parameter | None]
+    biases: list[nn.Parameter | None]
+    grads: dict[str, Tensor]  # "weight", "bias" -> [L, B, *shape]
+    done: bool = False
+
+    def sq_norms(self, K: int) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        for key, params in (("weight", self.weights), ("bias", self.biases)):
+            if key in self.grads:
+                yield from zip(params, self.grads[key].flatten(2).square().sum(2))
+
+    def sums(self, weights: Tensor, index: dict[int, int]) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Σ_b f_b g_b per parameter from the per-row ``weights`` (an example's K rows share its factor / K)."""
+        grads, self.grads, self.done = self.grads, {}, True
+        for key, params in (("weight", self.weights), ("bias", self.biases)):
+            if key in grads:
+                g = grads[key]
+                L, B = g.shape[0], g.shape[1]
+                w = _per_layer(weights, params, index).reshape(-1, B, weights.shape[-1] // B)[:, :, 0]
+                w = w.to(g.dtype).reshape(-1, B, *[1] * (g.dim() - 2))
+                yield from zip(params, (g * w).sum(1))
+
+
+def _per_layer(weights: Tensor, params: list[nn.Parameter], index: dict[int, int]) -> Tensor:
+    """``[1, rows]`` for flat weights, ``[L, rows]`` (each parameter's row) for per-layer ones."""
+    if weights.dim() == 1:
+        return weights.reshape(1, -1)
+    return weights.index_select(0, torch.tensor([index[id(q)] for q in params], device=weights.device))
+
+
+def _own(cap: Capture, names: tuple[str, ...], single_use: Callable[[nn.Parameter], bool]) -> list | None:
+    """The call's parameters by name (None where frozen or absent), if each is held by its module and used by this
+    call alone; else None."""
+    held, local = cap.row.module._parameters, cap.row.local_params
+    own = [local.get(n) for n in names]
+    if any(q is not None and (held.get(n) is not q or not single_use(q)) for n, q in zip(names, own)):
+        return None  # FSDP2's gathered parameter (the sampler maps it back), or a tied one
+    return own if any(q is not None for q in own) else None
+
+
+def _plain(cap: Capture) -> bool:
+    """A record of one output gradient, batch first, nothing taken from it yet."""
+    return (cap.squares is None and cap.formed is None and cap.blocks is None and cap.parts is None and cap.rows > 0
+            and cap.bdim == 0 and len(cap.grads) == 1 and cap.grads[0] is not None and len(cap.args) >= 1
+            and isinstance(cap.args[0], Tensor) and cap.args[0].dtype == cap.grads[0].dtype
+            and cap.args[0].device == cap.grads[0].device and cap.args[0].numel() > 0
+            and cap.args[0].numel() + cap.grads[0].numel() <= MAX_ELEMENTS)
+
+
+def norm_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter], bool], K: int) -> list[NormGroup]:
+    """Groups of two or more LayerNorm records of one shape, eps and dtype (built-in samplers); records released."""
+    from dpkit.layers import normalization
+
+    by_key: dict[tuple, list[tuple[Capture, list]]] = defaultdict(list)
+    for cap in records:
+        row = cap.row
+        if (type(row.module) is not nn.LayerNorm or row.sampler is not normalization.grad_sampler
+                or row.norm_sampler is not normalization.norm_sampler or not _plain(cap)):
+            continue
+        own = _own(cap, ("weight", "bias"), single_use)
+        x = cap.args[0]
+        if own is None or x.shape != cap.grads[0].shape:
+            continue
+        shape = tuple(row.module.normalized_shape)
+        by_key[(tuple(x.shape), x.dtype, x.device, shape, row.module.eps, own[0] is None, own[1] is None)].append(
+            (cap, own))
+    groups = []
+    for (xshape, _, _, shape, eps, _, _), members in by_key.items():
+        if len(members) < 2:
+            continue
+        caps = [c for c, _ in members]
+        x = torch.stack([c.args[0] for c in caps])
+        g = upcast(torch.stack([c.grads[0] for c in caps]))
+        x_hat = upcast(torch.nn.functional.layer_norm(x, shape, eps=eps))
+        L, rows = x.shape[0], x.shape[1]
+        fold = (L, rows // K, -1, *shape)  # [L, B, K*positions, *shape]
+        grads = {}
+        if members[0][1][0] is not None:
+            grads["weight"] = (x_hat * g).reshape(fold).sum(2)
+        if members[0][1][1] is not None:
+            grads["bias"] = g.reshape(fold).sum(2)
+        group = NormGroup(caps, [o[0] for _, o in members], [o[1] for _, o in members], grads)
+        for cap in caps:
+            cap.release()
+            cap.group = group
+        groups.append(group)
+    return groups
+
+
+def linear_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter], bool]
+                  ) -> list[LinearGroup]:
+    """Groups of two or more records that can be stacked: built-in Linear samplers, parameters used by this call
+    alone (``single_use``), one output gradient, batch first, one dtype, small. Their records are released."""
+    from dpkit.layers import linear  # a plugin module: loaded with the plugin manager, not when dpkit is imported
+
+    by_key: dict[tuple, list[tuple[Capture, nn.Parameter | None, nn.Parameter | None]]] = defaultdict(list)
+    for cap in records:
+        row = cap.row
+        if row.sampler is not linear.grad_sampler or row.norm_sampler is not linear.norm_sampler or not _plain(cap):
+            continue
+        a, g = cap.args[0], cap.grads[0]
+        own = _own(cap, ("weight", "bias"), single_use)
+        if own is None or a.shape[:-1] != g.shape[:-1]:
+            continue
+        weight, bias = own
+        key = (tuple(a.shape), tuple(g.shape), a.dtype, a.device, weight is None, bias is None)
+        by_key[key].append((cap, weight, bias))
+    groups = []
+    for members in by_key.values():
+        if len(members) < 2:
+            continue
+        caps = [c for c, _, _ in members]
+        group = LinearGroup(caps, torch.stack([c.args[0] for c in caps]), torch.stack([c.grads[0] for c in caps]),
+                            [w for _, w, _ in members], [b for _, _, b in members])
+        for cap in caps:
+            cap.release()
+            cap.group = group
+        groups.append(group)
+    return groups
