@@ -26,7 +26,6 @@ import time
 import warnings
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_models import GPT, GPTConfig  # noqa: E402

@@ -1,13 +1,16 @@
-"""Same-shaped Linear records taken together: one stacked product for the group's norms, one for its clipped sums.
+"""Same-shaped records and per-example gradients taken together: one stacked call for a group's norms, one for
+its clipped sums.
 
 At small shapes a Linear's norm and clipped sum cost about twenty torch calls of a few microseconds each, far
-more than their arithmetic, and every block of a transformer has the same shapes. Stacking a group's records
-lets one set of calls serve the whole group. Stacking copies the records, so it is done only where the calls
-cost more than the copy (small records), and only for the built-in Linear samplers, whose formulas these are:
-a plugin that replaces them is called as before.
+more than their arithmetic, and every block of a transformer has the same shapes. Stacking a group lets one set
+of calls serve all of it. Stacking copies, so it is done only where the calls cost more than the copy (small
+tensors). Records are stacked only for the built-in Linear samplers, whose formulas these are (a plugin that
+replaces them is called as before); per-example gradients formed on arrival (LayerNorms, small layers) of any
+layer.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -67,34 +70,6 @@ class LinearGroup:
             yield from zip(self.biases, (g.sum(2) * w.reshape(-1, rows, 1)).sum(1))
 
 
-@attrs.define(eq=False)
-class NormGroup:
-    """Same-shaped LayerNorm calls: their per-example gradients (small: one vector per example and parameter) formed
-    in one pass over the stacked inputs, ``[L, B, *normalized_shape]`` each, K-summed, in at least float32."""
-
-    caps: list[Capture]
-    weights: list[nn.Parameter | None]
-    biases: list[nn.Parameter | None]
-    grads: dict[str, Tensor]  # "weight", "bias" -> [L, B, *shape]
-    done: bool = False
-
-    def sq_norms(self, K: int) -> Iterator[tuple[nn.Parameter, Tensor]]:
-        for key, params in (("weight", self.weights), ("bias", self.biases)):
-            if key in self.grads:
-                yield from zip(params, self.grads[key].flatten(2).square().sum(2))
-
-    def sums(self, weights: Tensor, index: dict[int, int]) -> Iterator[tuple[nn.Parameter, Tensor]]:
-        """Σ_b f_b g_b per parameter from the per-row ``weights`` (an example's K rows share its factor / K)."""
-        grads, self.grads, self.done = self.grads, {}, True
-        for key, params in (("weight", self.weights), ("bias", self.biases)):
-            if key in grads:
-                g = grads[key]
-                L, B = g.shape[0], g.shape[1]
-                w = _per_layer(weights, params, index).reshape(-1, B, weights.shape[-1] // B)[:, :, 0]
-                w = w.to(g.dtype).reshape(-1, B, *[1] * (g.dim() - 2))
-                yield from zip(params, (g * w).sum(1))
-
-
 def _per_layer(weights: Tensor, params: list[nn.Parameter], index: dict[int, int]) -> Tensor:
     """``[1, rows]`` for flat weights, ``[L, rows]`` (each parameter's row) for per-layer ones."""
     if weights.dim() == 1:
@@ -119,46 +94,6 @@ def _plain(cap: Capture) -> bool:
             and isinstance(cap.args[0], Tensor) and cap.args[0].dtype == cap.grads[0].dtype
             and cap.args[0].device == cap.grads[0].device and cap.args[0].numel() > 0
             and cap.args[0].numel() + cap.grads[0].numel() <= MAX_ELEMENTS)
-
-
-def norm_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter], bool], K: int) -> list[NormGroup]:
-    """Groups of two or more LayerNorm records of one shape, eps and dtype (built-in samplers); records released."""
-    from dpkit.layers import normalization
-
-    by_key: dict[tuple, list[tuple[Capture, list]]] = defaultdict(list)
-    for cap in records:
-        row = cap.row
-        if (type(row.module) is not nn.LayerNorm or row.sampler is not normalization.grad_sampler
-                or row.norm_sampler is not normalization.norm_sampler or not _plain(cap)):
-            continue
-        own = _own(cap, ("weight", "bias"), single_use)
-        x = cap.args[0]
-        if own is None or x.shape != cap.grads[0].shape:
-            continue
-        shape = tuple(row.module.normalized_shape)
-        by_key[(tuple(x.shape), x.dtype, x.device, shape, row.module.eps, own[0] is None, own[1] is None)].append(
-            (cap, own))
-    groups = []
-    for (xshape, _, _, shape, eps, _, _), members in by_key.items():
-        if len(members) < 2:
-            continue
-        caps = [c for c, _ in members]
-        x = torch.stack([c.args[0] for c in caps])
-        g = upcast(torch.stack([c.grads[0] for c in caps]))
-        x_hat = upcast(torch.nn.functional.layer_norm(x, shape, eps=eps))
-        L, rows = x.shape[0], x.shape[1]
-        fold = (L, rows // K, -1, *shape)  # [L, B, K*positions, *shape]
-        grads = {}
-        if members[0][1][0] is not None:
-            grads["weight"] = (x_hat * g).reshape(fold).sum(2)
-        if members[0][1][1] is not None:
-            grads["bias"] = g.reshape(fold).sum(2)
-        group = NormGroup(caps, [o[0] for _, o in members], [o[1] for _, o in members], grads)
-        for cap in caps:
-            cap.release()
-            cap.group = group
-        groups.append(group)
-    return groups
 
 
 def linear_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter], bool]
@@ -191,3 +126,42 @@ def linear_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter
             cap.group = group
         groups.append(group)
     return groups
+
+
+def _stackable(items: list[tuple[object, Tensor]]) -> list[list[tuple[object, Tensor]]]:
+    """Per-example gradients by shape, dtype and device: small ones in groups, each large one alone."""
+    by_key: dict[tuple, list] = defaultdict(list)
+    alone = []
+    for key, g in items:
+        if g.numel() <= MAX_ELEMENTS and g.numel():
+            by_key[(tuple(g.shape), g.dtype, g.device)].append((key, g))
+        else:
+            alone.append([(key, g)])
+    return [*by_key.values(), *alone]
+
+
+def square_norms(grads: dict[int, Tensor], batch: int) -> dict[int, Tensor]:
+    """``[B]`` squared norms of each per-example gradient ``[B, ...]`` (keyed by parameter id), in at least float32;
+    same-shaped small ones in one stacked call."""
+    out = {}
+    for group in _stackable(list(grads.items())):
+        g = torch.stack([t for _, t in group]) if len(group) > 1 else group[0][1].unsqueeze(0)
+        sq = upcast(g.reshape(len(group), batch, math.prod(g.shape[2:]))).square().sum(2)
+        out.update(zip([k for k, _ in group], sq))
+    return out
+
+
+def weighted_sums(grads: dict[nn.Parameter, Tensor], factors: Tensor, index: dict[int, int], K: int
+                  ) -> Iterator[tuple[nn.Parameter, Tensor]]:
+    """Σ_b f_b g_b / K per parameter from its per-example gradients ``[B, ...]`` (``factors``: ``[B]``, or ``[P, B]``
+    by ``index``); same-shaped small ones in one stacked product. Empties ``grads`` as it goes."""
+    groups = _stackable(list(grads.items()))
+    grads.clear()
+    for group in groups:
+        params = [p for p, _ in group]
+        g = torch.stack([t for _, t in group]) if len(group) > 1 else group[0][1].unsqueeze(0)
+        group.clear()
+        f = _per_layer(factors, params, index).to(g.dtype).unsqueeze(1)  # [1 or L, 1, B]
+        sums = torch.matmul(f, g.reshape(g.shape[0], g.shape[1], math.prod(g.shape[2:]))) / K  # [L, 1, n]
+        del g
+        yield from ((p, s.reshape(p.shape)) for p, s in zip(params, sums))

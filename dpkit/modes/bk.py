@@ -16,9 +16,9 @@ its sum is formed, so the records shrink while the accumulator fills. The
 built-in Linear forms its sum directly (``linear.weighted_sum``), weighting the
 narrower of input and gradient instead of copying the gradient.
 
-Host cost: small records of same-shaped built-in Linear and LayerNorm calls (every
-block of a transformer) are stacked, so one set of torch calls serves the whole
-group (``_groups.py``).
+Host cost: small records of same-shaped built-in Linear calls (every block of a
+transformer) are stacked, and so are small same-shaped per-example gradients, so
+one set of torch calls serves the whole group (``_groups.py``).
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
                  capturer: Capturer) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
     """``[P, B]`` per-parameter norms of per-example (K-averaged) gradients, and the materialised gradients.
 
-    Records ``auto`` formed on arrival (``form_early``) bring their gradients, which serve the clipped sum
+    Records formed on arrival (``form_early``) bring their gradients, which serve the clipped sum
     too. Parameters are keyed by ``id`` on this path: hashing a tensor is a Python call.
     """
     users: dict[int, list[Capture]] = defaultdict(list)
@@ -57,8 +57,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         store[key] = store[key] + t if key in store else t
 
     with reused_grams():  # q, k and v projections of one input share its Gram matrix
-        single = lambda p: len(users[id(p)]) == 1  # noqa: E731
-        for group in (*_groups.linear_groups(records, single), *_groups.norm_groups(records, single, K)):
+        for group in _groups.linear_groups(records, lambda p: len(users[id(p)]) == 1):
             for p, sq in group.sq_norms(K):
                 add(squares, id(p), sq)
         for cap in records:
@@ -68,7 +67,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
                 for p, sq in cap.squares.items():
                     add(squares, id(p), sq)
                 continue
-            if cap.formed is not None:  # formed when the gradient arrived (auto; parameters not shared)
+            if cap.formed is not None:  # formed when the gradient arrived (parameters not shared)
                 for p, g in cap.formed.items():
                     materialised[id(p)] = (p, g)
                 continue
@@ -116,8 +115,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         for i in range(len(caps)):
             for j in range(i + 1, len(caps)):
                 add(squares, key, 2 * _inner(_factor(caps[i], K), _factor(caps[j], K)))
-    for key, (_, g) in materialised.items():
-        squares[key] = _square_norms(g, batch)
+    squares.update(_groups.square_norms({key: g for key, (_, g) in materialised.items()}, batch))
     return _table(squares, params, batch) / K, {p: g for p, g in materialised.values()}
 
 
@@ -137,7 +135,7 @@ def _table(squares: dict[int, Tensor], params: Sequence[nn.Parameter], batch: in
 
 
 def form_early(cap: Capture, K: int) -> bool:
-    """Whether ``auto`` forms a call's per-example gradients as soon as its output gradients arrive.
+    """Whether ``bk`` and ``auto`` form a call's per-example gradients as soon as its output gradients arrive.
 
     True for torch.func units (their gradients are formed anyway) and for calls whose per-example gradients
     have no more entries than their record (a LayerNorm, a convolution, a short sequence): the record is
@@ -201,10 +199,7 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
     per_layer = factors.dim() == 2
     weights = (factors / K).repeat_interleave(K, dim=-1)  # per row: an example's K copies share its factor
     formed = {id(p) for p in materialised}
-    while materialised:  # popped, so each per-example gradient is freed once used
-        p, g = materialised.popitem()
-        f = factors[index[id(p)]] if per_layer else factors
-        yield p, torch.tensordot(f.to(g.dtype), g, dims=1) / K
+    yield from _groups.weighted_sums(materialised, factors, index, K)  # each group freed once used
     for cap in records:
         if cap.rows == 0:
             continue
