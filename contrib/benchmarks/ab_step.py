@@ -77,9 +77,14 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     criterion: nn.Module = nn.CrossEntropyLoss()
     if not args.nonprivate:
-        criterion = dpkit.make_private(module=model, optimizer=optimizer, data_loader=None, sample_rate=0.01,
-                                       expected_batch_size=batch, noise_multiplier=1.0, max_grad_norm=1.0,
-                                       criterion=criterion, grad_sample_mode=args.mode).criterion
+        settings = dict(module=model, optimizer=optimizer, data_loader=None, sample_rate=0.01, noise_multiplier=1.0,
+                        max_grad_norm=1.0, criterion=criterion, grad_sample_mode=args.mode)
+        try:
+            criterion = dpkit.make_private(**settings, expected_batch_size=batch).criterion
+        except TypeError as err:  # a checkout from before expected_batch_size= (b7c61c9): it divided by q * N
+            if "expected_batch_size" not in str(err):
+                raise
+            criterion = dpkit.make_private(**settings).criterion
 
     def step(x, y):
         optimizer.zero_grad()
