@@ -77,14 +77,15 @@ def _per_layer(weights: Tensor, params: list[nn.Parameter], index: dict[int, int
     return weights.index_select(0, torch.tensor([index[id(q)] for q in params], device=weights.device))
 
 
-def _own(cap: Capture, names: tuple[str, ...], single_use: Callable[[nn.Parameter], bool]) -> list | None:
-    """The call's parameters by name (None where frozen or absent), if each is held by its module and used by this
+def _own(cap: Capture, single_use: Callable[[nn.Parameter], bool]) -> tuple | None:
+    """The call's weight and bias (None where frozen or absent), if each is held by its module and used by this
     call alone; else None."""
     held, local = cap.row.module._parameters, cap.row.local_params
-    own = [local.get(n) for n in names]
-    if any(q is not None and (held.get(n) is not q or not single_use(q)) for n, q in zip(names, own)):
-        return None  # FSDP2's gathered parameter (the sampler maps it back), or a tied one
-    return own if any(q is not None for q in own) else None
+    weight, bias = local.get("weight"), local.get("bias")
+    for name, q in (("weight", weight), ("bias", bias)):
+        if q is not None and (held.get(name) is not q or not single_use(q)):
+            return None  # FSDP2's gathered parameter (the sampler maps it back), or a tied one
+    return None if weight is None and bias is None else (weight, bias)
 
 
 def _plain(cap: Capture) -> bool:
@@ -108,7 +109,7 @@ def linear_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter
         if row.sampler is not linear.grad_sampler or row.norm_sampler is not linear.norm_sampler or not _plain(cap):
             continue
         a, g = cap.args[0], cap.grads[0]
-        own = _own(cap, ("weight", "bias"), single_use)
+        own = _own(cap, single_use)
         if own is None or a.shape[:-1] != g.shape[:-1]:
             continue
         weight, bias = own
