@@ -70,6 +70,34 @@ class LinearGroup:
             yield from zip(self.biases, (g.sum(2) * w.reshape(-1, rows, 1)).sum(1))
 
 
+@attrs.define(eq=False)
+class NormGroup:
+    """Same-shaped LayerNorm calls: their per-example gradients (small: one vector per example and parameter) formed
+    in one pass over the stacked inputs, ``[L, B, *normalized_shape]`` each, K-summed, in at least float32."""
+
+    caps: list[Capture]
+    weights: list[nn.Parameter | None]
+    biases: list[nn.Parameter | None]
+    grads: dict[str, Tensor]  # "weight", "bias" -> [L, B, *shape]
+    done: bool = False
+
+    def sq_norms(self, K: int) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        for key, params in (("weight", self.weights), ("bias", self.biases)):
+            if key in self.grads:
+                yield from zip(params, self.grads[key].flatten(2).square().sum(2))
+
+    def sums(self, weights: Tensor, index: dict[int, int]) -> Iterator[tuple[nn.Parameter, Tensor]]:
+        """Σ_b f_b g_b per parameter from the per-row ``weights`` (an example's K rows share its factor / K)."""
+        grads, self.grads, self.done = self.grads, {}, True
+        for key, params in (("weight", self.weights), ("bias", self.biases)):
+            if key in grads:
+                g = grads[key]
+                B = g.shape[1]
+                w = _per_layer(weights, params, index).reshape(-1, B, weights.shape[-1] // B)[:, :, 0]
+                w = w.to(g.dtype).reshape(-1, B, *[1] * (g.dim() - 2))
+                yield from zip(params, (g * w).sum(1))
+
+
 def _per_layer(weights: Tensor, params: list[nn.Parameter], index: dict[int, int]) -> Tensor:
     """``[1, rows]`` for flat weights, ``[L, rows]`` (each parameter's row) for per-layer ones."""
     if weights.dim() == 1:
@@ -95,6 +123,68 @@ def _plain(cap: Capture) -> bool:
             and isinstance(cap.args[0], Tensor) and cap.args[0].dtype == cap.grads[0].dtype
             and cap.args[0].device == cap.grads[0].device and cap.args[0].numel() > 0
             and cap.args[0].numel() + cap.grads[0].numel() <= MAX_ELEMENTS)
+
+
+def peers(plan: Sequence) -> frozenset[int]:
+    """Ids of the plan's rows whose small records are kept for stacking (``kept_for_group``): LayerNorms of the
+    built-in samplers that have a peer of the same shape and eps. A LayerNorm without one is formed on arrival."""
+    from dpkit.layers import normalization
+
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    for row in plan:
+        m = row.module
+        if (type(m) is nn.LayerNorm and row.sampler is normalization.grad_sampler
+                and row.norm_sampler is normalization.norm_sampler):
+            by_key[(tuple(m.normalized_shape), m.eps)].append(id(row))
+    return frozenset(i for ids in by_key.values() if len(ids) > 1 for i in ids)
+
+
+def kept_for_group(cap: Capture) -> bool:
+    """Whether a record whose per-example gradients are small is better kept to the end of the pass, to be stacked
+    with its peers there (a LayerNorm of the built-in samplers, and small: it costs less memory than its calls
+    cost time), than formed on arrival, one layer at a time."""
+    from dpkit.layers import normalization
+
+    row = cap.row
+    return (type(row.module) is nn.LayerNorm and row.sampler is normalization.grad_sampler
+            and row.norm_sampler is normalization.norm_sampler and _plain(cap))
+
+
+def norm_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter], bool], K: int) -> list[NormGroup]:
+    """Groups of two or more LayerNorm records of one shape, eps and dtype (built-in samplers); records released."""
+    by_key: dict[tuple, list[tuple[Capture, list]]] = defaultdict(list)
+    for cap in records:
+        row = cap.row
+        if not kept_for_group(cap):
+            continue
+        own = _own(cap, single_use)
+        x = cap.args[0]
+        if own is None or x.shape != cap.grads[0].shape:
+            continue
+        shape = tuple(row.module.normalized_shape)
+        by_key[(tuple(x.shape), x.dtype, x.device, shape, row.module.eps, own[0] is None, own[1] is None)].append(
+            (cap, own))
+    groups = []
+    for (_, _, _, shape, eps, _, _), members in by_key.items():
+        if len(members) < 2:
+            continue
+        caps = [c for c, _ in members]
+        x = torch.stack([c.args[0] for c in caps])
+        g = upcast(torch.stack([c.grads[0] for c in caps]))
+        x_hat = upcast(torch.nn.functional.layer_norm(x, shape, eps=eps))
+        L, rows = x.shape[0], x.shape[1]
+        fold = (L, rows // K, -1, *shape)  # [L, B, K*positions, *shape]
+        grads = {}
+        if members[0][1][0] is not None:
+            grads["weight"] = (x_hat * g).reshape(fold).sum(2)
+        if members[0][1][1] is not None:
+            grads["bias"] = g.reshape(fold).sum(2)
+        group = NormGroup(caps, [o[0] for _, o in members], [o[1] for _, o in members], grads)
+        for cap in caps:
+            cap.release()
+            cap.group = group
+        groups.append(group)
+    return groups
 
 
 def linear_groups(records: Sequence[Capture], single_use: Callable[[nn.Parameter], bool]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,7 +57,8 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         store[key] = store[key] + t if key in store else t
 
     with reused_grams():  # q, k and v projections of one input share its Gram matrix
-        for group in _groups.linear_groups(records, lambda p: len(users[id(p)]) == 1):
+        single = lambda p: len(users[id(p)]) == 1  # noqa: E731
+        for group in (*_groups.linear_groups(records, single), *_groups.norm_groups(records, single, K)):
             for p, sq in group.sq_norms(K):
                 add(squares, id(p), sq)
         for cap in records:
@@ -134,15 +135,25 @@ def _table(squares: dict[int, Tensor], params: Sequence[nn.Parameter], batch: in
     return torch.stack(rows).clamp_min_(0).sqrt_()
 
 
-def form_early(cap: Capture, K: int) -> bool:
+def arrival_form(plan: Sequence, K: int, streams: bool) -> Callable[[Capture], bool]:
+    """The capture's ``form`` policy for bk and auto: ``form_early``, keeping small LayerNorm records that have
+    peers to be stacked with, unless each record is clipped as it arrives (streaming)."""
+    return functools.partial(form_early, K=K, stacked=frozenset() if streams else _groups.peers(plan))
+
+
+def form_early(cap: Capture, K: int, stacked: frozenset[int] = frozenset()) -> bool:
     """Whether ``bk`` and ``auto`` form a call's per-example gradients as soon as its output gradients arrive.
 
     True for torch.func units (their gradients are formed anyway) and for calls whose per-example gradients
     have no more entries than their record (a LayerNorm, a convolution, a short sequence): the record is
-    freed at once and the gradients serve the norms and the clipped sum.
+    freed at once and the gradients serve the norms and the clipped sum. A small record of a row in ``stacked``
+    (a LayerNorm with same-shaped peers) is kept instead, to be stacked with theirs: it costs less memory than
+    time.
     """
     if cap.row.sampler is None:
         return True
+    if id(cap.row) in stacked and _groups.kept_for_group(cap):  # small: stacked with its peers at the pass's end
+        return False
     record = sum(a.numel() for a in cap.args if isinstance(a, Tensor) and a.is_floating_point())
     record += sum(g.numel() for g in cap.grads if g is not None)
     return sum(p.numel() for p in cap.row.local_params.values()) * max(cap.rows // K, 1) <= record

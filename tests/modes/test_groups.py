@@ -1,4 +1,4 @@
-"""Same-shaped Linear records, and same-shaped per-example gradients formed on arrival (LayerNorms), stacked in bk
+"""Same-shaped Linear and LayerNorm records, and same-shaped per-example gradients formed on arrival, stacked in bk
 and auto (dpkit/modes/_groups.py): the step equals the loop over examples, and groups form where they may (small
 records, built-in samplers, parameters used once) only."""
 from __future__ import annotations
@@ -42,13 +42,18 @@ class Tower(nn.Module):
 
 @pytest.fixture
 def groups(monkeypatch):
-    """The sizes of the groups of each backward pass: Linear records, and per-example gradients ("formed")."""
-    seen: dict[str, list[int]] = {"linear": [], "formed": []}
-    linear, stackable = _groups.linear_groups, _groups._stackable
+    """The sizes of the groups of each backward pass: Linear and LayerNorm records, per-example gradients."""
+    seen: dict[str, list[int]] = {"linear": [], "norm": [], "formed": []}
+    linear, norm, stackable = _groups.linear_groups, _groups.norm_groups, _groups._stackable
 
     def spy_linear(*args, **kwargs):
         out = linear(*args, **kwargs)
         seen["linear"] += sorted(len(g.caps) for g in out)
+        return out
+
+    def spy_norm(*args, **kwargs):
+        out = norm(*args, **kwargs)
+        seen["norm"] += sorted(len(g.caps) for g in out)
         return out
 
     def spy_stackable(items):
@@ -57,6 +62,7 @@ def groups(monkeypatch):
         return out
 
     monkeypatch.setattr(_groups, "linear_groups", spy_linear)
+    monkeypatch.setattr(_groups, "norm_groups", spy_norm)
     monkeypatch.setattr(_groups, "_stackable", spy_stackable)
     return seen
 
@@ -80,13 +86,15 @@ def test_grouped_step_matches_loop_reference(groups, mode, K, positions):
     got = dpkit_step(model, x, y, mode=mode, C=C, K=K, reduction="mean")
     for i, (g, e) in enumerate(zip(got, expected)):
         torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9, msg=lambda m: f"parameter {i}: {m}")
-    # Per-example gradients are formed on arrival where no bigger than the record, and stacked by shape: always
-    # the LayerNorms' weights and biases and the frozen-weight Linears' biases ([B, 8]: 8, once for the norms and
-    # once for the sums). From K * positions >= 4 the 8 x 8 Linears' too ([B, 8, 8]: 5) and their and the input
-    # layer's biases ([B, 8]: 12). The Linears not formed are stacked as records (2 bias-free, 3 in the blocks).
+    # Small LayerNorm records are kept for the end of the pass and stacked there (3). Per-example gradients are
+    # formed on arrival where no bigger than the record, and stacked by shape: always the frozen-weight Linears'
+    # biases ([B, 8]: 2, once for the norms and once for the sums); from K * positions >= 4 the 8 x 8 Linears'
+    # too ([B, 8, 8]: 5) and their and the input layer's biases ([B, 8]: 6). The Linears not formed are stacked
+    # as records (2 bias-free, 3 in the blocks).
     small = K * (3 if positions else 1) < 4
+    assert groups["norm"] == [3]
     assert groups["linear"] == ([2, 3] if small else [])
-    assert sorted(groups["formed"]) == ([8, 8] if small else [5, 5, 12, 12])
+    assert sorted(groups["formed"]) == ([2, 2] if small else [5, 5, 6, 6])
 
 
 def test_tied_weights_and_large_records_are_not_stacked(groups, monkeypatch):
@@ -100,9 +108,11 @@ def test_tied_weights_and_large_records_are_not_stacked(groups, monkeypatch):
     for limit in (_groups.MAX_ELEMENTS, 0):
         monkeypatch.setattr(_groups, "MAX_ELEMENTS", limit)
         groups["linear"].clear()
+        groups["norm"].clear()
         for g, e in zip(dpkit_step(model, x, y, mode="bk", C=C), expected):
             torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-9)
         assert groups["linear"] == ([3] if limit else [])  # the tied pair is not among them
+        assert groups["norm"] == ([3] if limit else [])  # past the limit, LayerNorms are formed on arrival
 
 
 def test_per_layer_clipping_at_the_end_of_the_pass_matches_hooks(groups, fresh_registry):
@@ -124,4 +134,6 @@ def test_per_layer_clipping_at_the_end_of_the_pass_matches_hooks(groups, fresh_r
         hooks = dpkit_step(model, x, y, mode="hooks", C=0.05, K=2, clipping="per_layer")
     for g, h in zip(bk, hooks):
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-8)
-    assert groups["linear"] == [] and groups["formed"]  # K * positions = 6: every layer formed on arrival
+    # K * positions = 6: the Linears are formed on arrival; so are the LayerNorms, since per-layer clipping may
+    # stream (clip each record as it arrives), which keeps no record for later. Their gradients are stacked.
+    assert groups["linear"] == [] and groups["norm"] == [] and sorted(groups["formed"]) == [5, 5, 12, 12]
