@@ -115,7 +115,8 @@ def test_tied_weights_and_large_records_are_not_stacked(groups, monkeypatch):
         assert groups["norm"] == ([3] if limit else [])  # past the limit, LayerNorms are formed on arrival
 
 
-def test_per_layer_clipping_at_the_end_of_the_pass_matches_hooks(groups, fresh_registry):
+@pytest.mark.parametrize("K", [1, 2])
+def test_per_layer_clipping_at_the_end_of_the_pass_matches_hooks(groups, fresh_registry, K):
     """Per-layer clipping normally streams each record alone; with an observer it clips at the end of the pass,
     from the groups, with one factor per parameter."""
 
@@ -127,13 +128,16 @@ def test_per_layer_clipping_at_the_end_of_the_pass_matches_hooks(groups, fresh_r
     fresh_registry.register_plugin(Observer(), name="observer")
     torch.manual_seed(0)
     model = Tower()
-    x, y = torch.randn(6, 3, 5), torch.randint(0, 3, (6,))
+    x, y = torch.randn(3 * K, 3, 5), torch.randint(0, 3, (3 * K,))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        bk = dpkit_step(model, x, y, mode="bk", C=0.05, K=2, clipping="per_layer")
-        hooks = dpkit_step(model, x, y, mode="hooks", C=0.05, K=2, clipping="per_layer")
+        bk = dpkit_step(model, x, y, mode="bk", C=0.05, K=K, clipping="per_layer")
+        hooks = dpkit_step(model, x, y, mode="hooks", C=0.05, K=K, clipping="per_layer")
     for g, h in zip(bk, hooks):
         torch.testing.assert_close(g, h, rtol=1e-5, atol=1e-8)
-    # K * positions = 6: the Linears are formed on arrival; so are the LayerNorms, since per-layer clipping may
-    # stream (clip each record as it arrives), which keeps no record for later. Their gradients are stacked.
-    assert groups["linear"] == [] and groups["norm"] == [] and sorted(groups["formed"]) == [5, 5, 12, 12]
+    # LayerNorms are formed on arrival, since per-layer clipping may stream (clip each record as it arrives),
+    # which keeps no record for later. K = 1: the 8 x 8 Linears' records are stacked (2 and 3), the small
+    # gradients by shape ([B, 8]: 8); K = 2: the Linears are formed too ([B, 8, 8]: 5, [B, 8]: 12).
+    assert groups["norm"] == []
+    assert groups["linear"] == ([2, 3] if K == 1 else [])
+    assert sorted(groups["formed"]) == ([8, 8] if K == 1 else [5, 5, 12, 12])
