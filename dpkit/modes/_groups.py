@@ -4,9 +4,8 @@ its clipped sums.
 At small shapes a Linear's norm and clipped sum cost about twenty torch calls of a few microseconds each, far
 more than their arithmetic, and every block of a transformer has the same shapes. Stacking a group lets one set
 of calls serve all of it. Stacking copies, so it is done only where the calls cost more than the copy (small
-tensors). Records are stacked only for the built-in Linear samplers, whose formulas these are (a plugin that
-replaces them is called as before); per-example gradients formed on arrival (LayerNorms, small layers) of any
-layer.
+tensors). Records are stacked only for the built-in Linear and LayerNorm samplers, whose formulas these are (a
+plugin that replaces them is called as before); per-example gradients formed on arrival, of any layer.
 """
 from __future__ import annotations
 

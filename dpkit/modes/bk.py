@@ -16,9 +16,9 @@ its sum is formed, so the records shrink while the accumulator fills. The
 built-in Linear forms its sum directly (``linear.weighted_sum``), weighting the
 narrower of input and gradient instead of copying the gradient.
 
-Host cost: small records of same-shaped built-in Linear calls (every block of a
-transformer) are stacked, and so are small same-shaped per-example gradients, so
-one set of torch calls serves the whole group (``_groups.py``).
+Host cost: small records of same-shaped built-in Linear and LayerNorm calls (every
+block of a transformer) are stacked, and so are small same-shaped per-example
+gradients, so one set of torch calls serves the whole group (``_groups.py``).
 """
 from __future__ import annotations
 
