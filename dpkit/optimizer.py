@@ -88,6 +88,7 @@ class StepAccumulator:
 
     def __init__(self, params: Sequence[nn.Parameter], clipper: Clipper, K: int):
         self.params = list(params)
+        self._sharded = [distributed.is_sharded(p) for p in self.params]  # a parameter's kind is fixed: asked once
         self.clipper = clipper
         self.K = K
         self._views: dict[nn.Parameter, Tensor] = {}  # per parameter, a view into self.flats
@@ -167,8 +168,8 @@ class StepAccumulator:
 
     def _allocate(self) -> None:
         groups: dict[tuple[torch.device, torch.dtype, bool], list[nn.Parameter]] = {}
-        for p in self.params:
-            key = (p.device, torch.promote_types(p.dtype, torch.float32), distributed.is_sharded(p))
+        for p, sharded in zip(self.params, self._sharded):
+            key = (p.device, torch.promote_types(p.dtype, torch.float32), sharded)
             groups.setdefault(key, []).append(p)
         for (device, dtype, _), group in groups.items():
             flat = torch.empty(sum(p.numel() for p in group), device=device, dtype=dtype)

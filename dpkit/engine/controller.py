@@ -127,7 +127,8 @@ class PrivateTraining:
         self.plan_digest = distributed.digest([f"{row.name}.{n}" for row in self.plan for n in row.params])
         self.accumulator = StepAccumulator(self.params, self.clipper, self.K)
         arrival = Arrival("norms" if self.mode == "ghost" else "records" if self.norm_mode else "per_example",
-                          form=functools.partial(bk.form_early, K=self.K) if self.mode == "auto" else None,
+                          form=(bk.arrival_form(self.plan, self.K, self._streams())
+                                if self.mode in ("auto", "bk") else None),
                           stream=self.passes.stream if self._streams() else None)
         self.capturer = Capturer(self.module, self.plan, K=self.K, batch_first=self.batch_first,
                                  rescale=self.loss_reduction == "mean", arrival=arrival,

@@ -229,7 +229,8 @@ def refuse_mixing_layers(module: nn.Module) -> None:
 def trainable_change(module: nn.Module, planned: frozenset[int], params: list[nn.Parameter],
                      now: list[nn.Parameter]) -> str | None:
     """What changed in the set of trainable parameters since planning (``now``: the model's parameters)."""
-    trainable = [p for p in now if p.requires_grad]
+    with torch._C.DisableTorchFunction():  # reading flags: no batch trace needs to see it (see StateWatch)
+        trainable = [p for p in now if p.requires_grad]
     if len(trainable) == len(planned) and all(id(p) in planned for p in trainable):
         return None
     names = {id(p): n for n, p in module.named_parameters()}
@@ -268,15 +269,15 @@ class StateWatch:
                         self.slots.append((table, key))
 
     def snapshot(self) -> list[tuple[object, int]]:
-        out = []
-        for table, key in self.slots:
-            t = table.get(key)
-            out.append((t, t._version if t is not None else -1))
-        return out
+        # Outside any torch-function mode: under the batch trace every ``_version`` read is a Python call of the
+        # trace's (about 4 us each, two per Linear); a version counter is not data to follow.
+        with torch._C.DisableTorchFunction():
+            return [(t, t._version if t is not None else -1) for t in (table.get(key) for table, key in self.slots)]
 
     def refuse_moved(self, before: list[tuple[object, int]]) -> None:
-        moved = [name for name, (table, key), (t, version) in zip(self.names, self.slots, before)
-                 if table.get(key) is not t or (t is not None and t._version != version)]
+        with torch._C.DisableTorchFunction():
+            moved = [name for name, (table, key), (t, version) in zip(self.names, self.slots, before)
+                     if table.get(key) is not t or (t is not None and t._version != version)]
         if moved:
             raise PrivacyUsageError(
                 f"{sorted(moved)[:5]} changed during the model's forward (an in-place renorm such as "

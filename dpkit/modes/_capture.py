@@ -252,7 +252,7 @@ class Capturer(Arrivals):
         if not self._active():
             return
         grad = self.arrival.ghost or not any(
-            t.requires_grad for t in _tensors(args))
+            t.requires_grad for t in (args if all(isinstance(a, Tensor) for a in args) else _tensors(args)))
         made: dict[int, Tensor] = {}
         replaced = []
         for owner, name, p in self._slots[id(row)]:
@@ -293,17 +293,21 @@ class Capturer(Arrivals):
         if not wanted:
             return None
         trace, hint = self._trace, self.batch_hint
-        inputs = _tensors((args, kwargs))
+        plain = not kwargs and all(isinstance(a, Tensor) for a in args)  # the common call, f(x): no walks
+        inputs = list(args) if plain else _tensors((args, kwargs))
         # A unit recomputed per example (torch.func) shares an input unless it derives from the batch: an
         # attention mask is [T, T] also when T == B. A sampler layer's call is broadcast unless some input
         # derives from the batch or was built in its shape.
         batched = [self._from_batch(t, ndim=False) for t in inputs]
         call_batched = any(b or self._from_batch(t) for t, b in zip(inputs, batched))
-        args = [a.detach() if isinstance(a, Tensor) else a if type(a) in _ATOMS else pytree.tree_map(_detach, a)
-                for a in args]
-        kwargs = {k: v.detach() if isinstance(v, Tensor) else v if type(v) in _ATOMS else pytree.tree_map(_detach, v)
-                  for k, v in kwargs.items()}
-        detached = _tensors((args, kwargs))
+        if plain:
+            args = detached = [a.detach() for a in inputs]
+        else:
+            args = [a.detach() if isinstance(a, Tensor) else a if type(a) in _ATOMS else pytree.tree_map(_detach, a)
+                    for a in args]
+            kwargs = {k: v.detach() if isinstance(v, Tensor) else v if type(v) in _ATOMS
+                      else pytree.tree_map(_detach, v) for k, v in kwargs.items()}
+            detached = _tensors((args, kwargs))
         unbatched = frozenset(id(t) for t, b in zip(detached, batched) if not b)
         if row.uses_activations:
             args = args + [kwargs.get(n, d) for n, d in self._signatures[id(row)][len(args):]]

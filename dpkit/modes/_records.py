@@ -84,9 +84,10 @@ class Capture:
     pending: set[int]
     outputs: list[Tensor] = attrs.field(factory=list)  # kept in ghost mode for the norm pass
     squares: dict[nn.Parameter, Tensor] | None = None  # ghost: norms taken on arrival, the record freed
-    formed: dict[nn.Parameter, Tensor] | None = None  # auto: small per-example gradients formed on arrival
+    formed: dict[nn.Parameter, Tensor] | None = None  # bk, auto: small per-example gradients formed on arrival
     blocks: dict[nn.Parameter, list] | None = None  # bk: a sampler's Linear blocks, kept instead of the record
     parts: _parts.Parts | None = None  # bk: the F.linear calls of a parts unit's forward, until processed
+    group: object = None  # bk: the stacked group of same-shaped Linear records this one joined (_groups.py)
     versions: list[int] = attrs.field(factory=list)
     input_versions: list[int | None] = attrs.field(factory=list)  # of ``args``, when the call read them
     unbatched: frozenset[int] = frozenset()  # ids of captured input tensors that do not derive from the batch
@@ -105,8 +106,8 @@ class Arrival:
     ``kind`` is ``"per_example"`` (hooks, functorch, ew: per-example gradients at once, the record freed),
     ``"records"`` (bk, auto: kept for the end of the pass, when every layer's norm is known) or ``"norms"``
     (ghost: norms at once, the record freed, the outputs kept for the reweighting pass, whose stand-ins require
-    grad). ``form``: which records ``auto`` turns into per-example gradients at once. ``stream``: the engine's
-    streaming clipper, True when it clipped and summed the record (per-layer clipping).
+    grad). ``form``: which records ``bk`` and ``auto`` turn into per-example gradients at once. ``stream``: the
+    engine's streaming clipper, True when it clipped and summed the record (per-layer clipping).
     """
 
     kind: str

@@ -15,17 +15,22 @@ Memory: the sums are handed out one layer at a time and each record is freed onc
 its sum is formed, so the records shrink while the accumulator fills. The
 built-in Linear forms its sum directly (``linear.weighted_sum``), weighting the
 narrower of input and gradient instead of copying the gradient.
+
+Host cost: small records of same-shaped built-in Linear and LayerNorm calls (every
+block of a transformer) are stacked, and so are small same-shaped per-example
+gradients, so one set of torch calls serves the whole group (``_groups.py``).
 """
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from dpkit.layers import contract, fold, reused_grams, upcast, weight_sq_norms
+from dpkit.modes import _groups
 from dpkit.modes import functorch as fn_mode
 from dpkit.modes._capture import Capture, Capturer
 
@@ -34,7 +39,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
                  capturer: Capturer) -> tuple[Tensor, dict[nn.Parameter, Tensor]]:
     """``[P, B]`` per-parameter norms of per-example (K-averaged) gradients, and the materialised gradients.
 
-    Records ``auto`` formed on arrival (``form_early``) bring their gradients, which serve the clipped sum
+    Records formed on arrival (``form_early``) bring their gradients, which serve the clipped sum
     too. Parameters are keyed by ``id`` on this path: hashing a tensor is a Python call.
     """
     users: dict[int, list[Capture]] = defaultdict(list)
@@ -52,12 +57,18 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         store[key] = store[key] + t if key in store else t
 
     with reused_grams():  # q, k and v projections of one input share its Gram matrix
+        single = lambda p: len(users[id(p)]) == 1  # noqa: E731
+        for group in (*_groups.linear_groups(records, single), *_groups.norm_groups(records, single, K)):
+            for p, sq in group.sq_norms(K):
+                add(squares, id(p), sq)
         for cap in records:
+            if cap.group is not None:  # stacked with same-shaped Linear records, its norms taken above
+                continue
             if cap.squares is not None:  # taken when the gradient arrived (ghost)
                 for p, sq in cap.squares.items():
                     add(squares, id(p), sq)
                 continue
-            if cap.formed is not None:  # formed when the gradient arrived (auto; parameters not shared)
+            if cap.formed is not None:  # formed when the gradient arrived (parameters not shared)
                 for p, g in cap.formed.items():
                     materialised[id(p)] = (p, g)
                 continue
@@ -105,8 +116,7 @@ def record_norms(records: Sequence[Capture], params: Sequence[nn.Parameter], bat
         for i in range(len(caps)):
             for j in range(i + 1, len(caps)):
                 add(squares, key, 2 * _inner(_factor(caps[i], K), _factor(caps[j], K)))
-    for key, (_, g) in materialised.items():
-        squares[key] = _square_norms(g, batch)
+    squares.update(_groups.square_norms({key: g for key, (_, g) in materialised.items()}, batch))
     return _table(squares, params, batch) / K, {p: g for p, g in materialised.values()}
 
 
@@ -125,15 +135,25 @@ def _table(squares: dict[int, Tensor], params: Sequence[nn.Parameter], batch: in
     return torch.stack(rows).clamp_min_(0).sqrt_()
 
 
-def form_early(cap: Capture, K: int) -> bool:
-    """Whether ``auto`` forms a call's per-example gradients as soon as its output gradients arrive.
+def arrival_form(plan: Sequence, K: int, streams: bool) -> Callable[[Capture], bool]:
+    """The capture's ``form`` policy for bk and auto: ``form_early``, keeping small LayerNorm records that have
+    peers to be stacked with, unless each record is clipped as it arrives (streaming)."""
+    return functools.partial(form_early, K=K, stacked=frozenset() if streams else _groups.peers(plan))
+
+
+def form_early(cap: Capture, K: int, stacked: frozenset[int] = frozenset()) -> bool:
+    """Whether ``bk`` and ``auto`` form a call's per-example gradients as soon as its output gradients arrive.
 
     True for torch.func units (their gradients are formed anyway) and for calls whose per-example gradients
     have no more entries than their record (a LayerNorm, a convolution, a short sequence): the record is
-    freed at once and the gradients serve the norms and the clipped sum.
+    freed at once and the gradients serve the norms and the clipped sum. A small record of a row in ``stacked``
+    (a LayerNorm with same-shaped peers) is kept instead, to be stacked with theirs: it costs less memory than
+    time.
     """
     if cap.row.sampler is None:
         return True
+    if id(cap.row) in stacked and _groups.kept_for_group(cap):  # small: stacked with its peers at the pass's end
+        return False
     record = sum(a.numel() for a in cap.args if isinstance(a, Tensor) and a.is_floating_point())
     record += sum(g.numel() for g in cap.grads if g is not None)
     return sum(p.numel() for p in cap.row.local_params.values()) * max(cap.rows // K, 1) <= record
@@ -190,12 +210,13 @@ def record_sums(records: Sequence[Capture], params: Sequence[nn.Parameter], fact
     per_layer = factors.dim() == 2
     weights = (factors / K).repeat_interleave(K, dim=-1)  # per row: an example's K copies share its factor
     formed = {id(p) for p in materialised}
-    while materialised:  # popped, so each per-example gradient is freed once used
-        p, g = materialised.popitem()
-        f = factors[index[id(p)]] if per_layer else factors
-        yield p, torch.tensordot(f.to(g.dtype), g, dims=1) / K
+    yield from _groups.weighted_sums(materialised, factors, index, K)  # each group freed once used
     for cap in records:
         if cap.rows == 0:
+            continue
+        if cap.group is not None:  # the group's sums come at its first record, in one stacked product
+            if not cap.group.done:
+                yield from cap.group.sums(weights, index)
             continue
         if cap.blocks is not None:
             for p, parts in cap.blocks.items():
