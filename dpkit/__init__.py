@@ -30,7 +30,7 @@ from dpkit.hookspecs import hookimpl
 from dpkit.registry import register_grad_sampler, register_norm_sampler
 
 if TYPE_CHECKING:
-    from dpkit import audit, testing
+    from dpkit import audit, testing  # noqa: F401 (lazily loaded, see _SUBMODULES)
     from dpkit.engine import PrivateTraining, detach, make_private, make_private_with_epsilon
     from dpkit.micro_batches import BatchMemoryManager
     from dpkit.modes._trace import rowwise

@@ -264,7 +264,7 @@ def table(rows: list[dict]) -> str:
             tie = ", LM head untied" if first["untie"] else ""
             lines.append(f"\n**{model}** ({first['params'] / 1e6:.2f}M params, {shape}{tie}, {first['device']}, "
                          f"{first['threads']} thread(s), {first['reps']} repetition(s); memory: {first['mem_how']})\n")
-        lines.append(f"| mode | ms/step median (range over reps) | × time | CPU ms/step | × CPU | best ms/step | × best "
+        lines.append("| mode | ms/step median (range over reps) | × time | CPU ms/step | × CPU | best ms/step | × best "
                      "| fwd / bwd / step ms | peak MiB | × memory |")
         lines.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for r in group:

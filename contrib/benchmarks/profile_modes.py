@@ -347,7 +347,7 @@ def section_threads(name: str, batch: int, seq: int) -> None:
     elementwise work, and the noise draw. Wall time, each kernel alternating between 1 and 2 threads."""
     if SPECS[name][0] != "gpt":
         return
-    d, vocab = SPECS[name][1]["d"], SPECS[name][1]["vocab"]
+    d = SPECS[name][1]["d"]
     gen = torch.Generator().manual_seed(0)
     a, g = torch.randn(batch, seq, d), torch.randn(batch, seq, 4 * d)
     w, noise = torch.randn(4 * d, d), torch.empty(sum(p.numel() for p in build(name, seq)[0].parameters()))

@@ -19,7 +19,6 @@ not tuned per mechanism. Prints mean ± std of test accuracy over the seeds and 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time

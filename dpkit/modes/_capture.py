@@ -179,10 +179,9 @@ class Capturer(Arrivals):
                     self._stand_in(row, model, args)
 
     def _from_batch(self, t: Tensor, ndim: bool = True) -> bool:
-        """Whether ``t`` is the batch's: derived from the model's batched inputs (the trace says), or built for
-        the batch from its size rather than its values: ``buffer.expand(B, T)`` (stride 0, BERT's token types)
-        and, with ``ndim``, ``arange(T).repeat(B, 1)`` or ``zeros(B, T)``, which have the batch's rows and as
-        many dimensions as the model's input (``arange(T)`` with ``T == B`` has fewer, and is broadcast)."""
+        """Whether ``t`` is the batch's: derived from the model's batched inputs (the trace says), or built for the
+        batch from its size: ``buffer.expand(B, T)`` (stride 0, BERT's token types) and, with ``ndim``,
+        ``arange(T).repeat(B, 1)`` or ``zeros(B, T)``, as many dims as the model's input (``arange(T)`` has fewer)."""
         if self._trace is None or self._trace.batched(t):
             return True
         hint, dim = self.batch_hint, self.bdim
@@ -199,12 +198,8 @@ class Capturer(Arrivals):
         trace.__exit__(None, None, None)
         outputs = _tensors(output) if output is not None else []
         if self._active() and trace.batch_dim is not None and any(t.requires_grad for t in outputs):
-            self._loss_trace = _trace.loss_trace(outputs, trace, self.bdim, self.K, self._guarded,
-                                                 "mean" if self.rescale else "sum", self.grad_scaler)
-            # The loop's other tensors (the labels, an earlier forward's outputs) may join the loss too.
-            if self._loop_before is not None:
-                self._loss_trace.adopt(self._loop_before.tracked(), self._loop_before)
-                self._loss_trace.required = self._loop_before.required
+            self._loss_trace = _trace.loss_trace(outputs, trace, self.bdim, self.K, self._guarded,  # and the loop's
+                                                 "mean" if self.rescale else "sum", self.grad_scaler, self._loop_before)
         self._loop_before = None
 
     @eager

@@ -333,12 +333,16 @@ def loop_trace(tensors: Iterable[Tensor], group: int = 1, required: list[Tensor]
 
 
 def loss_trace(outputs: Iterable[Tensor], source: BatchTrace, batch_dim: int, group: int,
-               guarded: frozenset[int] = frozenset(), reduction: str | None = None, scaler: object = None
-               ) -> BatchTrace:
+               guarded: frozenset[int] = frozenset(), reduction: str | None = None, scaler: object = None,
+               loop: BatchTrace | None = None) -> BatchTrace:
     """A trace of the loop from the model's outputs to the loss's ``backward()``, pushed until :func:`remove`: it
-    checks that the loss is a plain sum (or fixed-count mean) of per-example losses."""
+    checks that the loss is a plain sum (or fixed-count mean) of per-example losses. ``loop``: the loop's trace
+    the forward took over, whose other tensors (the labels, an earlier forward's outputs) may join the loss."""
     trace = BatchTrace([], batch_dim=batch_dim, group=group)
     trace.adopt(outputs, source)
+    if loop is not None:
+        trace.adopt(loop.tracked(), loop)
+        trace.required = loop.required
     trace.loop, trace.guarded, trace.reduction, trace.scaler = True, guarded, reduction, scaler
     torch._C._push_on_torch_function_stack(trace)
     return trace

@@ -29,8 +29,8 @@ coordinate got noise of the promised size.
 from __future__ import annotations
 
 # ExampleInput, Setup and Step: the type aliases in the checks' signatures, importable from here as before.
-from dpkit.testing._samplers import ExampleInput, check_grad_sampler, check_norm_sampler, forward_activations
-from dpkit.testing._step import NoiseReport, SensitivityReport, Setup, Step, check_noise, check_sensitivity
+from dpkit.testing._samplers import ExampleInput, check_grad_sampler, check_norm_sampler, forward_activations  # noqa: F401
+from dpkit.testing._step import NoiseReport, SensitivityReport, Setup, Step, check_noise, check_sensitivity  # noqa: F401
 
 __all__ = [
     "NoiseReport", "SensitivityReport", "check_grad_sampler", "check_noise", "check_norm_sampler",

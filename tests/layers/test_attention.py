@@ -205,7 +205,7 @@ class Classifier(nn.Module):
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
 @pytest.mark.parametrize("kwargs", [dict(), dict(batch_first=False, add_bias_kv=True), dict(weights=True)],
                          ids=["batch-first", "sequence-first", "weights-used"])
-def test_modes_match_the_loop(plugins, kwargs, mode, K, reduction):
+def test_modes_match_the_loop(plugins, kwargs, mode, K, reduction):  # noqa: F811 (the fixture)
     torch.manual_seed(0)
     model = Classifier(**kwargs).double()
     x = torch.randn(E, L, 4 * K, dtype=torch.double).permute(2, 1, 0)  # non-contiguous

@@ -53,7 +53,6 @@ def as_captured(layer, x, hx, grads):
 
 
 def draw(layer, rows, T=5, *, hx=False, which=(0, 1, 2), strided=False):
-    dirs = 2 if layer.bidirectional else 1
     x = torch.randn(T, rows, layer.input_size, dtype=torch.double)
     x = x if not layer.batch_first else x.transpose(0, 1)  # non-contiguous for batch_first layers
     if strided:

@@ -2,7 +2,6 @@
 checkpoints, a noise state that could be pushed to the Hub, and the causal-LM shift under torch.compile."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
