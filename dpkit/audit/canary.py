@@ -71,10 +71,7 @@ class AuditReport:
             f"{one.delta:g}, confidence {one.confidence:.0%}:",
             f"  accountant {self.accountant:<6}      epsilon <= {self.accountant_epsilon:.4f}  (proven upper bound)",
         ]
-        for bound, label in ((one, "one-run      "), (self.bounds.approx_dp, "f-DP (e, d)  "),
-                             (self.bounds.fdp, "f-DP Gauss   ")):
-            lines.append(f"  audit {label}epsilon >= {bound.epsilon:.4f}  ({bound.correct} of {bound.guesses} "
-                         f"guesses right, {bound.family} scores)")
+        lines += bound_lines(self.bounds)
         if self.violated:
             verdict = ("VIOLATION: an assumption-free lower bound exceeds the accountant's epsilon; the run leaks more "
                        "than it claims (check the noise plugin, the sampling and the accountant)")
@@ -295,3 +292,11 @@ def _refuse_distributed(private: Trainable) -> None:
         raise PrivacyUsageError("CanaryAudit does not support torch.distributed with world size > 1 yet: each rank "
                                 "noises its own slice of the sum, and the canaries' values would be read before the "
                                 "ranks' sums are added. Audit a single-process run.")
+
+
+def bound_lines(bounds) -> list[str]:
+    """A report's lines for its three lower bounds (one-run, f-DP (ε, δ), f-DP Gaussian)."""
+    return [f"  audit {label}epsilon >= {bound.epsilon:.4f}  ({bound.correct} of {bound.guesses} guesses right, "
+            f"{bound.family} scores)"
+            for bound, label in ((bounds.one_run, "one-run      "), (bounds.approx_dp, "f-DP (e, d)  "),
+                                 (bounds.fdp, "f-DP Gauss   "))]

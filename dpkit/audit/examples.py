@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dpkit.audit.bounds import ScoreAudit, audit_scores
-from dpkit.audit.canary import FAMILIES
+from dpkit.audit.canary import FAMILIES, bound_lines
 from dpkit.audit.premises import PremiseCheck, noise_scale_check, participation_checks
 from dpkit.audit.scoring import REFERENCES, Tape
 from dpkit.errors import PrivacyUsageError
@@ -89,10 +89,7 @@ class ClipAuditReport:
             f"delta {one.delta:g}, confidence {self.confidence:.0%}:",
             f"  accountant {self.accountant:<6}      epsilon <= {self.accountant_epsilon:.4f}  (proven upper bound)",
         ]
-        for bound, label in ((one, "one-run      "), (self.bounds.approx_dp, "f-DP (e, d)  "),
-                             (self.bounds.fdp, "f-DP Gauss   ")):
-            lines.append(f"  audit {label}epsilon >= {bound.epsilon:.4f}  ({bound.correct} of {bound.guesses} "
-                         f"guesses right, {bound.family} scores)")
+        lines += bound_lines(self.bounds)
         for check in self.premises:
             mark = "REFUTED" if check.p_value <= self.level else "ok     "
             lines.append(f"  premise {mark} {check.name}: p = {check.p_value:.3g}; {check.seen}")

@@ -44,6 +44,11 @@ def one_step(p, x, y, scaler=None, wrapped=True, dtype=None) -> torch.Tensor:
         out = p.module(x)
     loss = p.criterion(out.float(), y) if wrapped else nn.functional.cross_entropy(
         out.float(), y, reduction=p.loss_reduction)
+    return release(p, loss, scaler, before)
+
+
+def release(p, loss, scaler, before) -> torch.Tensor:
+    """Backward and step, through the scaler if there is one; the update (new minus ``before``, flat)."""
     if scaler is None:
         loss.backward()
         p.optimizer.step()
@@ -106,14 +111,7 @@ def regression_step(p, x, y, scaler=None, wrapped=True):
     with torch.autocast("cpu", dtype=torch.float16):
         out = p.module(x).float()
     loss = p.criterion(out, y) if wrapped else nn.functional.mse_loss(out, y)
-    if scaler is None:
-        loss.backward()
-        p.optimizer.step()
-    else:
-        scaler.scale(loss).backward()
-        scaler.step(p.optimizer)
-        scaler.update()
-    return torch.cat([q.detach().flatten() for q in p.module.parameters()]) - before
+    return release(p, loss, scaler, before)
 
 
 @pytest.mark.parametrize("mode", [m for m in ALL_MODES if m != "ew"])  # ew refuses autocast
