@@ -41,14 +41,6 @@ def eager(fn: Callable, reason: str = _EAGER_REASON) -> Callable:
     return hook
 
 
-def skip_frames(fn: Callable) -> None:
-    """Leave ``fn``'s own frame to run as it is: it only dispatches to what runs eagerly, and Dynamo would
-    otherwise compile it after each graph break, once per argument signature, and warn at its recompile limit."""
-    from torch._dynamo.eval_frame import skip_code
-
-    skip_code(fn.__code__)
-
-
 _ATOMS = (type(None), bool, int, float, str, torch.dtype, torch.device)
 
 

@@ -26,7 +26,6 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from dpkit.errors import PrivacyUsageError, RowMixingError
-from dpkit.modes._records import skip_frames
 from dpkit.modes._row_rules import generic
 from dpkit.modes._rows import FREE, TRUSTED, Mixed, Summed, refusal, state_of
 
@@ -62,8 +61,6 @@ class BatchTrace(TorchFunctionMode):
         self.scaler: object = None  # a loss trace's: make_private's grad_scaler
         self.scaled_by: object = None  # the GradScaler that scaled the loss, if one did
         self.required: list[Tensor] = []  # a loop's: batch fields the loss must be weighted by (ByUser's weights)
-        if "torch._dynamo" in sys.modules:  # a model may be compiled: prepare here, in eager code
-            _prepare_for_dynamo()
         self.adopt(inputs, source)
 
     @contextlib.contextmanager
@@ -412,22 +409,12 @@ _EAGERLY: Callable | None = None  # made on first use: torch.compiler.disable im
 
 
 def _eagerly(trace: BatchTrace, func, args, kwargs):
-    if _EAGERLY is None:
-        _prepare_for_dynamo()
-    return _EAGERLY(trace, func, args, kwargs)
-
-
-def _prepare_for_dynamo() -> None:
-    """Once Dynamo is loaded, and from eager code (Dynamo would trace these calls themselves): the eager call it
-    graph-breaks on, and this class's dispatch frame left alone, which Dynamo would otherwise compile after each
-    graph break, once per input rank, until it warns at its recompile limit. Again after ``torch._dynamo.reset()``,
-    which forgets the frames to skip."""
     global _EAGERLY
     if _EAGERLY is None:
         _EAGERLY = torch.compiler.disable(
             _traced_call, reason="dpkit's batch trace keys its marks by real tensors, so each torch call it sees runs "
                                  "eagerly: under dpkit, compile without fullgraph=True (docs/compile.md)")
-    skip_frames(BatchTrace.__torch_function__)
+    return _EAGERLY(trace, func, args, kwargs)
 
 
 def _traced_call(trace: BatchTrace, func, args, kwargs):

@@ -142,11 +142,9 @@ def assert_same(got, want) -> None:
     ("gpt", "torch.compile after", "bk", "per_layer"),
     ("gpt", "compiled criterion", "auto", "flat"),
 ])
-def test_compiled_step_is_the_uncompiled_step(kind, how, mode, clipping, caplog):
+def test_compiled_step_is_the_uncompiled_step(kind, how, mode, clipping):
     torch._dynamo.utils.counters.clear()
     got = train(kind, mode, clipping, how)
-    # Dynamo no longer recompiles the batch trace's dispatch once per input rank, up to its limit, with a warning
-    assert "function: '__torch_function__'" not in caplog.text
     assert torch._dynamo.utils.counters["frames"]["ok"] > 0  # something was compiled
     assert_same(got, train(kind, mode, clipping, "eager"))
 
