@@ -160,3 +160,33 @@ def test_a_rank_that_freezes_a_parameter_alone_is_refused_on_every_rank():
     """Issue 22: under DDP this ended in a gloo 'Connection reset' that killed the other rank."""
     for message in _launch.run(_freezing_rank, 2, 1):
         assert "trainable parameters differ between rank 0 and rank(s) [1]" in message
+
+
+def _fsdp_freezing_other_parameters(_) -> str:
+    import warnings
+
+    import torch
+    from torch import nn
+
+    import dpkit
+    from tests.distributed._workers import build, data
+
+    model = build("fsdp")
+    frozen = model.norm.weight if torch.distributed.get_rank() == 0 else model.norm.bias  # one shape, [8]
+    frozen.requires_grad_(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                               data_loader=dpkit.DPDataLoader(data(), 0.3, distributed=True),
+                               noise_multiplier=0.0, max_grad_norm=1.0, criterion=nn.CrossEntropyLoss())
+    except dpkit.PrivacyUsageError as err:
+        return str(err)
+    return "made"
+
+
+def test_fsdp_ranks_that_freeze_different_parameters_of_one_shape_are_refused():
+    """Issue 22.9: only the number of trainable tensors was compared, so this passed make_private and gloo aborted
+    at the reduce-scatter."""
+    for message in _launch.run(_fsdp_freezing_other_parameters, 2, None):
+        assert "trainable names" in message and "rank 0" in message and "rank 1" in message
