@@ -206,6 +206,8 @@ class DPDataLoader(DataLoader):
                                       secure_mode=secure_mode, rank=rank, world_size=self.world_size)
         super().__init__(dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(dataset, collate), **kwargs)
 
+    weight_column = False  # whether each batch's last field weights its rows (0: padding), as ByUser's does
+
     def __iter__(self) -> Iterator[Any]:
         for batch in super().__iter__():
             self.batches_drawn += 1
@@ -214,7 +216,8 @@ class DPDataLoader(DataLoader):
             for t in tensors:
                 self._handed[id(t)] = (weakref.ref(t), self.batches_drawn)
             # Until the model's forward takes the batch over: mixing its rows in the loop (mixup) is refused there.
-            weighted = isinstance(self.dataset, ByUser) and tensors and bool((tensors[-1] == 0).any())  # padded
+            weighted = (self.weight_column or isinstance(self.dataset, ByUser)) and tensors and bool(
+                (tensors[-1] == 0).any())  # a batch with padding rows: the loss must be weighted
             trace = loop_trace(tensors, self.dataset.K if isinstance(self.dataset, Multiplicity) else 1, tensors[-1:]
                                if weighted else None)
             yield batch  # closed here (`next(iter(loader))`), the trace stays until the forward or the step takes it

@@ -133,6 +133,8 @@ class TruncatedPoissonLoader(DPDataLoader):
         super(DPDataLoader, self).__init__(dataset, batch_sampler=sampler,
                                            collate_fn=_PadCollate(dataset, collate, max_batch_size), **kwargs)
 
+    weight_column = True
+
     def __iter__(self) -> Iterator[Any]:
         for batch in super().__iter__():
             self.batch_sampler.position += 1  # as handed out: batches that workers prefetched do not count

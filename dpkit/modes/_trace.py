@@ -285,9 +285,9 @@ def _check_weighted(loss: Tensor, weights: list[Tensor], nodes: int = 64) -> Non
         queue.extend(f for f, _ in node.next_functions)
     if wanted:
         warnings.warn(
-            "the batch's last field (ByUser's weights: 0 for padding rows, copies of a user's first example) did not "
+            "the batch's last field (the weights of ByUser or TruncatedPoissonLoader: 0 for padding rows) did not "
             "weight the loss, so the padding rows are trained on as if they were examples. Multiply each row's "
-            "loss by its weight before averaging: (per_row_loss * weight).mean() (docs/privacy.md, user-level DP).",
+            "loss by its weight before averaging: (per_row_loss * weight).mean() (docs/privacy.md).",
             stacklevel=4)
 
 

@@ -245,3 +245,19 @@ def test_a_mechanism_whose_step_is_not_a_poisson_step_is_refused_before_the_upda
         private.optimizer.step()
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters())) and private.ledger.steps == 0
     private.detach()
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_a_loss_without_the_weight_column_warns(weighted):
+    # A loop that forgets the weights trains the padding rows (zeros, a public term, but not the step it means).
+    model = net()
+    private = make(model, TruncatedPoissonLoader(data(), Q, B, generator=torch.Generator().manual_seed(1)))
+    x, y, _, weight = next(iter(private.data_loader))
+    assert 0 < weight.sum() < B
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = F.cross_entropy(model(x), y, reduction="none")
+        (weight * loss if weighted else loss).mean().backward()
+    private.optimizer.step()
+    assert any("did not weight the loss" in str(w.message) for w in caught) != weighted
+    private.detach()
