@@ -17,7 +17,6 @@ import dpkit
 from dpkit import audit, cli, registry
 from dpkit.audit import correlated
 from dpkit.cli._common import EXIT_NO, EXIT_OK, EXIT_USAGE
-from dpkit.data import ShuffledBatchLoader
 from dpkit.errors import PrivacyUsageError
 from dpkit.hookspecs import hookimpl
 from dpkit.noise.gaussian import GaussianNoise
