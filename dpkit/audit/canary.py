@@ -132,9 +132,9 @@ class CanaryAudit:
         of every step it counted). Refused under torch.distributed with world size > 1, on a run that already
         has an audit (two audits' canaries would share coordinates), and when there are fewer coordinates than
         canaries. On BandMF or BLT the canaries follow the run's cyclic loader and are scored after whitening
-        (:mod:`dpkit.audit.correlated`); on the tree they join one step of each epoch of its shuffled loader and
-        are scored after whitening by its covariance (:mod:`dpkit.audit.tree`). ``seed`` makes the canaries' coordinates,
-        signs, inclusion and sampling reproducible.
+        (:mod:`dpkit.audit.correlated`); on the tree they join one step of each epoch of its shuffled loader
+        and are scored after whitening by its covariance (:mod:`dpkit.audit.tree`). ``seed`` makes the canaries'
+        coordinates, signs, inclusion and sampling reproducible.
         """
         _refuse_distributed(private)
         if isinstance(private.noise, CanaryAudit):

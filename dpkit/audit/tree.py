@@ -1,18 +1,20 @@
 """Canaries for tree aggregation (``noise="tree"``, ``"tree-honaker"``): on the tree's participation schedule,
 scored after whitening by the tree's noise covariance.
 
-The tree restarts every epoch of ``T`` steps, and within one its releases' prefix sums are ``P = Σ_{s≤t} x_s + A·n``:
-``n`` the tree's nodes (every dyadic interval of ``[1, T]``, i.i.d. ``N(0, σ²C²)``), row ``t`` of ``A`` summing the
-nodes that tile ``[1, t]`` (one per set bit of ``t``), or with Honaker's estimator their refined values, each
-``own·n + children·(r_left + r_right)``. The prefix sums are an invertible map of the releases (differences give
-them back), so the likelihood ratio is the same in either, and ``P``'s noise has covariance ``σ²C²·AAᵀ``.
+The tree restarts every epoch of ``T`` steps, and within one its releases' prefix sums are
+``P = Σ_{s≤t} x_s + A·n``: ``n`` the tree's nodes (every dyadic interval of ``[1, T]``, i.i.d. ``N(0, σ²C²)``),
+row ``t`` of ``A`` summing the nodes that tile ``[1, t]`` (one per set bit of ``t``), or with Honaker's estimator
+their refined values, each ``own·n + children·(r_left + r_right)``. The prefix sums are an invertible map of the
+releases (differences give them back), so the likelihood ratio is the same in either, and ``P``'s noise has
+covariance ``σ²C²·AAᵀ``.
 
 An example of a :class:`dpkit.data.ShuffledBatchLoader` joins exactly one step of each epoch, at a position the
 adversary knows (the order is public in the tree's accounting). So a canary here joins one uniformly random step
 of each epoch with one gradient ``±C·e_j`` throughout, and its score is the Gaussian log-likelihood ratio of the
-epoch's prefix sums, ``(uᵀK⁻¹P − uᵀK⁻¹u/2)/σ²`` in units of ``C`` (``u`` its signed prefix signal, ``1`` from its
-step on, ``K = AAᵀ``), summed over epochs: the optimal test. Its power ``uᵀK⁻¹u`` is at most the nodes that hold the
-leaf, at most ``L = ⌊log2 T⌋ + 1``, what the tree's ledger charges per epoch (exactly ``L`` at leaf 1 without Honaker).
+epoch's prefix sums, ``(uᵀK⁻¹P − uᵀK⁻¹u/2)/σ²`` in units of ``C`` (``u`` its signed prefix signal, ``1`` from
+its step on, ``K = AAᵀ``), summed over epochs: the optimal test. Its power ``uᵀK⁻¹u`` is at most the number of
+nodes that hold the leaf, at most ``L = ⌊log2 T⌋ + 1``, what the tree's ledger charges per epoch (exactly ``L``
+at leaf 1 without Honaker).
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ __all__ = ["TreeSchedule", "TreeTape", "prefix_matrix", "tree_schedule"]
 
 def prefix_matrix(epoch_length: int, honaker: bool = False) -> np.ndarray:
     """``A`` (steps x nodes): the prefix sums' noise ``A·n`` over one epoch, nodes ``(j, i)`` covering leaves
-    ``((i−1)·2^j, i·2^j]``; with ``honaker`` a level-``j`` node's refined value is ``v_j·n + (v_j/2v_{j−1})·(r_l + r_r)``,
-    ``v_j = 2^j/(2^{j+1}−1)`` (Honaker's inverse-variance weights; the module docstring of dpkit.noise.tree)."""
+    ``((i−1)·2^j, i·2^j]``; with ``honaker`` a level-``j`` node's refined value is
+    ``v_j·n + (v_j/2v_{j−1})·(r_l + r_r)``, ``v_j = 2^j/(2^{j+1}−1)`` (Honaker's inverse-variance weights; the
+    module docstring of dpkit.noise.tree)."""
     T = epoch_length
     nodes = [(j, i) for j in range(T.bit_length()) for i in range(1, (T >> j) + 1)]
     refined: dict[tuple[int, int], np.ndarray] = {}
@@ -110,8 +113,8 @@ class TreeTape(WhitenedTape):
             raise PrivacyUsageError(f"the tree's steps had clip norms and noise stds {sorted(scale)}; its noise and "
                                     "accounting assume one of each, and so does this audit.")
         (C, std), = scale
-        chol = torch.linalg.cholesky(torch.as_tensor(prefix_matrix(T, self.schedule.honaker) @
-                                                     prefix_matrix(T, self.schedule.honaker).T))
+        A = torch.as_tensor(prefix_matrix(T, self.schedule.honaker))
+        chol = torch.linalg.cholesky(A @ A.T)
         total = torch.zeros(self._canaries, dtype=torch.float64)
         for start in range(0, len(steps), T):
             epoch = steps[start:start + T]

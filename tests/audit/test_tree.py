@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 import dpkit
 from dpkit import audit, cli, registry
-from dpkit.audit.tree import TreeSchedule, prefix_matrix
+from dpkit.audit.tree import TreeSchedule, prefix_matrix, tree_schedule
 from dpkit.cli._common import EXIT_NO, EXIT_OK
 from dpkit.data import ShuffledBatchLoader
 from dpkit.hookspecs import hookimpl
@@ -51,8 +51,8 @@ def _node(tree, epoch, node, std, d):
 
 @pytest.mark.parametrize("honaker", [False, True])
 def test_whitened_scores_are_the_dense_log_likelihood_ratios(honaker):
-    """Releases x + z over 2.5 epochs of 4 steps, z of covariance std²·block_diag(D·AAᵀ·Dᵀ) (D: differences), with
-    canaries joining one public step per epoch: each score is uᵀΣ⁻¹y − uᵀΣ⁻¹u/2, here with the dense Σ."""
+    """Releases x + z over 2.5 epochs of 4 steps, z of covariance std²·block_diag(D·AAᵀ·Dᵀ) (D: differences),
+    with canaries joining one public step per epoch: each score is uᵀΣ⁻¹y − uᵀΣ⁻¹u/2, here with the dense Σ."""
     rng = np.random.default_rng(0)
     m, T, steps, C, std = 60, 4, 10, 1.5, 2.0
     schedule = TreeSchedule(T, honaker, torch.as_tensor(rng.choice([-1.0, 1.0], m)), seed=5)
@@ -141,3 +141,19 @@ def test_a_tree_run_without_its_shuffled_loader_is_refused():
     with pytest.raises(dpkit.PrivacyUsageError, match="ShuffledBatchLoader"):
         audit.CanaryAudit.attach(private, canaries=5)
     private.detach()
+
+
+def test_a_tape_whose_noise_std_changed_or_that_missed_steps_is_refused():
+    """The whitening assumes one std and clip norm, and every step of every epoch from the first."""
+    schedule = TreeSchedule(4, False, torch.ones(3, dtype=torch.float64), seed=0)
+    tape = schedule.tape(3)
+    for t, std in enumerate((1.0, 2.0)):
+        tape.record(t, torch.arange(3), torch.zeros(3), torch.ones(3), torch.zeros(0), 1.0, 0.25, std)
+    with pytest.raises(dpkit.PrivacyUsageError, match="one of each"):
+        tape.scores()
+    late = schedule.tape(3)
+    late.record(1, torch.arange(3), torch.zeros(3), torch.ones(3), torch.zeros(0), 1.0, 0.25, 1.0)
+    with pytest.raises(dpkit.PrivacyUsageError, match="before the first step"):
+        late.scores()
+    with pytest.raises(TypeError, match="tree aggregation"):
+        tree_schedule(object(), None, 3, torch.Generator())
