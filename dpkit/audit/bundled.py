@@ -21,6 +21,7 @@ __all__ = ["bundled_audit", "bundled_clip_audit", "run_bundled_audit"]
 
 _EXAMPLES, _FEATURES = 64, 24
 CYCLE = 4  # the cyclic loader's cycle for BandMF and BLT (at least BandMF's bands)
+TREE_EPOCH = 4  # the tree's steps per epoch (shuffled batches of 16 of the 64 examples): 3 Gaussians charged each
 
 
 def bundled_audit(*, steps: int | None = None, canaries: int = 100_000, noise_multiplier: float = 10.0,
@@ -34,15 +35,19 @@ def bundled_audit(*, steps: int | None = None, canaries: int = 100_000, noise_mu
     prove noise at half the claimed std a violation (docs/auditing.md has the power table). ``noise`` names the
     noise plugin to audit: on BandMF and BLT the data and the canaries follow a cyclic loader of :data:`CYCLE`
     groups (or BandMF's bands, if more) (:mod:`dpkit.audit.correlated`). ``steps`` defaults to 100, and on
-    BandMF to 100 per group, so that each canary joins 100 steps (claimed ε 4.38 at the defaults, BLT's 3.77).
+    BandMF to 100 per group, so that each canary joins 100 steps (claimed ε 4.38 at the defaults, BLT's 3.77). On
+    the tree (:mod:`dpkit.audit.tree`) the data come in shuffled batches, :data:`TREE_EPOCH` steps per epoch, and
+    ``steps`` defaults to 33 epochs (132 steps), whose ledger charges 99 Gaussians; ``sample_rate`` is then unused.
     """
-    from dpkit.data import CyclicPoissonLoader, DPDataLoader  # the training code, imported when an audit trains (never with dpkit.audit)
+    from dpkit.data import CyclicPoissonLoader, DPDataLoader, ShuffledBatchLoader  # the training code, imported when an audit trains (never with dpkit.audit)
     from dpkit.engine import make_private
 
     mechanism = registry.lookup("dpkit_noise_mechanisms", noise, "noise").value(seed=seed)
     correlated.refuse_unwhitenable(mechanism)  # before training
+    tree = correlated.is_tree(mechanism)
     cycle = max(CYCLE, getattr(mechanism, "bands", 1)) if getattr(mechanism, "check_loader", None) else 1
-    steps = (100 * cycle if hasattr(mechanism, "coefficients") else 100) if steps is None else steps
+    if steps is None:  # on the tree 33 epochs: 99 Gaussians charged, as many as 100 DP-SGD steps
+        steps = 100 * cycle if hasattr(mechanism, "coefficients") else 33 * TREE_EPOCH if tree else 100
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(_EXAMPLES, _FEATURES, generator=gen)
     y = (x @ torch.randn(_FEATURES, generator=gen) > 0).long()
@@ -54,6 +59,8 @@ def bundled_audit(*, steps: int | None = None, canaries: int = 100_000, noise_mu
     extra = {}
     if getattr(mechanism, "check_loader", None) is None:
         loader = DPDataLoader(data, sample_rate, generator=generator)
+    elif tree:  # fixed batches, each example once per epoch; the canaries join one step per epoch too
+        loader = ShuffledBatchLoader(data, _EXAMPLES // TREE_EPOCH, generator=generator)
     else:  # BandMF, BLT: a cyclic loader, whose groups the canaries follow too
         loader = CyclicPoissonLoader(data, sample_rate, cycle, generator=generator)
         extra = {"noise_kwargs": {"steps": steps}} if hasattr(mechanism, "resolved") else {}

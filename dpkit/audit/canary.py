@@ -15,9 +15,10 @@ from torch import Tensor
 
 from dpkit import distributed
 from dpkit.audit.bounds import ScoreAudit, audit_scores
-from dpkit.audit.correlated import Schedule, WhitenedTape, schedule_of
+from dpkit.audit.correlated import Schedule, WhitenedTape, is_tree, schedule_of
 from dpkit.audit.estimators import CanaryScores
 from dpkit.audit.scoring import REFERENCES, Tape
+from dpkit.audit.tree import TreeSchedule, TreeTape, tree_schedule
 from dpkit.errors import PrivacyUsageError
 
 __all__ = ["AuditReport", "CanaryAudit", "Trainable", "refuse_correlated"]
@@ -101,7 +102,7 @@ class CanaryAudit:
     """
 
     def __init__(self, private: Trainable, noise: Any, canaries: int, generator: torch.Generator,
-                 schedule: Schedule | None = None):
+                 schedule: Schedule | TreeSchedule | None = None):
         self.private, self.noise, self.canaries, self.schedule = private, noise, canaries, schedule
         self._generator = generator
         sizes = [p.numel() for p in private.params]
@@ -121,7 +122,7 @@ class CanaryAudit:
             refs = references[torch.as_tensor(np.flatnonzero(ref_owner == k))]
             if refs.numel():
                 self._references[id(p)] = refs - int(starts[k])
-        self._tape: Tape | WhitenedTape = Tape(canaries) if schedule is None else WhitenedTape(canaries, schedule)
+        self._tape: Tape | WhitenedTape | TreeTape = Tape(canaries) if schedule is None else schedule.tape(canaries)
 
     @classmethod
     def attach(cls, private: Trainable, canaries: int = 1000, *, seed: int | None = None) -> CanaryAudit:
@@ -129,10 +130,11 @@ class CanaryAudit:
 
         Attach before the first step to audit the whole run (the report compares with the accountant's epsilon
         of every step it counted). Refused under torch.distributed with world size > 1, on a run that already
-        has an audit (two audits' canaries would share coordinates), on the tree's correlated noise, and when
-        there are fewer coordinates than canaries. On BandMF or BLT the canaries follow the run's cyclic loader
-        and are scored after whitening (:mod:`dpkit.audit.correlated`). ``seed`` makes the canaries' coordinates,
-        signs, inclusion and sampling reproducible.
+        has an audit (two audits' canaries would share coordinates), and when there are fewer coordinates than
+        canaries. On BandMF or BLT the canaries follow the run's cyclic loader and are scored after whitening
+        (:mod:`dpkit.audit.correlated`); on the tree they join one step of each epoch of its shuffled loader
+        and are scored after whitening by its covariance (:mod:`dpkit.audit.tree`). ``seed`` makes the canaries'
+        coordinates, signs, inclusion and sampling reproducible.
         """
         _refuse_distributed(private)
         if isinstance(private.noise, CanaryAudit):
@@ -146,8 +148,9 @@ class CanaryAudit:
                              f"have {total}: two canaries on one coordinate would collide. Use fewer canaries.")
         seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator().manual_seed(seed)
-        schedule = schedule_of(private.noise, getattr(private, "data_loader", None), canaries,
-                               torch.Generator().manual_seed(seed + 1))
+        find = tree_schedule if is_tree(private.noise) else schedule_of
+        schedule = find(private.noise, getattr(private, "data_loader", None), canaries,
+                        torch.Generator().manual_seed(seed + 1))
         audit = cls(private, private.noise, canaries, generator, schedule)
         private.noise = audit
         return audit
@@ -277,14 +280,15 @@ def refuse_correlated(mechanism: Any, what: str = "CanaryAudit") -> None:
 
     Its accounting covers examples that join the steps its loader picks, and its noise is correlated across
     steps: an audit whose canaries join every step, or whose scores assume independent noise, would compare
-    unlike things. ``CanaryAudit`` handles BandMF and BLT itself (:mod:`dpkit.audit.correlated`).
+    unlike things. ``CanaryAudit`` handles BandMF, BLT and the tree itself (:mod:`dpkit.audit.correlated`,
+    :mod:`dpkit.audit.tree`).
     """
     if getattr(mechanism, "check_loader", None) is not None:
         raise PrivacyUsageError(
             f"{what} cannot audit the noise mechanism {type(mechanism).__name__}: it has its own sampling rule "
             "(check_loader), as correlated noise (tree, bandmf, blt) has, which this audit's canaries do not "
-            "follow, so the accountant's epsilon would not cover them. dpkit audit --mode noise audits BandMF and "
-            "BLT; the tree is not covered yet (docs/auditing.md).")
+            "follow, so the accountant's epsilon would not cover them. dpkit audit --mode noise audits BandMF, "
+            "BLT and the tree (docs/auditing.md).")
 
 
 def _refuse_distributed(private: Trainable) -> None:

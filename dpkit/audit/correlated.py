@@ -30,7 +30,7 @@ from dpkit.errors import PrivacyUsageError
 
 CHUNK = 8192  # canaries whitened at once: 2 x CHUNK x 2T doubles in flight
 
-__all__ = ["Schedule", "WhitenedTape", "refuse_unwhitenable", "schedule_of"]
+__all__ = ["Schedule", "WhitenedTape", "is_tree", "refuse_unwhitenable", "schedule_of"]
 
 
 @attrs.frozen
@@ -57,16 +57,25 @@ class Schedule:
             return c
         return np.asarray(self.mechanism.resolved(steps).strategy_coefficients(steps), dtype=np.float64)
 
+    def tape(self, canaries: int) -> WhitenedTape:
+        return WhitenedTape(canaries, self)
+
+
+def is_tree(mechanism: Any) -> bool:
+    """Whether ``mechanism`` is tree aggregation (told by its sampling rule and ``honaker`` flag; the audit imports
+    no noise code): :mod:`dpkit.audit.tree` whitens it."""
+    return getattr(mechanism, "check_loader", None) is not None and getattr(mechanism, "honaker", None) in (True, False)
+
 
 def refuse_unwhitenable(mechanism: Any) -> None:
-    """Refuse correlated noise that is not a Toeplitz factorization (the tree): the audit has no whitening for it."""
+    """Refuse correlated noise that is neither a Toeplitz factorization nor the tree: the audit has no whitening for it."""
     if getattr(mechanism, "check_loader", None) is not None and not (
-            hasattr(mechanism, "coefficients") or hasattr(mechanism, "resolved")):
+            hasattr(mechanism, "coefficients") or hasattr(mechanism, "resolved") or is_tree(mechanism)):
         name = type(mechanism).__name__
         raise PrivacyUsageError(
             f"CanaryAudit cannot audit the noise mechanism {name} yet: its noise is correlated across steps and is "
-            "not a Toeplitz factorization (BandMF, BLT), whose matrix the audit whitens with; the tree's would need "
-            "its own whitening. Audit noise='gaussian', a BandMF or BLT, or another independent-noise plugin "
+            "neither a Toeplitz factorization (BandMF, BLT), whose matrix the audit whitens with, nor the tree's. "
+            "Audit noise='gaussian', a BandMF, BLT or tree, or another independent-noise plugin "
             "(docs/auditing.md).")
 
 
@@ -117,12 +126,17 @@ class WhitenedTape:
         """Guess by the sign of the exact log-likelihood ratio at rate 1, else at the median."""
         return 0.0 if self.schedule.rate >= 1 else None
 
-    def scores(self) -> Tensor:
-        """(1, m): each canary's log-likelihood ratio after whitening (module docstring)."""
+    def checked_steps(self) -> list[int]:
+        """The steps recorded, refused unless they are every step from the run's first (the whitening needs all)."""
         steps = sorted(self._shown)
         if steps != list(range(len(steps))):
             raise PrivacyUsageError("CanaryAudit on correlated noise must see every step from the run's first: "
                                     "attach it before the first step.")
+        return steps
+
+    def scores(self) -> Tensor:
+        """(1, m): each canary's log-likelihood ratio after whitening (module docstring)."""
+        steps = self.checked_steps()
         T = len(steps)
         c = torch.as_tensor(self.schedule.coefficients(T))
         rho = torch.flip(torch.cumsum(c * c, 0), [0])  # ρ_s = Σ_{k < T-s} c_k²

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: %(default)s)")
     p.add_argument("--steps", type=count, default=None,
                    help="releases (default: 100; in noise mode on BandMF 400, as its canaries join one step in 4, "
-                        "a cyclic loader's)")
+                        "a cyclic loader's; on the tree 132, 33 epochs of 4 steps)")
     p.add_argument("--canaries", type=count, default=None,
                    help="canaries: more give a tighter lower bound (default: 100000 in noise mode, enough to prove "
                         "noise at half its claimed std; 10000 in clip mode)")
@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=positive, default=1e-5, help="delta of the bounds (default: %(default)s)")
     p.add_argument("--noise", default="gaussian", metavar="NAME",
                    help="the noise mechanism plugin to audit; BandMF and BLT are audited on a cyclic loader, the "
-                        "tree is refused (default: %(default)s)")
+                        "tree (tree, tree-honaker) on shuffled batches, 4 steps per epoch (default: %(default)s)")
     p.add_argument("--clipping", default="flat", metavar="NAME",
                    help="clip mode: the clipper plugin to audit (default: %(default)s)")
     p.add_argument("--loop", default="standard", metavar="NAME",
@@ -57,8 +57,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 1 when an assumption-free bound (one-run or f-DP (ε, δ)) exceeds the accountant's ε, or (clip mode) a
-    premise of the accountant is refuted; 2 for a configuration the audit refuses (the tree's noise, correlated noise
-    in clip mode, an unknown loop or sampler), which is no verdict on the plugin."""
+    premise of the accountant is refuted; 2 for a configuration the audit refuses (correlated noise it cannot whiten,
+    correlated noise in clip mode, an unknown loop or sampler), which is no verdict on the plugin."""
     from dpkit.audit import bundled_audit, bundled_clip_audit
 
     chosen = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in DEFAULTS[args.mode].items()}

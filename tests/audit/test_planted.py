@@ -1,7 +1,7 @@
 """The planted-bug suite: noise plugins broken on purpose, registered as plugins and audited by ``dpkit audit`` at
 its defaults (100 full-batch steps, noise multiplier 10, claimed epsilon 4.38, 100,000 canaries). Each must be a
-proven violation (exit 1); the correct mechanism must pass in every seed. The tree's correlated noise is refused,
-alike from Python and from the command line."""
+proven violation (exit 1); the correct mechanism must pass in every seed. Correlated noise without a whitening is
+refused (the tree, BandMF and BLT are audited: tests/audit/test_tree.py, tests/audit/test_correlated.py)."""
 from __future__ import annotations
 
 import ast
@@ -15,8 +15,8 @@ from torch.utils.data import TensorDataset
 
 import dpkit
 from dpkit import audit, cli, registry
+from dpkit.audit import correlated
 from dpkit.cli._common import EXIT_NO, EXIT_OK, EXIT_USAGE
-from dpkit.data import ShuffledBatchLoader
 from dpkit.errors import PrivacyUsageError
 from dpkit.hookspecs import hookimpl
 from dpkit.noise.gaussian import GaussianNoise
@@ -91,22 +91,20 @@ def test_structure_is_what_catches_replayed_noise(planted):
     assert report.violated and report.bounds.approx_dp.family == "whitened"
 
 
-def test_the_tree_is_refused_from_python_and_from_the_command_line(capsys):
-    """The tree's correlated noise is not a Toeplitz factorization: the audit has no whitening for it (BandMF and BLT
-    are audited, tests/audit/test_correlated.py)."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
-    private = dpkit.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                 data_loader=ShuffledBatchLoader(data, 8, generator=torch.Generator().manual_seed(0)),
-                                 noise_multiplier=1.0, max_grad_norm=1.0, noise="tree",
-                                 criterion=torch.nn.CrossEntropyLoss())
-    with pytest.raises(PrivacyUsageError, match="TreeAggregation.*correlated across steps.*Toeplitz"):
-        audit.CanaryAudit.attach(private, canaries=5)
-    private.detach()
+def test_correlated_noise_without_a_whitening_is_refused_and_the_tree_in_clip_mode(capsys):
+    """Noise with its own sampling rule that is neither a Toeplitz factorization (BandMF, BLT) nor the tree has no
+    whitening (those are audited: tests/audit/test_correlated.py, tests/audit/test_tree.py); the clip mode's
+    canaries are examples of a Poisson loader, which the tree's accounting does not cover."""
+
+    class Unknown:
+        def check_loader(self, loader):
+            pass
+
+    with pytest.raises(PrivacyUsageError, match="Unknown.*correlated across steps.*Toeplitz"):
+        correlated.refuse_unwhitenable(Unknown())
     for noise in ("tree", "tree-honaker"):
-        assert cli.main(["audit", "--noise", noise]) == EXIT_USAGE  # a refusal, not a verdict on the plugin
-        assert "not a Toeplitz factorization" in capsys.readouterr().err
+        assert cli.main(["audit", "--mode", "clip", "--noise", noise]) == EXIT_USAGE  # a refusal, not a verdict
+        assert "own sampling rule" in capsys.readouterr().err
 
 
 def test_the_report_is_found_on_the_noise_mechanism():
