@@ -1,7 +1,7 @@
 """The planted-bug suite: noise plugins broken on purpose, registered as plugins and audited by ``dpkit audit`` at
 its defaults (100 full-batch steps, noise multiplier 10, claimed epsilon 4.38, 100,000 canaries). Each must be a
 proven violation (exit 1); the correct mechanism must pass in every seed. Correlated noise without a whitening is
-refused (the tree, BandMF and BLT are audited: tests/audit/test_tree.py, tests/audit/test_correlated.py)."""
+refused (the tree, BandMF and BLT are audited: tests/audit/test_tree_audit.py, tests/audit/test_correlated.py)."""
 from __future__ import annotations
 
 import ast
@@ -93,7 +93,7 @@ def test_structure_is_what_catches_replayed_noise(planted):
 
 def test_correlated_noise_without_a_whitening_is_refused_and_the_tree_in_clip_mode(capsys):
     """Noise with its own sampling rule that is neither a Toeplitz factorization (BandMF, BLT) nor the tree has no
-    whitening (those are audited: tests/audit/test_correlated.py, tests/audit/test_tree.py); the clip mode's
+    whitening (those are audited: tests/audit/test_correlated.py, tests/audit/test_tree_audit.py); the clip mode's
     canaries are examples of a Poisson loader, which the tree's accounting does not cover."""
 
     class Unknown:
