@@ -18,6 +18,7 @@ from dpkit.events import Ledger
 from dpkit.noise import bandmf
 from dpkit.noise.bandmf import BandMF, check_loader
 from dpkit.noise.gaussian import GaussianNoise
+from _mechanism_runs import resume, train_until
 
 N = 120
 
@@ -189,13 +190,8 @@ def _train(steps: int, state=None, secure_mode: bool = False):
                                  generator=None if secure_mode else torch.Generator().manual_seed(5))
     private = dpkit.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
                                  max_grad_norm=1.0, noise="bandmf-4", noise_seed=11, secure_mode=secure_mode)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        private.load_state_dict(state["private"])
-    for _, (x, y) in zip(range(steps), private.data_loader):
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    resume(model, private, state)
+    train_until(model, private, private.steps + steps)
     return model, private
 
 

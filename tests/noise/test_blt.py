@@ -20,6 +20,7 @@ from dpkit.events import Ledger
 from dpkit.noise import blt
 from dpkit.noise.blt import BLTNoise, BLTParameters, check_loader, optimized_parameters
 from dpkit.noise.gaussian import GaussianNoise
+from _mechanism_runs import assert_next_batch_only, resume, train_until
 
 N = 120
 PARAMS = BLTParameters((0.9, 0.5, 0.2), (0.3, 0.2, 0.1))
@@ -172,13 +173,8 @@ def _train(steps: int, state=None, secure_mode: bool = False, **kwargs):
     private = dpkit.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
                                  max_grad_norm=1.0, noise="blt", noise_seed=11, secure_mode=secure_mode,
                                  noise_kwargs={"steps": 20, "buffers": 2, **kwargs})
-    if state is not None:
-        model.load_state_dict(state["model"])
-        private.load_state_dict(state["private"])
-    for _, (x, y) in zip(range(steps), private.data_loader):
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    resume(model, private, state)
+    train_until(model, private, private.steps + steps)
     return model, private
 
 
@@ -232,23 +228,7 @@ def test_make_private_refuses_other_loaders_and_gaussian_refuses_the_cyclic_one(
 
 
 def test_a_step_must_use_the_loaders_next_batch():
-    _, private = _train(2)
-    model, optimizer = private.module, private.optimizer
-    x, y = next(iter(private.data_loader))
-    nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()  # a second step on the same batch
-    with pytest.raises(PrivacyUsageError, match="one step per batch"):
-        optimizer.step()
-    optimizer.zero_grad()
-    batches = iter(private.data_loader)
-    next(batches)  # a batch skipped
-    x, y = next(batches)
-    nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.raises(PrivacyUsageError, match="one step per batch"):
-        optimizer.step()
-    assert private.steps == 3
+    assert_next_batch_only(_train(2)[1])
 
 
 def test_misuse_is_refused(monkeypatch):

@@ -17,6 +17,7 @@ from dpkit.errors import PrivacyUsageError
 from dpkit.events import Ledger
 from dpkit.noise import tree
 from dpkit.noise.tree import TreeAggregation, check_loader, levels, step_nodes
+from _mechanism_runs import assert_next_batch_only, resume, train_until
 
 N = 100
 
@@ -311,17 +312,8 @@ def _train(steps: int, state=None, secure_mode: bool = False, order_seed: int = 
                      **({} if secure_mode else {"generator": torch.Generator().manual_seed(order_seed)}))
     private = dpkit.make_private(module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
                                  max_grad_norm=1.0, noise=noise, noise_seed=11, secure_mode=secure_mode, **kwargs)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        private.load_state_dict(state["private"])
-    while private.steps < steps:
-        for x, y in private.data_loader:
-            nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if private.steps == steps:
-                break
+    resume(model, private, state)
+    train_until(model, private, steps)
     return model, private
 
 
@@ -431,23 +423,7 @@ def test_make_private_refuses_other_sampling_and_the_gaussian_refuses_the_shuffl
 
 
 def test_a_step_must_use_the_loaders_next_batch():
-    _, private = _train(2)
-    model, optimizer = private.module, private.optimizer
-    x, y = next(iter(private.data_loader))
-    nn.functional.cross_entropy(model(x), y).backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()  # a second step on the same batch
-    with pytest.raises(PrivacyUsageError, match="one step per batch"):
-        optimizer.step()
-    optimizer.zero_grad()
-    batches = iter(private.data_loader)
-    next(batches)  # a batch skipped
-    x, y = next(batches)
-    nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.raises(PrivacyUsageError, match="one step per batch"):
-        optimizer.step()
-    assert private.steps == 3
+    assert_next_batch_only(_train(2)[1])
 
 
 def test_noise_std_must_stay_and_be_positive():
