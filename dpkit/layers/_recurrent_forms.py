@@ -11,9 +11,9 @@ weights' per-example gradients are ``Σ_t dz_t a_tᵀ`` over the calls (``linear
   hidden state's one call per step; autograd differentiates them.
 - LSTM: torch's CPU kernel (oneDNN) is fused, and the cell written out as separate autograd operations costs
   several times more than it. So each level runs as the sampler's own forward without autograd
-  (``recurrent._Level``, which keeps the gates), and one autograd node (:class:`_LSTMLevel`) over two calls per
+  (``_recurrence.Level``, which keeps the gates), and one autograd node (:class:`_LSTMLevel`) over two calls per
   direction, the input's share and the hidden states' share (over all steps at once, the states read detached),
-  whose backward is the sampler's back-propagation through time (``recurrent._lstm``).
+  whose backward is the sampler's back-propagation through time (``_recurrence.lstm_backward``).
 
 Only the plain layouts take this path: a batched, non-empty tensor input, no projection (``proj_size``), no dropout
 between levels in training, no autocast, and for the LSTM an initial state that needs no gradient. Any other call
@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
+
+from dpkit.layers import _recurrence
 
 _VF = torch._C._VariableFunctions
 
@@ -90,29 +92,25 @@ def _rnn_cell(relu: bool) -> Callable:
 class _LSTMLevel(torch.autograd.Function):
     """One LSTM level (every direction) as one autograd node over its gates' two shares.
 
-    The forward pass was run without autograd (``recurrent._Level``, which keeps the gates, the cells and
+    The forward pass was run without autograd (``_recurrence.Level``, which keeps the gates, the cells and
     ``tanh(c)``); the node's inputs are the gates' input and hidden shares as ``F.linear`` calls made them, each
     ``[N, T, 4H]`` per direction in real time, and its backward is the recurrent sampler's back-propagation through
-    time (``recurrent._lstm``), whose ``dz`` is the gradient of both shares. So the real backward hands the calls
-    their ``dz``, and autograd takes the input's gradient (``dz W_ih``) and the weights' from them; no ATen kernel and
+    time (``_recurrence.lstm_backward``), whose ``dz`` is the gradient of both shares. So the real backward hands
+    the calls their ``dz``, and autograd takes the input's gradient (``dz W_ih``) and the weights' from them; no ATen kernel and
     no replay. The hidden share's call reads the states of the forward pass detached: its input gradient would be
     the recursion's, which the backward already carries."""
 
     @staticmethod
     def forward(ctx, level, flip, *shares):
-        from dpkit.layers import recurrent
-
         ctx.level, ctx.flip = level, flip
         h, c = level.h, level.c
-        return recurrent._join_time(h[1:], flip).clone(), h[-1].clone(), c[-1].clone()
+        return _recurrence.join_time(h[1:], flip).clone(), h[-1].clone(), c[-1].clone()
 
     @staticmethod
     def backward(ctx, g_out, g_h, g_c):
-        from dpkit.layers import recurrent
-
         level, flip = ctx.level, ctx.flip
         dirs = level.h.shape[1]
-        dz, _ = recurrent._lstm(level, recurrent._split_time(g_out, dirs, flip), g_h, g_c)
+        dz, _ = _recurrence.lstm_backward(level, _recurrence.split_time(g_out, dirs, flip), g_h, g_c)
         per_dir = [(dz[:, d] if d == 0 else flip(dz[:, d])).transpose(0, 1) for d in range(dirs)]
         return (None, None, *(share for dz_d in per_dir for share in (dz_d, dz_d)))  # both shares' gradient is dz
 
@@ -122,10 +120,8 @@ def lstm(linear: Callable, func: Callable, *args):
     it, and where the initial state needs a gradient (the node passes none to it)."""
     if not _plain(args, 4) or any(t.requires_grad for t in args[1]):
         return func(*args)
-    from dpkit.layers import recurrent
-
     x, (h0, c0), params, has_biases, num_layers, _, _, bidirectional, batch_first = args
-    dirs, per, flip = (2 if bidirectional else 1), (4 if has_biases else 2), recurrent._flip
+    dirs, per, flip = (2 if bidirectional else 1), (4 if has_biases else 2), _recurrence.flip
     a = x.transpose(0, 1) if batch_first else x  # time-major, real time
     finals = []
     for level in range(num_layers):
@@ -137,7 +133,7 @@ def lstm(linear: Callable, func: Callable, *args):
         with torch.no_grad():  # the input's share in each direction's own time, the hidden bias added: the gates' start
             z = torch.stack([t.transpose(0, 1) if d == 0 else flip(t.transpose(0, 1)) for d, t in enumerate(ih)], 1)
             z = z.add_(w["bias_hh"][:, None]) if has_biases else z
-            s = recurrent._Level("LSTM", w, recurrent._own_time(a.detach(), dirs, flip), h0[hid], c0[hid], z)
+            s = _recurrence.Level("LSTM", w, _recurrence.own_time(a.detach(), dirs, flip), h0[hid], c0[hid], z)
         shares = []
         for d, cell in enumerate(cells):
             prev = s.h[:-1, d] if d == 0 else flip(s.h[:-1, d])  # [T, N, H] in real time
@@ -178,7 +174,8 @@ def linear_calls(layer: nn.Module, activations: list, backprops: Sequence[Tensor
                  ) -> tuple[Tensor, Tensor] | None:
     """One ``F.linear`` call of the forms batch-first, ``[N, positions, ·]``, or ``None`` (the record then falls
     back to the replay): a share over all steps ``[N, T, ·]`` (the input's; the LSTM's hidden states') as it is, a
-    step's hidden state ``[N, H]`` as one position. Anything else (a packed or unbatched input, which the forms leave to torch) is ``None``."""
+    step's hidden state ``[N, H]`` as one position. Anything else (a packed or unbatched input, which the forms
+    leave to torch) is ``None``."""
     x_in = activations[0]
     if isinstance(x_in, PackedSequence) or not isinstance(x_in, Tensor) or x_in.dim() != 3:
         return None

@@ -35,7 +35,7 @@ replay its random draws).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +44,9 @@ from torch.nn.utils.rnn import PackedSequence
 from dpkit.errors import UnsupportedLayerError
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
 from dpkit.layers import _gram, _recurrent_forms, fold, upcast, weight_sq_norms
+from dpkit.layers._recurrence import Recurrent
+from dpkit.layers import _recurrence as cell
 
-Recurrent = nn.RNN | nn.GRU | nn.LSTM
 # One group of parameters whose gradients share the same dz, time-major ``[T, N, ·]`` in a direction's own time:
 # (dz, [(weight, its input)], [biases]).
 Group = tuple[Tensor, list[tuple[nn.Parameter, Tensor]], list[nn.Parameter]]
@@ -125,180 +126,6 @@ class _Packed:
         return g
 
 
-def _flip(x: Tensor) -> Tensor:
-    return x.flip(0)
-
-
-def _own_time(x: Tensor, dirs: int, flip: Callable[[Tensor], Tensor]) -> Tensor:
-    """``[T, N, k]`` in real time → ``[T, D, N, k]``, the same input in each direction's own time."""
-    return x[:, None] if dirs == 1 else torch.stack([x, flip(x)], 1)
-
-
-def _split_time(x: Tensor, dirs: int, flip: Callable[[Tensor], Tensor]) -> Tensor:
-    """``[T, N, D·H]`` in real time → ``[T, D, N, H]``, each direction's part in its own time."""
-    T, N = x.shape[:2]
-    x = x.reshape(T, N, dirs, x.shape[-1] // dirs).transpose(1, 2)
-    return x if dirs == 1 else torch.stack([x[:, 0], flip(x[:, 1])], 1)
-
-
-def _join_time(x: Tensor, flip: Callable[[Tensor], Tensor]) -> Tensor:
-    """``[T, D, N, H]`` in each direction's own time → ``[T, N, D·H]`` in real time (the layer's output)."""
-    return x[:, 0] if x.shape[1] == 1 else torch.cat([x[:, 0], flip(x[:, 1])], -1)
-
-
-def _linear(a: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """``a wᵀ + b`` per direction, as one product over all steps: ``[T, D, N, k]``, ``[D, G, k]``, ``[D, G]`` →
-    ``[T, D, N, G]`` (a view of direction-major memory, which per-step slices read as well)."""
-    T, D, N, k = a.shape
-    flat = a.transpose(0, 1).reshape(D, T * N, k)
-    out = torch.bmm(flat, w.transpose(1, 2)) if b is None else torch.baddbmm(b[:, None], flat, w.transpose(1, 2))
-    return out.reshape(D, T, N, -1).transpose(0, 1)
-
-
-def _weights(layer: Recurrent, level: int, dirs: int) -> dict[str, Tensor]:
-    """The level's weights by kind (``weight_ih``, ``bias_hh``, ...), directions stacked, detached."""
-    names = layer._all_weights[level * dirs:(level + 1) * dirs]
-    return {n.split("_l")[0]: torch.stack([getattr(layer, group[i]).detach() for group in names])
-            for i, n in enumerate(names[0])}
-
-
-def _input_bias(w: dict[str, Tensor]) -> Tensor | None:
-    """The bias added to the input's share of the gates: both biases where they add (LSTM, Elman RNN)."""
-    return None if "bias_ih" not in w else w["bias_ih"] + w["bias_hh"]
-
-
-class _Level:
-    """One level's replayed forward pass (per cell: what its backward recursion reads), all ``[T, D, N, ·]`` in each
-    direction's own time, and ``h`` ``[T + 1, D, N, Hout]`` with ``h[0]`` the initial state."""
-
-    def __init__(self, mode: str, w: dict[str, Tensor], a: Tensor, h0: Tensor, c0: Tensor | None,
-                 z: Tensor | None = None):
-        self.a, self.w = a, w
-        T = a.shape[0]
-        self.h = a.new_empty(T + 1, *h0.shape)
-        self.h[0] = h0
-        if mode == "LSTM":
-            self._lstm(w, a, c0, z)
-        elif mode == "GRU":
-            self._gru(w, a)
-        else:
-            self._rnn(w, a, relu=mode == "RNN_RELU")
-
-    def _lstm(self, w: dict[str, Tensor], a: Tensor, c0: Tensor, z: Tensor | None) -> None:
-        """Gates i, f, g, o (activated in place), ``c`` ``[T + 1, ...]`` and ``tanh(c)``; with a projection, the
-        unprojected state ``m = o tanh(c)``. ``z``: the input's share of the gates with both biases, if known (a
-        buffer this overwrites)."""
-        T, H = a.shape[0], c0.shape[-1]
-        z = _linear(a, w["weight_ih"], _input_bias(w)) if z is None else z
-        h, whh, whr = self.h, w["weight_hh"].mT, w.get("weight_hr")
-        c = a.new_empty(T + 1, *c0.shape)
-        c[0] = c0
-        tc = a.new_empty(T, *c0.shape)
-        m = a.new_empty(T, *c0.shape) if whr is not None else h[1:]
-        for t in range(T):
-            zt = z[t].baddbmm_(h[t], whh)
-            zt[..., :2 * H].sigmoid_()
-            zt[..., 2 * H:3 * H].tanh_()
-            zt[..., 3 * H:].sigmoid_()
-            torch.mul(zt[..., H:2 * H], c[t], out=c[t + 1]).addcmul_(zt[..., :H], zt[..., 2 * H:3 * H])
-            torch.mul(zt[..., 3 * H:], torch.tanh(c[t + 1], out=tc[t]), out=m[t])
-            if whr is not None:
-                torch.bmm(m[t], whr.mT, out=h[t + 1])
-        self.gates, self.c, self.tc, self.m = z, c, tc, m
-
-    def _gru(self, w: dict[str, Tensor], a: Tensor) -> None:
-        """``r``, ``z`` (sigmoid), ``n`` (tanh) and the hidden state's share of the gates, ``hh``."""
-        T, H = a.shape[0], self.h.shape[-1]
-        zih, h, whh = _linear(a, w["weight_ih"], w.get("bias_ih")), self.h, w["weight_hh"].mT
-        hh = a.new_empty(T, *h.shape[1:-1], 3 * H)
-        rz, n, diff = a.new_empty(T, *h.shape[1:-1], 2 * H), a.new_empty(T, *h.shape[1:]), torch.empty_like(h[0])
-        for t in range(T):
-            if "bias_hh" in w:
-                torch.baddbmm(w["bias_hh"][:, None], h[t], whh, out=hh[t])
-            else:
-                torch.bmm(h[t], whh, out=hh[t])
-            torch.add(zih[t, ..., :2 * H], hh[t, ..., :2 * H], out=rz[t]).sigmoid_()
-            torch.addcmul(zih[t, ..., 2 * H:], rz[t, ..., :H], hh[t, ..., 2 * H:], out=n[t]).tanh_()
-            torch.addcmul(n[t], rz[t, ..., H:], torch.sub(h[t], n[t], out=diff), out=h[t + 1])
-        self.rz, self.n, self.hh = rz, n, hh
-
-    def _rnn(self, w: dict[str, Tensor], a: Tensor, relu: bool) -> None:
-        z, h, whh = _linear(a, w["weight_ih"], _input_bias(w)), self.h, w["weight_hh"].mT
-        act = torch.Tensor.relu_ if relu else torch.Tensor.tanh_
-        for t in range(a.shape[0]):
-            act(torch.baddbmm(z[t], h[t], whh, out=h[t + 1]))
-        self.relu = relu
-
-
-def _lstm(s: _Level, g: Tensor, gh: Tensor | None, gc: Tensor | None) -> tuple[Tensor, list]:
-    """Back-propagation through time of one LSTM level: ``c_t = f c_{t-1} + i g``, ``m_t = o tanh(c_t)``.
-
-    ``gc`` is ``c_n``'s gradient ``[D, N, H]``, or ``[T, D, N, H]`` by step (a packed call's, at each last step).
-
-    Returns the gates' gradient (for the level below) and the level's groups ``(dz, [(kind, input)], [kinds])``.
-    """
-    T, D, N, H = s.tc.shape
-    dz = torch.addcmul(s.gates, s.gates, s.gates, value=-1).unflatten(-1, (4, H))  # s(1 - s): sigmoids' slopes
-    i, f, gg, o = s.gates.unflatten(-1, (4, H)).unbind(-2)
-    torch.addcmul(torch.ones((), dtype=gg.dtype, device=gg.device), gg, gg, value=-1, out=dz[..., 2, :])
-    for k, other in enumerate((gg, s.c[:-1], i, s.tc)):  # ∂z_k through the cell: times g, c_{t-1}, i, tanh(c)
-        dz[..., k, :].mul_(other)
-    to_c = torch.addcmul(o, o * s.tc, s.tc, value=-1)  # ∂c_t/∂m_t = o (1 - tanh²c), given m_t's gradient
-    whh, whr = s.w["weight_hh"], s.w.get("weight_hr")
-    dhs = torch.empty_like(g) if whr is not None else None
-    carry = gh if gh is not None else torch.zeros_like(g[0])
-    dc = gc if gc is not None and gc.dim() == 3 else torch.zeros_like(s.c[0])
-    for t in reversed(range(T)):
-        dh = g[t] + carry
-        dm = dh
-        if whr is not None:
-            dhs[t] = dh
-            dm = torch.bmm(dh, whr)
-        dc = torch.addcmul(dm * to_c[t], dc, f[t + 1]) if t + 1 < T else dc + dm * to_c[t]
-        if gc is not None and gc.dim() == 4:  # packed: c_n's gradient enters at each example's last step
-            dc = dc + gc[t]
-        dz[t, :, :, :3].mul_(dc[:, :, None])
-        dz[t, :, :, 3].mul_(dm)
-        carry = torch.bmm(dz[t].reshape(D, N, 4 * H), whh)
-    dz = dz.reshape(T, D, N, 4 * H)
-    groups = [(dz, [("weight_ih", s.a), ("weight_hh", s.h[:-1])], ["bias_ih", "bias_hh"])]
-    if whr is not None:
-        groups.append((dhs, [("weight_hr", s.m)], []))
-    return dz, groups
-
-
-def _gru(s: _Level, g: Tensor, gh: Tensor | None) -> tuple[Tensor, list]:
-    """Back-propagation through time of one GRU level: ``n = tanh(a_in + r ⊙ a_hn)``, ``h = (1-z) n + z h_prev``."""
-    T, D, N, H = s.n.shape
-    r, z = s.rz.unflatten(-1, (2, H)).unbind(-2)
-    hn, n, hprev = s.hh[..., 2 * H:], s.n, s.h[:-1]
-    to_n = (1 - z) * (1 - n * n)
-    to_r, to_z = to_n * hn * r * (1 - r), (hprev - n) * z * (1 - z)
-    coef_hh = torch.stack([to_r, to_z, to_n * r], 3)
-    whh = s.w["weight_hh"]
-    dh_all, dzhh = torch.empty_like(g), torch.empty_like(coef_hh)
-    carry = gh if gh is not None else torch.zeros_like(g[0])
-    for t in reversed(range(T)):
-        dh = torch.add(g[t], carry, out=dh_all[t])
-        torch.mul(coef_hh[t], dh[:, :, None], out=dzhh[t])
-        carry = torch.baddbmm(dh * z[t], dzhh[t].reshape(D, N, 3 * H), whh)
-    dzih = (torch.stack([to_r, to_z, to_n], 3) * dh_all[:, :, :, None]).reshape(T, D, N, 3 * H)
-    dzhh = dzhh.reshape(T, D, N, 3 * H)
-    return dzih, [(dzih, [("weight_ih", s.a)], ["bias_ih"]), (dzhh, [("weight_hh", hprev)], ["bias_hh"])]
-
-
-def _rnn(s: _Level, g: Tensor, gh: Tensor | None) -> tuple[Tensor, list]:
-    """Back-propagation through time of one Elman level, ``h = act(a)``: ``act'`` read off ``h`` itself."""
-    h = s.h[1:]
-    slope = (h > 0).to(h.dtype) if s.relu else 1 - h * h
-    whh, da = s.w["weight_hh"], torch.empty_like(g)
-    carry = gh if gh is not None else torch.zeros_like(g[0])
-    for t in reversed(range(h.shape[0])):
-        torch.mul(g[t] + carry, slope[t], out=da[t])
-        carry = torch.bmm(da[t], whh)
-    return da, [(da, [("weight_ih", s.a), ("weight_hh", s.h[:-1])], ["bias_ih", "bias_hh"])]
-
-
 def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Tensor | None]) -> Iterator[Group]:
     """The layer's parameter groups, one level and direction at a time: each weight's gradient is ``Σ_t dz_t a_tᵀ``,
     each bias's ``Σ_t dz_t``, with ``dz`` and ``a`` ``[T, N, ·]`` in a direction's own time (the order of t does not
@@ -309,7 +136,7 @@ def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Te
     packed = _Packed(x) if isinstance(x, PackedSequence) else None
     g_out, g_h, g_c = _output_grads(layer, backprops, packed is not None)
     if packed is None:
-        flip, x = _flip, x.transpose(0, 1)
+        flip, x = cell.flip, x.transpose(0, 1)
         g_out = g_out.transpose(0, 1) if g_out is not None else None
     else:  # the data's gradient arrives swapped under a sequence-first layer, as every tensor does
         # The capture widens a call's tensors to one dtype, not a PackedSequence's data (under autocast the layer's
@@ -321,15 +148,15 @@ def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Te
     h0, c0 = _initial_state(layer, hx, x, dirs)
     T, N = x.shape[:2]
     with torch.no_grad():
-        states, a = [], _own_time(x, dirs, flip)
+        states, a = [], cell.own_time(x, dirs, flip)
         for level in range(layer.num_layers):  # the forward pass, one level at a time
             hid = slice(level * dirs, (level + 1) * dirs)
-            states.append(_Level(layer.mode, _weights(layer, level, dirs), a, h0[hid], c0[hid] if c0 is not None
+            states.append(cell.Level(layer.mode, cell.weights(layer, level, dirs), a, h0[hid], c0[hid] if c0 is not None
                                  else None))
             if level + 1 < layer.num_layers:
-                a = _own_time(_join_time(states[-1].h[1:], flip), dirs, flip)
+                a = cell.own_time(cell.join_time(states[-1].h[1:], flip), dirs, flip)
         top = states[-1].h
-        g = _split_time(g_out, dirs, flip) if g_out is not None else top.new_zeros(top[1:].shape)
+        g = cell.split_time(g_out, dirs, flip) if g_out is not None else top.new_zeros(top[1:].shape)
         for level in reversed(range(layer.num_layers)):
             s, hid = states.pop(), slice(level * dirs, (level + 1) * dirs)
             gh, gc = (g_h[hid] if g_h is not None else None), (g_c[hid] if g_c is not None else None)
@@ -337,11 +164,11 @@ def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Te
                 g, gh = packed.at_ends(g, gh), None
                 gc = packed.at_ends(s.c[1:].new_zeros(s.c[1:].shape), gc) if gc is not None else None
             if layer.mode == "LSTM":
-                dzih, groups = _lstm(s, g, gh, gc)
+                dzih, groups = cell.lstm_backward(s, g, gh, gc)
             elif layer.mode == "GRU":
-                dzih, groups = _gru(s, g, gh)
+                dzih, groups = cell.gru_backward(s, g, gh)
             else:
-                dzih, groups = _rnn(s, g, gh)
+                dzih, groups = cell.rnn_backward(s, g, gh)
             for dz, weights, biases in groups:
                 for d in range(dirs):
                     suffix = f"_l{level}{'_reverse' if d else ''}"
@@ -355,7 +182,7 @@ def _groups(layer: Recurrent, activations: list, backprops: Tensor | Sequence[Te
                 w_ih = s.w["weight_ih"]
                 down = torch.bmm(dzih.transpose(0, 1).reshape(dirs, T * N, -1), w_ih).reshape(dirs, T, N, -1)
                 down = down[0] if dirs == 1 else down[0] + flip(down[1])
-                g = _split_time(down, dirs, flip)
+                g = cell.split_time(down, dirs, flip)
 
 
 def _fold(x: Tensor, K: int) -> Tensor:

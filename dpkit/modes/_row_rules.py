@@ -55,16 +55,6 @@ class Summed:
         return Summed(self.what, self.weight * by if by is not None and self.weight is not None else None, self.rows)
 
 
-def calling_grad_scaler(depth: int = 12) -> torch.amp.GradScaler | None:
-    """The GradScaler whose method is on the call stack, if any (its ``scale`` multiplies the loss)."""
-    frame = sys._getframe(1)
-    while frame is not None and depth:
-        if isinstance(frame.f_locals.get("self"), torch.amp.GradScaler):
-            return frame.f_locals["self"]
-        frame, depth = frame.f_back, depth - 1
-    return None
-
-
 class One:
     """Example ``i``'s data alone (of ``n``), taken out of the batch: ``x[i]``, or a row of ``for row in x``."""
 

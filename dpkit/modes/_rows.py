@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from dpkit.amp import calling_scaler
 from dpkit.errors import RowMixingError
 from dpkit.modes import _row_rules as R
 from dpkit.modes import _row_shapes as S
@@ -169,7 +170,7 @@ def _rescaled(tr, name: str, args: tuple, kwargs: dict, sums: list[Summed]) -> S
         operands = [a for a in args[:2] if not (isinstance(a, Tensor) and tr.state(a) is not None)]
         factor = _number(operands[0]) if len(operands) == 1 else None
         if name in _MUL and isinstance(operands[0] if operands else None, Tensor):  # as GradScaler.scale does
-            tr.scaled_by = R.calling_grad_scaler() or tr.scaled_by
+            tr.scaled_by = calling_scaler() or tr.scaled_by
         if factor is not None and name in _DIV:
             factor = 1 / factor if factor else None
         return sums[0].scaled(factor)
