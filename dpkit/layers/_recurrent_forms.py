@@ -97,8 +97,8 @@ class _LSTMLevel(torch.autograd.Function):
     ``[N, T, 4H]`` per direction in real time, and its backward is the recurrent sampler's back-propagation through
     time (``_recurrence.lstm_backward``), whose ``dz`` is the gradient of both shares. So the real backward hands
     the calls their ``dz``, and autograd takes the input's gradient (``dz W_ih``) and the weights' from them; no
-    ATen kernel and no replay. The hidden share's call reads the states of the forward pass detached: its input gradient would be
-    the recursion's, which the backward already carries."""
+    ATen kernel and no replay. The hidden share's call reads the states of the forward pass detached: its input
+    gradient would be the recursion's, which the backward already carries."""
 
     @staticmethod
     def forward(ctx, level, flip, *shares):
