@@ -15,7 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils.data import Dataset, default_collate
 
-from dpkit.data import ByUser, DPDataLoader, Multiplicity, PoissonBatchSampler, collate_copies
+from dpkit.data._loaders import ByUser, DPDataLoader, Multiplicity, PoissonBatchSampler, collate_copies
 
 
 class TruncatedPoissonBatchSampler(PoissonBatchSampler):
