@@ -469,8 +469,9 @@ def _conv_norms_grouped(m, x, g):
 
 
 def _same(x, y, what: str) -> None:
-    """A self-check that two ways compute the same thing (never a check on time)."""
-    if not torch.allclose(x, y, rtol=1e-3, atol=1e-3):
+    """A self-check that two ways compute the same thing (never a check on time), to float32 rounding of sums
+    over many terms: relative to the largest entry."""
+    if not torch.allclose(x, y, rtol=1e-3, atol=1e-4 * float(y.abs().max())):
         raise RuntimeError(f"kernels: the two ways to {what} disagree; the timings would compare different things")
 
 
