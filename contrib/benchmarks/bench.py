@@ -322,11 +322,14 @@ def environment(device: str) -> str:
 
 
 def workload(args: argparse.Namespace, clippings: list[str]) -> str:
-    """The saved file's name: the model group, an untied head, any shape given, a device other than the CPU,
-    any clipping but flat alone (``cpu-small``, ``gpt2-small-16x256-cuda``, ``cpu-small-flat+per_layer``)."""
+    """The saved file's name: the model group, an untied head, any shape given, more than one thread, a device
+    other than the CPU, any clipping but flat alone (``cpu-small``, ``gpt2-cpu-32x64-2t``, ``gpt2-small-16x256-cuda``,
+    ``cpu-small-flat+per_layer``)."""
     parts = [args.model] + (["untied"] if args.untie else [])
     if args.batch or args.seq:
         parts.append(f"{args.batch or 'default'}x{args.seq or 'default'}")
+    if args.threads and args.threads > 1:
+        parts.append(f"{args.threads}t")
     if args.device != "cpu":
         parts.append(args.device.split(":")[0])
     if clippings != ["flat"]:
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cpu-small",
-                        choices=["gpt2-small", "gpt2-tiny", "convnet", "cpu-small", "gpt2-cpu", "convnet-cpu"])
+                        choices=["gpt2-small", "gpt2-tiny", "convnet", "cpu-small", "gpt2-cpu", "convnet-cpu", "hf-gpt2"])
     parser.add_argument("--batch", type=int, help="examples per step (default: the model's)")
     parser.add_argument("--seq", type=int, help="tokens per example for the GPT models (default: the model's)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
@@ -391,7 +394,9 @@ def main(argv: list[str] | None = None) -> None:
         _, _, batch, seq = SPECS[name]
         configs.append({"model": name, "batch": args.batch or batch, "seq": args.seq or seq,
                         "steps": args.steps, "warmup": args.warmup, "device": args.device,
-                        "threads": args.threads, "untie": args.untie, "plugins": args.plugins})
+                        "threads": args.threads, "untie": args.untie,
+                        # transformers' Conv1D has its samplers in the dpkit-transformers plugin
+                        "plugins": args.plugins or SPECS[name][0] == "hf"})
     print(f"# {environment(args.device)}", file=sys.stderr)
     results = []
     t0 = time.perf_counter()

@@ -4,6 +4,9 @@
   attention is ``nn.Linear`` (qkv, proj) around ``F.scaled_dot_product_attention``, an ``nn.Linear`` MLP with
   tanh-GELU, a final LayerNorm and an LM head whose weight *is* the token embedding's (tied, as in GPT-2).
   At ``n_layer=12, d=768, heads=12, vocab=50257, ctx=1024`` it has 124.4M parameters, like GPT-2 small.
+* ``hf-gpt2``: Hugging Face's ``GPT2LMHeadModel`` at GPT-2 small's default config (124M parameters, tied head,
+  transformers' ``Conv1D`` layers), built from the config without a download; dropout off so that every mode does
+  the same work. Needs ``transformers`` (dpkit's samplers for ``Conv1D`` come from the dpkit-transformers plugin).
 * ``ConvNet``: a CIFAR-10-sized (3x32x32 in, 10 classes) network of 3x3 ``nn.Conv2d`` + ``nn.GroupNorm`` +
   ReLU stages with average pooling and a linear classifier.
 
@@ -91,11 +94,25 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x).mean((2, 3)))
 
 
+class HFGPT2(nn.Module):
+    """GPT-2 small from transformers' default config, returning ``[B, T, vocab]`` logits."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        self.gpt = GPT2LMHeadModel(GPT2Config(attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt(input_ids=idx).logits
+
+
 # name -> (kind, constructor kwargs, default batch, default seq)
 SPECS: dict[str, tuple[str, dict, int, int]] = {
     "gpt2-small": ("gpt", {"n_layer": 12, "d": 768, "heads": 12, "vocab": 50257, "ctx": 1024}, 16, 256),
     "gpt2-tiny": ("gpt", {"n_layer": 4, "d": 256, "heads": 4, "vocab": 50257, "ctx": 1024}, 16, 128),
     "gpt2-cpu": ("gpt", {"n_layer": 2, "d": 128, "heads": 2, "vocab": 2048, "ctx": 64}, 16, 64),
+    "hf-gpt2": ("hf", {"vocab": 50257}, 4, 128),
     "convnet": ("conv", {"widths": (64, 128, 256, 256), "groups": 16}, 256, 0),
     "convnet-cpu": ("conv", {"widths": (16, 32, 64, 64), "groups": 8}, 32, 0),
 }
@@ -105,7 +122,7 @@ GROUPS = {
     "gpt2-tiny": ["gpt2-tiny"],
     "convnet": ["convnet"],
     "cpu-small": ["gpt2-cpu", "convnet-cpu"],
-    **{name: [name] for name in ("gpt2-cpu", "convnet-cpu")},
+    **{name: [name] for name in ("gpt2-cpu", "convnet-cpu", "hf-gpt2")},
 }
 
 
@@ -114,6 +131,8 @@ def build(name: str, seq: int, untie: bool = False) -> tuple[nn.Module, str]:
     if kind == "gpt":
         kwargs = dict(kwargs, ctx=max(kwargs["ctx"], seq))
         return GPT(GPTConfig(**kwargs), tie=not untie), kind
+    if kind == "hf":
+        return HFGPT2(), "gpt"  # an LM like the others from here on
     return ConvNet(**kwargs), kind
 
 
@@ -123,7 +142,7 @@ def make_batches(name: str, batch: int, seq: int, n: int, device: torch.device, 
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        if kind == "gpt":
+        if kind in ("gpt", "hf"):
             tokens = torch.randint(0, kwargs["vocab"], (batch, seq + 1), generator=gen)
             x, y = tokens[:, :-1], tokens[:, 1:]
         else:
