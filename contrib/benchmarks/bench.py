@@ -39,6 +39,7 @@ This is a benchmark, not a test: it asserts nothing about time or memory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -125,6 +126,11 @@ def run_config(cfg: dict) -> dict:
             return criterion(logits.reshape(B * T, V), y.reshape(B * T), shape=(B, T))
         return criterion(loss_input(kind, logits), y)
 
+    # bf16 autocast over the forward and the loss (the backward follows the forward's dtypes), as docs/mixed-precision.md
+    # recommends; fp32 otherwise
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.get("autocast") == "bf16"
+                else contextlib.nullcontext())
+
     def sync():
         if cuda:
             torch.cuda.synchronize()
@@ -134,7 +140,8 @@ def run_config(cfg: dict) -> dict:
         c0 = time.process_time()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_of(runner(x), y)
+        with autocast:
+            loss = loss_of(runner(x), y)
         sync()
         t1 = time.perf_counter()
         loss.backward()
@@ -177,7 +184,8 @@ def run_config(cfg: dict) -> dict:
         return 1e3 * statistics.median(values)
 
     return {
-        "model": name, "mode": label(mode, clipping), "batch": batch, "seq": seq if kind == "gpt" else None, "params": n_params,
+        "model": model_label(cfg), "mode": label(mode, clipping), "batch": batch,
+        "seq": seq if kind in ("gpt", "cls") and seq else None, "params": n_params,
         "device": str(device), "threads": torch.get_num_threads(), "untie": cfg.get("untie", False), "torch": torch.__version__,
         "opacus": opacus_version, "steps": cfg["steps"], "warmup": cfg["warmup"], "wall_s": wall,
         "ms_step": med([sum(t[:3]) for t in times]), "ms_min": 1e3 * min(sum(t[:3]) for t in times),
@@ -190,6 +198,11 @@ def run_config(cfg: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- driver
+def model_label(cfg: dict) -> str:
+    """A configuration's model name in the tables: the model, with the autocast dtype when there is one."""
+    return cfg["model"] + (f"-{cfg['autocast']}" if cfg.get("autocast") else "")
+
+
 def label(mode: str, clipping: str) -> str:
     """A configuration's row name: the mode, with the clipping when it is not flat."""
     return mode if clipping == "flat" else f"{mode}+{clipping}"
@@ -204,12 +217,13 @@ def spawn(cfg: dict, timeout: float) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
-        return {**cfg, "mode": label(cfg["mode"], cfg["clipping"]), "error": f"timed out after {timeout:.0f}s"}
+        return {**cfg, "model": model_label(cfg), "mode": label(cfg["mode"], cfg["clipping"]),
+                "error": f"timed out after {timeout:.0f}s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-    return {**cfg, "mode": label(cfg["mode"], cfg["clipping"]),
+    return {**cfg, "model": model_label(cfg), "mode": label(cfg["mode"], cfg["clipping"]),
             "error": (tail[-1] if tail else f"exit status {proc.returncode}")[:300]}
 
 
@@ -332,6 +346,8 @@ def workload(args: argparse.Namespace, clippings: list[str]) -> str:
         parts.append(f"{args.threads}t")
     if args.device != "cpu":
         parts.append(args.device.split(":")[0])
+    if args.autocast:
+        parts.append(args.autocast)
     if clippings != ["flat"]:
         parts.append("+".join(clippings))
     return "-".join(parts)
@@ -341,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cpu-small",
-                        choices=["gpt2-small", "gpt2-tiny", "convnet", "cpu-small", "gpt2-cpu", "convnet-cpu", "hf-gpt2"])
+                        choices=["gpt2-small", "gpt2-tiny", "convnet", "cpu-small", "gpt2-cpu", "convnet-cpu", "hf-gpt2", "hf-bert"])
     parser.add_argument("--batch", type=int, help="examples per step (default: the model's)")
     parser.add_argument("--seq", type=int, help="tokens per example for the GPT models (default: the model's)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
@@ -355,6 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--opacus", action="store_true", help="add Opacus hooks and ghost columns (if installed)")
     parser.add_argument("--repeat", type=int, default=1, help="round-robin repetitions of every configuration")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads in each worker (default: torch's)")
+    parser.add_argument("--autocast", choices=["bf16"], help="run the forward and the loss under bf16 autocast")
     parser.add_argument("--untie", action="store_true",
                         help="GPT models: give the LM head its own weight instead of the token embedding's")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
@@ -394,9 +411,9 @@ def main(argv: list[str] | None = None) -> None:
         _, _, batch, seq = SPECS[name]
         configs.append({"model": name, "batch": args.batch or batch, "seq": args.seq or seq,
                         "steps": args.steps, "warmup": args.warmup, "device": args.device,
-                        "threads": args.threads, "untie": args.untie,
+                        "threads": args.threads, "untie": args.untie, "autocast": args.autocast,
                         # transformers' Conv1D has its samplers in the dpkit-transformers plugin
-                        "plugins": args.plugins or SPECS[name][0] == "hf"})
+                        "plugins": args.plugins or SPECS[name][0] in ("hf", "hf-cls")})
     print(f"# {environment(args.device)}", file=sys.stderr)
     results = []
     t0 = time.perf_counter()

@@ -7,6 +7,8 @@
 * ``hf-gpt2``: Hugging Face's ``GPT2LMHeadModel`` at GPT-2 small's default config (124M parameters, tied head,
   transformers' ``Conv1D`` layers), built from the config without a download; dropout off so that every mode does
   the same work. Needs ``transformers`` (dpkit's samplers for ``Conv1D`` come from the dpkit-transformers plugin).
+* ``hf-bert``: transformers' ``BertForSequenceClassification`` at BERT-base's default config (110M parameters,
+  two classes), from the config, dropout off; one label per sequence.
 * ``ConvNet``: a CIFAR-10-sized (3x32x32 in, 10 classes) network of 3x3 ``nn.Conv2d`` + ``nn.GroupNorm`` +
   ReLU stages with average pooling and a linear classifier.
 
@@ -107,12 +109,27 @@ class HFGPT2(nn.Module):
         return self.gpt(input_ids=idx).logits
 
 
+class HFBert(nn.Module):
+    """BERT-base from transformers' default config as a two-class sequence classifier, returning ``[B, 2]`` logits."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import BertConfig, BertForSequenceClassification
+
+        self.bert = BertForSequenceClassification(
+            BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=idx).logits
+
+
 # name -> (kind, constructor kwargs, default batch, default seq)
 SPECS: dict[str, tuple[str, dict, int, int]] = {
     "gpt2-small": ("gpt", {"n_layer": 12, "d": 768, "heads": 12, "vocab": 50257, "ctx": 1024}, 16, 256),
     "gpt2-tiny": ("gpt", {"n_layer": 4, "d": 256, "heads": 4, "vocab": 50257, "ctx": 1024}, 16, 128),
     "gpt2-cpu": ("gpt", {"n_layer": 2, "d": 128, "heads": 2, "vocab": 2048, "ctx": 64}, 16, 64),
     "hf-gpt2": ("hf", {"vocab": 50257}, 4, 128),
+    "hf-bert": ("hf-cls", {"vocab": 30522}, 32, 128),
     "convnet": ("conv", {"widths": (64, 128, 256, 256), "groups": 16}, 256, 0),
     "convnet-cpu": ("conv", {"widths": (16, 32, 64, 64), "groups": 8}, 32, 0),
 }
@@ -122,7 +139,7 @@ GROUPS = {
     "gpt2-tiny": ["gpt2-tiny"],
     "convnet": ["convnet"],
     "cpu-small": ["gpt2-cpu", "convnet-cpu"],
-    **{name: [name] for name in ("gpt2-cpu", "convnet-cpu", "hf-gpt2")},
+    **{name: [name] for name in ("gpt2-cpu", "convnet-cpu", "hf-gpt2", "hf-bert")},
 }
 
 
@@ -133,6 +150,8 @@ def build(name: str, seq: int, untie: bool = False) -> tuple[nn.Module, str]:
         return GPT(GPTConfig(**kwargs), tie=not untie), kind
     if kind == "hf":
         return HFGPT2(), "gpt"  # an LM like the others from here on
+    if kind == "hf-cls":
+        return HFBert(), "cls"  # one label per sequence, like the convnet's per image
     return ConvNet(**kwargs), kind
 
 
@@ -145,6 +164,9 @@ def make_batches(name: str, batch: int, seq: int, n: int, device: torch.device, 
         if kind in ("gpt", "hf"):
             tokens = torch.randint(0, kwargs["vocab"], (batch, seq + 1), generator=gen)
             x, y = tokens[:, :-1], tokens[:, 1:]
+        elif kind == "hf-cls":
+            x = torch.randint(0, kwargs["vocab"], (batch, seq), generator=gen)
+            y = torch.randint(0, 2, (batch,), generator=gen)
         else:
             x = torch.randn(batch, 3, 32, 32, generator=gen)
             y = torch.randint(0, 10, (batch,), generator=gen)
