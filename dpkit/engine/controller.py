@@ -193,6 +193,7 @@ class PrivateTraining:
         self.topology.sync_gradients(True)
         self.attached = False
         ATTACHED.discard(self)
+        guards.restore_module_hooks(self.module, last=not ATTACHED)
 
     @contextlib.contextmanager
     def micro_batches(self) -> Iterator[None]:
@@ -222,7 +223,7 @@ class PrivateTraining:
             return
         self.topology.sync_gradients(False)  # dpkit all-reduces the clipped sums itself
         self._state_before = self._state_watch.snapshot()  # before any stand-in takes a parameter's slot
-        guards.refuse_mixing_layers(self.module)
+        guards.check_modules(self.module)
         change = guards.trainable_change(self.module, self.planned, self.params,
                                          self.topology.parameters(self.module))
         if change is not None:

@@ -27,6 +27,7 @@ from dpkit import distributed, registry
 from dpkit.accountants._base import _real
 from dpkit.errors import PluginOverrideWarning, PrivacyUsageError, UnsupportedModuleError
 from dpkit.events import NoOpEvent
+from dpkit.modes import _backward_code
 from dpkit.plan import MIXING, MODES, layer_type
 
 if TYPE_CHECKING:
@@ -215,9 +216,16 @@ def warn_overrides(plan: list[LayerPlan], clipping: str, noise: str, accountant:
 
 
 # -- at each forward -------------------------------------------------------------------------------------------
-def refuse_mixing_layers(module: nn.Module) -> None:
-    """Layers whose training mode mixes examples (BatchNorm's batch statistics)."""
-    if any(isinstance(m, MIXING) and m.training for m in module.modules()):
+def check_modules(module: nn.Module) -> None:
+    """Each forward, one walk of the model: layers whose training mode mixes examples (BatchNorm's batch
+    statistics) are refused, and backward hooks are made to observe only (``dpkit/modes/_backward_code.py``)."""
+    mixing, hooked = False, []
+    for m in module.modules():
+        mixing = mixing or isinstance(m, MIXING) and m.training
+        if m._backward_hooks or m._backward_pre_hooks:
+            hooked.append(m)
+    _backward_code.guard_module_hooks(hooked)
+    if mixing:
         mixing = [(n, m) for n, m in module.named_modules() if isinstance(m, MIXING) and m.training]
         raise UnsupportedModuleError(
             f"{[n for n, _ in mixing]} ({type(mixing[0][1]).__name__}) are in training mode, "
@@ -239,6 +247,11 @@ def trainable_change(module: nn.Module, planned: frozenset[int], params: list[nn
     gone = sorted(names.get(id(p), "<removed from the model>") for p in params if id(p) not in ids)
     return ", ".join(part for part in (f"now trainable: {new}" if new else "",
                                        f"no longer trainable: {gone}" if gone else "") if part)
+
+
+def restore_module_hooks(module: nn.Module, last: bool) -> None:
+    """At ``detach``: the model's backward hooks as the user registered them (and the global ones, ``last``)."""
+    _backward_code.unguard_module_hooks(module.modules(), globals_too=last)
 
 
 # -- state changes only through the release (invariant 3) -------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 from dpkit.errors import PrivacyUsageError, RowMixingError
+from dpkit.modes import _backward_code
 from dpkit.modes._row_rules import generic
 from dpkit.modes._rows import FREE, TRUSTED, Mixed, Summed, refusal, state_of
 
@@ -35,6 +36,7 @@ _FACTORIES = frozenset({"new_zeros", "new_ones", "new_full", "new_empty", "new_t
 _UNTRACKED_GETTERS = frozenset({torch.Tensor._base.__get__, torch.Tensor.grad.__get__, torch.Tensor.grad_fn.__get__,
                                 torch.Tensor._grad.__get__, torch.Tensor._grad_fn.__get__})
 _BACKWARD, _SETITEM, _GRAD = torch.Tensor.backward, torch.Tensor.__setitem__, torch.autograd.grad
+_REGISTER_HOOK = torch.Tensor.register_hook
 _AUTOGRAD_BACKWARD = torch.autograd.backward
 
 
@@ -175,6 +177,8 @@ class BatchTrace(TorchFunctionMode):
     def _traced(self, func, args, kwargs):
         if (func is _BACKWARD or func is _GRAD or func is _AUTOGRAD_BACKWARD) and self._marked:
             self._check_backward(func, args, kwargs or {})
+        if func is _REGISTER_HOOK and not self._trusted and self.batched(args[0]):  # hooks may observe, not change
+            args, kwargs = _guarded_hook(args, kwargs or {})
         out = func(*args, **(kwargs or {})) if self.spy is None else self.spy(func, args, kwargs or {})
         if not self._marked:
             return out
@@ -191,6 +195,9 @@ class BatchTrace(TorchFunctionMode):
         if self._trusted:
             self._mark_all(target, TRUSTED)
             return out
+        if torch.is_grad_enabled():  # code the backward pass would run on these rows
+            _backward_code.refuse_custom_functions(t for t, _ in found)
+            _backward_code.refuse_saved_tensor_hooks()
         state = state_of(self, func, args, kwargs or {}, target, found)
         if type(state) is Mixed and _packing():
             state = TRUSTED  # torch's packing sorts and gathers rows by length, and the RNN puts them back
@@ -390,7 +397,14 @@ def active_trace() -> BatchTrace | None:
 
 def rowwise(fn: Callable) -> Callable:
     """Declare ``fn`` row-wise: each output row depends only on the same row of its inputs (its examples). dpkit
-    then does not check the operations inside it, and its outputs hold the batch where its inputs do."""
+    then does not check the operations inside it, and its outputs hold the batch where its inputs do.
+
+    Given a custom ``torch.autograd.Function`` class, declares its forward *and* its backward row-wise (each
+    input's gradient row depends only on the same rows of the output gradients) and returns the class itself:
+    dpkit refuses undeclared custom Functions on the batch, whose backward it cannot read."""
+    if _backward_code.is_function(fn):
+        return _backward_code.declare(fn)
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         trace = active_trace()
@@ -403,6 +417,13 @@ def rowwise(fn: Callable) -> Callable:
             trace.settle(fn, args, kwargs, out, found, generic)
         return out
     return wrapper
+
+
+def _guarded_hook(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``Tensor.register_hook``'s arguments with the hook wrapped to observe only (``_backward_code``)."""
+    if "hook" in kwargs:
+        return args, {**kwargs, "hook": _backward_code.guard_tensor_hook(kwargs["hook"])}
+    return (args[0], _backward_code.guard_tensor_hook(args[1]), *args[2:]), kwargs
 
 
 _EAGERLY: Callable | None = None  # made on first use: torch.compiler.disable imports torch._dynamo (about a second)

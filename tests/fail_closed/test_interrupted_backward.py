@@ -13,6 +13,7 @@ import dpkit
 from dpkit.errors import PrivacyUsageError
 
 
+@dpkit.rowwise  # a custom Function must be declared row-wise (forward and backward) to train
 class Fails(torch.autograd.Function):
     armed = False
 

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+
+import dpkit
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -200,23 +202,21 @@ def _hooked(where):
         model = net()
         if where == "forward_first":
             model[0].register_forward_hook(lambda m, i, o: o * 10)
-        elif where == "forward_last":
+        else:
             model[2].register_forward_hook(lambda m, i, o: o * 10)
-        elif where == "full_backward":
-            model[2].register_full_backward_hook(lambda m, gi, go: tuple(g * 100 if g is not None else g for g in gi))
-        else:  # a tensor hook on an activation
-            model[1].register_forward_hook(lambda m, i, o: (o.register_hook(lambda g: g * 100), o)[1])
         return make(model, mode, noise_multiplier=0.0)
     return build
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk", "auto"])
-@pytest.mark.parametrize("where", ["forward_first", "forward_last", "full_backward", "tensor"])
-def test_user_hooks_that_scale_outputs_and_gradients_stay_within_the_bound(mode, where):
+@pytest.mark.parametrize("where", ["forward_first", "forward_last"])
+def test_user_forward_hooks_that_scale_outputs_stay_within_the_bound(mode, where):
+    """(Hooks that change gradients in the backward pass are refused: tests/fail_closed/test_backward_code.py.)"""
     x, y = batch()
     assert_sensitivity(lambda: _hooked(where)(mode), x, y, examples=[1, 6])
 
 
+@dpkit.rowwise  # row-wise in its forward and its backward: declared (undeclared ones are refused)
 class Square(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):

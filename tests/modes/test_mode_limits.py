@@ -7,6 +7,7 @@ import torch.utils.checkpoint as cp
 from _reference import clipped_sum, dpkit_step, per_example_grads, per_row_loss
 from torch import nn
 
+import dpkit
 from dpkit.errors import DPKitError, PrivacyUsageError, UnsupportedLayerError
 
 
@@ -29,6 +30,7 @@ class KeywordCalls(nn.Module):
         return self.b(input=torch.tanh(self.a(input=x)))
 
 
+@dpkit.rowwise  # a custom Function must be declared row-wise (forward and backward) to train
 class Square(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
