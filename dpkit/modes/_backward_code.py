@@ -12,7 +12,8 @@ So, while a batch is traced:
   global ones too) may observe, not change: each is wrapped so that a hook returning a gradient, or writing
   into one, stops the backward pass with an error before anything is released;
 * a custom ``autograd.Function`` whose output derives from the batch is refused unless it is torch's or
-  dpkit's own, or declared row-wise in its forward and its backward with ``dpkit.rowwise(MyFunction)``;
+  dpkit's own, or declared row-wise in its forward and its backward with ``dpkit.rowwise(MyFunction)``; so is a
+  ``torch.library`` custom op with a registered autograd formula (``dpkit.rowwise(my_op)``);
 * saved-tensor hooks (``torch.autograd.graph.saved_tensors_hooks``) around a batch-derived operation are
   refused unless they are torch's own (activation checkpointing, ``save_on_cpu``), which give back what they
   packed.
@@ -32,20 +33,27 @@ from torch import Tensor
 from dpkit.errors import PrivacyUsageError, RowMixingError
 
 _TRUSTED_PREFIXES = ("torch.", "dpkit.", "dpkit_")
+_USERS_CODE = "torch._library"  # torch.library custom ops: a generated Function around the user's backward
 _declared: weakref.WeakSet = weakref.WeakSet()  # autograd.Function classes declared row-wise (``rowwise``)
+_declared_ops: set[str] = set()  # the generated Functions' names of torch.library custom ops declared row-wise
 _node_verdicts: dict[type, str | None] = {}  # autograd node class -> None (allowed) or the Function's name
 _GUARDED = "_dpkit_guarded"
 
 
-def declare(function: type) -> type:
-    """Declare a custom ``autograd.Function`` row-wise in its forward and its backward."""
-    _declared.add(function)
+def declare(function):
+    """Declare a custom ``autograd.Function`` (or a ``torch.library`` custom op with a registered autograd formula)
+    row-wise in its forward and its backward; returns it unchanged."""
+    if isinstance(function, type):
+        _declared.add(function)
+    else:  # the name torch gives the op's generated Function (torch/_library/autograd.py)
+        _declared_ops.add(f"GeneratedBackwardFor_{function._namespace}_{function._name}_default")
     _node_verdicts.clear()
     return function
 
 
 def _trusted(obj: object) -> bool:
-    return (getattr(obj, "__module__", None) or "").startswith(_TRUSTED_PREFIXES)
+    module = getattr(obj, "__module__", None) or ""
+    return module.startswith(_TRUSTED_PREFIXES) and not module.startswith(_USERS_CODE)
 
 
 def _custom_function(node: object) -> str | None:
@@ -53,7 +61,8 @@ def _custom_function(node: object) -> str | None:
     kind = type(node)
     if kind not in _node_verdicts:
         forward = getattr(node, "_forward_cls", None)
-        bad = forward is not None and not _trusted(forward) and forward not in _declared
+        bad = forward is not None and not (_trusted(forward) or forward in _declared
+                                           or forward.__name__ in _declared_ops)
         _node_verdicts[kind] = f"{forward.__module__}.{forward.__qualname__}" if bad else None
     return _node_verdicts[kind]
 
@@ -67,12 +76,13 @@ def refuse_custom_functions(tensors) -> None:
         kind = type(node)
         name = _node_verdicts[kind] if kind in _node_verdicts else _custom_function(node)
         if name is not None:
+            what, declared = (("the torch.library custom op behind", "your_op (the op torch.library.custom_op made)")
+                              if name.startswith(_USERS_CODE) else ("the custom autograd.Function", name.rsplit(".")[-1]))
             raise RowMixingError(
-                f"the custom autograd.Function {name} made a tensor derived from the batch, and its backward is code "
-                "dpkit cannot read: if it mixes the rows of the gradient, each example's clipped gradient carries "
-                "the others'. If its forward and its backward are both row-wise (row i of each output, and of each "
-                "input's gradient, depends only on row i), declare it once: "
-                f"dpkit.rowwise({name.rsplit('.', 1)[-1]}).")
+                f"{what} {name} made a tensor derived from the batch, and its backward is code dpkit cannot read: if "
+                "it mixes the rows of the gradient, each example's clipped gradient carries the others'. If its "
+                "forward and its backward are both row-wise (row i of each output, and of each input's gradient, "
+                f"depends only on row i), declare it once: dpkit.rowwise({declared}).")
 
 
 def refuse_saved_tensor_hooks() -> None:
@@ -162,8 +172,11 @@ def unguard_module_hooks(modules, globals_too: bool) -> None:
 
 
 def is_function(fn: object) -> bool:
-    """Whether ``fn`` is a custom autograd Function class (which ``rowwise`` declares rather than wraps)."""
-    return isinstance(fn, type) and issubclass(fn, torch.autograd.Function)
+    """Whether ``fn`` is a custom autograd Function class or a ``torch.library`` custom op (which ``rowwise``
+    declares rather than wraps)."""
+    from torch._library.custom_ops import CustomOpDef
+
+    return isinstance(fn, type) and issubclass(fn, torch.autograd.Function) or isinstance(fn, CustomOpDef)
 
 
 __all__ = ["declare", "guard_module_hooks", "guard_tensor_hook", "is_function", "refuse_custom_functions",

@@ -399,9 +399,10 @@ def rowwise(fn: Callable) -> Callable:
     """Declare ``fn`` row-wise: each output row depends only on the same row of its inputs (its examples). dpkit
     then does not check the operations inside it, and its outputs hold the batch where its inputs do.
 
-    Given a custom ``torch.autograd.Function`` class, declares its forward *and* its backward row-wise (each
-    input's gradient row depends only on the same rows of the output gradients) and returns the class itself:
-    dpkit refuses undeclared custom Functions on the batch, whose backward it cannot read."""
+    Given a custom ``torch.autograd.Function`` class (or a ``torch.library`` custom op with an autograd formula),
+    declares its forward *and* its backward row-wise (each input's gradient row depends only on the same rows of
+    the output gradients) and returns it unchanged: dpkit refuses undeclared ones on the batch, whose backward it
+    cannot read."""
     if _backward_code.is_function(fn):
         return _backward_code.declare(fn)
 

@@ -55,6 +55,25 @@ class Through(nn.Module):
         return self.b(self.middle(torch.tanh(self.a(x))))
 
 
+@torch.library.custom_op("dpkit_tests::mixing_identity", mutates_args=())
+def mixing_identity(x: torch.Tensor) -> torch.Tensor:
+    """A torch.library custom op: the identity, whose registered backward mixes rows."""
+    return x.clone()
+
+
+mixing_identity.register_autograd(lambda ctx, g: _mix(g))
+
+
+@torch.library.custom_op("dpkit_tests::declared_square", mutates_args=())
+def declared_square(x: torch.Tensor) -> torch.Tensor:
+    return x * x
+
+
+declared_square.register_autograd(lambda ctx, g: 2 * g * ctx.saved_tensors[0],
+                                  setup_context=lambda ctx, inputs, output: ctx.save_for_backward(inputs[0]))
+dpkit.rowwise(declared_square)
+
+
 def _unpack_mixing(h):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: _mix(t) if t.shape[:1] == (8,) else t):
         return h * h
@@ -84,6 +103,7 @@ LEAKS = {
                           "backward pre-hook"),
     "custom Function": (lambda: Through(MixingBackward.apply), "MixingBackward"),
     "saved-tensor hooks": (lambda: Through(_unpack_mixing), "saved-tensor hooks"),
+    "torch.library custom op": (lambda: Through(mixing_identity), "custom op"),
 }
 
 
@@ -129,7 +149,8 @@ def test_declared_functions_and_torchs_own_backward_code_train(mode):
             return h * h
 
     x, y = batch()
-    middles = [DeclaredDouble.apply, save_on_cpu, lambda h: checkpoint(torch.sin, h, use_reentrant=False)]
+    middles = [DeclaredDouble.apply, declared_square, save_on_cpu,
+               lambda h: checkpoint(torch.sin, h, use_reentrant=False)]
     if mode != "ghost":  # ghost refuses reentrant checkpointing on its own (test_structure.py)
         middles.append(lambda h: checkpoint(torch.sin, h, use_reentrant=True))
     for middle in middles:
