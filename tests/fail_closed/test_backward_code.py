@@ -177,3 +177,16 @@ def test_detach_gives_the_backward_hooks_back_as_registered():
     assert list(model[2]._backward_hooks.values()) == [double]
     x = torch.randn(2, 4, requires_grad=True)
     model(x).sum().backward()  # the user's hook works again, outside dpkit
+
+
+@pytest.mark.parametrize("mode", NORM_AND_HOOK_MODES)
+def test_a_hook_on_the_models_output_in_the_loop_is_guarded_too(mode):
+    private = make(net(), mode, noise_multiplier=0.0)
+    x, y = batch()
+    out = private.module(x)
+    out.register_hook(_mix)
+    with pytest.raises(PrivacyUsageError, match="tensor hook"):
+        private.criterion(out, y).backward()
+    with pytest.raises(PrivacyUsageError):
+        private.optimizer.step()
+    assert private.steps == 0
