@@ -69,6 +69,7 @@ def main() -> None:
     import dpkit
     from dpkit.engine import guards
     from dpkit.modes._trace import BatchTrace
+    from torch.overrides import TorchFunctionMode
 
     torch.manual_seed(0)
     model, x = _model(args.model)
@@ -83,11 +84,22 @@ def main() -> None:
                 model(x)
         return run
 
+    class Empty(TorchFunctionMode):
+        """A torch-function mode that only calls through: the floor of any per-op trace written in Python."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def empty():
+        with Empty():
+            model(x)
+
     print(f"# host costs on {args.model}, input {tuple(x.shape)}, 1 thread, CPU ms (median, spread of the middle half "
           f"of {args.reps}); dpkit from {os.path.dirname(dpkit.__file__)}")
-    (base, sb), (rows, sr), (marks, sm) = _ms([plain, traced(0), traced(None)], args.reps)
+    (base, sb), (rows, sr), (marks, sm), (floor, sf) = _ms([plain, traced(0), traced(None), empty], args.reps)
     print("| forward | ms | over no trace |\n| --- | ---: | ---: |")
     print(f"| no trace | {base:.2f} ± {sb:.2f} | |")
+    print(f"| an empty torch-function mode (the floor of a trace in Python) | {floor:.2f} ± {sf:.2f} | +{floor - base:.2f} |")
     print(f"| trace, rows followed | {rows:.2f} ± {sr:.2f} | +{rows - base:.2f} |")
     print(f"| trace, marks only | {marks:.2f} ± {sm:.2f} | +{marks - base:.2f} |")
 
@@ -98,7 +110,7 @@ def main() -> None:
 
     def forward_checks():
         before = watch.snapshot()
-        guards.refuse_mixing_layers(model)
+        guards.check_modules(model)
         guards.trainable_change(model, private.planned, private.params, private.topology.parameters(model))
         watch.refuse_moved(before)
 

@@ -67,9 +67,10 @@ def _custom_function(node: object) -> str | None:
     return _node_verdicts[kind]
 
 
-def refuse_custom_functions(tensors) -> None:
-    """Refuse batch-derived tensors made by a custom autograd Function that is neither trusted nor declared."""
-    for t in tensors:
+def refuse_custom_functions(found: list) -> None:
+    """Refuse batch-derived tensors (``found``: the trace's (tensor, state) pairs) made by a custom autograd
+    Function that is neither trusted nor declared."""
+    for t, _ in found:
         node = t.grad_fn
         if node is None:
             continue

@@ -196,7 +196,7 @@ class BatchTrace(TorchFunctionMode):
             self._mark_all(target, TRUSTED)
             return out
         if torch.is_grad_enabled():  # code the backward pass would run on these rows
-            _backward_code.refuse_custom_functions(t for t, _ in found)
+            _backward_code.refuse_custom_functions(found)
             _backward_code.refuse_saved_tensor_hooks()
         state = state_of(self, func, args, kwargs or {}, target, found)
         if type(state) is Mixed and _packing():
