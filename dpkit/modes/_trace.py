@@ -120,6 +120,8 @@ class BatchTrace(TorchFunctionMode):
         where ``loss_reduction`` says mean (or the reverse) is refused too, for a loss whose gradient trains
         (``backward``; not ``autograd.grad``, whose result dpkit does not release)."""
         s = self.state(loss)
+        if s is not None:  # a custom Function that made the loss itself is not seen by a later call
+            _backward_code.refuse_custom_functions([(loss, s)])
         if self.scaled_by is not None and self.scaled_by is not self.scaler:
             raise PrivacyUsageError(
                 "the loss was scaled by a torch.amp.GradScaler that make_private does not know: dpkit would clip the "

@@ -190,3 +190,13 @@ def test_a_hook_on_the_models_output_in_the_loop_is_guarded_too(mode):
     with pytest.raises(PrivacyUsageError):
         private.optimizer.step()
     assert private.steps == 0
+
+
+@pytest.mark.parametrize("mode", NORM_AND_HOOK_MODES)
+def test_a_custom_function_that_makes_the_loss_itself_is_refused(mode):
+    private = make(net(), mode, noise_multiplier=0.0)
+    x, y = batch()
+    loss = nn.functional.cross_entropy(private.module(x), y, reduction="sum")
+    with pytest.raises(RowMixingError, match="MixingBackward"):
+        MixingBackward.apply(loss).backward()
+    assert private.steps == 0
