@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -50,7 +51,9 @@ def _grads(layer: Norm, x: Tensor, g: Tensor, K: int, cast=lambda t: t) -> dict[
         reduce = functools.partial(_sum_channels, K=K)  # one parameter per channel (dim 1)
     out = {}
     if layer.weight is not None and layer.weight.requires_grad:
-        out[layer.weight] = reduce(x_hat * g)
+        # x̂ is this function's own tensor: the product overwrites it rather than allocating another of its size
+        in_place = x_hat.dtype == torch.promote_types(x_hat.dtype, g.dtype)
+        out[layer.weight] = reduce(x_hat.mul_(g) if in_place else x_hat * g)
     bias = getattr(layer, "bias", None)  # RMSNorm has none; LayerNorm(bias=False) holds None
     if bias is not None and bias.requires_grad:
         out[bias] = reduce(g)
