@@ -59,6 +59,16 @@ def test_norm_bf16(name):
     check_norm_sampler(layer, x, K=2, sampler=normalization.norm_sampler, batch_sizes=batch_sizes, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("name", CASES)
+def test_grad_and_norm_in_chunks_of_rows(name, rows, monkeypatch):
+    """A chunk of one or two rows: chunks that split an example's K = 3 copies still add up to its gradient."""
+    layer, x, batch_sizes = build(name)
+    monkeypatch.setattr(normalization, "_CHUNK", rows * x[0].numel())
+    check_grad_sampler(layer, x, K=3, sampler=normalization.grad_sampler, batch_sizes=batch_sizes)
+    check_norm_sampler(layer, x, K=3, sampler=normalization.norm_sampler, batch_sizes=batch_sizes)
+
+
 @pytest.mark.parametrize("sampler", [normalization.grad_sampler, normalization.norm_sampler])
 @pytest.mark.parametrize("name", CASES)
 def test_inputs_left_untouched(name, sampler):
