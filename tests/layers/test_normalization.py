@@ -59,6 +59,41 @@ def test_norm_bf16(name):
     check_norm_sampler(layer, x, K=2, sampler=normalization.norm_sampler, batch_sizes=batch_sizes, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("name", CASES)
+def test_grad_and_norm_in_chunks_of_rows(name, rows, monkeypatch):
+    """A chunk of one or two rows: chunks that split an example's K = 3 copies still add up to its gradient."""
+    layer, x, batch_sizes = build(name)
+    monkeypatch.setattr(normalization, "_CHUNK", rows * x[0].numel())
+    check_grad_sampler(layer, x, K=3, sampler=normalization.grad_sampler, batch_sizes=batch_sizes)
+    check_norm_sampler(layer, x, K=3, sampler=normalization.norm_sampler, batch_sizes=batch_sizes)
+
+
+@pytest.mark.parametrize("sampler", [normalization.grad_sampler, normalization.norm_sampler])
+@pytest.mark.parametrize("name", CASES)
+def test_inputs_left_untouched(name, sampler):
+    """The weight's product overwrites the sampler's own x̂, never the record it was handed."""
+    layer, x, _ = build(name)
+    x = torch.randn(3, *x.shape[1:])
+    g = torch.randn(layer(x).shape)
+    x0, g0 = x.clone(), g.clone()
+    sampler(layer, [x], g)
+    assert torch.equal(x, x0) and torch.equal(g, g0)
+
+
+@pytest.mark.parametrize("name", ["layer-seq", "group-1d", "instance-2d", "rms-default-eps"])
+def test_grad_narrow_input_wide_backprops(name):
+    """A bf16 x̂ against float32 output gradients: the product is promoted (no in-place downcast)."""
+    layer, x, _ = build(name)
+    x = torch.randn(3, *x.shape[1:])
+    g = torch.randn(layer(x).shape)
+    wide = normalization.grad_sampler(layer, [x.bfloat16().float()], g)
+    narrow = normalization.grad_sampler(layer.bfloat16(), [x.bfloat16()], g)
+    for p_wide, p_narrow in zip(wide.values(), narrow.values()):
+        assert p_narrow.dtype == torch.float32
+        torch.testing.assert_close(p_narrow, p_wide, rtol=2e-2, atol=2e-2)
+
+
 def test_unbatched_instance_norm_is_refused():
     layer = nn.InstanceNorm1d(3, affine=True)
     with pytest.raises(ValueError, match="InstanceNorm1d.*batch dim"):
