@@ -89,6 +89,18 @@ def _rnn_cell(relu: bool) -> Callable:
     return cell
 
 
+def _gates(ih: list[Tensor], bias_hh: Tensor | None) -> Tensor:
+    """The gates' start: each direction's input share ``[N, T, 4H]`` in its own time, the hidden bias added, as
+    ``[T, D, N, 4H]`` over batch-major memory ``[D, N, T, 4H]``.
+
+    Batch-major because the backward's ``dz`` takes this layout (``lstm_backward`` forms it elementwise from the
+    gates), and each direction's ``dz`` is then the calls' output gradient ``[N, T, 4H]`` as it is: no copy for
+    the calls' blocks, where time-major ``dz`` cost two (one per call) of the step's largest tensors."""
+    z = torch.stack([t if d == 0 else t.flip(1) for d, t in enumerate(ih)])
+    z = z if bias_hh is None else z.add_(bias_hh[:, None, None])
+    return z.permute(2, 0, 1, 3)
+
+
 class _LSTMLevel(torch.autograd.Function):
     """One LSTM level (every direction) as one autograd node over its gates' two shares.
 
@@ -111,7 +123,7 @@ class _LSTMLevel(torch.autograd.Function):
         level, flip = ctx.level, ctx.flip
         dirs = level.h.shape[1]
         dz, _ = _recurrence.lstm_backward(level, _recurrence.split_time(g_out, dirs, flip), g_h, g_c)
-        per_dir = [(dz[:, d] if d == 0 else flip(dz[:, d])).transpose(0, 1) for d in range(dirs)]
+        per_dir = [dz[:, d].transpose(0, 1) if d == 0 else dz[:, d].transpose(0, 1).flip(1) for d in range(dirs)]
         return (None, None, *(share for dz_d in per_dir for share in (dz_d, dz_d)))  # both shares' gradient is dz
 
 
@@ -130,10 +142,9 @@ def lstm(linear: Callable, func: Callable, *args):
         w = {n: torch.stack([cell[i].detach() for cell in cells]) for i, n in enumerate(names)}
         hid = slice(level * dirs, (level + 1) * dirs)
         ih = [linear(a.transpose(0, 1), cell[0], cell[2] if has_biases else None) for cell in cells]  # [N, T, 4H]
-        with torch.no_grad():  # the input's share in each direction's own time, the hidden bias added: the gates' start
-            z = torch.stack([t.transpose(0, 1) if d == 0 else flip(t.transpose(0, 1)) for d, t in enumerate(ih)], 1)
-            z = z.add_(w["bias_hh"][:, None]) if has_biases else z
-            s = _recurrence.Level("LSTM", w, _recurrence.own_time(a.detach(), dirs, flip), h0[hid], c0[hid], z)
+        with torch.no_grad():
+            s = _recurrence.Level("LSTM", w, _recurrence.own_time(a.detach(), dirs, flip), h0[hid], c0[hid],
+                                  _gates(ih, w.get("bias_hh")))
         shares = []
         for d, cell in enumerate(cells):
             prev = s.h[:-1, d] if d == 0 else flip(s.h[:-1, d])  # [T, N, H] in real time

@@ -89,6 +89,44 @@ def test_a_sequence_first_output_is_contiguous_as_torchs():
     assert out.is_contiguous() and h.is_contiguous() and out.shape == (5, 2, 8)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_an_lstm_hands_its_calls_dz_batch_first(bidirectional):
+    """Each direction's two calls (input and hidden shares) get one ``dz``, contiguous ``[N, T, 4H]``, and it is
+    the gates' gradient: the calls' blocks need no copy, and ``Σ_t dz_t x_tᵀ`` is the input weight's gradient."""
+    torch.manual_seed(0)
+    layer = nn.LSTM(3, 4, batch_first=True, bidirectional=bidirectional).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    calls = []
+
+    def linear(a, w, b=None):
+        out = F.linear(a, w, b)
+        calls.append((a, w, out))
+        out.register_hook(lambda g, i=len(calls) - 1: calls.__setitem__(i, (*calls[i], g)))
+        return out
+
+    def swap(func, *args):
+        return forms.lstm(linear, func, *args)
+
+    out, _ = layer(x)  # torch's gradients, for the check below
+    seed = torch.randn_like(out)
+    want = torch.autograd.grad((out * seed).sum(), layer._flat_weights[0])[0]
+
+    class Swap(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return swap(func, *args) if func in forms.FORMS else func(*args, **(kwargs or {}))
+
+    with Swap():
+        got, _ = layer(x)
+    (got * seed).sum().backward()
+    D = 2 if bidirectional else 1
+    assert len(calls) == 2 * D  # the input shares, then the hidden shares
+    for d in range(D):
+        g_ih, g_hh = calls[d][3], calls[D + d][3]
+        assert g_ih.data_ptr() == g_hh.data_ptr() and g_ih.is_contiguous() and g_ih.shape == (2, 5, 16)
+    a, _, _, g = calls[0]
+    torch.testing.assert_close(torch.einsum("ntp,ntd->pd", g, a), want)
+
+
 @pytest.fixture
 def no_replay(monkeypatch):
     """Fails a test if the sampler replays the layer (``recurrent._groups``)."""
