@@ -96,8 +96,11 @@ def _gates(ih: list[Tensor], bias_hh: Tensor | None) -> Tensor:
     Batch-major because the backward's ``dz`` takes this layout (``lstm_backward`` forms it elementwise from the
     gates), and each direction's ``dz`` is then the calls' output gradient ``[N, T, 4H]`` as it is: no copy for
     the calls' blocks, where time-major ``dz`` cost two (one per call) of the step's largest tensors."""
-    z = torch.stack([t if d == 0 else t.flip(1) for d, t in enumerate(ih)])
-    z = z if bias_hh is None else z.add_(bias_hh[:, None, None])
+    if len(ih) == 1:  # one pass, a fresh buffer: the level's forward activates the gates in place
+        z = ih[0][None].clone() if bias_hh is None else torch.add(ih[0][None], bias_hh[:, None, None])
+    else:
+        z = torch.stack([ih[0], ih[1].flip(1)])
+        z = z if bias_hh is None else z.add_(bias_hh[:, None, None])
     return z.permute(2, 0, 1, 3)
 
 
