@@ -50,6 +50,19 @@ def _relaid(out: Tensor, batch_first: bool) -> Tensor:
     return out if batch_first else out.transpose(0, 1).contiguous()
 
 
+def _anchored(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor | None:
+    """The bias of a call ``linear(x, w, b)``; where nothing the call reads needs a gradient (a hidden share reads
+    the states detached; a first level may read the data), a view of it that does, a leaf of its own.
+
+    The call's output must need a gradient for the backward to hand over its ``dz``; the capture would otherwise
+    read the weight through such a leaf (``dpkit/modes/_parts.py``), and autograd would form that leaf's gradient,
+    ``Σ dz aᵀ``, a product as large as the call's own. The bias's is a sum over the rows. The view reads the same
+    parameter (the capture finds it through ``_base``), and its gradient, like the weight leaf's, is dropped."""
+    if b is None or x.requires_grad or w.requires_grad or b.requires_grad:
+        return b
+    return b.view_as(b).requires_grad_()
+
+
 def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int,
             bidirectional: bool, states: list[tuple[Tensor, ...]], cell: Callable) -> tuple[Tensor, list]:
     """Run ``cell`` over every level and direction of batch-first ``x`` ``[N, T, in]``; ``states[j]`` is cell
@@ -62,10 +75,10 @@ def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: b
             j = level * dirs + d
             w_ih, w_hh, *biases = params[j * per:(j + 1) * per]
             b_ih, b_hh = biases if biases else (None, None)
-            ih = linear(x, w_ih, b_ih)  # the input's share of every step's gates, one call
+            ih = linear(x, w_ih, _anchored(x, w_ih, b_ih))  # the input's share of every step's gates, one call
             state, steps = states[j], [None] * x.shape[1]
             for t in (reversed(range(x.shape[1])) if d else range(x.shape[1])):
-                state = cell(ih[:, t], linear(state[0], w_hh, b_hh), state)
+                state = cell(ih[:, t], linear(state[0], w_hh, _anchored(state[0], w_hh, b_hh)), state)
                 steps[t] = state[0]
             outs.append(torch.stack(steps, 1))
             finals.append(state)
@@ -144,14 +157,17 @@ def lstm(linear: Callable, func: Callable, *args):
         names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"][:per]
         w = {n: torch.stack([cell[i].detach() for cell in cells]) for i, n in enumerate(names)}
         hid = slice(level * dirs, (level + 1) * dirs)
-        ih = [linear(a.transpose(0, 1), cell[0], cell[2] if has_biases else None) for cell in cells]  # [N, T, 4H]
+        x_bf = a.transpose(0, 1)
+        ih = [linear(x_bf, cell[0], _anchored(x_bf, cell[0], cell[2] if has_biases else None))
+              for cell in cells]  # [N, T, 4H]
         with torch.no_grad():
             s = _recurrence.Level("LSTM", w, _recurrence.own_time(a.detach(), dirs, flip), h0[hid], c0[hid],
                                   _gates(ih, w.get("bias_hh")))
         shares = []
         for d, cell in enumerate(cells):
             prev = s.h[:-1, d] if d == 0 else flip(s.h[:-1, d])  # [T, N, H] in real time
-            shares += [ih[d], linear(prev.transpose(0, 1), cell[1], cell[3] if has_biases else None)]
+            prev = prev.transpose(0, 1)
+            shares += [ih[d], linear(prev, cell[1], _anchored(prev, cell[1], cell[3] if has_biases else None))]
         out, h_n, c_n = _LSTMLevel.apply(s, flip, *shares)
         finals.append((h_n, c_n))
         a = out

@@ -198,3 +198,20 @@ class Twice(nn.Module):
 def test_a_layer_called_twice(plugins, no_replay, cell, mode):  # noqa: F811
     torch.manual_seed(0)
     assert_step_matches_loop(Twice(cell).double(), *seq(6), mode=mode, K=2, reduction="mean")
+
+
+@pytest.mark.parametrize("mode", ["bk", "auto"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layers_without_biases_without_replay(plugins, no_replay, cell, mode):  # noqa: F811
+    """No bias to carry the calls' need of a gradient: the capture's weight leaf does (``forms._anchored``)."""
+    torch.manual_seed(0)
+    model = Classifier(cell, num_layers=2, bidirectional=True, bias=False).double()
+    assert_step_matches_loop(model, *seq(6), mode=mode, K=2, reduction="mean")
+
+
+def test_a_call_that_needs_no_gradient_reads_its_bias_through_a_view_that_does():
+    b, w = torch.zeros(4), torch.zeros(4, 3)
+    view = forms._anchored(torch.zeros(2, 3), w, b)
+    assert view.requires_grad and view.is_leaf and view._base is b and not b.requires_grad
+    assert forms._anchored(torch.zeros(2, 3, requires_grad=True), w, b) is b
+    assert forms._anchored(torch.zeros(2, 3), w, None) is None
