@@ -166,7 +166,7 @@ def lstm(linear: Callable, func: Callable, *args):
         shares = []
         for d, cell in enumerate(cells):
             prev = s.h[:-1, d] if d == 0 else flip(s.h[:-1, d])  # [T, N, H] in real time
-            prev = prev.transpose(0, 1)
+            prev = prev.transpose(0, 1).contiguous()  # one product, where a strided [N, T, H] made matmul batch it
             shares += [ih[d], linear(prev, cell[1], _anchored(prev, cell[1], cell[3] if has_biases else None))]
         out, h_n, c_n = _LSTMLevel.apply(s, flip, *shares)
         finals.append((h_n, c_n))
