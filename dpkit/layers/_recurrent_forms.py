@@ -76,9 +76,11 @@ def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: b
             w_ih, w_hh, *biases = params[j * per:(j + 1) * per]
             b_ih, b_hh = biases if biases else (None, None)
             ih = linear(x, w_ih, _anchored(x, w_ih, b_ih))  # the input's share of every step's gates, one call
-            state, steps = states[j], [None] * x.shape[1]
+            # One node hands out the steps (its backward stacks their gradients once); indexing each step made
+            # its own backward node, which formed a zero [N, T, G] gradient per step and summed them.
+            ih_t, state, steps = ih.unbind(1), states[j], [None] * x.shape[1]
             for t in (reversed(range(x.shape[1])) if d else range(x.shape[1])):
-                state = cell(ih[:, t], linear(state[0], w_hh, _anchored(state[0], w_hh, b_hh)), state)
+                state = cell(ih_t[t], linear(state[0], w_hh, _anchored(state[0], w_hh, b_hh)), state)
                 steps[t] = state[0]
             outs.append(torch.stack(steps, 1))
             finals.append(state)
