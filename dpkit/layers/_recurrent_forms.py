@@ -89,11 +89,15 @@ def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: b
 
 
 def _gru_cell(ih: Tensor, hh: Tensor, state: tuple[Tensor]) -> tuple[Tensor]:
-    """ATen's GRUCell: ``r, z = σ(ih + hh)``, ``n = tanh(ih_n + r hh_n)``, ``h = (h - n) z + n``."""
+    """ATen's GRUCell: ``r, z = σ(ih + hh)``, ``n = tanh(ih_n + r hh_n)``, ``h = (h - n) z + n``.
+
+    Split, not sliced: a split's backward joins its parts' gradients in one pass, where each slice's formed a zero
+    gradient of the whole and copied into it."""
     H = state[0].shape[-1]
-    rz = (hh[:, :2 * H] + ih[:, :2 * H]).sigmoid()
-    n = torch.addcmul(ih[:, 2 * H:], hh[:, 2 * H:], rz[:, :H]).tanh()
-    return (torch.addcmul(n, state[0] - n, rz[:, H:]),)
+    (ih_rz, ih_n), (hh_rz, hh_n) = ih.split([2 * H, H], 1), hh.split([2 * H, H], 1)
+    r, z = (hh_rz + ih_rz).sigmoid().split(H, 1)
+    n = torch.addcmul(ih_n, hh_n, r).tanh()
+    return (torch.addcmul(n, state[0] - n, z),)
 
 
 def _rnn_cell(relu: bool) -> Callable:
