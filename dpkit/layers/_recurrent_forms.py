@@ -50,6 +50,19 @@ def _relaid(out: Tensor, batch_first: bool) -> Tensor:
     return out if batch_first else out.transpose(0, 1).contiguous()
 
 
+def _anchored(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor | None:
+    """The bias of a call ``linear(x, w, b)``; where nothing the call reads needs a gradient (a hidden share reads
+    the states detached; a first level may read the data), a view of it that does, a leaf of its own.
+
+    The call's output must need a gradient for the backward to hand over its ``dz``; the capture would otherwise
+    read the weight through such a leaf (``dpkit/modes/_parts.py``), and autograd would form that leaf's gradient,
+    ``Σ dz aᵀ``, a product as large as the call's own. The bias's is a sum over the rows. The view reads the same
+    parameter (the capture finds it through ``_base``), and its gradient, like the weight leaf's, is dropped."""
+    if b is None or x.requires_grad or w.requires_grad or b.requires_grad:
+        return b
+    return b.view_as(b).requires_grad_()
+
+
 def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: bool, num_layers: int,
             bidirectional: bool, states: list[tuple[Tensor, ...]], cell: Callable) -> tuple[Tensor, list]:
     """Run ``cell`` over every level and direction of batch-first ``x`` ``[N, T, in]``; ``states[j]`` is cell
@@ -62,10 +75,12 @@ def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: b
             j = level * dirs + d
             w_ih, w_hh, *biases = params[j * per:(j + 1) * per]
             b_ih, b_hh = biases if biases else (None, None)
-            ih = linear(x, w_ih, b_ih)  # the input's share of every step's gates, one call
-            state, steps = states[j], [None] * x.shape[1]
+            ih = linear(x, w_ih, _anchored(x, w_ih, b_ih))  # the input's share of every step's gates, one call
+            # One node hands out the steps (its backward stacks their gradients once); indexing each step made
+            # its own backward node, which formed a zero [N, T, G] gradient per step and summed them.
+            ih_t, state, steps = ih.unbind(1), states[j], [None] * x.shape[1]
             for t in (reversed(range(x.shape[1])) if d else range(x.shape[1])):
-                state = cell(ih[:, t], linear(state[0], w_hh, b_hh), state)
+                state = cell(ih_t[t], linear(state[0], w_hh, _anchored(state[0], w_hh, b_hh)), state)
                 steps[t] = state[0]
             outs.append(torch.stack(steps, 1))
             finals.append(state)
@@ -74,11 +89,15 @@ def _levels(linear: Callable, x: Tensor, params: Sequence[Tensor], has_biases: b
 
 
 def _gru_cell(ih: Tensor, hh: Tensor, state: tuple[Tensor]) -> tuple[Tensor]:
-    """ATen's GRUCell: ``r, z = σ(ih + hh)``, ``n = tanh(ih_n + r hh_n)``, ``h = (h - n) z + n``."""
+    """ATen's GRUCell: ``r, z = σ(ih + hh)``, ``n = tanh(ih_n + r hh_n)``, ``h = (h - n) z + n``.
+
+    Split, not sliced: a split's backward joins its parts' gradients in one pass, where each slice's formed a zero
+    gradient of the whole and copied into it."""
     H = state[0].shape[-1]
-    rz = (hh[:, :2 * H] + ih[:, :2 * H]).sigmoid()
-    n = torch.addcmul(ih[:, 2 * H:], hh[:, 2 * H:], rz[:, :H]).tanh()
-    return (torch.addcmul(n, state[0] - n, rz[:, H:]),)
+    (ih_rz, ih_n), (hh_rz, hh_n) = ih.split([2 * H, H], 1), hh.split([2 * H, H], 1)
+    r, z = (hh_rz + ih_rz).sigmoid().split(H, 1)
+    n = torch.addcmul(ih_n, hh_n, r).tanh()
+    return (torch.addcmul(n, state[0] - n, z),)
 
 
 def _rnn_cell(relu: bool) -> Callable:
@@ -87,6 +106,21 @@ def _rnn_cell(relu: bool) -> Callable:
         z = hh + ih
         return (z.relu() if relu else z.tanh(),)
     return cell
+
+
+def _gates(ih: list[Tensor], bias_hh: Tensor | None) -> Tensor:
+    """The gates' start: each direction's input share ``[N, T, 4H]`` in its own time, the hidden bias added, as
+    ``[T, D, N, 4H]`` over batch-major memory ``[D, N, T, 4H]``.
+
+    Batch-major because the backward's ``dz`` takes this layout (``lstm_backward`` forms it elementwise from the
+    gates), and each direction's ``dz`` is then the calls' output gradient ``[N, T, 4H]`` as it is: no copy for
+    the calls' blocks, where time-major ``dz`` cost two (one per call) of the step's largest tensors."""
+    if len(ih) == 1:  # one pass, a fresh buffer: the level's forward activates the gates in place
+        z = ih[0][None].clone() if bias_hh is None else torch.add(ih[0][None], bias_hh[:, None, None])
+    else:
+        z = torch.stack([ih[0], ih[1].flip(1)])
+        z = z if bias_hh is None else z.add_(bias_hh[:, None, None])
+    return z.permute(2, 0, 1, 3)
 
 
 class _LSTMLevel(torch.autograd.Function):
@@ -111,7 +145,7 @@ class _LSTMLevel(torch.autograd.Function):
         level, flip = ctx.level, ctx.flip
         dirs = level.h.shape[1]
         dz, _ = _recurrence.lstm_backward(level, _recurrence.split_time(g_out, dirs, flip), g_h, g_c)
-        per_dir = [(dz[:, d] if d == 0 else flip(dz[:, d])).transpose(0, 1) for d in range(dirs)]
+        per_dir = [dz[:, d].transpose(0, 1) if d == 0 else dz[:, d].transpose(0, 1).flip(1) for d in range(dirs)]
         return (None, None, *(share for dz_d in per_dir for share in (dz_d, dz_d)))  # both shares' gradient is dz
 
 
@@ -129,15 +163,17 @@ def lstm(linear: Callable, func: Callable, *args):
         names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"][:per]
         w = {n: torch.stack([cell[i].detach() for cell in cells]) for i, n in enumerate(names)}
         hid = slice(level * dirs, (level + 1) * dirs)
-        ih = [linear(a.transpose(0, 1), cell[0], cell[2] if has_biases else None) for cell in cells]  # [N, T, 4H]
-        with torch.no_grad():  # the input's share in each direction's own time, the hidden bias added: the gates' start
-            z = torch.stack([t.transpose(0, 1) if d == 0 else flip(t.transpose(0, 1)) for d, t in enumerate(ih)], 1)
-            z = z.add_(w["bias_hh"][:, None]) if has_biases else z
-            s = _recurrence.Level("LSTM", w, _recurrence.own_time(a.detach(), dirs, flip), h0[hid], c0[hid], z)
+        x_bf = a.transpose(0, 1)
+        ih = [linear(x_bf, cell[0], _anchored(x_bf, cell[0], cell[2] if has_biases else None))
+              for cell in cells]  # [N, T, 4H]
+        with torch.no_grad():
+            s = _recurrence.Level("LSTM", w, _recurrence.own_time(a.detach(), dirs, flip), h0[hid], c0[hid],
+                                  _gates(ih, w.get("bias_hh")))
         shares = []
         for d, cell in enumerate(cells):
             prev = s.h[:-1, d] if d == 0 else flip(s.h[:-1, d])  # [T, N, H] in real time
-            shares += [ih[d], linear(prev.transpose(0, 1), cell[1], cell[3] if has_biases else None)]
+            prev = prev.transpose(0, 1).contiguous()  # one product, where a strided [N, T, H] made matmul batch it
+            shares += [ih[d], linear(prev, cell[1], _anchored(prev, cell[1], cell[3] if has_biases else None))]
         out, h_n, c_n = _LSTMLevel.apply(s, flip, *shares)
         finals.append((h_n, c_n))
         a = out

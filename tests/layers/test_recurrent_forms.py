@@ -89,6 +89,44 @@ def test_a_sequence_first_output_is_contiguous_as_torchs():
     assert out.is_contiguous() and h.is_contiguous() and out.shape == (5, 2, 8)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_an_lstm_hands_its_calls_dz_batch_first(bidirectional):
+    """Each direction's two calls (input and hidden shares) get one ``dz``, contiguous ``[N, T, 4H]``, and it is
+    the gates' gradient: the calls' blocks need no copy, and ``Σ_t dz_t x_tᵀ`` is the input weight's gradient."""
+    torch.manual_seed(0)
+    layer = nn.LSTM(3, 4, batch_first=True, bidirectional=bidirectional).double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    calls = []
+
+    def linear(a, w, b=None):
+        out = F.linear(a, w, b)
+        calls.append((a, w, out))
+        out.register_hook(lambda g, i=len(calls) - 1: calls.__setitem__(i, (*calls[i], g)))
+        return out
+
+    def swap(func, *args):
+        return forms.lstm(linear, func, *args)
+
+    out, _ = layer(x)  # torch's gradients, for the check below
+    seed = torch.randn_like(out)
+    want = torch.autograd.grad((out * seed).sum(), layer._flat_weights[0])[0]
+
+    class Swap(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return swap(func, *args) if func in forms.FORMS else func(*args, **(kwargs or {}))
+
+    with Swap():
+        got, _ = layer(x)
+    (got * seed).sum().backward()
+    D = 2 if bidirectional else 1
+    assert len(calls) == 2 * D  # the input shares, then the hidden shares
+    for d in range(D):
+        g_ih, g_hh = calls[d][3], calls[D + d][3]
+        assert g_ih.data_ptr() == g_hh.data_ptr() and g_ih.is_contiguous() and g_ih.shape == (2, 5, 16)
+    a, _, _, g = calls[0]
+    torch.testing.assert_close(torch.einsum("ntp,ntd->pd", g, a), want)
+
+
 @pytest.fixture
 def no_replay(monkeypatch):
     """Fails a test if the sampler replays the layer (``recurrent._groups``)."""
@@ -160,3 +198,20 @@ class Twice(nn.Module):
 def test_a_layer_called_twice(plugins, no_replay, cell, mode):  # noqa: F811
     torch.manual_seed(0)
     assert_step_matches_loop(Twice(cell).double(), *seq(6), mode=mode, K=2, reduction="mean")
+
+
+@pytest.mark.parametrize("mode", ["bk", "auto"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_layers_without_biases_without_replay(plugins, no_replay, cell, mode):  # noqa: F811
+    """No bias to carry the calls' need of a gradient: the capture's weight leaf does (``forms._anchored``)."""
+    torch.manual_seed(0)
+    model = Classifier(cell, num_layers=2, bidirectional=True, bias=False).double()
+    assert_step_matches_loop(model, *seq(6), mode=mode, K=2, reduction="mean")
+
+
+def test_a_call_that_needs_no_gradient_reads_its_bias_through_a_view_that_does():
+    b, w = torch.zeros(4), torch.zeros(4, 3)
+    view = forms._anchored(torch.zeros(2, 3), w, b)
+    assert view.requires_grad and view.is_leaf and view._base is b and not b.requires_grad
+    assert forms._anchored(torch.zeros(2, 3, requires_grad=True), w, b) is b
+    assert forms._anchored(torch.zeros(2, 3), w, None) is None
