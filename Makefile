@@ -59,7 +59,7 @@ demo: venv
 
 # Every row of the performance targets (contrib/benchmarks/RESULTS.md), on the CPU, 3 round-robin repetitions, dpkit and
 # Opacus in the same run, time and peak tensor bytes; each table is saved under contrib/benchmarks/results/ (named by
-# workload, replacing the last run; git keeps the history). About 30 minutes on an idle 2-core machine; Opacus is
+# workload, replacing the last run; git keeps the history). About 16 minutes on an idle 2-core machine; Opacus is
 # installed into the venv for its columns (a comparison only: dpkit never imports it).
 BENCH := $(BIN)/python contrib/benchmarks/bench.py --steps 5 --warmup 2 --repeat 3 --opacus --save contrib/benchmarks/results
 RESULTS := contrib/benchmarks/results
@@ -69,7 +69,7 @@ bench: venv $(BIN)/.plugins
 	$(BENCH) --model gpt2-cpu --batch 32 --seq 64 --threads 2 --modes auto,bk
 	$(BENCH) --model convnet-cpu --batch 64 --threads 1 --modes auto,bk,hooks
 	$(BENCH) --model convnet-cpu --batch 32 --threads 1 --modes auto,bk,ghost,hooks
-	$(BENCH) --model hf-gpt2 --threads 1 --modes auto,bk
+	$(BENCH) --model hf-gpt2 --threads 1 --modes auto --steps 3 --warmup 1
 	$(BIN)/python contrib/benchmarks/bench_recurrent.py --models lstm gru mha --modes auto bk --batch 64 --seq 20 \
 		--threads 2 --rounds 10 | tee $(RESULTS)/recurrent-64x20-2t.md
 	$(BIN)/python contrib/benchmarks/profile_modes.py --sections overhead --modes bk,auto --steps 30 \
