@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dpkit import distributed
 from dpkit.errors import PrivacyUsageError
 from dpkit.hookspecs import Clipper, NoiseMechanism
+from dpkit.layers import RowSum
 
 
 class NonFiniteGradientError(PrivacyUsageError):
@@ -135,6 +136,7 @@ class StepAccumulator:
             self.add_sums(sums)
             return
         for p, s in sums:
+            s = s.dense() if isinstance(s, RowSum) else s
             self._parts[p] = self._parts[p] + s if p in self._parts else s
 
     def add_sums(self, sums: dict[nn.Parameter, Tensor] | Iterable[tuple[nn.Parameter, Tensor]]) -> None:
@@ -147,12 +149,15 @@ class StepAccumulator:
         for p, s in sums.items() if isinstance(sums, dict) else sums:
             self._add_one(p, s)
 
-    def _add_one(self, p: nn.Parameter, s: Tensor) -> None:
-        if id(p) in self._written:
-            self._views[p].add_(s)
-        else:  # the first sum of the step is copied in: the buffer is not zeroed beforehand
+    def _add_one(self, p: nn.Parameter, s: Tensor | RowSum) -> None:
+        first = id(p) not in self._written  # the first sum of the step overwrites: the buffer is not zeroed beforehand
+        if isinstance(s, RowSum):
+            s.into(self._views[p], overwrite=first)
+        elif first:
             self._views[p].copy_(s)
-            self._written.add(id(p))
+        else:
+            self._views[p].add_(s)
+        self._written.add(id(p))
 
     def current(self) -> dict[nn.Parameter, Tensor]:
         """The running sums of the parameters that have one."""

@@ -61,6 +61,27 @@ def block_grads(pairs: list[tuple[Tensor | None, Tensor]], K: int) -> Tensor:
     return blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
 
 
+class RowSum:
+    """A clipped sum given as the rows it adds to a table (an embedding's ``[V, d]`` weight: ``keys`` index rows of
+    width ``rows.shape[1]``), so that the step's buffer takes it with one ``index_add_`` instead of a dense sum
+    formed and then copied in (for a 5000 × 128 table, about 1 ms of a 10 ms step)."""
+
+    __slots__ = ("shape", "keys", "rows")
+
+    def __init__(self, shape: tuple[int, ...], keys: Tensor, rows: Tensor):
+        self.shape, self.keys, self.rows = shape, keys, rows
+
+    def into(self, out: Tensor, overwrite: bool) -> Tensor:
+        """Add the rows into ``out`` (a contiguous tensor of ``shape``), zeroed first if ``overwrite``."""
+        if overwrite:
+            out.zero_()
+        out.view(-1, self.rows.shape[1]).index_add_(0, self.keys, self.rows.to(out.dtype))
+        return out
+
+    def dense(self) -> Tensor:
+        return self.into(self.rows.new_zeros(self.shape), overwrite=False)
+
+
 def upcast(x: Tensor) -> Tensor:
     """``x`` in at least float32: norms of bf16/fp16 gradients are accumulated without losing them to rounding."""
     return x if x.dtype in _WIDE else x.to(torch.promote_types(x.dtype, torch.float32))

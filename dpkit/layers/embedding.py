@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from dpkit.errors import UnsupportedLayerError
 from dpkit.hookspecs import GradSampler, NormSampler, hookimpl
-from dpkit.layers import upcast
+from dpkit.layers import RowSum, upcast
 
 
 def _refuse(layer: nn.Embedding | nn.EmbeddingBag) -> None:
@@ -111,6 +111,19 @@ def grad_sampler(
     width = g.shape[1]  # d, or 1 for max-mode bags whose rows are (row, feature) keys
     out = g.new_zeros(B * V * d // width, width).index_add_(0, example * (V * d // width) + row, g)
     return {layer.weight: out.reshape(B, V, d)}
+
+
+def weighted_sum(
+    layer: nn.Embedding | nn.EmbeddingBag, activations: list[Tensor], backprops: Tensor, weights: Tensor
+) -> dict[nn.Parameter, RowSum]:
+    """``Σ_r w_r ∇_r`` over rows r (bk's clipped sum) as the weighted rows each lookup adds to the table: the step's
+    buffer takes them in place (``RowSum``), with no dense ``[V, d]`` sum to form and copy."""
+    if not layer.weight.requires_grad:
+        return {}
+    rows = backprops.shape[0]
+    g = backprops * weights.to(backprops.dtype).reshape(rows, *[1] * (backprops.dim() - 1))
+    _, key, g = _lookups(layer, activations, g, max(rows, 1))  # all rows as one example's copies
+    return {layer.weight: RowSum(tuple(layer.weight.shape), key, g)}
 
 
 def norm_sampler(

@@ -296,6 +296,6 @@ def _without_k(direct, layer: nn.Module, activations: list, backprops: Tensor, K
 
 def _direct_sum(sampler):
     """A built-in grad sampler's direct weighted sum (used only while that sampler is the one registered)."""
-    from dpkit.layers import linear  # a plugin module: loaded with the plugin manager, not when dpkit is imported
+    from dpkit.layers import embedding, linear  # plugin modules: loaded with the plugin manager, not with dpkit
 
-    return linear.weighted_sum if sampler is linear.grad_sampler else None
+    return {linear.grad_sampler: linear.weighted_sum, embedding.grad_sampler: embedding.weighted_sum}.get(sampler)

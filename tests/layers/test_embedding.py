@@ -101,3 +101,30 @@ def test_registered(builtin_table):
         table = builtin_table(hook)
         for cls in (nn.Embedding, nn.EmbeddingBag):
             assert (table[cls].value, table[cls].provider) == (fn, "dpkit.layers.embedding")
+
+
+CALLS = {
+    "embedding": (lambda: nn.Embedding(V, 4, padding_idx=2), lambda: [indices(6, 5)]),
+    "bag-sum-weighted": (lambda: nn.EmbeddingBag(V, 4, mode="sum", padding_idx=1),
+                         lambda: [indices(6, 3), None, torch.randn(6, 3).double()]),
+    "bag-mean-offsets": (lambda: nn.EmbeddingBag(V, 4, mode="mean"), lambda: list(bags(False)(6))),
+    "bag-max": (lambda: nn.EmbeddingBag(V, 4, mode="max"), lambda: [indices(6, 3)]),
+}
+
+
+@pytest.mark.parametrize("call", list(CALLS))
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_weighted_sum_writes_the_weighted_sum_of_per_row_gradients(call, overwrite):
+    """bk's direct sum as rows added in place (``RowSum``) equals Σ_r w_r ∇_r, written over or added to a buffer."""
+    torch.manual_seed(0)
+    layer, activations = CALLS[call][0]().double(), CALLS[call][1]()
+    out = layer(*activations)
+    g, w = torch.randn_like(out), torch.rand(out.shape[0]).double()
+    per_row = embedding.grad_sampler(layer, activations, g)[layer.weight]
+    want = torch.tensordot(w, per_row, dims=1)
+    rows = embedding.weighted_sum(layer, activations, g, w)[layer.weight]
+    start = torch.randn(V, 4).double()
+    buffer = start.clone()
+    rows.into(buffer, overwrite=overwrite)
+    torch.testing.assert_close(buffer, want if overwrite else start + want)
+    torch.testing.assert_close(rows.dense(), want)
