@@ -252,11 +252,22 @@ def _block_squares(a: Tensor | None, g: Tensor, K: int) -> Tensor:
 
 
 def _blocks_sum(parts: list, weights: Tensor) -> Tensor:
-    """Σ over rows of each row's weight times its gradient, block by block, stacked along the first dimension."""
+    """Σ over rows of each row's weight times its gradient, block by block, stacked along the first dimension.
+
+    The weights go on the narrower of a block's input and output gradient (an LSTM's gates are 4× its input),
+    and a bias block takes them in a product, so that no weighted copy of the wide side is made."""
     sums = []
     for a, g in parts:
-        wg = g * weights.to(g.dtype).reshape(-1, *[1] * (g.dim() - 1))
-        sums.append(wg.flatten(0, -2).sum(0) if a is None else wg.flatten(0, -2).T @ a.flatten(0, -2).to(g.dtype))
+        w = weights.to(g.dtype)
+        if a is None:
+            sums.append(w @ g.reshape(g.shape[0], -1, g.shape[-1]).sum(1))
+            continue
+        a = a.to(g.dtype)
+        if a.shape[-1] < g.shape[-1]:
+            a = a * w.reshape(-1, *[1] * (a.dim() - 1))
+        else:
+            g = g * w.reshape(-1, *[1] * (g.dim() - 1))
+        sums.append(g.flatten(0, -2).T @ a.flatten(0, -2))
     return sums[0] if len(sums) == 1 else torch.cat(sums, 0)
 
 
