@@ -157,6 +157,7 @@ class PrivateTraining:
                          self.module.register_forward_hook(self._on_forward_end, always_call=True),
                          self.optimizer.register_step_pre_hook(self._pre_step),
                          self.optimizer.register_step_post_hook(self._post_step)]
+        guards.check_modules(self.module, forward=False)  # wraps backward hooks before a forward collects them
         self.capturer.attach()
         self.scaler.attach()
         for owner in (self.optimizer, self.module):

@@ -216,9 +216,17 @@ def warn_overrides(plan: list[LayerPlan], clipping: str, noise: str, accountant:
 
 
 # -- at each forward -------------------------------------------------------------------------------------------
-def check_modules(module: nn.Module) -> None:
-    """Each forward, one walk of the model: layers whose training mode mixes examples (BatchNorm's batch
-    statistics) are refused, and backward hooks are made to observe only (``dpkit/modes/_backward_code.py``)."""
+def check_modules(module: nn.Module, forward: bool = True) -> None:
+    """Each forward (and at ``make_private``, ``forward=False``), one walk of the model: layers whose training mode
+    mixes examples (BatchNorm's batch statistics) are refused, and backward hooks are made to observe only
+    (``dpkit/modes/_backward_code.py``). The model's own and the global ones were collected by this forward before
+    its pre-hooks ran: one new since the last forward has not been wrapped in time, so the forward is refused."""
+    if _backward_code.guard_module_hooks([module]) and forward:
+        raise PrivacyUsageError(
+            "a backward hook was registered on the model itself or globally (register_full_backward_hook, "
+            "register_full_backward_pre_hook, or their register_module_* forms) since make_private or the last "
+            "forward: the model collects those before dpkit's forward hook can make them observe-only, so this "
+            "forward would run it as registered. It is wrapped now: run the forward again.")
     mixing, hooked = False, []
     for m in module.modules():
         mixing = mixing or isinstance(m, MIXING) and m.training

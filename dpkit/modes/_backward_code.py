@@ -140,23 +140,30 @@ def _guard_module_hook(hook: Callable, what: str) -> Callable:
     return observed
 
 
-def _guard_table(table: dict, what: str) -> None:
-    for key, hook in list(table.items()):
-        if not getattr(hook, _GUARDED, False):
-            table[key] = _guard_module_hook(hook, what)
+def _guard_table(table: dict, what: str) -> bool:
+    new = [key for key, hook in table.items() if not getattr(hook, _GUARDED, False)]
+    for key in new:
+        table[key] = _guard_module_hook(table[key], what)
+    return bool(new)
 
 
-def guard_module_hooks(modules) -> None:
-    """Wrap the full backward (pre-)hooks of ``modules`` and the global ones so that they may only observe."""
+def guard_module_hooks(modules) -> bool:
+    """Wrap the full backward (pre-)hooks of ``modules`` and the global ones so that they may only observe; whether
+    any was not wrapped yet.
+
+    A module collects its backward hooks when it is called, before its forward pre-hooks run: the model's own
+    and the global ones are collected before dpkit's per-forward walk can wrap them. So they are wrapped at
+    ``make_private`` too, and one found unwrapped at the release (registered since) refuses it."""
     from torch.nn.modules import module as torch_module
 
-    _guard_table(torch_module._global_backward_hooks, "the global module backward hook")
-    _guard_table(torch_module._global_backward_pre_hooks, "the global module backward pre-hook")
+    found = _guard_table(torch_module._global_backward_hooks, "the global module backward hook")
+    found |= _guard_table(torch_module._global_backward_pre_hooks, "the global module backward pre-hook")
     for m in modules:
         if m._backward_hooks:
-            _guard_table(m._backward_hooks, f"the full backward hook of {type(m).__name__}")
+            found |= _guard_table(m._backward_hooks, f"the full backward hook of {type(m).__name__}")
         if m._backward_pre_hooks:
-            _guard_table(m._backward_pre_hooks, f"the backward pre-hook of {type(m).__name__}")
+            found |= _guard_table(m._backward_pre_hooks, f"the backward pre-hook of {type(m).__name__}")
+    return found
 
 
 def unguard_module_hooks(modules, globals_too: bool) -> None:

@@ -200,3 +200,37 @@ def test_a_custom_function_that_makes_the_loss_itself_is_refused(mode):
     with pytest.raises(RowMixingError, match="MixingBackward"):
         MixingBackward.apply(loss).backward()
     assert private.steps == 0
+
+
+@pytest.mark.parametrize("when", ["before make_private", "after make_private"])
+def test_a_backward_pre_hook_on_the_model_itself_is_guarded(when):
+    """The model collects its own (and global) backward hooks before its forward pre-hooks run, so dpkit wraps
+    them at make_private, and refuses a forward that finds one registered since (it could not wrap it in time)."""
+    def mixing(m, grad_output):
+        return tuple(_mix(g) for g in grad_output)
+
+    model = net()
+    if when == "before make_private":
+        model.register_full_backward_pre_hook(mixing)
+    private = make(model, "bk", noise_multiplier=0.0)
+    x, y = batch()
+    if when == "after make_private":
+        model.register_full_backward_pre_hook(mixing)
+        with pytest.raises(PrivacyUsageError, match="run the forward again"):
+            private.module(x)
+    with pytest.raises(PrivacyUsageError, match="backward pre-hook"):
+        train_step(private, x, y)
+    assert private.steps == 0
+
+
+def test_an_observing_hook_on_the_model_registered_late_trains_from_the_next_forward():
+    seen = []
+    model = net()
+    private = make(model, "auto", noise_multiplier=0.0)
+    model.register_full_backward_hook(lambda m, gi, go: seen.append(len(go)))
+    x, y = batch()
+    with pytest.raises(PrivacyUsageError, match="run the forward again"):
+        private.module(x)
+    private.optimizer.zero_grad()
+    train_step(private, x, y)
+    assert private.steps == 1 and seen
