@@ -183,23 +183,22 @@ def lstm(linear: Callable, func: Callable, *args):
 
 def gru(linear: Callable, func: Callable, *args):
     """``torch.gru`` with its products through ``linear``; ``func`` (torch's) for the layouts left to it."""
-    if not _plain(args, 4):
-        return func(*args)
-    x, h0, params, has_biases, num_layers, _, _, bidirectional, batch_first = args
-    x = x if batch_first else x.transpose(0, 1)
-    out, finals = _levels(linear, x, params, has_biases, num_layers, bidirectional,
-                          [(h,) for h in h0.unbind(0)], _gru_cell)
-    return _relaid(out, batch_first), torch.stack([h for h, in finals])
+    return _one_state(linear, func, args, _gru_cell)
 
 
 def rnn(linear: Callable, func: Callable, *args):
     """``torch.rnn_tanh`` / ``torch.rnn_relu`` with its products through ``linear``."""
+    return _one_state(linear, func, args, _rnn_cell(func is _VF.rnn_relu))
+
+
+def _one_state(linear: Callable, func: Callable, args: tuple, cell: Callable):
+    """A recurrence with one state per level (GRU, Elman RNN) run by ``cell``, level by level."""
     if not _plain(args, 4):
         return func(*args)
     x, h0, params, has_biases, num_layers, _, _, bidirectional, batch_first = args
     x = x if batch_first else x.transpose(0, 1)
     out, finals = _levels(linear, x, params, has_biases, num_layers, bidirectional,
-                          [(h,) for h in h0.unbind(0)], _rnn_cell(func is _VF.rnn_relu))
+                          [(h,) for h in h0.unbind(0)], cell)
     return _relaid(out, batch_first), torch.stack([h for h, in finals])
 
 
